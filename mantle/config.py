@@ -1,0 +1,159 @@
+"""Configuration: flags > ``MANTLE_*`` environment > ``mantle.yaml`` > defaults (SPEC 10.1)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mantle.durations import parse_duration
+from mantle.errors import ConfigError
+
+__all__ = ["Config", "load_config", "parse_address", "LOG_LEVELS", "DEFAULTS"]
+
+log = logging.getLogger(__name__)
+
+LOG_LEVELS = ("debug", "info", "warn", "error")
+
+# setting -> (dotted key in mantle.yaml, environment variable, default)
+_SETTINGS: dict[str, tuple[str, str, str]] = {
+    "database_url": ("database.url", "MANTLE_DATABASE_URL", "sqlite:///mantle.db"),
+    "api_address": ("api.address", "MANTLE_API_ADDRESS", ":8080"),
+    "log_level": ("log.level", "MANTLE_LOG_LEVEL", "info"),
+    "shutdown_timeout": ("server.shutdown_timeout", "MANTLE_SHUTDOWN_TIMEOUT", "30s"),
+    "plugins_dir": ("plugins.dir", "MANTLE_PLUGINS_DIR", ".mantle/plugins"),
+    "server": ("", "MANTLE_SERVER", ""),
+    "api_key": ("", "MANTLE_API_KEY", ""),
+}
+DEFAULTS = {name: default for name, (_, _, default) in _SETTINGS.items()}
+_FILE_SECTIONS = {"database": {"url"}, "api": {"address"}, "log": {"level"},
+                  "server": {"shutdown_timeout"}, "plugins": {"dir"}, "env": None}
+_ADDRESS = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[^:\[\]]*):(?P<port>\d{1,5})$")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Config:
+    """Resolved settings. ``explicit`` names the settings not taken from the defaults."""
+
+    database_url: str
+    api_address: str
+    log_level: str
+    shutdown_timeout: str
+    plugins_dir: str
+    server: str
+    api_key: str
+    env: Mapping[str, str]
+    explicit: frozenset[str]
+
+    @property
+    def shutdown_timeout_seconds(self) -> float:
+        try:
+            seconds = parse_duration(self.shutdown_timeout)
+        except ValueError:
+            seconds = -1.0
+        if seconds < 0:
+            raise ConfigError(
+                f'invalid shutdown timeout "{self.shutdown_timeout}": '
+                "must be a duration such as 30s"
+            )
+        return seconds
+
+    def address(self) -> tuple[str, int]:
+        """The API address as ``(host, port)``; raises ConfigError when malformed."""
+        return parse_address(self.api_address)
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """Split ``host:port`` (``[::1]:8080``, ``:8080``, port 0 allowed); empty host = all."""
+    match = _ADDRESS.match(address or "")
+    if not match or int(match.group("port")) > 65535:
+        raise ConfigError(f'invalid API address "{address}": expected host:port')
+    host = match.group("host").strip("[]")
+    return host, int(match.group("port"))
+
+
+def load_config(
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike | None = None,
+    config_path: str | None = None,
+) -> Config:
+    """Resolve every setting. ``flags`` holds only the options given on the command line."""
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    environ = os.environ if environ is None else environ
+    file_values, file_env = _read_file(config_path or environ.get("MANTLE_CONFIG"), cwd)
+    values: dict[str, str] = {}
+    explicit = set()
+    for name, (key, env_name, default) in _SETTINGS.items():
+        for source in (flags.get(name), environ.get(env_name) or None, file_values.get(key)):
+            if source is not None:
+                values[name] = str(source)
+                explicit.add(name)
+                break
+        else:
+            values[name] = default
+    level = values["log_level"].lower()
+    if level not in LOG_LEVELS:
+        raise ConfigError(
+            f'invalid log level "{values["log_level"]}": must be one of debug, info, warn, error'
+        )
+    values["log_level"] = level
+    env = {str(k).upper(): _env_text(v) for k, v in file_env.items()}
+    env.update({k[len("MANTLE_ENV_"):]: v for k, v in environ.items()
+                if k.startswith("MANTLE_ENV_") and len(k) > len("MANTLE_ENV_")})
+    return Config(**values, env=env, explicit=frozenset(explicit))
+
+
+def _env_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "" if value is None else str(value)
+
+
+def _read_file(named: str | None, cwd) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Return (dotted key -> value, env mapping) from the config file, if there is one."""
+    if named:
+        path = Path(named)
+    else:
+        path = Path(cwd or ".") / "mantle.yaml"
+        if not path.is_file():
+            return {}, {}
+    try:
+        document = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f'cannot read config file "{path}": {_reason(exc)}') from exc
+    if document is None:
+        document = {}
+    if not isinstance(document, dict):
+        raise ConfigError(f'cannot read config file "{path}": top level must be a mapping')
+    values: dict[str, Any] = {}
+    for section, body in document.items():
+        allowed = _FILE_SECTIONS.get(section, set())
+        if section == "env":
+            continue
+        if section not in _FILE_SECTIONS or not isinstance(body, dict):
+            log.warning("unknown config key", extra={"key": str(section)})
+            continue
+        for key, value in body.items():
+            if key in allowed:
+                values[f"{section}.{key}"] = value
+            else:
+                log.warning("unknown config key", extra={"key": f"{section}.{key}"})
+    env = document.get("env") or {}
+    if not isinstance(env, dict):
+        raise ConfigError(f'cannot read config file "{path}": env must be a mapping')
+    return values, env
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    if isinstance(exc, UnicodeDecodeError):
+        return "not valid UTF-8"
+    return " ".join(str(exc).split())

@@ -1,0 +1,65 @@
+"""Leaf-level comparison of two parsed definitions, for ``mantle plan`` (SPEC 6.1)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+__all__ = ["Change", "diff_definitions", "leaves", "render_leaf"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Change:
+    """One changed leaf: ``kind`` is ``~`` (changed), ``+`` (added) or ``-`` (removed)."""
+
+    kind: str
+    path: str
+    old: Any = None
+    new: Any = None
+
+    def render(self) -> str:
+        if self.kind == "~":
+            return f"  ~ {self.path}: {render_leaf(self.old)} → {render_leaf(self.new)}"
+        value = self.new if self.kind == "+" else self.old
+        return f"  {self.kind} {self.path}: {render_leaf(value)}"
+
+
+def leaves(value: Any, path: str = "") -> dict[str, Any]:
+    """Flatten to ``{path: leaf}`` in document order; lists by index, empty containers are leaves."""
+    out: dict[str, Any] = {}
+    if isinstance(value, dict) and value:
+        for key, item in value.items():
+            out.update(leaves(item, f"{path}.{key}" if path else str(key)))
+    elif isinstance(value, list) and value:
+        for index, item in enumerate(value):
+            out.update(leaves(item, f"{path}[{index}]"))
+    else:
+        out[path] = value
+    return out
+
+
+def diff_definitions(old: Any, new: Any) -> list[Change]:
+    """Changed and added leaves in the new document's order, then removed ones in the old order."""
+    before, after = leaves(old), leaves(new)
+    changes = []
+    for path, value in after.items():
+        if path not in before:
+            changes.append(Change("+", path, new=value))
+        elif not _same(before[path], value):
+            changes.append(Change("~", path, old=before[path], new=value))
+    changes.extend(Change("-", path, old=value) for path, value in before.items()
+                   if path not in after)
+    return changes
+
+
+def _same(a: Any, b: Any) -> bool:
+    # 1 and 1.0 and True compare equal in Python but are different YAML values.
+    return type(a) is type(b) and a == b
+
+
+def render_leaf(value: Any) -> str:
+    """Strings raw, everything else compact JSON."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
