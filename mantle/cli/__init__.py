@@ -1,0 +1,49 @@
+"""The ``mantle`` command line (SPEC 6): parse, load config, dispatch, map errors to exit 1."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from mantle.cli.context import Context
+from mantle.cli.parser import UsageError, build_parser
+from mantle.errors import MantleError, ValidationFailed
+
+__all__ = ["main"]
+
+
+def _commands() -> dict[str, Callable]:
+    from mantle.cli import admin, definitions
+
+    return {
+        "validate": definitions.validate,
+        "plan": definitions.plan,
+        "apply": definitions.apply,
+        "rollback": definitions.rollback,
+        "init": admin.init,
+        "migrate": admin.migrate,
+        "version": admin.version,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; return the process exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 1
+    except SystemExit as exc:  # --help
+        return 0 if exc.code in (0, None) else 1
+    context = Context(args)
+    try:
+        return _commands()[args.command](args, context)
+    except ValidationFailed:
+        print("Error: validation failed", file=sys.stderr)
+        return 1
+    except MantleError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        context.close()

@@ -1,0 +1,151 @@
+"""Versioned workflow definitions: plan, apply and rollback (SPEC 6.1, 8 lifecycle).
+
+Every write happens in one transaction: a version, its current-version pointer, its trigger
+rows and its audit event land together or not at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+from mantle.db import audit, write_transaction
+from mantle.db.fields import utcnow
+from mantle.db.models import Workflow as WorkflowRow
+from mantle.db.models import WorkflowDefinition, WorkflowTrigger
+from mantle.errors import (AlreadyAtVersion, NothingToRollBack, VersionNotFound,
+                           WebhookPathTaken, WorkflowNotFound)
+from mantle.workflow import Workflow, workflow_from_definition
+from mantle.workflow.diff import Change, diff_definitions
+
+__all__ = ["ApplyResult", "Plan", "content_hash", "apply_definition", "plan_definition",
+           "rollback", "current_definition"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ApplyResult:
+    name: str
+    version: int
+    created: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Plan:
+    """What apply would do. ``current`` is None for a new workflow; ``changes`` leaf diffs."""
+
+    name: str
+    current: int | None
+    new_version: int
+    unchanged: bool
+    changes: tuple[Change, ...]
+
+
+def content_hash(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
+
+
+def current_definition(name: str) -> WorkflowDefinition | None:
+    """The stored current version of ``name``, or None when never applied."""
+    return (WorkflowDefinition.select()
+            .join(WorkflowRow, on=(WorkflowRow.name == WorkflowDefinition.workflow_name))
+            .where(WorkflowRow.name == name,
+                   WorkflowDefinition.version == WorkflowRow.current_version)
+            .first())
+
+
+def _max_version(name: str) -> int:
+    from peewee import fn
+
+    return (WorkflowDefinition.select(fn.MAX(WorkflowDefinition.version))
+            .where(WorkflowDefinition.workflow_name == name).scalar() or 0)
+
+
+def plan_definition(raw: bytes, workflow: Workflow) -> Plan:
+    """Compare ``raw`` with the current version; writes nothing."""
+    current = current_definition(workflow.name)
+    new_version = _max_version(workflow.name) + 1
+    if current is None:
+        return Plan(workflow.name, None, new_version, False, ())
+    unchanged = current.content_hash == content_hash(raw)
+    changes = () if unchanged else tuple(diff_definitions(current.definition,
+                                                          workflow.definition))
+    return Plan(workflow.name, current.version, new_version, unchanged, changes)
+
+
+def apply_definition(raw: bytes, workflow: Workflow, actor: str = "cli") -> ApplyResult:
+    """Store a new version unless the bytes equal the current one (then re-sync triggers)."""
+    digest = content_hash(raw)
+    with write_transaction():
+        current = current_definition(workflow.name)
+        if current is not None and current.content_hash == digest:
+            _sync_triggers(workflow.name, current.version, workflow)
+            return ApplyResult(workflow.name, current.version, False)
+        version = _max_version(workflow.name) + 1
+        now = utcnow()
+        WorkflowDefinition.create(workflow_name=workflow.name, version=version,
+                                  raw_yaml=raw.decode("utf-8"), definition=workflow.definition,
+                                  content_hash=digest, created_at=now)
+        _point_to(workflow.name, version, now)
+        _sync_triggers(workflow.name, version, workflow)
+        audit.record_audit(actor, "workflow.applied", "workflow_definition", workflow.name,
+                           {"version": version})
+    return ApplyResult(workflow.name, version, True)
+
+
+def rollback(name: str, to_version: int | None = None, actor: str = "cli") -> tuple[int, int]:
+    """Point ``name`` at an existing version and re-register its triggers; (from, to)."""
+    with write_transaction():
+        row = WorkflowRow.get_or_none(WorkflowRow.name == name)
+        if row is None:
+            raise WorkflowNotFound(name)
+        current = row.current_version
+        if to_version is None:
+            if current <= 1:
+                raise NothingToRollBack(name)
+            to_version = current - 1
+        target = WorkflowDefinition.get_or_none(WorkflowDefinition.workflow_name == name,
+                                                WorkflowDefinition.version == to_version)
+        if target is None:
+            raise VersionNotFound(name, to_version)
+        if to_version == current:
+            raise AlreadyAtVersion(name, current)
+        _point_to(name, to_version, utcnow())
+        _sync_triggers(name, to_version, workflow_from_definition(target.definition))
+        audit.record_audit(actor, "workflow.rolled_back", "workflow_definition", name,
+                           {"from_version": current, "to_version": to_version})
+    return current, to_version
+
+
+def _point_to(name: str, version: int, now) -> None:
+    updated = (WorkflowRow.update(current_version=version, updated_at=now)
+               .where(WorkflowRow.name == name).execute())
+    if not updated:
+        WorkflowRow.create(name=name, current_version=version, created_at=now, updated_at=now)
+
+
+def _sync_triggers(name: str, version: int, workflow: Workflow) -> None:
+    """Make the trigger rows of ``name`` those of ``workflow`` (version ``version``).
+
+    Rows already matching are left alone, so a cron trigger keeps its last firing time and an
+    unchanged apply writes nothing.
+    """
+    wanted = [(t.type, t.schedule, t.path, t.secret) for t in workflow.triggers]
+    rows = list(WorkflowTrigger.select().where(WorkflowTrigger.workflow_name == name))
+    have = [(r.type, r.schedule, r.path, r.secret) for r in rows]
+    if sorted(map(repr, have)) == sorted(map(repr, wanted)) and all(
+            r.version == version for r in rows):
+        return
+    for path in (t.path for t in workflow.triggers if t.type == "webhook"):
+        owner = (WorkflowTrigger.select(WorkflowTrigger.workflow_name)
+                 .where(WorkflowTrigger.path == path, WorkflowTrigger.workflow_name != name)
+                 .scalar())
+        if owner is not None:
+            raise WebhookPathTaken(path, owner)
+    fired = {(r.type, r.schedule): r.last_fired_at for r in rows if r.type == "cron"}
+    WorkflowTrigger.delete().where(WorkflowTrigger.workflow_name == name).execute()
+    now = utcnow()
+    for kind, schedule, path, secret in wanted:
+        WorkflowTrigger.create(workflow_name=name, version=version, type=kind,
+                               schedule=schedule, path=path, secret=secret,
+                               last_fired_at=fired.get((kind, schedule)), created_at=now)
+

@@ -1,0 +1,98 @@
+"""Configuration precedence and errors (SPEC 10.1)."""
+
+import pytest
+
+from mantle.config import load_config, parse_address
+from mantle.errors import ConfigError
+
+
+def write(tmp_path, text):
+    path = tmp_path / "mantle.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_apply_when_nothing_is_configured(tmp_path):
+    config = load_config({}, {}, cwd=tmp_path)
+    assert config.database_url == "sqlite:///mantle.db"
+    assert config.api_address == ":8080"
+    assert config.log_level == "info"
+    assert config.shutdown_timeout == "30s"
+    assert config.plugins_dir == ".mantle/plugins"
+    assert config.explicit == frozenset()
+
+
+def test_flag_beats_environment_beats_file_beats_default(tmp_path):
+    write(tmp_path, "database:\n  url: sqlite:///file.db\nlog:\n  level: error\n"
+                    "api:\n  address: 127.0.0.1:1\n")
+    env = {"MANTLE_DATABASE_URL": "sqlite:///env.db", "MANTLE_LOG_LEVEL": "debug"}
+    config = load_config({"database_url": "sqlite:///flag.db"}, env, cwd=tmp_path)
+    assert config.database_url == "sqlite:///flag.db"
+    assert config.log_level == "debug"
+    assert config.api_address == "127.0.0.1:1"
+    assert config.shutdown_timeout == "30s"
+
+
+def test_config_file_named_by_mantle_config_is_read(tmp_path):
+    path = tmp_path / "other.yaml"
+    path.write_text("plugins:\n  dir: /opt/plugins\n")
+    config = load_config({}, {"MANTLE_CONFIG": str(path)}, cwd=tmp_path)
+    assert config.plugins_dir == "/opt/plugins"
+
+
+def test_missing_named_config_file_is_an_error(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError) as caught:
+        load_config({}, {}, cwd=tmp_path, config_path=str(missing))
+    assert str(caught.value) == f'cannot read config file "{missing}": No such file or directory'
+
+
+def test_invalid_config_file_is_an_error(tmp_path):
+    path = write(tmp_path, "database: [unclosed\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config({}, {}, cwd=tmp_path)
+    assert str(caught.value).startswith(f'cannot read config file "{path}": ')
+
+
+def test_unknown_config_keys_log_a_warning(tmp_path, caplog):
+    write(tmp_path, "colour: blue\ndatabase:\n  url: sqlite:///x.db\n  pool: 3\n")
+    config = load_config({}, {}, cwd=tmp_path)
+    assert config.database_url == "sqlite:///x.db"
+    keys = [r.key for r in caplog.records if r.getMessage() == "unknown config key"]
+    assert keys == ["colour", "database.pool"]
+
+
+def test_invalid_log_level_is_rejected_with_spec_message(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        load_config({"log_level": "loud"}, {}, cwd=tmp_path)
+    assert str(caught.value) == 'invalid log level "loud": must be one of debug, info, warn, error'
+
+
+@pytest.mark.parametrize("address, expected", [
+    (":8080", ("", 8080)), ("127.0.0.1:0", ("127.0.0.1", 0)), ("[::1]:8080", ("::1", 8080)),
+    ("localhost:9000", ("localhost", 9000)),
+])
+def test_api_address_forms_are_accepted(address, expected):
+    assert parse_address(address) == expected
+
+
+@pytest.mark.parametrize("address", ["8080", "host:", "host:port", "::1:8080", "h:70000", ""])
+def test_invalid_api_address_is_rejected_with_spec_message(address):
+    with pytest.raises(ConfigError) as caught:
+        parse_address(address)
+    assert str(caught.value) == f'invalid API address "{address}": expected host:port'
+
+
+def test_env_map_combines_file_keys_upper_cased_and_mantle_env_variables(tmp_path):
+    write(tmp_path, "env:\n  region: eu\n  tier: gold\n")
+    environ = {"MANTLE_ENV_TIER": "silver", "MANTLE_ENV_ZONE": "b", "HOME": "/root"}
+    config = load_config({}, environ, cwd=tmp_path)
+    assert config.env == {"REGION": "eu", "TIER": "silver", "ZONE": "b"}
+
+
+def test_shutdown_timeout_must_be_a_duration(tmp_path):
+    config = load_config({"shutdown_timeout": "soon"}, {}, cwd=tmp_path)
+    with pytest.raises(ConfigError):
+        config.shutdown_timeout_seconds
+    assert load_config({"shutdown_timeout": "1m30s"}, {}, cwd=tmp_path) \
+        .shutdown_timeout_seconds == 90
