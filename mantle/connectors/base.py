@@ -1,0 +1,110 @@
+"""What every connector shares: the invocation, the two errors, and small helpers.
+
+A connector is a plain function ``(Invocation) -> dict`` (the step output). It runs on the
+engine's worker thread; the engine interrupts it from another thread by setting
+``Invocation.cancel`` and expects it to give up within 100 ms.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from mantle.errors import MantleError
+
+__all__ = [
+    "Invocation",
+    "Connector",
+    "ConnectorError",
+    "ConnectorInterrupted",
+    "TICK",
+    "as_text",
+    "params_of",
+    "wait_for",
+]
+
+# How often a connector waiting on its own I/O looks at ``cancel`` and its deadline. Ten
+# milliseconds keeps cancellation well inside the 100 ms target for a negligible CPU cost.
+TICK = 0.01
+
+
+@dataclass(frozen=True, slots=True)
+class Invocation:
+    """One attempt of one step, as the engine hands it to ``run_action``.
+
+    ``cancel`` is set by the engine on cancellation, step timeout or shutdown deadline;
+    ``credential`` is the resolved secret value and must never be logged or stored.
+    """
+
+    action: str
+    params: Any
+    cancel: threading.Event
+    credential: str | None = None
+    step_timeout: float | None = None
+    plugins_dir: str = ".mantle/plugins"
+    workflow: str = ""
+    execution_id: str = ""
+    step: str = ""
+
+    def log_context(self) -> dict[str, str]:
+        """The SPEC 9.2 context keys that are known, for ``logging``'s ``extra``."""
+        context = {"workflow": self.workflow, "execution_id": self.execution_id,
+                   "step": self.step}
+        return {key: value for key, value in context.items() if value}
+
+
+Connector = Callable[[Invocation], dict]
+
+
+class ConnectorError(MantleError):
+    """The attempt failed; ``message`` is the step ``error`` (SPEC 4.5, §5).
+
+    ``output`` is the partial output kept on the failed step (or None). ``retryable`` is
+    False only for failures a retry cannot change (unknown action, missing credential).
+    """
+
+    def __init__(self, message: str, output: dict | None = None, retryable: bool = True):
+        super().__init__(message)
+        self.output = output
+        self.retryable = retryable
+
+
+class ConnectorInterrupted(MantleError):
+    """The attempt stopped because ``cancel`` was set; the engine knows why and words it."""
+
+    def __init__(self, message: str = "interrupted"):
+        super().__init__(message)
+
+
+def as_text(value: Any) -> str:
+    """A string as-is, anything else as compact JSON (the SPEC 3.2 rendering)."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def params_of(inv: Invocation) -> dict:
+    """The params map of a built-in action (``null`` counts as ``{}``)."""
+    if inv.params is None:
+        return {}
+    if not isinstance(inv.params, dict):
+        raise ConnectorError(f"{inv.action}: params must be a map")
+    return inv.params
+
+
+def wait_for(done: threading.Event, cancel: threading.Event, deadline: float | None) -> str:
+    """Block until ``done``, ``cancel`` or the monotonic ``deadline``; say which came first.
+
+    Returns ``"done"``, ``"cancel"`` or ``"timeout"``. ``done`` wins a tie: a result that is
+    already there is worth keeping. ``cancel`` is polled every ``TICK`` because an Event
+    cannot be waited on together with another.
+    """
+    while not done.wait(TICK):
+        if cancel.is_set():
+            return "cancel"
+        if deadline is not None and time.monotonic() >= deadline:
+            return "timeout"
+    return "done"

@@ -1,0 +1,54 @@
+"""The ``core/*`` actions (SPEC 5.2): sleep, log, fail."""
+
+from __future__ import annotations
+
+import logging
+
+from mantle.connectors.base import (
+    ConnectorError,
+    ConnectorInterrupted,
+    Invocation,
+    as_text,
+    params_of,
+)
+from mantle.connectors.credentials import redact
+from mantle.durations import parse_duration
+
+__all__ = ["sleep", "log", "fail", "DEFAULT_FAIL_MESSAGE"]
+
+DEFAULT_FAIL_MESSAGE = "failed by core/fail"
+_steps_log = logging.getLogger("mantle.steps")
+
+
+def sleep(inv: Invocation) -> dict:
+    """Wait ``duration`` (duration text, >= 0) unless cancelled first."""
+    params = params_of(inv)
+    raw = params.get("duration")
+    if raw is None:
+        raise ConnectorError("core/sleep: duration is required")
+    try:
+        seconds = parse_duration(raw)
+    except ValueError:
+        seconds = -1.0
+    if seconds < 0:
+        raise ConnectorError(f'core/sleep: invalid duration "{as_text(raw)}"')
+    if inv.cancel.wait(seconds):
+        raise ConnectorInterrupted()
+    return {"duration_ms": round(seconds * 1000)}
+
+
+def log(inv: Invocation) -> dict:
+    """Log ``message`` at INFO on ``mantle.steps`` with the step's context; echo it back."""
+    params = params_of(inv)
+    if "message" not in params:
+        raise ConnectorError("core/log: message is required")
+    message = params["message"]
+    text = redact(as_text(message), inv.credential)
+    _steps_log.info(text, extra=inv.log_context())
+    return {"message": message}
+
+
+def fail(inv: Invocation) -> dict:
+    """Always fail, with ``message`` as the step error."""
+    message = params_of(inv).get("message")
+    raise ConnectorError(DEFAULT_FAIL_MESSAGE if message is None else as_text(message))

@@ -1,0 +1,331 @@
+"""``http/request`` (SPEC 5.1) on the standard library: http.client, ssl with verification.
+
+The exchange (connect, redirects, body) runs on a short-lived helper thread while the engine's
+worker thread watches ``cancel`` and the whole-request deadline; on either it shuts the socket
+down and returns at once. The helper then dies on its broken socket, or at the latest when its
+own socket timeout (the request's remaining time) expires, e.g. if it was stuck in DNS.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.client
+import json
+import re
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+from urllib.parse import SplitResult, quote, urljoin, urlsplit
+
+from mantle import __version__
+from mantle.connectors.base import (
+    ConnectorError,
+    ConnectorInterrupted,
+    Invocation,
+    as_text,
+    params_of,
+    wait_for,
+)
+from mantle.durations import parse_duration
+
+__all__ = ["request", "METHODS", "MAX_BODY_BYTES", "MAX_REDIRECTS", "DEFAULT_TIMEOUT"]
+
+METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+MAX_BODY_BYTES = 10 * 1024 * 1024
+MAX_REDIRECTS = 10
+DEFAULT_TIMEOUT = "30s"
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_BODY_HEADERS = frozenset({"content-type", "content-length", "transfer-encoding"})
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HEADER_VALUE_BAD = re.compile(r"[\r\n\x00]")
+_URL_BAD = re.compile(r"[\x00-\x20\x7f]")
+_CHUNK = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    method: str
+    url: str
+    headers: dict[str, str]  # names as the user wrote them; unique case-insensitively
+    body: bytes | None
+
+
+class _Failure(Exception):
+    """A network-level failure; the text is the ``<reason>`` of the step error."""
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def request(inv: Invocation) -> dict:
+    """Send one HTTP request (following redirects) and return status, headers, body, json."""
+    params = params_of(inv)
+    req, timeout_text, seconds = _parse(params, inv.credential)
+    label = f"{req.method} {params['url']}"
+    exchange = _Exchange(req, time.monotonic() + seconds)
+    helper = threading.Thread(target=exchange.run, name="http-request", daemon=True)
+    helper.start()
+    outcome = wait_for(exchange.done, inv.cancel, exchange.deadline)
+    if outcome != "done":
+        exchange.abort()
+        if outcome == "cancel":
+            raise ConnectorInterrupted()
+        raise ConnectorError(f"http/request: {label} timed out after {timeout_text}")
+    return _outcome(exchange, label, timeout_text)
+
+
+def _outcome(exchange: "_Exchange", label: str, timeout_text: str) -> dict:
+    error = exchange.error
+    if isinstance(error, _TooLarge):
+        raise ConnectorError(f"http/request: response body exceeds {MAX_BODY_BYTES} bytes")
+    if isinstance(error, TimeoutError):
+        raise ConnectorError(f"http/request: {label} timed out after {timeout_text}")
+    if error is not None:
+        raise ConnectorError(f"http/request: {label}: {_reason(error)}")
+    output = exchange.result
+    if output["status"] >= 400:
+        raise ConnectorError(f"http/request: {label} returned {output['status']}", output=output)
+    return output
+
+
+# --- params -----------------------------------------------------------------------------------
+
+def _parse(params: dict, credential: str | None) -> tuple[_Request, str, float]:
+    url = params.get("url")
+    if url is None or url == "":
+        raise ConnectorError("http/request: url is required")
+    if not isinstance(url, str) or _split(url) is None:
+        raise ConnectorError(f'http/request: invalid url "{as_text(url)}"')
+    method = params.get("method", "GET")
+    if not isinstance(method, str) or method.upper() not in METHODS:
+        raise ConnectorError(f'http/request: unsupported method "{as_text(method)}"')
+    timeout_text, seconds = _timeout(params.get("timeout", DEFAULT_TIMEOUT))
+    body, content_type = _body(params.get("body"))
+    headers = {"User-Agent": f"mantle/{__version__}"}
+    if content_type:
+        headers["Content-Type"] = content_type
+    if credential:
+        headers["Authorization"] = f"Bearer {credential}"
+    for name, value in _user_headers(params.get("headers")).items():
+        _drop(headers, name)
+        if value is not None:
+            headers[name] = value
+    return _Request(method.upper(), url, headers, body), timeout_text, seconds
+
+
+def _timeout(raw: Any) -> tuple[str, float]:
+    try:
+        seconds = parse_duration(raw)
+    except ValueError:
+        seconds = 0.0
+    if seconds <= 0:
+        raise ConnectorError(f'http/request: invalid timeout "{as_text(raw)}"')
+    return raw, seconds
+
+
+def _body(raw: Any) -> tuple[bytes | None, str | None]:
+    if raw is None:
+        return None, None
+    if isinstance(raw, str):
+        return raw.encode("utf-8", "replace"), "text/plain; charset=utf-8"
+    text = json.dumps(raw, separators=(",", ":"), ensure_ascii=False)
+    return text.encode("utf-8", "replace"), "application/json"
+
+
+def _user_headers(raw: Any) -> dict[str, str | None]:
+    """Header map from params: values as text; ``null`` removes a default header."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConnectorError("http/request: headers must be a map")
+    headers: dict[str, str | None] = {}
+    for name, value in raw.items():
+        text = None if value is None else as_text(value)
+        if not _HEADER_NAME.fullmatch(name) or (text and _HEADER_VALUE_BAD.search(text)):
+            raise ConnectorError(f'http/request: invalid header "{name}"')
+        headers[name] = text
+    return headers
+
+
+def _drop(headers: dict[str, Any], name: str) -> None:
+    for key in [key for key in headers if key.lower() == name.lower()]:
+        del headers[key]
+
+
+def _split(url: str) -> SplitResult | None:
+    """The parts of an absolute http(s) URL, or None when it is not one."""
+    if _URL_BAD.search(url):
+        return None
+    try:
+        parts = urlsplit(url)
+        parts.port  # raises ValueError on a bad port
+    except ValueError:
+        return None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        return None
+    return parts
+
+
+def _origin(url: str) -> tuple[str, str, int]:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, parts.hostname or "", parts.port or (443 if scheme == "https" else 80)
+
+
+# --- the exchange (helper thread) -------------------------------------------------------------
+
+class _Exchange:
+    """One request and its redirects. ``run`` is the helper thread; ``abort`` any other."""
+
+    def __init__(self, req: _Request, deadline: float):
+        self.req = req
+        self.deadline = deadline
+        self.done = threading.Event()
+        self.result: dict | None = None
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._conn: http.client.HTTPConnection | None = None
+        self._aborted = False
+
+    def run(self) -> None:
+        try:
+            self.result = self._follow()
+        except BaseException as exc:  # handed to the worker thread, which reports it
+            self.error = exc
+        finally:
+            self._close()
+            self.done.set()
+
+    def abort(self) -> None:
+        """Break the in-flight exchange: shut the socket so a blocked read returns now."""
+        with self._lock:
+            self._aborted = True
+            sock = self._conn.sock if self._conn is not None else None
+        if sock is not None:
+            try:
+                # The plain-socket method: SSLSocket.shutdown would tear TLS state down under
+                # the helper thread's feet.
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _follow(self) -> dict:
+        req = self.req
+        origin = _origin(req.url)
+        for _ in range(MAX_REDIRECTS + 1):
+            response = self._send(req)
+            location = response.getheader("Location")
+            if response.status not in _REDIRECTS or not location:
+                return self._read(response)
+            req = _redirected(req, response.status, urljoin(req.url, location), origin)
+            self._close()
+        raise _Failure(f"stopped after {MAX_REDIRECTS} redirects")
+
+    def _send(self, req: _Request) -> http.client.HTTPResponse:
+        parts = _split(req.url)
+        remaining = max(self.deadline - time.monotonic(), 0.001)
+        if parts.scheme.lower() == "https":
+            conn = http.client.HTTPSConnection(
+                parts.hostname, parts.port, timeout=remaining, context=_tls_context()
+            )
+        else:
+            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=remaining)
+        with self._lock:
+            if self._aborted:
+                raise _Failure("aborted")
+            self._conn = conn
+        conn.request(req.method, _target(parts), body=req.body, headers=req.headers)
+        return conn.getresponse()
+
+    def _read(self, response: http.client.HTTPResponse) -> dict:
+        if (response.length or 0) > MAX_BODY_BYTES:
+            raise _TooLarge()
+        chunks, size = [], 0
+        while chunk := response.read(_CHUNK):
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise _TooLarge()
+            chunks.append(chunk)
+        return _output(response, b"".join(chunks))
+
+    def _close(self) -> None:
+        with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+
+def _redirected(req: _Request, status: int, url: str, origin: tuple) -> _Request:
+    """The next hop: method and body per RFC 9110 practice, credentials only to ``origin``."""
+    if _split(url) is None:
+        raise _Failure(f'redirect to invalid url "{url}"')
+    headers = dict(req.headers)
+    method, body = req.method, req.body
+    if (status == 303 and method != "HEAD") or (status in (301, 302) and method == "POST"):
+        method, body = "GET", None
+        for name in _BODY_HEADERS:
+            _drop(headers, name)
+    if _origin(url) != origin:
+        _drop(headers, "Authorization")
+    return replace(req, method=method, url=url, headers=headers, body=body)
+
+
+def _target(parts: SplitResult) -> str:
+    target = quote(parts.path or "/", safe="/%!$&'()*+,;=:@-._~")
+    if parts.query:
+        target += "?" + quote(parts.query, safe="/?%!$&'()*+,;=:@-._~")
+    return target
+
+
+def _output(response: http.client.HTTPResponse, data: bytes) -> dict:
+    headers: dict[str, str | list[str]] = {}
+    for name, value in response.getheaders():
+        key = name.lower()
+        if key not in headers:
+            headers[key] = value
+        elif isinstance(headers[key], list):
+            headers[key].append(value)
+        else:
+            headers[key] = [headers[key], value]
+    text = data.decode("utf-8", "replace")
+    output: dict[str, Any] = {"status": response.status, "headers": headers, "body": text}
+    try:
+        output["json"] = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        pass
+    return output
+
+
+def _reject_constant(name: str) -> Any:
+    # NaN and Infinity are not JSON: the output could not be stored.
+    raise ValueError(f"not JSON: {name}")
+
+
+@functools.lru_cache(maxsize=1)
+def _tls_context() -> ssl.SSLContext:
+    return ssl.create_default_context()
+
+
+def _reason(exc: BaseException) -> str:
+    """Short, lower-case text for a network failure."""
+    if isinstance(exc, _Failure):
+        return str(exc)
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        text = f"certificate verify failed: {exc.verify_message}"
+    elif isinstance(exc, ssl.SSLError):
+        text = f"tls error: {exc.reason or exc}"
+    elif isinstance(exc, http.client.IncompleteRead):
+        text = "incomplete response body"
+    elif isinstance(exc, http.client.RemoteDisconnected):
+        text = "server closed the connection without a response"
+    elif isinstance(exc, http.client.HTTPException):
+        text = f"malformed response ({type(exc).__name__})"
+    elif isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror
+    else:
+        text = str(exc) or type(exc).__name__
+    return text[:1].lower() + text[1:]

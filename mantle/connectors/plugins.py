@@ -1,0 +1,222 @@
+"""Plugin actions (SPEC 5.4): ``<plugin>/<action>`` runs the executable ``<plugins_dir>/<plugin>``.
+
+One process per attempt in its own process group, fed one JSON object on stdin. The worker
+thread itself drives the pipes with a selector (no reader threads), so it can look at
+``cancel`` and the deadline every ``TICK`` and SIGKILL the group at once. The group is also
+killed when the plugin exits, so background children cannot hold the pipes open or outlive
+their attempt. The leader is reaped only after the last kill, so its process-group id cannot
+have been reused by then.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import selectors
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+
+from mantle.connectors.base import TICK, ConnectorError, ConnectorInterrupted, Invocation
+from mantle.durations import parse_duration
+
+__all__ = [
+    "run_plugin",
+    "plugin_path",
+    "PLUGIN_NAME",
+    "DEFAULT_TIMEOUT",
+    "MAX_STDOUT_BYTES",
+    "MAX_STDERR_BYTES",
+]
+
+PLUGIN_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
+DEFAULT_TIMEOUT = "60s"  # replaced by the step's own timeout when it has one (SPEC 4.7)
+MAX_STDOUT_BYTES = 10 * 1024 * 1024
+MAX_STDERR_BYTES = 64 * 1024
+# After the plugin itself exits, how long to keep draining pipes still held open by a
+# descendant that escaped the group (setsid); its output is not the plugin's anyway.
+_DRAIN_GRACE = 0.5
+_JSON_TYPES = {list: "an array", str: "a string", bool: "a boolean", type(None): "null",
+               int: "a number", float: "a number"}
+
+
+def plugin_path(plugins_dir: str, plugin: str) -> str | None:
+    """The executable for ``plugin``, or None when the name is unsafe or nothing is there."""
+    if not PLUGIN_NAME.fullmatch(plugin):
+        return None
+    path = os.path.abspath(os.path.join(plugins_dir, plugin))
+    if os.path.isfile(path) and os.access(path, os.X_OK):
+        return path
+    return None
+
+
+def run_plugin(inv: Invocation, plugin: str, path: str) -> dict:
+    """Run one attempt of ``inv`` through the plugin executable at ``path``."""
+    payload = {
+        "action": inv.action,
+        "params": inv.params,
+        "credential": {"key": inv.credential} if inv.credential else {},
+    }
+    stdin = json.dumps(payload, separators=(",", ":")).encode()
+    try:
+        proc = subprocess.Popen(
+            [path], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            start_new_session=True, close_fds=True,
+        )
+    except OSError as exc:
+        raise ConnectorError(f'plugin "{plugin}" failed: {exc.strerror or exc}') from None
+    deadline = None
+    if inv.step_timeout is None:
+        deadline = time.monotonic() + parse_duration(DEFAULT_TIMEOUT)
+    run = _Run(proc)
+    try:
+        outcome = run.communicate(stdin, inv.cancel, deadline)
+    finally:
+        run.finish()
+    return _result(plugin, outcome, run)
+
+
+@dataclass
+class _Run:
+    """The pipes and bookkeeping of one plugin process, driven by the worker thread."""
+
+    proc: subprocess.Popen
+    stdout: bytearray = field(default_factory=bytearray)
+    stderr: bytearray = field(default_factory=bytearray)
+    exited_at: float | None = None
+
+    def communicate(self, data: bytes, cancel, deadline: float | None) -> str:
+        """Feed stdin and collect output until the plugin is done or must be stopped.
+
+        Returns ``exited``, ``cancel``, ``timeout`` or ``overflow`` (stdout over its limit).
+        """
+        with selectors.DefaultSelector() as selector:
+            for pipe, event in ((self.proc.stdout, selectors.EVENT_READ),
+                                (self.proc.stderr, selectors.EVENT_READ),
+                                (self.proc.stdin, selectors.EVENT_WRITE)):
+                os.set_blocking(pipe.fileno(), False)
+                selector.register(pipe, event)
+            pending = memoryview(data)
+            while True:
+                if cancel.is_set():
+                    return "cancel"
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    return "timeout"
+                if self._leader_exited(now) and (
+                    not selector.get_map() or now - self.exited_at > _DRAIN_GRACE
+                ):
+                    return "exited"
+                if not selector.get_map():
+                    cancel.wait(TICK)  # pipes closed, leader still running
+                    continue
+                for key, _ in selector.select(TICK):
+                    if key.fileobj is self.proc.stdin:
+                        pending = self._write(selector, pending)
+                    elif not self._read(selector, key.fileobj):
+                        return "overflow"
+
+    def _leader_exited(self, now: float) -> bool:
+        """Whether the plugin process exited (seen without reaping it); kills the rest then."""
+        if self.exited_at is None:
+            if os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                return False
+            self.exited_at = now
+            self.kill_group()
+        return True
+
+    def _write(self, selector, pending: memoryview) -> memoryview:
+        try:
+            written = os.write(self.proc.stdin.fileno(), pending)
+        except BlockingIOError:
+            return pending
+        except OSError:  # the plugin closed stdin or died: it does not want the rest
+            written = len(pending)
+        pending = pending[written:]
+        if not pending:
+            selector.unregister(self.proc.stdin)
+            self.proc.stdin.close()
+        return pending
+
+    def _read(self, selector, pipe) -> bool:
+        """Take what the pipe has; False when stdout went over its limit."""
+        try:
+            chunk = os.read(pipe.fileno(), 65536)
+        except BlockingIOError:
+            return True
+        if not chunk:
+            selector.unregister(pipe)
+            return True
+        if pipe is self.proc.stdout:
+            self.stdout += chunk
+            return len(self.stdout) <= MAX_STDOUT_BYTES
+        # Keep the tail: the last lines of stderr (a traceback's error) say what went wrong.
+        self.stderr += chunk
+        del self.stderr[:-MAX_STDERR_BYTES]
+        return True
+
+    def kill_group(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def finish(self) -> None:
+        """Kill whatever is left of the group, reap the leader, close the pipes."""
+        self.kill_group()
+        self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if pipe is not None and not pipe.closed:
+                pipe.close()
+
+
+def _result(plugin: str, outcome: str, run: _Run) -> dict:
+    if outcome == "cancel":
+        raise ConnectorInterrupted()
+    if outcome == "timeout":
+        raise ConnectorError(f'plugin "{plugin}" timed out after {DEFAULT_TIMEOUT}')
+    if outcome == "overflow":
+        raise ConnectorError(
+            f'plugin "{plugin}" returned invalid output: '
+            f"stdout exceeds {MAX_STDOUT_BYTES} bytes"
+        )
+    output, problem = _parse_output(bytes(run.stdout))
+    code = run.proc.returncode
+    if code != 0:
+        raise ConnectorError(f'plugin "{plugin}" failed: {_failure(code, run.stderr)}',
+                             output=output)
+    if problem:
+        raise ConnectorError(f'plugin "{plugin}" returned invalid output: {problem}')
+    return output
+
+
+def _parse_output(data: bytes) -> tuple[dict | None, str | None]:
+    """The stdout object, or None and why not."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, f"not UTF-8 ({exc.reason} at byte {exc.start})"
+    if not text.strip():
+        return None, "no output"
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        return None, str(exc) or "not JSON"
+    if not isinstance(value, dict):
+        return None, f"expected a JSON object, got {_JSON_TYPES.get(type(value), 'a value')}"
+    return value, None
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _failure(code: int, stderr: bytearray) -> str:
+    text = stderr.decode("utf-8", "replace").strip()
+    if text:
+        return text
+    if code < 0:
+        return f"killed by signal {signal.Signals(-code).name}"
+    return f"exit status {code}"

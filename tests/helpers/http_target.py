@@ -1,0 +1,229 @@
+"""A real HTTP server on 127.0.0.1 for tests that need something to call.
+
+``HttpTarget`` runs a ``ThreadingHTTPServer`` on a free port in a thread. Routes are set per
+path (query ignored) with ``route(...)``; unknown paths answer 404. Every request is recorded
+(method, target, headers, body) and counted, and tests wait on those counts with a deadline
+instead of sleeping. Example::
+
+    with HttpTarget() as target:
+        target.route("/slow", hold=True)              # blocks until target.release("/slow")
+        target.route("/data", json={"ok": True})
+        target.route("/old", status=302, redirect_to="/data")
+        target.url("/data")  -> "http://127.0.0.1:<port>/data"
+"""
+
+from __future__ import annotations
+
+import json as jsonlib
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import urlsplit
+
+__all__ = ["HttpTarget", "Route", "Received"]
+
+
+@dataclass
+class Route:
+    """How one path answers. ``hold`` blocks before the status line until released (or
+    ``delay`` seconds pass); ``hold_body`` sends the headers first, then blocks.
+    ``stream`` sends that many bytes chunked, with no Content-Length.
+    ``echo`` answers a JSON description of the request received."""
+
+    status: int = 200
+    body: bytes = b""
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    delay: float = 0.0
+    hold: bool = False
+    hold_body: bool = False
+    stream: int = 0
+    echo: bool = False
+    gate: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(frozen=True)
+class Received:
+    """One request as the server saw it."""
+
+    method: str
+    target: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    @property
+    def path(self) -> str:
+        return urlsplit(self.target).path
+
+    def header(self, name: str) -> str | None:
+        """The first value of header ``name`` (any case), or None."""
+        values = self.header_values(name)
+        return values[0] if values else None
+
+    def header_values(self, name: str) -> list[str]:
+        return [value for key, value in self.headers if key.lower() == name.lower()]
+
+    def json(self) -> Any:
+        return jsonlib.loads(self.body)
+
+
+class HttpTarget:
+    """The server; also a context manager that closes it (releasing held requests)."""
+
+    def __init__(self, host: str = "127.0.0.1"):
+        self._routes: dict[str, Route] = {}
+        self._received: list[Received] = []
+        self._changed = threading.Condition()
+        self._closed = threading.Event()
+        self._server = ThreadingHTTPServer((host, 0), _handler_for(self))
+        self._server.daemon_threads = True
+        self.host = host
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+            name=f"http-target-{self.port}", daemon=True,
+        )
+        self._thread.start()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def url(self, path: str = "/") -> str:
+        return self.base_url + path
+
+    def route(self, path: str, *, status: int = 200, body: bytes | str = b"",
+              json: Any = None, content_type: str | None = None,
+              headers: list[tuple[str, str]] | None = None, delay: float = 0.0,
+              hold: bool = False, hold_body: bool = False, stream: int = 0,
+              redirect_to: str | None = None, echo: bool = False) -> Route:
+        """Set how ``path`` answers; ``redirect_to`` may be a path or an absolute URL."""
+        extra = list(headers or [])
+        if json is not None:
+            body, content_type = jsonlib.dumps(json).encode(), content_type or "application/json"
+        elif isinstance(body, str):
+            body, content_type = body.encode(), content_type or "text/plain; charset=utf-8"
+        if content_type:
+            extra.append(("Content-Type", content_type))
+        if redirect_to is not None:
+            extra.append(("Location", redirect_to))
+        route = Route(status, body, extra, delay, hold, hold_body, stream, echo)
+        self._routes[path] = route
+        return route
+
+    def release(self, path: str | None = None) -> None:
+        """Let held requests on ``path`` (all paths when None) go on."""
+        for key, route in list(self._routes.items()):
+            if path is None or key == path:
+                route.gate.set()
+
+    def requests(self, path: str | None = None) -> list[Received]:
+        with self._changed:
+            return [r for r in self._received if path is None or r.path == path]
+
+    def hits(self, path: str) -> int:
+        return len(self.requests(path))
+
+    def wait_for_hits(self, path: str, count: int = 1, timeout: float = 5.0) -> None:
+        """Block until ``path`` was requested ``count`` times; AssertionError at the deadline."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while sum(1 for r in self._received if r.path == path) < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"{path} not requested {count} time(s) in {timeout}s")
+                self._changed.wait(remaining)
+
+    def close(self) -> None:
+        self._closed.set()
+        self.release()
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+    def __enter__(self) -> "HttpTarget":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # --- called from handler threads -------------------------------------------------------
+
+    def _record(self, received: Received) -> Route | None:
+        with self._changed:
+            self._received.append(received)
+            self._changed.notify_all()
+        return self._routes.get(received.path)
+
+    def _wait(self, route: Route) -> None:
+        if route.hold:
+            route.gate.wait(route.delay or None)
+        elif route.delay:
+            self._closed.wait(route.delay)
+
+
+def _handler_for(target: HttpTarget) -> type[BaseHTTPRequestHandler]:
+    class Handler(_Handler):
+        owner = target
+
+    return Handler
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    owner: HttpTarget
+
+    def _handle(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        received = Received(self.command, self.path, list(self.headers.items()), body)
+        route = self.owner._record(received)
+        try:
+            if route is None:
+                self._send(404, [("Content-Type", "text/plain")], b"not found")
+                return
+            self.owner._wait(route)
+            if route.echo:
+                echo = {"method": received.method, "target": received.target,
+                        "headers": received.headers, "body": body.decode("utf-8", "replace")}
+                self._send(route.status, [("Content-Type", "application/json")],
+                           jsonlib.dumps(echo).encode())
+            elif route.stream:
+                self._stream(route)
+            else:
+                self._send(route.status, route.headers, route.body, route)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    def _send(self, status: int, headers: list[tuple[str, str]], body: bytes,
+              route: Route | None = None) -> None:
+        self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if route is not None and route.hold_body:
+            self.wfile.flush()
+            route.gate.wait(route.delay or None)
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _stream(self, route: Route) -> None:
+        self.send_response(route.status)
+        for name, value in route.headers:
+            self.send_header(name, value)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        chunk = b"x" * 65536
+        left = route.stream
+        while left > 0:
+            piece = chunk[: min(left, len(chunk))]
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            left -= len(piece)
+        self.wfile.write(b"0\r\n\r\n")
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _handle
+
+    def log_message(self, format: str, *args: Any) -> None:  # keep test output clean
+        pass
