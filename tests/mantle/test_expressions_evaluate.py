@@ -1,0 +1,217 @@
+"""Evaluating CEL expressions against an activation (SPEC 3.1, 3.4)."""
+
+import sys
+import threading
+
+import pytest
+
+from mantle.errors import MantleError
+from mantle.expressions import (
+    ExpressionError,
+    compile_expression,
+    evaluate,
+    evaluate_condition,
+)
+
+
+@pytest.fixture
+def activation():
+    return {
+        "inputs": {"limit": 10, "ratio": 0.5, "name": "Ada", "enabled": True},
+        "steps": {
+            "fetch-data": {
+                "output": {"status": 200, "items": [1, 2, 3], "tags": {"env": "prod"}},
+                "error": None,
+                "status": "completed",
+            },
+            "check": {"output": {}, "error": None, "status": "skipped"},
+            "broken": {"output": None, "error": "boom", "status": "failed"},
+        },
+        "env": {"REGION": "eu", "API_TOKEN": "s3cr3t-token"},
+        "trigger": {"type": "manual", "payload": None},
+        "execution": {"id": "ex-1", "workflow_name": "wf", "workflow_version": 2},
+    }
+
+
+def test_expression_error_is_a_mantle_error():
+    assert issubclass(ExpressionError, MantleError)
+
+
+def test_inputs_are_readable(activation):
+    assert evaluate("inputs.limit * 2", activation) == 20
+
+
+def test_hyphenated_dot_access_equals_bracket_access(activation):
+    assert evaluate("steps.fetch-data.output.status", activation) == 200
+    assert evaluate("steps['fetch-data'].output.status == 200", activation) is True
+
+
+def test_json_int_is_cel_int_and_float_is_double(activation):
+    assert evaluate("type(inputs.limit) == int", activation) is True
+    assert evaluate("type(inputs.ratio) == double", activation) is True
+    assert evaluate("inputs.ratio * 2.0", activation) == 1.0
+
+
+def test_results_are_plain_python_values(activation):
+    result = evaluate("steps.fetch-data.output", activation)
+    assert result == {"status": 200, "items": [1, 2, 3], "tags": {"env": "prod"}}
+    assert type(result) is dict and type(result["status"]) is int
+    assert type(result["items"]) is list and type(result["tags"]["env"]) is str
+    assert type(evaluate("inputs.enabled", activation)) is bool
+
+
+def test_null_values_come_back_as_none(activation):
+    assert evaluate("steps.broken.output", activation) is None
+    assert evaluate("trigger.payload", activation) is None
+
+
+def test_env_and_execution_are_readable(activation):
+    assert evaluate("env.REGION + '/' + execution.id", activation) == "eu/ex-1"
+
+
+def test_missing_map_key_is_an_error(activation):
+    with pytest.raises(ExpressionError, match=r"^no such key: 'foo'$"):
+        evaluate("inputs.foo", activation)
+
+
+def test_missing_map_key_by_index_is_an_error(activation):
+    with pytest.raises(ExpressionError, match=r"^no such key: 'nope'$"):
+        evaluate("steps['nope'].output", activation)
+
+
+def test_step_not_in_activation_is_a_missing_key(activation):
+    with pytest.raises(ExpressionError, match="no such key: 'later'"):
+        evaluate("steps.later.output", activation)
+
+
+def test_has_guards_a_missing_key(activation):
+    assert evaluate("has(steps.check.output.x)", activation) is False
+    assert evaluate("has(steps.fetch-data.output.items)", activation) is True
+
+
+def test_undeclared_variable_error_does_not_dump_the_activation(activation):
+    with pytest.raises(ExpressionError) as caught:
+        evaluate("secrets.token", activation)
+    assert str(caught.value) == "undeclared reference to 'secrets'"
+    assert "s3cr3t" not in str(caught.value)
+
+
+def test_unknown_function_is_an_error(activation):
+    with pytest.raises(ExpressionError, match="undeclared function 'nosuch'"):
+        evaluate("nosuch(1)", activation)
+
+
+def test_type_mismatch_names_operator_and_types(activation):
+    with pytest.raises(ExpressionError) as caught:
+        evaluate("inputs.limit + 'x'", activation)
+    assert str(caught.value) == "no matching overload for '+' applied to (int, string)"
+
+
+def test_division_by_zero_is_an_error(activation):
+    with pytest.raises(ExpressionError, match="division by zero"):
+        evaluate("inputs.limit / 0", activation)
+
+
+def test_integer_overflow_is_an_error(activation):
+    with pytest.raises(ExpressionError, match="integer overflow"):
+        evaluate("9223372036854775807 + 1", activation)
+
+
+def test_logical_operators_absorb_errors_as_cel_requires(activation):
+    assert evaluate("false && inputs.foo == 1", activation) is False
+    assert evaluate("inputs.foo == 1 || true", activation) is True
+    assert evaluate("true ? 1 : inputs.foo", activation) == 1
+
+
+def test_condition_true_and_false(activation):
+    assert evaluate_condition("steps['check'].status == 'skipped'", activation) is True
+    assert evaluate_condition("inputs.limit > 100", activation) is False
+
+
+def test_non_boolean_condition_is_an_error(activation):
+    with pytest.raises(ExpressionError) as caught:
+        evaluate_condition("inputs.limit", activation)
+    assert str(caught.value) == "condition must evaluate to a boolean, got int"
+
+
+def test_null_condition_is_an_error(activation):
+    with pytest.raises(ExpressionError, match="got null"):
+        evaluate_condition("trigger.payload", activation)
+
+
+def test_condition_evaluation_error_propagates(activation):
+    with pytest.raises(ExpressionError, match="no such key"):
+        evaluate_condition("inputs.foo == 1", activation)
+
+
+def test_invalid_expression_fails_at_evaluation(activation):
+    with pytest.raises(ExpressionError, match="^invalid CEL expression: unexpected"):
+        evaluate("inputs.limit ==", activation)
+
+
+def test_compilation_is_cached_per_expression_text():
+    first = compile_expression("inputs.limit + 12345")
+    before = compile_expression.cache_info()
+    assert compile_expression("inputs.limit + 12345") is first
+    assert compile_expression.cache_info().hits == before.hits + 1
+
+
+def test_integers_beyond_int64_become_doubles():
+    assert evaluate("inputs.big > 1.0", {"inputs": {"big": 2**70}}) is True
+
+
+def test_unreferenced_steps_are_not_converted(activation):
+    activation["steps"]["odd"] = {"output": object()}
+    assert evaluate("steps.check.status", activation) == "skipped"
+
+
+def test_non_finite_double_result_is_an_error(activation):
+    with pytest.raises(ExpressionError, match="not a finite number"):
+        evaluate("1.0 / 0.0", activation)
+
+
+def test_timestamp_and_duration_results_leave_as_strings(activation):
+    assert evaluate("timestamp('2024-01-02T03:04:05Z') + duration('1h')", activation) == (
+        "2024-01-02T04:04:05Z"
+    )
+    assert evaluate("duration('90s')", activation) == "90s"
+    assert evaluate("duration('1.5s')", activation) == "1.5s"
+
+
+def test_expression_that_exhausts_the_stack_is_a_clean_error(activation):
+    # Evaluate from deep inside the Python stack so celpy's recursion runs out mid-way.
+    expr = " + ".join(["1"] * 150)
+    compile_expression(expr)  # parse at a normal depth; only evaluation should run out
+
+    def at_depth(levels):
+        if levels == 0:
+            return evaluate(expr, activation)
+        return at_depth(levels - 1)
+
+    depth = 0
+    frame = sys._getframe()
+    while frame is not None:
+        depth += 1
+        frame = frame.f_back
+    with pytest.raises(ExpressionError, match="nested too deeply"):
+        at_depth(sys.getrecursionlimit() - depth - 200)
+
+
+def test_concurrent_evaluations_do_not_interfere():
+    errors = []
+
+    def worker(n):
+        try:
+            for _ in range(100):
+                act = {"inputs": {"n": n}, "steps": {"s": {"output": {"v": n * 2}}}}
+                assert evaluate("inputs.n + steps.s.output.v", act) == n * 3
+                assert evaluate("[1, 2].map(x, x * inputs.n)", act) == [n, 2 * n]
+        except BaseException as error:  # noqa: BLE001 - reported by the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not errors
