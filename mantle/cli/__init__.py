@@ -13,7 +13,7 @@ __all__ = ["main"]
 
 
 def _commands() -> dict[str, Callable]:
-    from mantle.cli import admin, definitions
+    from mantle.cli import admin, definitions, executions
 
     return {
         "validate": definitions.validate,
@@ -23,6 +23,11 @@ def _commands() -> dict[str, Callable]:
         "init": admin.init,
         "migrate": admin.migrate,
         "version": admin.version,
+        "run": executions.run,
+        "cancel": executions.cancel,
+        "logs": executions.logs,
+        "status": executions.status,
+        "retry": executions.retry,
     }
 
 

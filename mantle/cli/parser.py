@@ -30,6 +30,13 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
+def _client_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", default=None, metavar="URL",
+                        help="send the command to a running mantle serve (or MANTLE_SERVER)")
+    parser.add_argument("--api-key", default=None, metavar="KEY",
+                        help="API key for --server (or MANTLE_API_KEY)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _common()
     parser = _Parser(prog="mantle", description="mantle workflow orchestrator",
@@ -54,5 +61,23 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("action", nargs="?", choices=("status", "down"),
                          help="status: list migrations; down: revert the newest")
     add("version", "print the version")
+
+    run = add("run", "run a workflow and wait for it")
+    run.add_argument("workflow")
+    run.add_argument("--input", action="append", default=[], metavar="KEY=VALUE")
+    _client_options(run)
+    cancel = add("cancel", "cancel an execution")
+    cancel.add_argument("execution_id")
+    _client_options(cancel)
+    logs = add("logs", "list executions, or show one")
+    logs.add_argument("execution_id", nargs="?")
+    logs.add_argument("--workflow", default=None)
+    logs.add_argument("--status", default=None)
+    logs.add_argument("--since", default=None)
+    logs.add_argument("--limit", default=None)
+    add("status", "summarise an execution").add_argument("execution_id")
+    retry = add("retry", "re-run a failed execution")
+    retry.add_argument("execution_id")
+    retry.add_argument("--from-step", default=None, metavar="NAME")
 
     return parser

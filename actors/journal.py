@@ -1,0 +1,212 @@
+"""The journal: the engine's only database connection, writing in batched transactions.
+
+Every checkpoint of every execution in the process goes through here. Operations queue up
+while a transaction commits and are written together in the next one, so a thousand running
+executions cost a few commits per second rather than thousands (STYLE habit 5). An operation's
+``done`` callback runs only after its transaction committed, which is what lets the Execution
+actor start dependents strictly after a step's outcome is durable (SPEC 4.11).
+
+During a database outage the pending batch is retried (0.5 s doubling to 5 s) until it commits
+or the journal is stopped; nothing waiting on it proceeds meanwhile.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import peewee
+
+from mantle.db import transaction
+
+__all__ = ["Journal", "JournalStopped", "is_outage"]
+
+log = logging.getLogger(__name__)
+
+_MAX_BATCH = 500
+_BACKOFF_START = 0.5
+_BACKOFF_MAX = 5.0
+
+
+class JournalStopped(RuntimeError):
+    """The journal stopped before the operation could be written."""
+
+
+def is_outage(exc: BaseException) -> bool:
+    """True for errors that mean 'the database is not reachable or busy', not 'bad query'."""
+    return isinstance(exc, (peewee.OperationalError, peewee.InterfaceError))
+
+
+class _Entry:
+    __slots__ = ("op", "done", "failed")
+
+    def __init__(self, op, done, failed):
+        self.op = op
+        self.done = done
+        self.failed = failed
+
+
+class Journal:
+    """Runs submitted operations on one thread, many per transaction.
+
+    ``submit`` may be called from any thread. ``op`` runs inside the transaction and returns a
+    result; ``done(result)`` runs after the commit and ``failed(exc)`` if the operation itself
+    raised (it is then retried alone, so one bad operation never sinks its batch-mates). Both
+    callbacks run on the journal thread and must be quick (tell an actor, set a future).
+    """
+
+    def __init__(self, database: peewee.Database, on_outage: Callable[[bool], None] | None = None):
+        self._db = database
+        self._on_outage = on_outage
+        self._queue: collections.deque[_Entry] = collections.deque()
+        self._ready = threading.Condition()
+        self._stopping = False
+        self._abandon = threading.Event()
+        self._in_outage = False
+        self._thread = threading.Thread(target=self._run, name="mantle-journal", daemon=True)
+
+    @property
+    def healthy(self) -> bool:
+        return not self._in_outage
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, op: Callable[[], Any], done: Callable[[Any], None] | None = None,
+               failed: Callable[[BaseException], None] | None = None) -> None:
+        with self._ready:
+            if self._stopping:
+                if failed is not None:
+                    failed(JournalStopped("the journal is stopped"))
+                return
+            self._queue.append(_Entry(op, done, failed))
+            self._ready.notify()
+
+    def call(self, op: Callable[[], Any], timeout: float = 30.0) -> Any:
+        """Run ``op`` through the journal and wait for its result (for non-actor callers)."""
+        finished = threading.Event()
+        box: dict[str, Any] = {}
+
+        def done(result):
+            box["result"] = result
+            finished.set()
+
+        def failed(exc):
+            box["error"] = exc
+            finished.set()
+
+        self.submit(op, done, failed)
+        if not finished.wait(timeout):
+            raise TimeoutError("database write did not complete in time")
+        if "error" in box:
+            raise box["error"]
+        return box["result"]
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Write what is queued (giving up after ``timeout``), then end the thread."""
+        with self._ready:
+            self._stopping = True
+            self._ready.notify()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._abandon.set()
+            self._thread.join(2.0)
+
+    # --- journal thread ---
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._queue and not self._stopping:
+                    self._ready.wait()
+                if not self._queue:
+                    break
+                batch = [self._queue.popleft()
+                         for _ in range(min(len(self._queue), _MAX_BATCH))]
+            self._write(batch)
+        self._fail_rest()
+        self._db.close()
+
+    def _write(self, batch: list[_Entry]) -> None:
+        delay = _BACKOFF_START
+        while True:
+            try:
+                results = self._commit(batch)
+                break
+            except Exception as exc:
+                if not is_outage(exc):
+                    self._write_one_by_one(batch)
+                    return
+                self._outage(exc)
+                if self._abandon.wait(delay):
+                    self._fail(batch, JournalStopped("shut down during a database outage"))
+                    return
+                delay = min(delay * 2, _BACKOFF_MAX)
+        self._recovered()
+        for entry, result in zip(batch, results):
+            self._callback(entry.done, result)
+
+    def _commit(self, batch: list[_Entry]) -> list[Any]:
+        try:
+            with transaction(self._db):
+                return [entry.op() for entry in batch]
+        except Exception as exc:
+            if is_outage(exc):
+                self._reset_connection()
+            raise
+
+    def _write_one_by_one(self, batch: list[_Entry]) -> None:
+        for entry in batch:
+            try:
+                result = self._commit([entry])[0]
+            except Exception as exc:
+                if is_outage(exc):  # the outage began mid-way: retry the rest as a batch
+                    self._write([e for e in batch[batch.index(entry):]])
+                    return
+                log.exception("database write failed")
+                self._callback(entry.failed, exc)
+            else:
+                self._callback(entry.done, result)
+
+    def _reset_connection(self) -> None:
+        try:
+            self._db.close()
+        except Exception:  # the connection is already broken; a new one is opened on retry
+            pass
+
+    def _outage(self, exc: BaseException) -> None:
+        if not self._in_outage:
+            self._in_outage = True
+            log.error("database unavailable", extra={"error": str(exc).strip()})
+            if self._on_outage:
+                self._on_outage(True)
+
+    def _recovered(self) -> None:
+        if self._in_outage:
+            self._in_outage = False
+            log.info("database available again")
+            if self._on_outage:
+                self._on_outage(False)
+
+    def _fail_rest(self) -> None:
+        with self._ready:
+            rest = list(self._queue)
+            self._queue.clear()
+        self._fail(rest, JournalStopped("the journal is stopped"))
+
+    def _fail(self, entries: list[_Entry], exc: BaseException) -> None:
+        for entry in entries:
+            self._callback(entry.failed, exc)
+
+    @staticmethod
+    def _callback(callback, value) -> None:
+        if callback is None:
+            return
+        try:
+            callback(value)
+        except Exception:
+            log.exception("journal callback failed")

@@ -1,0 +1,33 @@
+"""The Prometheus metrics of SPEC 9.1, built on a registry passed in (STYLE habit 8)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["Metrics"]
+
+
+class Metrics:
+    """Every mantle metric, registered on ``registry`` (a fresh one per app and per test)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.executions = Counter("mantle_workflow_executions_total",
+                                  "Executions that reached a final status",
+                                  ["workflow", "status"], registry=r)
+        self.steps = Counter("mantle_step_executions_total",
+                             "Main steps that reached a final status",
+                             ["workflow", "step", "status"], registry=r)
+        self.step_duration = Histogram("mantle_step_duration_seconds",
+                                       "Main step duration, started_at to completed_at",
+                                       ["workflow", "step", "action"], registry=r)
+        self.connector_duration = Histogram("mantle_connector_duration_seconds",
+                                            "Duration of each connector invocation",
+                                            ["action"], registry=r)
+        self.active = Gauge("mantle_active_executions",
+                            "Executions running in this process", registry=r)
+        self.http_requests = Counter("mantle_http_requests_total", "HTTP requests",
+                                     ["method", "route", "status"], registry=r)
+        self.http_duration = Histogram("mantle_http_request_duration_seconds",
+                                       "HTTP request duration", ["method", "route"], registry=r)

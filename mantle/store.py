@@ -1,0 +1,278 @@
+"""The engine's database operations: each function runs inside a journal transaction.
+
+Functions here never open transactions themselves and never raise for expected outcomes
+(unknown workflow, limit reached): they return a result the caller inspects, so the journal
+can batch them freely. Reads used by the CLI and the REST API live in ``mantle.queries``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import uuid
+from typing import Any
+
+from peewee import fn
+
+from mantle.db import audit, lock_for_update
+from mantle.db.fields import utcnow
+from mantle.db.models import (Runner, StepExecution, Workflow, WorkflowDefinition,
+                              WorkflowExecution)
+from mantle.errors import MantleError, VersionNotFound, WorkflowNotFound
+from mantle.states import ExecutionStatus
+from mantle.workflow import check_inputs, workflow_from_definition
+
+__all__ = [
+    "Created", "LimitReached", "create_execution", "mark_running", "promote_queued", "write_step",
+    "finish_execution", "cancel_execution", "heartbeat", "cancelled_since",
+    "execution_snapshot", "find_orphans", "claim", "definition_of", "copy_steps",
+]
+
+_ACTIVE = (ExecutionStatus.PENDING.value, ExecutionStatus.RUNNING.value)
+
+
+class LimitReached(MantleError):
+    def __init__(self, workflow: str, limit: int):
+        super().__init__(f'workflow "{workflow}" has reached the maximum of {limit} '
+                         "concurrent executions")
+        self.workflow = workflow
+        self.limit = limit
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Created:
+    """Outcome of create_execution: the row as a dict, or the error to report."""
+
+    execution: dict | None = None
+    definition: dict | None = None
+    existing: bool = False
+    queued: bool = False
+    error: MantleError | None = None
+
+
+def _row(execution: WorkflowExecution) -> dict:
+    return {"id": execution.id, "workflow": execution.workflow_name,
+            "version": execution.version, "status": execution.status,
+            "inputs": execution.inputs, "trigger": execution.trigger,
+            "error": execution.error, "started_at": execution.started_at,
+            "completed_at": execution.completed_at, "runner": execution.runner,
+            "retry_of": execution.retry_of}
+
+
+def definition_of(workflow: str, version: int | None) -> tuple[int, dict] | MantleError:
+    """(version, definition) of the requested or current version, or the error."""
+    if version is None:
+        pointer = Workflow.get_or_none(Workflow.name == workflow)
+        if pointer is None:
+            return WorkflowNotFound(workflow)
+        version = pointer.current_version
+    row = (WorkflowDefinition.select(WorkflowDefinition.definition)
+           .where(WorkflowDefinition.workflow_name == workflow,
+                  WorkflowDefinition.version == version).first())
+    if row is None:
+        if Workflow.get_or_none(Workflow.name == workflow) is None:
+            return WorkflowNotFound(workflow)
+        return VersionNotFound(workflow, version)
+    return version, row.definition
+
+
+def create_execution(workflow: str, inputs: dict | None, version: int | None, trigger: Any,
+                     runner: str, actor: str, idempotency_key: str | None = None,
+                     retry_of: str | None = None, from_step: str | None = None) -> Created:
+    """Insert an execution after the input, idempotency and limit checks (4.9): ``running``
+    when it may start now, ``pending`` when it waits in the queue."""
+    if idempotency_key is not None:
+        earlier = WorkflowExecution.get_or_none(
+            WorkflowExecution.workflow_name == workflow,
+            WorkflowExecution.idempotency_key == idempotency_key)
+        if earlier is not None:
+            return Created(_row(earlier), existing=True)
+    found = definition_of(workflow, version)
+    if isinstance(found, MantleError):
+        return Created(error=found)
+    version, definition = found
+    model = workflow_from_definition(definition)
+    try:
+        effective = check_inputs(model, inputs or {})
+    except MantleError as exc:
+        return Created(error=exc)
+    queued = False
+    if model.max_parallel_executions > 0:
+        lock_for_update(Workflow, Workflow.name == workflow)
+        if _running_count(workflow) >= model.max_parallel_executions:
+            if model.on_limit == "reject":
+                return Created(error=LimitReached(workflow, model.max_parallel_executions))
+            queued = True
+    # An execution that got a slot is created running, so the next limit check counts it:
+    # counting "pending" too would count queued ones, and a created-then-started pair of writes
+    # would let two creations pass the check between them.
+    status = ExecutionStatus.PENDING if queued else ExecutionStatus.RUNNING
+    execution = WorkflowExecution.create(
+        id=str(uuid.uuid4()), workflow_name=workflow, version=version,
+        status=status.value, inputs=effective,
+        trigger=trigger if trigger is not None else {"type": "manual", "payload": None},
+        started_at=utcnow(), runner=runner, idempotency_key=idempotency_key,
+        retry_of=retry_of)
+    if not queued:
+        audit.record_audit(actor, "workflow.executed", "workflow_execution", execution.id,
+                           {"workflow": workflow, "version": version})
+    if retry_of is not None:
+        audit.record_audit(actor, "execution.retried", "workflow_execution", execution.id,
+                           {"original_execution_id": retry_of, "from_step": from_step})
+    return Created(_row(execution), definition, queued=queued)
+
+
+def _running_count(workflow: str) -> int:
+    return (WorkflowExecution.select(fn.COUNT(WorkflowExecution.id))
+            .where(WorkflowExecution.workflow_name == workflow,
+                   WorkflowExecution.status == ExecutionStatus.RUNNING.value).scalar())
+
+
+def mark_running(execution_id: str, workflow: str, version: int, actor: str) -> bool:
+    """pending -> running; False when it is no longer pending (cancelled meanwhile)."""
+    changed = (WorkflowExecution.update(status=ExecutionStatus.RUNNING.value)
+               .where(WorkflowExecution.id == execution_id,
+                      WorkflowExecution.status == ExecutionStatus.PENDING.value).execute())
+    if changed:
+        audit.record_audit(actor, "workflow.executed", "workflow_execution", execution_id,
+                           {"workflow": workflow, "version": version})
+    return bool(changed)
+
+
+def promote_queued(workflow: str, runner: str, limit: int) -> tuple[list[str], bool]:
+    """Move this runner's oldest queued executions of ``workflow`` to ``running`` while slots
+    are free (FIFO, 4.9); return (promoted ids, whether some are still queued)."""
+    lock_for_update(Workflow, Workflow.name == workflow)
+    free = limit - _running_count(workflow)
+    queued = list(WorkflowExecution.select(WorkflowExecution.id, WorkflowExecution.version)
+                  .where(WorkflowExecution.workflow_name == workflow,
+                         WorkflowExecution.runner == runner,
+                         WorkflowExecution.status == ExecutionStatus.PENDING.value)
+                  .order_by(WorkflowExecution.started_at, WorkflowExecution.id)
+                  .limit(max(free, 0) + 1))
+    promoted = []
+    for row in queued[:max(free, 0)]:
+        if mark_running(row.id, workflow, row.version, "engine"):
+            audit.record_audit("engine", "execution.promoted", "workflow_execution", row.id,
+                               {"workflow": workflow})
+            promoted.append(row.id)
+    return promoted, len(queued) > len(promoted)
+
+
+def write_step(execution_id: str, step: str, attempt: int, status: str, *, hook_block=None,
+               output=None, error=None, started_at=None, completed_at=None,
+               audit_action: str | None = None, audit_extra: dict | None = None) -> None:
+    """Insert or update the row of one attempt (the unique key makes it idempotent)."""
+    is_hook = hook_block is not None
+    values = {"status": status, "output": output, "error": error,
+              "started_at": started_at, "completed_at": completed_at}
+    updated = (StepExecution.update(**values)
+               .where(StepExecution.execution_id == execution_id,
+                      StepExecution.is_hook == is_hook, StepExecution.step_name == step,
+                      StepExecution.attempt == attempt).execute())
+    if not updated:
+        StepExecution.insert(execution_id=execution_id, step_name=step, attempt=attempt,
+                             is_hook=is_hook, hook_block=hook_block, **values).execute()
+    if audit_action:
+        metadata = {"execution_id": execution_id, "attempt": attempt}
+        if is_hook:
+            metadata = {"execution_id": execution_id, "hook_block": hook_block}
+        if error is not None and not is_hook:
+            metadata["error"] = error
+        metadata.update(audit_extra or {})
+        resource = "hook_step_execution" if is_hook else "step_execution"
+        audit.record_audit("engine", audit_action, resource, step, metadata)
+
+
+def finish_execution(execution_id: str, status: str, error: str | None) -> bool:
+    """running -> final; False when the row is no longer running (a cancel won the race)."""
+    return bool(WorkflowExecution.update(status=status, error=error, completed_at=utcnow())
+                .where(WorkflowExecution.id == execution_id,
+                       WorkflowExecution.status == ExecutionStatus.RUNNING.value).execute())
+
+
+def cancel_execution(execution_id: str, actor: str) -> tuple[str, str] | None:
+    """Commit ``cancelled`` if pending/running; return (status found, workflow) or None."""
+    row = (WorkflowExecution.select(WorkflowExecution.status, WorkflowExecution.workflow_name)
+           .where(WorkflowExecution.id == execution_id).first())
+    if row is None:
+        return None
+    if row.status not in _ACTIVE:
+        return row.status, row.workflow_name
+    changed = (WorkflowExecution.update(status=ExecutionStatus.CANCELLED.value,
+                                        completed_at=utcnow())
+               .where(WorkflowExecution.id == execution_id,
+                      WorkflowExecution.status.in_(_ACTIVE)).execute())
+    if not changed:  # finished between the two statements
+        return cancel_execution(execution_id, actor)
+    audit.record_audit(actor, "execution.cancelled", "workflow_execution", execution_id,
+                       {"workflow": row.workflow_name})
+    return row.status, row.workflow_name
+
+
+def heartbeat(runner: str, hostname: str, pid: int) -> None:
+    now = utcnow()
+    if not Runner.update(heartbeat_at=now).where(Runner.id == runner).execute():
+        Runner.insert(id=runner, hostname=hostname, pid=pid, started_at=now,
+                      heartbeat_at=now).execute()
+
+
+def cancelled_since(runner: str, since: dt.datetime) -> list[tuple[str, str]]:
+    """(id, workflow) of this runner's executions cancelled (by anyone) since ``since``."""
+    return [(row.id, row.workflow_name) for row in WorkflowExecution.select(
+            WorkflowExecution.id, WorkflowExecution.workflow_name).where(
+        WorkflowExecution.runner == runner,
+        WorkflowExecution.status == ExecutionStatus.CANCELLED.value,
+        WorkflowExecution.completed_at >= since)]
+
+
+def execution_snapshot(execution_id: str) -> tuple[dict, dict, list[dict]] | None:
+    """(execution, definition, step rows) for starting or resuming an execution."""
+    execution = WorkflowExecution.get_or_none(WorkflowExecution.id == execution_id)
+    if execution is None:
+        return None
+    found = definition_of(execution.workflow_name, execution.version)
+    if isinstance(found, MantleError):
+        return None
+    rows = [{"step": r.step_name, "attempt": r.attempt, "status": r.status,
+             "hook_block": r.hook_block, "is_hook": r.is_hook, "output": r.output,
+             "error": r.error, "started_at": r.started_at, "completed_at": r.completed_at}
+            for r in StepExecution.select().where(StepExecution.execution_id == execution_id)
+            .order_by(StepExecution.id)]
+    return _row(execution), found[1], rows
+
+
+def find_orphans(hostname: str, stale_before: dt.datetime, alive) -> list[tuple[str, str]]:
+    """(execution id, runner) of pending/running executions whose runner is gone (4.11).
+
+    ``alive(pid)`` tells whether a process of this host exists.
+    """
+    runners = {r.id: r for r in Runner.select()}
+    orphans = []
+    for row in (WorkflowExecution.select(WorkflowExecution.id, WorkflowExecution.runner)
+                .where(WorkflowExecution.status.in_(_ACTIVE))
+                .order_by(WorkflowExecution.started_at)):
+        runner = runners.get(row.runner)
+        if runner is None or runner.heartbeat_at < stale_before:
+            orphans.append((row.id, row.runner))
+        elif runner.hostname == hostname and not alive(runner.pid):
+            orphans.append((row.id, row.runner))
+    return orphans
+
+
+def claim(execution_id: str, old_runner: str | None, runner: str) -> bool:
+    """Take over an orphan; compare-and-set so two daemons never both win."""
+    return bool(WorkflowExecution.update(runner=runner)
+                .where(WorkflowExecution.id == execution_id,
+                       WorkflowExecution.runner == old_runner,
+                       WorkflowExecution.status.in_(_ACTIVE)).execute())
+
+
+def copy_steps(execution_id: str, rows: list[dict]) -> None:
+    """Store reused step results in a retry execution (``mantle retry``)."""
+    for row in rows:
+        StepExecution.insert(execution_id=execution_id, step_name=row["step"],
+                             attempt=row["attempt"], is_hook=False, status=row["status"], output=row["output"],
+                             error=row["error"], started_at=row["started_at"],
+                             completed_at=row["completed_at"]).execute()
+

@@ -1,0 +1,458 @@
+"""Execution semantics of SPEC 4 through the real engine, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from mantle.db.models import AuditEvent, StepExecution, WorkflowExecution
+from mantle.errors import InvalidInput, VersionNotFound, WorkflowNotFound
+from tests.actors.conftest import apply, finish, run, steps_of, wait_until
+
+
+def test_two_step_workflow_completes_with_checkpointed_steps(engine):
+    apply("""
+        name: hello
+        steps:
+          - {name: first, action: core/log, params: {message: hi}}
+          - {name: second, action: core/log, depends_on: [first],
+             params: {message: "{{ steps.first.output.message }} again"}}
+    """)
+    detail = run(engine, "hello")
+    assert detail["status"] == "completed"
+    assert detail["error"] is None
+    assert detail["completed_at"] is not None
+    steps = steps_of(detail)
+    assert [s["name"] for s in detail["steps"]] == ["first", "second"]
+    assert steps["second"]["output"] == {"message": "hi again"}
+    assert steps["first"]["attempt"] == 1
+    assert steps["first"]["completed_at"] <= steps["second"]["started_at"]
+
+
+def test_unknown_workflow_and_version_are_refused(engine):
+    with pytest.raises(WorkflowNotFound):
+        engine.run("nope")
+    apply("""
+        name: one
+        steps: [{name: a, action: core/log, params: {message: x}}]
+    """)
+    with pytest.raises(VersionNotFound):
+        engine.run("one", version=7)
+
+
+def test_supplied_inputs_are_checked_and_defaults_filled(engine):
+    apply("""
+        name: typed
+        inputs:
+          day: {type: string}
+          limit: {type: number, default: 10}
+        steps:
+          - {name: a, action: core/log, params: {message: "{{ inputs.limit }}"}}
+    """)
+    with pytest.raises(InvalidInput, match='unknown input "nope"'):
+        engine.run("typed", {"nope": 1})
+    with pytest.raises(InvalidInput, match='input "day" must be a string'):
+        engine.run("typed", {"day": 3})
+    detail = run(engine, "typed", {"day": "mon"})
+    assert detail["inputs"] == {"day": "mon", "limit": 10}
+    assert steps_of(detail)["a"]["output"] == {"message": 10}
+
+
+def test_false_if_skips_step_and_dependents_still_run(engine):
+    apply("""
+        name: skipper
+        steps:
+          - {name: check, action: core/log, if: "1 == 2", params: {message: x}}
+          - name: after
+            action: core/log
+            depends_on: [check]
+            params: {message: "{{ steps.check.status }} {{ steps.check.output }}"}
+    """)
+    steps = steps_of(run(engine, "skipper"))
+    assert steps["check"]["status"] == "skipped"
+    assert steps["check"]["attempt"] == 1
+    assert steps["check"]["output"] is None
+    assert steps["check"]["started_at"] == steps["check"]["completed_at"]
+    assert steps["after"]["output"] == {"message": "skipped {}"}
+
+
+def test_independent_steps_run_concurrently(engine):
+    apply("""
+        name: parallel
+        steps:
+          - {name: a, action: core/sleep, params: {duration: 1s}}
+          - {name: b, action: core/sleep, params: {duration: 1s}}
+    """)
+    started = time.monotonic()
+    detail = run(engine, "parallel")
+    assert detail["status"] == "completed"
+    assert time.monotonic() - started < 1.8
+
+
+def test_failure_cancels_transitive_dependents_but_not_independent_steps(engine):
+    apply("""
+        name: propagate
+        steps:
+          - {name: bad, action: core/fail, params: {message: boom}}
+          - {name: child, action: core/log, depends_on: [bad], params: {message: x}}
+          - {name: grandchild, action: core/log, depends_on: [child], params: {message: x}}
+          - {name: other, action: core/sleep, params: {duration: 200ms}}
+    """)
+    detail = run(engine, "propagate")
+    steps = steps_of(detail)
+    assert detail["status"] == "failed"
+    assert detail["error"] == 'step "bad" failed: boom'
+    assert steps["bad"]["status"] == "failed"
+    assert steps["bad"]["error"] == "boom"
+    assert steps["child"]["status"] == "cancelled"
+    assert steps["child"]["attempt"] == 0
+    assert steps["grandchild"]["status"] == "cancelled"
+    assert steps["other"]["status"] == "completed"
+
+
+def test_execution_error_names_the_first_step_that_failed(engine):
+    apply("""
+        name: two-failures
+        steps:
+          - {name: early, action: core/fail, params: {message: first}}
+          - {name: wait, action: core/sleep, params: {duration: 300ms}}
+          - {name: late, action: core/fail, depends_on: [wait], params: {message: second}}
+    """)
+    detail = run(engine, "two-failures")
+    assert detail["error"] == 'step "early" failed: first'
+
+
+def test_continue_on_error_keeps_failed_status_but_resolves_dependents(engine):
+    apply("""
+        name: tolerant
+        steps:
+          - {name: flaky, action: core/fail, continue_on_error: true, params: {message: meh}}
+          - name: next
+            action: core/log
+            depends_on: [flaky]
+            params: {message: "{{ steps.flaky.error }}"}
+    """)
+    detail = run(engine, "tolerant")
+    steps = steps_of(detail)
+    assert detail["status"] == "completed"
+    assert steps["flaky"]["status"] == "failed"
+    assert steps["next"]["output"] == {"message": "meh"}
+    actions = {e.action for e in AuditEvent.select()}
+    assert "step.continued_on_error" in actions
+
+
+def test_connector_failures_are_retried_with_one_row_per_attempt(engine, http_target):
+    http_target.route("/flaky", status=500)
+    name = apply(f"""
+        name: retrying
+        steps:
+          - name: call
+            action: http/request
+            params: {{url: "{http_target.url('/flaky')}"}}
+            retry: {{max_attempts: 2, backoff: fixed}}
+    """)
+    started = time.monotonic()
+    detail = run(engine, name)
+    elapsed = time.monotonic() - started
+    step = steps_of(detail)["call"]
+    assert step["status"] == "failed"
+    assert step["attempt"] == 2
+    assert step["error"] == f"http/request: GET {http_target.url('/flaky')} returned 500"
+    assert step["output"]["status"] == 500
+    assert http_target.hits("/flaky") == 2
+    assert elapsed >= 1.0  # the fixed one-second backoff
+    rows = list(StepExecution.select().where(StepExecution.step_name == "call")
+                .order_by(StepExecution.attempt))
+    assert [(r.attempt, r.status) for r in rows] == [(1, "failed"), (2, "failed")]
+
+
+def test_retry_succeeds_when_a_later_attempt_works(engine, tmp_path):
+    marker = tmp_path / "seen"
+    plugin = tmp_path / "plugins" / "once"
+    plugin.parent.mkdir()
+    plugin.write_text(f"""#!/bin/sh
+cat >/dev/null
+if [ -e {marker} ]; then echo '{{"ok": true}}'; else touch {marker}; echo nope >&2; exit 3; fi
+""")
+    plugin.chmod(0o755)
+    apply("""
+        name: second-time
+        steps:
+          - {name: s, action: once/go, retry: {max_attempts: 3}}
+    """)
+    step = steps_of(run(engine, "second-time"))["s"]
+    assert step["status"] == "completed"
+    assert step["attempt"] == 2
+    assert step["output"] == {"ok": True}
+
+
+def test_expression_errors_fail_the_step_without_retry(engine):
+    apply("""
+        name: bad-exprs
+        steps:
+          - {name: cond, action: core/log, if: "inputs.missing == 1", retry: {max_attempts: 3},
+             params: {message: x}}
+          - {name: tmpl, action: core/log, retry: {max_attempts: 3},
+             params: {message: "{{ 1 + 'a' }}"}}
+          - {name: notbool, action: core/log, if: "1 + 1", params: {message: x}}
+    """)
+    steps = steps_of(run(engine, "bad-exprs"))
+    assert steps["cond"]["error"].startswith("evaluating if condition: ")
+    assert steps["cond"]["attempt"] == 1
+    assert steps["tmpl"]["error"].startswith("resolving params: ")
+    assert steps["notbool"]["error"].startswith("evaluating if condition: ")
+
+
+def test_unknown_action_fails_without_retry(engine):
+    apply("""
+        name: unknown
+        steps: [{name: s, action: nope/thing, retry: {max_attempts: 3}}]
+    """)
+    step = steps_of(run(engine, "unknown"))["s"]
+    assert step["error"] == 'unknown action "nope/thing"'
+    assert step["attempt"] == 1
+
+
+def test_step_timeout_fails_the_attempt_and_is_retried(engine):
+    apply("""
+        name: slow
+        steps:
+          - {name: s, action: core/sleep, timeout: 100ms, retry: {max_attempts: 2},
+             params: {duration: 5s}}
+    """)
+    started = time.monotonic()
+    step = steps_of(run(engine, "slow"))["s"]
+    assert step["status"] == "failed"
+    assert step["error"] == "step timed out after 100ms"
+    assert step["attempt"] == 2
+    assert time.monotonic() - started < 3
+
+
+def test_workflow_timeout_fails_running_cancels_pending_and_runs_failure_hooks(engine):
+    apply("""
+        name: deadline
+        timeout: 300ms
+        steps:
+          - {name: long, action: core/sleep, params: {duration: 10s}}
+          - {name: later, action: core/log, depends_on: [long], params: {message: x}}
+        hooks:
+          on_failure: [{name: alert, action: core/log, params: {message: "{{ execution.error }}"}}]
+          on_finish: [{name: done, action: core/log, params: {message: "{{ execution.status }}"}}]
+    """)
+    detail = run(engine, "deadline")
+    steps = steps_of(detail)
+    assert detail["status"] == "failed"
+    assert detail["error"] == "workflow timed out after 300ms"
+    assert steps["long"]["status"] == "failed"
+    assert steps["long"]["error"] == "workflow timed out after 300ms"
+    assert steps["later"]["status"] == "cancelled"
+    hooks = {h["name"]: h for h in detail["hooks"]}
+    assert hooks["alert"]["output"] == {"message": "workflow timed out after 300ms"}
+    assert hooks["done"]["output"] == {"message": "failed"}
+
+
+def test_hooks_run_in_block_order_and_never_change_the_status(engine):
+    apply("""
+        name: hooked
+        steps: [{name: main, action: core/log, params: {message: m}}]
+        hooks:
+          on_success:
+            - {name: fails, action: core/fail}
+            - {name: skipped-by-block, action: core/log, params: {message: never}}
+          on_failure: [{name: not-run, action: core/log, params: {message: x}}]
+          on_finish:
+            - name: last
+              action: core/log
+              params: {message: "{{ hooks.fails.status }} {{ execution.status }}"}
+    """)
+    detail = run(engine, "hooked")
+    assert detail["status"] == "completed"
+    assert [(h["block"], h["name"], h["status"]) for h in detail["hooks"]] == [
+        ("on_success", "fails", "failed"), ("on_finish", "last", "completed")]
+    assert detail["hooks"][1]["output"] == {"message": "failed completed"}
+
+
+def test_hooks_timeout_fails_the_running_hook_and_skips_the_rest(engine):
+    apply("""
+        name: hook-deadline
+        steps: [{name: main, action: core/log, params: {message: m}}]
+        hooks:
+          timeout: 200ms
+          on_success: [{name: slow, action: core/sleep, params: {duration: 10s}}]
+          on_finish: [{name: never, action: core/log, params: {message: x}}]
+    """)
+    detail = run(engine, "hook-deadline")
+    assert detail["status"] == "completed"
+    assert [(h["name"], h["status"]) for h in detail["hooks"]] == [("slow", "failed")]
+    assert detail["hooks"][0]["error"] == "hooks timed out after 200ms"
+
+
+def test_cancel_interrupts_a_sixty_second_sleep_within_a_second(engine):
+    apply("""
+        name: sleeper
+        steps:
+          - {name: nap, action: core/sleep, params: {duration: 60s}}
+          - {name: after, action: core/log, depends_on: [nap], params: {message: x}}
+        hooks:
+          on_finish: [{name: hook, action: core/log, params: {message: x}}]
+    """)
+    result = engine.run("sleeper")
+    wait_until(lambda: StepExecution.select().where(
+        StepExecution.execution_id == result.execution_id,
+        StepExecution.status == "running").exists())
+    started = time.monotonic()
+    assert engine.cancel(result.execution_id) == "running"
+    detail = finish(engine, result.execution_id, timeout=1.0)
+    assert time.monotonic() - started < 1.0
+    steps = steps_of(detail)
+    assert detail["status"] == "cancelled"
+    assert steps["nap"]["status"] == "cancelled"
+    assert steps["after"]["status"] == "cancelled"
+    assert detail["hooks"] == []
+
+
+def test_cancel_written_by_another_process_is_noticed_within_a_second(engine, db):
+    from mantle import store
+    from mantle.db import transaction
+
+    apply("""
+        name: remote-cancel
+        steps: [{name: nap, action: core/sleep, params: {duration: 60s}}]
+    """)
+    result = engine.run("remote-cancel")
+    wait_until(lambda: StepExecution.select().where(
+        StepExecution.execution_id == result.execution_id,
+        StepExecution.status == "running").exists())
+    with transaction(db):
+        store.cancel_execution(result.execution_id, "cli")
+    started = time.monotonic()
+    wait_until(lambda: StepExecution.select().where(
+        StepExecution.execution_id == result.execution_id,
+        StepExecution.status == "cancelled").exists(), timeout=2.0)
+    assert time.monotonic() - started < 1.5
+
+
+def test_reject_limit_refuses_a_second_running_execution(engine):
+    from mantle.store import LimitReached
+
+    apply("""
+        name: single
+        max_parallel_executions: 1
+        on_limit: reject
+        steps: [{name: nap, action: core/sleep, params: {duration: 60s}}]
+    """)
+    first = engine.run("single")
+    wait_until(lambda: WorkflowExecution.get_by_id(first.execution_id).status == "running")
+    with pytest.raises(LimitReached) as caught:
+        engine.run("single")
+    assert str(caught.value) == ('workflow "single" has reached the maximum of 1 '
+                                 "concurrent executions")
+    engine.cancel(first.execution_id)
+
+
+def test_queue_limit_starts_waiting_executions_in_order(engine):
+    apply("""
+        name: queued
+        max_parallel_executions: 1
+        steps: [{name: nap, action: core/sleep, params: {duration: 200ms}}]
+    """)
+    ids = [engine.run("queued").execution_id for _ in range(3)]
+    statuses = [WorkflowExecution.get_by_id(i).status for i in ids]
+    assert statuses.count("pending") >= 2
+    details = [finish(engine, i) for i in ids]
+    assert all(d["status"] == "completed" for d in details)
+    starts = [steps_of(d)["nap"]["started_at"] for d in details]
+    assert starts == sorted(starts)
+    promoted = AuditEvent.select().where(AuditEvent.action == "execution.promoted").count()
+    assert promoted == 2
+
+
+def test_step_max_parallel_limits_attempts_across_executions(engine, http_target):
+    http_target.route("/one", delay=0.2, json={"ok": True})
+    apply(f"""
+        name: throttled
+        steps:
+          - {{name: call, action: http/request, max_parallel: 1,
+             params: {{url: "{http_target.url('/one')}"}}}}
+    """)
+    ids = [engine.run("throttled").execution_id for _ in range(3)]
+    details = [finish(engine, i) for i in ids]
+    spans = sorted((steps_of(d)["call"]["started_at"], steps_of(d)["call"]["completed_at"])
+                   for d in details)
+    for (_, end), (start, _) in zip(spans, spans[1:]):
+        assert end <= start
+
+
+def test_version_is_pinned_at_creation(engine):
+    apply("""
+        name: pinned
+        max_parallel_executions: 1
+        steps: [{name: a, action: core/sleep, params: {duration: 300ms}}]
+    """)
+    first = engine.run("pinned")
+    second = engine.run("pinned")  # queued behind the first, on version 1
+    apply("""
+        name: pinned
+        steps: [{name: b, action: core/log, params: {message: v2}}]
+    """)
+    assert finish(engine, first.execution_id)["version"] == 1
+    detail = finish(engine, second.execution_id)
+    assert detail["version"] == 1
+    assert [s["name"] for s in detail["steps"]] == ["a"]
+
+
+def test_missing_credential_fails_without_retry(engine):
+    apply("""
+        name: creds
+        steps: [{name: s, action: core/log, credential: api-token, retry: {max_attempts: 3},
+                 params: {message: x}}]
+    """)
+    step = steps_of(run(engine, "creds"))["s"]
+    assert step["error"] == 'credential "api-token" not found (set MANTLE_SECRET_API_TOKEN)'
+    assert step["attempt"] == 1
+
+
+@pytest.mark.parametrize("secrets", [{"MANTLE_SECRET_API_TOKEN": "s3cret"}])
+def test_credential_is_sent_as_bearer_token_and_never_stored(engine, http_target, db):
+    http_target.route("/auth", echo=True)
+    apply(f"""
+        name: with-creds
+        steps:
+          - {{name: s, action: http/request, credential: api-token,
+             params: {{url: "{http_target.url('/auth')}"}}}}
+    """)
+    detail = run(engine, "with-creds")
+    assert detail["status"] == "completed"
+    assert http_target.requests("/auth")[0].header("Authorization") == "Bearer s3cret"
+    assert "s3cret" not in str(detail)
+
+
+def test_oversized_output_fails_the_step(engine, http_target):
+    http_target.route("/big", body=b"x" * (1024 * 1024 + 10))
+    apply(f"""
+        name: big
+        steps: [{{name: s, action: http/request, params: {{url: "{http_target.url('/big')}"}}}}]
+    """)
+    step = steps_of(run(engine, "big"))["s"]
+    assert step["error"].startswith("step output exceeds 1048576 byte limit (")
+
+
+def test_cel_variables_expose_inputs_env_trigger_and_execution(engine):
+    apply("""
+        name: vars
+        inputs: {who: {type: string}}
+        steps:
+          - name: fetch-data
+            action: core/log
+            params: {message: {n: 2}}
+          - name: show
+            action: core/log
+            if: "steps.fetch-data.output.message.n == 2"
+            params:
+              message: "{{ inputs.who }} {{ env.REGION }} {{ trigger.type }} {{ execution.workflow_name }}"
+              whole: "{{ steps['fetch-data'].output.message }}"
+    """)
+    detail = run(engine, "vars", {"who": "ann"})
+    output = steps_of(detail)["show"]["output"]
+    assert output == {"message": "ann eu manual vars"}
