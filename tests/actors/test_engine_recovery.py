@@ -1,0 +1,188 @@
+"""Crash safety (SPEC 4.11): a runner killed with SIGKILL mid-workflow, resumed by another."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+from actors.engine import Engine
+from mantle import db as mantle_db
+from mantle.db import transaction
+from mantle.db.models import StepExecution, WorkflowExecution
+from mantle.metrics import Metrics
+from tests.actors.conftest import apply, finish, steps_of, wait_until
+
+REPO = Path(__file__).resolve().parents[2]
+
+RUNNER = """
+import sys, time
+from actors.engine import Engine
+from mantle import db
+database = db.connect(sys.argv[1])
+db.bind(database)
+engine = Engine(database).start()
+for _ in range(int(sys.argv[2])):
+    print(engine.run("crashy").execution_id, flush=True)
+time.sleep(3600)
+"""
+
+
+def _crashy(target) -> None:
+    apply(f"""
+        name: crashy
+        steps:
+          - {{name: a, action: http/request, params: {{url: "{target.url('/a')}"}}}}
+          - {{name: b, action: http/request, depends_on: [a],
+             params: {{url: "{target.url('/b')}"}}}}
+          - name: c
+            action: core/log
+            depends_on: [b]
+            params: {{message: "{{{{ steps.a.output.body }}}}"}}
+    """)
+
+
+def test_killed_runner_executions_resume_without_rerunning_completed_steps(
+        migrated_db_url, db, http_target):
+    http_target.route("/a", body="from-a")
+    http_target.route("/b", hold=True, body="from-b")
+    _crashy(http_target)
+    count = 5
+    runner = subprocess.Popen(
+        [sys.executable, "-c", RUNNER, migrated_db_url, str(count)],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+        text=True)
+    try:
+        ids = [runner.stdout.readline().strip() for _ in range(count)]
+        http_target.wait_for_hits("/b", count, timeout=15)
+    finally:
+        runner.send_signal(signal.SIGKILL)
+        runner.wait(timeout=10)
+        runner.stdout.close()
+    assert http_target.hits("/a") == count
+    assert all(WorkflowExecution.get_by_id(i).status == "running" for i in ids)
+
+    http_target.route("/b", body="from-b")  # answer at once from now on
+    http_target.release("/b")
+    engine = Engine(db, metrics=Metrics(), resume_orphans=True).start()
+    try:
+        details = [finish(engine, execution_id) for execution_id in ids]
+    finally:
+        engine.shutdown(timeout=2)
+    for detail in details:
+        steps = steps_of(detail)
+        assert detail["status"] == "completed", detail
+        assert steps["b"]["attempt"] == 1  # the interrupted attempt restarted as itself
+        assert steps["c"]["output"] == {"message": "from-a"}  # a's output was reloaded
+    assert http_target.hits("/a") == count  # completed steps never ran twice
+    assert http_target.hits("/b") == 2 * count  # only the step running at the kill repeats
+
+
+def test_orphan_of_a_live_runner_is_not_taken(engine, db):
+    """An execution whose runner is alive and heartbeating stays with it."""
+    apply("""
+        name: mine
+        steps: [{name: nap, action: core/sleep, params: {duration: 60s}}]
+    """)
+    result = engine.run("mine")
+    wait_until(lambda: StepExecution.select().where(
+        StepExecution.execution_id == result.execution_id,
+        StepExecution.status == "running").exists())
+    other = Engine(db, metrics=Metrics(), resume_orphans=True).start()
+    try:
+        assert other.live_count() == 0
+        wait_until(lambda: WorkflowExecution.get_by_id(result.execution_id).runner
+                   == engine.runner)
+    finally:
+        other.shutdown(timeout=1)
+    engine.cancel(result.execution_id)
+
+
+def test_two_daemons_never_resume_the_same_orphan(db):
+    apply("""
+        name: contested
+        steps: [{name: nap, action: core/sleep, params: {duration: 300ms}}]
+    """)
+    with transaction(db):
+        for index in range(6):
+            WorkflowExecution.create(id=f"00000000-0000-4000-8000-00000000000{index}",
+                                     workflow_name="contested", version=1, status="running",
+                                     inputs={}, trigger={"type": "manual", "payload": None},
+                                     started_at=mantle_db.fields.utcnow(),
+                                     runner="gone-host:1")
+    engines = [Engine(db, metrics=Metrics(), resume_orphans=True) for _ in range(2)]
+    threads = [threading.Thread(target=e.start) for e in engines]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        wait_until(lambda: WorkflowExecution.select().where(
+            WorkflowExecution.status == "completed").count() == 6, timeout=15)
+    finally:
+        for e in engines:
+            e.shutdown(timeout=1)
+    # Each execution has exactly one attempt row for its step: nobody ran it twice.
+    rows = StepExecution.select().where(StepExecution.step_name == "nap")
+    assert sorted(r.execution_id for r in rows) == sorted(
+        f"00000000-0000-4000-8000-00000000000{i}" for i in range(6))
+
+
+def test_two_hundred_dag_executions_complete_in_dependency_order(engine):
+    apply("""
+        name: dag
+        steps:
+          - {name: a, action: core/log, params: {message: a}}
+          - {name: b, action: core/log, depends_on: [a], params: {message: b}}
+          - {name: c, action: core/log, depends_on: [a], params: {message: c}}
+          - {name: d, action: core/log, depends_on: [a], params: {message: d}}
+          - {name: e, action: core/log, depends_on: [a], params: {message: e}}
+          - {name: f, action: core/log, depends_on: [b, c, d, e], params: {message: f}}
+    """)
+    ids = [engine.run("dag").execution_id for _ in range(200)]
+    deps = {"b": "a", "c": "a", "d": "a", "e": "a"}
+    for execution_id in ids:
+        detail = finish(engine, execution_id, timeout=60)
+        assert detail["status"] == "completed"
+        steps = steps_of(detail)
+        for child, parent in deps.items():
+            assert steps[parent]["completed_at"] <= steps[child]["started_at"]
+        assert max(steps[x]["completed_at"] for x in "bcde") <= steps["f"]["started_at"]
+
+
+def test_runs_wait_out_another_process_holding_the_sqlite_write_lock(tmp_path):
+    """Another process holds SQLite's write lock for seconds; creation and checkpoints wait."""
+    url = f"sqlite:///{tmp_path / 'locked.db'}"
+    database = mantle_db.connect(url)
+    mantle_db.bind(database)
+    from mantle.db import migrations
+    migrations.migrate(database)
+    apply("""
+        name: patient
+        steps:
+          - {name: a, action: core/sleep, params: {duration: 200ms}}
+          - {name: b, action: core/log, depends_on: [a], params: {message: done}}
+    """)
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sqlite3, sys, time
+        conn = sqlite3.connect({str(tmp_path / 'locked.db')!r}, isolation_level=None)
+        conn.execute("BEGIN EXCLUSIVE")
+        print("locked", flush=True)
+        time.sleep(6.5)
+        conn.execute("ROLLBACK")
+    """)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    engine = Engine(database, metrics=Metrics()).start()
+    try:
+        result = engine.run("patient")  # its creation waits for the lock too
+        status = engine.wait(result.execution_id, timeout=30)
+    finally:
+        holder.wait(timeout=20)
+        holder.stdout.close()
+        engine.shutdown(timeout=2)
+    assert status == "completed"
+    database.close()
