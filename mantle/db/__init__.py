@@ -1,0 +1,18 @@
+"""Database access: connection from a URL, models bound through a proxy, migrations.
+
+``connect(url)`` opens SQLite or PostgreSQL, ``bind(db)`` points the models
+(``mantle.db.models``) at it, ``mantle.db.migrations`` brings the schema to head. SQL that
+differs between the engines lives in ``mantle.db.engine``.
+"""
+
+from __future__ import annotations
+
+from mantle.db.connect import (bind, connect, database_proxy, is_postgres, is_sqlite,
+                               unwrap)
+from mantle.db.engine import (claim_rows, lock_for_update, transaction, upsert,
+                              write_transaction)
+
+__all__ = [
+    "database_proxy", "connect", "bind", "unwrap", "is_sqlite", "is_postgres",
+    "transaction", "write_transaction", "lock_for_update", "claim_rows", "upsert",
+]

@@ -1,0 +1,176 @@
+"""Opening a database from a URL (SPEC 10.1) and binding the models to it.
+
+The models are bound to ``database_proxy``; nothing here opens a database at import time.
+Connections are per thread (peewee's default), so the CLI, the journal thread and web threads
+each get their own.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+import time
+import urllib.parse
+
+import peewee
+import psycopg
+import psycopg.conninfo
+
+from mantle.errors import ConfigError, DatabaseUnavailable
+
+__all__ = ["database_proxy", "connect", "bind", "unwrap", "is_sqlite", "is_postgres",
+           "SQLITE_BUSY_TIMEOUT_MS", "PG_CONNECT_TIMEOUT_S"]
+
+# The CLI and a daemon share one SQLite file: a writer waits this long for the other's lock.
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+PG_CONNECT_TIMEOUT_S = 10
+
+database_proxy = peewee.DatabaseProxy()
+
+_SQLITE_PRAGMAS = (
+    ("busy_timeout", SQLITE_BUSY_TIMEOUT_MS),
+    # In WAL mode NORMAL is durable across application crashes; only power loss can drop
+    # the last commits, and it never corrupts the file.
+    ("synchronous", "normal"),
+    ("foreign_keys", 1),
+)
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+class _SqliteDatabase(peewee.SqliteDatabase):
+    """SqliteDatabase that switches a new file to WAL even when others open it at once."""
+
+    def _set_pragmas(self, conn):
+        super()._set_pragmas(conn)
+        _enable_wal(conn)
+
+
+def _enable_wal(conn: sqlite3.Connection) -> None:
+    """Switch to WAL unless already there (the mode is stored in the file).
+
+    Changing the mode needs the file to itself and SQLite reports "database is locked" at once
+    instead of waiting, e.g. when a CLI and a daemon create the file together; so retry for
+    up to the busy timeout.
+    """
+    if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+        return
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = wal").fetchone()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+def unwrap(database) -> peewee.Database:
+    """The real database behind a ``DatabaseProxy`` (or the argument itself)."""
+    while isinstance(database, peewee.DatabaseProxy):
+        database = database.obj
+    if database is None:
+        raise RuntimeError("mantle.db.database_proxy is not bound; call mantle.db.bind(db)")
+    return database
+
+
+def is_sqlite(database) -> bool:
+    return isinstance(unwrap(database), peewee.SqliteDatabase)
+
+
+def is_postgres(database) -> bool:
+    return isinstance(unwrap(database), peewee.PostgresqlDatabase)
+
+
+def bind(database: peewee.Database) -> peewee.Database:
+    """Point every model at ``database`` (process-wide)."""
+    database_proxy.initialize(database)
+    return database
+
+
+def connect(url: str) -> peewee.Database:
+    """Open ``url``, check that the database answers, and return it (not yet bound).
+
+    Raises ConfigError for a malformed URL and DatabaseUnavailable when the server or file
+    cannot be used; the connection stays open for the calling thread.
+    """
+    match = _SCHEME.match(url or "")
+    scheme = match.group(1).lower() if match else ""
+    if scheme == "sqlite":
+        database = _sqlite_database(url)
+    elif scheme in ("postgresql", "postgres"):
+        database = _postgres_database(url)
+    else:
+        raise _invalid(url, "expected sqlite:///<path>, postgresql://... or postgres://...")
+    _verify(database)
+    return database
+
+
+def _invalid(url: str, reason: str) -> ConfigError:
+    return ConfigError(f'invalid database URL "{_mask_password(url)}": {reason}')
+
+
+def _mask_password(url: str) -> str:
+    """The URL with any password replaced, so error messages never leak it."""
+    return re.sub(r"^([^:/]+://[^:@/]*:)[^@/]*@", r"\1***@", url or "")
+
+
+def _sqlite_database(url: str) -> peewee.SqliteDatabase:
+    parts = urllib.parse.urlsplit(url)
+    if parts.netloc:
+        raise _invalid(url, "expected sqlite:///relative.db or sqlite:////absolute/path.db")
+    if parts.query or parts.fragment:
+        raise _invalid(url, "SQLite URLs take no parameters")
+    path = urllib.parse.unquote(parts.path[1:])  # drop the '/' that ends '//'
+    if not path:
+        raise _invalid(url, "no database file given")
+    if path != ":memory:":
+        # Absolute, so a later chdir or a connection opened by another thread sees the same file.
+        path = os.path.abspath(path)
+    return _SqliteDatabase(path, pragmas=list(_SQLITE_PRAGMAS),
+                                 timeout=SQLITE_BUSY_TIMEOUT_MS / 1000,
+                                 # Every transaction takes the write lock when it begins: a
+                                 # deferred one that reads, then writes, can fail at once with
+                                 # SQLITE_BUSY when another process committed in between.
+                                 lock_type="IMMEDIATE")
+
+
+def _postgres_database(url: str) -> peewee.PostgresqlDatabase:
+    normalized = "postgresql://" + url.split("://", 1)[1]
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(normalized)
+    except psycopg.Error as exc:
+        raise _invalid(url, str(exc).strip()) from None
+    port = params.get("port")
+    if port is not None and not re.fullmatch(r"[0-9]+(,[0-9]+)*", str(port)):
+        raise _invalid(url, f'invalid port "{port}"')
+    dbname = params.pop("dbname", None)
+    if not dbname:
+        raise _invalid(url, "no database name given")
+    params.setdefault("connect_timeout", PG_CONNECT_TIMEOUT_S)
+    return peewee.PostgresqlDatabase(dbname, prefer_psycopg3=True, **params)
+
+
+def _verify(database: peewee.Database) -> None:
+    """Connect and run a trivial query, turning driver errors into DatabaseUnavailable."""
+    try:
+        database.connect(reuse_if_open=True)
+        database.execute_sql("SELECT 1").fetchone()
+    except (peewee.DatabaseError, peewee.InterfaceError, sqlite3.Error, psycopg.Error,
+            OSError) as exc:
+        if not database.is_closed():
+            database.close()
+        raise DatabaseUnavailable(_detail(database, exc)) from None
+
+
+def _detail(database: peewee.Database, exc: BaseException) -> str:
+    message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    message = message or type(exc).__name__
+    if isinstance(database, peewee.SqliteDatabase):
+        path = database.database
+        folder = os.path.dirname(path)
+        if folder and not os.path.isdir(folder):
+            message = f'directory "{folder}" does not exist'
+        return f'cannot open SQLite database "{path}": {message}'
+    return message

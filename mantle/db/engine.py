@@ -1,0 +1,89 @@
+"""The one place for SQL that differs between SQLite and PostgreSQL (STYLE habit 5).
+
+SQLite has a single writer: a write transaction begins with ``BEGIN IMMEDIATE`` (every SQLite
+database from ``connect`` does so by default), which holds the file's write lock until commit,
+so row locks are unnecessary there. PostgreSQL locks rows: ``SELECT ... FOR UPDATE`` to
+serialise on a row, ``SKIP LOCKED`` to hand rows out to competing claimers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import peewee
+
+from mantle.db.connect import database_proxy, is_postgres, is_sqlite, unwrap
+
+__all__ = ["transaction", "write_transaction", "lock_for_update", "claim_rows", "upsert",
+           "migration_lock"]
+
+# Any constant works: it only has to be the same in every mantle process using the database.
+_MIGRATION_LOCK_KEY = 0x6D616E746C65  # "mantle"
+
+
+def transaction(database=None):
+    """A write transaction on ``database`` (default: the bound one); nested calls savepoint.
+
+    On SQLite it begins with BEGIN IMMEDIATE, so it waits (busy timeout) for another writer
+    instead of failing half-way when it upgrades from reading to writing.
+    """
+    database = unwrap(database if database is not None else database_proxy)
+    if is_sqlite(database):
+        return database.atomic("IMMEDIATE")
+    return database.atomic()
+
+
+def write_transaction():
+    """``transaction()`` on the bound database."""
+    return transaction(database_proxy)
+
+
+def lock_for_update(model: type[peewee.Model], *where) -> list[peewee.Model]:
+    """Lock (PostgreSQL) the rows of ``model`` matching ``where`` until the transaction ends.
+
+    Used to serialise writers on one row, e.g. a workflow's concurrency slots. On SQLite the
+    IMMEDIATE transaction already excludes other writers, so it only reads. Returns the rows.
+    """
+    query = model.select().where(*where) if where else model.select()
+    if is_postgres(model._meta.database):
+        query = query.for_update()
+    return list(query)
+
+
+def claim_rows(query: peewee.Select, limit: int | None = None) -> list[peewee.Model]:
+    """Rows of ``query`` that no concurrent transaction holds, locked for this one.
+
+    PostgreSQL: ``FOR UPDATE SKIP LOCKED``, so two claimers get disjoint rows at once. SQLite:
+    the caller's IMMEDIATE transaction makes claimers take turns, and the second sees the
+    first's committed changes; the query's own condition (e.g. ``runner IS NULL``) must
+    therefore exclude rows already claimed. Call inside ``transaction()`` and update the rows
+    before it commits.
+    """
+    if limit is not None:
+        query = query.limit(limit)
+    if is_postgres(query.model._meta.database):
+        query = query.for_update(skip_locked=True)
+    return list(query)
+
+
+def upsert(model: type[peewee.Model], values: dict, conflict: Iterable[peewee.Field],
+           update: Iterable[peewee.Field]) -> None:
+    """INSERT ``values``; when a row with the same ``conflict`` columns exists, set its
+    ``update`` columns to the new values instead, or leave it alone when ``update`` is empty
+    (``ON CONFLICT ... DO UPDATE`` / ``DO NOTHING``, spelled the same on both engines)."""
+    update = list(update)
+    query = model.insert(**values)
+    if update:
+        query = query.on_conflict(conflict_target=list(conflict), preserve=update)
+    else:
+        query = query.on_conflict(conflict_target=list(conflict), action="IGNORE")
+    query.execute()
+
+
+def migration_lock(database: peewee.Database) -> None:
+    """Serialise migration runs across processes; call first inside the transaction.
+
+    PostgreSQL: a transaction-level advisory lock. SQLite: the IMMEDIATE transaction is the lock.
+    """
+    if is_postgres(database):
+        database.execute_sql("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_KEY,))

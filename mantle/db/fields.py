@@ -1,0 +1,74 @@
+"""Column types shared by the models: UTC timestamps and compact JSON text."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import peewee
+
+from mantle.db.connect import is_sqlite
+
+__all__ = ["utcnow", "to_utc_naive", "UtcDateTimeField", "JSONField", "dump_json",
+           "SQLITE_DATETIME_FORMAT"]
+
+# Always six fractional digits: SQLite compares the stored text, and "12:00:00" would sort
+# before "12:00:00.000000" although both are the same instant.
+SQLITE_DATETIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
+
+
+def utcnow() -> dt.datetime:
+    """The current time as a naive UTC datetime (how every timestamp is stored)."""
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+def to_utc_naive(value: dt.datetime) -> dt.datetime:
+    """Aware datetimes are converted to UTC; naive ones are taken to be UTC already."""
+    if value.tzinfo is not None:
+        value = value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    return value
+
+
+def dump_json(value) -> str:
+    """Compact JSON, non-ASCII kept as is (what the JSON columns store)."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+class UtcDateTimeField(peewee.DateTimeField):
+    """Naive UTC datetime with microseconds; fixed-width text on SQLite, TIMESTAMP on PG."""
+
+    def db_value(self, value):
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = self.adapt(value)
+            if isinstance(value, str):
+                raise ValueError(f"not a datetime: {value!r}")
+        if isinstance(value, dt.date) and not isinstance(value, dt.datetime):
+            value = dt.datetime(value.year, value.month, value.day)
+        if not isinstance(value, dt.datetime):
+            return value  # an SQL expression (e.g. fn.MAX(...)) passes through
+        value = to_utc_naive(value)
+        if is_sqlite(self.model._meta.database):
+            return value.strftime(SQLITE_DATETIME_FORMAT)
+        return value
+
+    def python_value(self, value):
+        value = super().python_value(value)
+        if isinstance(value, dt.datetime):
+            value = to_utc_naive(value)
+        return value
+
+
+class JSONField(peewee.TextField):
+    """Any JSON-able value stored as compact JSON text; Python None is SQL NULL."""
+
+    def db_value(self, value):
+        if value is None:
+            return None
+        return dump_json(value)
+
+    def python_value(self, value):
+        if value is None:
+            return None
+        return json.loads(value)

@@ -1,0 +1,239 @@
+"""Opening databases from URLs (SPEC 1, 10.1): URL forms, errors, SQLite settings, sharing."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import peewee
+import pytest
+
+from mantle import db
+from mantle.db.connect import SQLITE_BUSY_TIMEOUT_MS
+from mantle.errors import ConfigError, DatabaseUnavailable
+from tests.helpers import Background
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # nothing listens once the socket is closed
+
+
+def test_connect_opens_and_answers_on_both_engines(db_url):
+    database = db.connect(db_url)
+    try:
+        assert database.execute_sql("SELECT 1").fetchone()[0] == 1
+        assert db.is_sqlite(database) == db_url.startswith("sqlite:")
+        assert db.is_postgres(database) == db_url.startswith("postgresql:")
+    finally:
+        database.close()
+
+
+def test_bind_points_the_proxy_and_unwrap_finds_the_database(blank_db):
+    assert db.unwrap(db.database_proxy) is blank_db
+    assert db.is_sqlite(db.database_proxy) == db.is_sqlite(blank_db)
+
+
+@pytest.mark.parametrize("url", ["mysql://u@h/db", "sqlite:relative.db", "", "mantle.db",
+                                 "http://example.com/db"])
+def test_unknown_scheme_is_a_config_error_naming_the_url(url):
+    with pytest.raises(ConfigError) as caught:
+        db.connect(url)
+    assert str(caught.value).startswith(f'invalid database URL "{url}": ')
+
+
+@pytest.mark.parametrize("url", ["sqlite://host/file.db", "sqlite:///", "sqlite:///x.db?mode=ro"])
+def test_malformed_sqlite_url_is_a_config_error(url):
+    with pytest.raises(ConfigError, match="invalid database URL"):
+        db.connect(url)
+
+
+@pytest.mark.parametrize("url", ["postgresql://u:s3cret@h:notaport/db",
+                                 "postgres://u:s3cret@h/db?nosuchparam=1",
+                                 "postgresql://u:s3cret@127.0.0.1:5432"])
+def test_malformed_postgres_url_is_a_config_error_without_the_password(url):
+    with pytest.raises(ConfigError, match="invalid database URL") as caught:
+        db.connect(url)
+    assert "s3cret" not in str(caught.value)
+    assert "u:***@" in str(caught.value)
+
+
+def test_relative_sqlite_url_is_resolved_against_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    database = db.connect("sqlite:///relative.db")
+    database.close()
+    assert database.database == str(tmp_path / "relative.db")
+    assert (tmp_path / "relative.db").exists()
+
+
+def test_absolute_sqlite_url_has_four_slashes(tmp_path):
+    database = db.connect(f"sqlite:////{tmp_path.relative_to('/')}/abs.db")
+    database.close()
+    assert database.database == str(tmp_path / "abs.db")
+
+
+def test_sqlite_file_in_a_missing_directory_is_unavailable_with_the_directory_named(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DatabaseUnavailable) as caught:
+        db.connect(f"sqlite:///{missing}/mantle.db")
+    assert caught.value.detail == (f'cannot open SQLite database "{missing}/mantle.db": '
+                                   f'directory "{missing}" does not exist')
+    assert str(caught.value).startswith("failed to connect to database: ")
+
+
+def test_a_file_that_is_not_a_database_is_unavailable(tmp_path):
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not an SQLite file, just text. " * 100)
+    with pytest.raises(DatabaseUnavailable) as caught:
+        db.connect(f"sqlite:///{junk}")
+    assert caught.value.detail == f'cannot open SQLite database "{junk}": file is not a database'
+
+
+def test_unreachable_postgres_port_is_unavailable_with_the_driver_reason():
+    port = _closed_port()
+    with pytest.raises(DatabaseUnavailable) as caught:
+        db.connect(f"postgresql://mantle:s3cret@127.0.0.1:{port}/mantle")
+    detail = caught.value.detail
+    assert f"port {port} failed" in detail and "Connection refused" in detail
+    assert "\n" not in detail and "s3cret" not in detail
+
+
+@pytest.mark.postgres
+def test_missing_postgres_database_is_unavailable(pg_cluster):
+    with pytest.raises(DatabaseUnavailable, match='database "no_such_db" does not exist'):
+        db.connect(pg_cluster.url_for("no_such_db"))
+
+
+@pytest.mark.postgres
+def test_postgres_url_is_decoded_and_its_parameters_passed_through(pg_cluster):
+    pg_cluster.execute('CREATE ROLE "us@er:x" LOGIN')
+    try:
+        url = (f"postgres://us%40er%3Ax:any%2Fpass@{pg_cluster.host}:{pg_cluster.port}/postgres"
+               "?application_name=mantle-test&sslmode=disable")
+        database = db.connect(url)
+        try:
+            row = database.execute_sql("SELECT current_user, current_setting('application_name')")
+            assert row.fetchone() == ("us@er:x", "mantle-test")
+        finally:
+            database.close()
+    finally:
+        pg_cluster.execute('DROP ROLE "us@er:x"')
+
+
+def _pragmas(database) -> dict:
+    return {name: database.execute_sql(f"PRAGMA {name}").fetchone()[0]
+            for name in ("journal_mode", "busy_timeout", "synchronous", "foreign_keys")}
+
+
+def test_sqlite_runs_in_wal_mode_with_a_busy_timeout_on_every_thread(tmp_path):
+    database = db.connect(f"sqlite:///{tmp_path}/p.db")
+    expected = {"journal_mode": "wal", "busy_timeout": SQLITE_BUSY_TIMEOUT_MS,
+                "synchronous": 1, "foreign_keys": 1}  # synchronous 1 = NORMAL
+    try:
+        assert _pragmas(database) == expected
+        assert SQLITE_BUSY_TIMEOUT_MS >= 5000
+        other = Background(lambda: (_pragmas(database), database.close())[0]).join()
+        assert other.error is None and other.result == expected
+    finally:
+        database.close()
+
+
+def _counter_table(url: str):
+    setup = db.connect(url)
+    setup.execute_sql("CREATE TABLE counter (id INTEGER PRIMARY KEY, writer TEXT, seen INTEGER)")
+    setup.close()
+
+
+def test_two_sqlite_connections_writing_at_once_both_succeed(tmp_path):
+    """Read-then-write transactions from two connections interleave without 'database is
+    locked': every transaction takes the write lock when it begins."""
+    url = f"sqlite:///{tmp_path}/shared.db"
+    _counter_table(url)
+    start = threading.Barrier(2)
+
+    def writer(name: str) -> int:
+        database = db.connect(url)
+        try:
+            start.wait(5)
+            for _ in range(40):
+                with database.atomic():
+                    seen = database.execute_sql("SELECT COUNT(*) FROM counter").fetchone()[0]
+                    database.execute_sql("INSERT INTO counter (writer, seen) VALUES (?, ?)",
+                                         (name, seen))
+            return 40
+        finally:
+            database.close()
+
+    first, second = Background(lambda: writer("a")), Background(lambda: writer("b"))
+    for job in (first.join(30), second.join(30)):
+        assert job.error is None, job.error
+    check = db.connect(url)
+    try:
+        rows = check.execute_sql("SELECT seen FROM counter ORDER BY id").fetchall()
+    finally:
+        check.close()
+    # Serialised: each transaction saw exactly the rows committed before it.
+    assert [seen for (seen,) in rows] == list(range(80))
+
+
+def test_sqlite_writer_waits_for_a_held_lock_instead_of_failing(tmp_path):
+    url = f"sqlite:///{tmp_path}/held.db"
+    _counter_table(url)
+    holder, waiter = db.connect(url), db.connect(url)
+    holding, waiter_done = threading.Event(), threading.Event()
+
+    def hold():
+        with db.transaction(holder):
+            holder.execute_sql("INSERT INTO counter (writer) VALUES ('holder')")
+            holding.set()
+            # Keep the lock a while; the waiter must not finish meanwhile.
+            finished_early = waiter_done.wait(0.4)
+        holder.close()
+        return finished_early
+
+    def write():
+        holding.wait(5)
+        with db.transaction(waiter):
+            waiter.execute_sql("INSERT INTO counter (writer) VALUES ('waiter')")
+        waiter_done.set()
+        rows = waiter.execute_sql("SELECT writer FROM counter ORDER BY id").fetchall()
+        waiter.close()
+        return rows
+
+    held, waited = Background(hold), Background(write)
+    assert held.join(10).error is None and held.result is False
+    assert waited.join(10).error is None, waited.error
+    assert waited.result == [("holder",), ("waiter",)]
+
+
+def test_connections_are_per_thread(blank_db):
+    mine = blank_db.connection()
+    theirs = Background(lambda: (blank_db.connection(), blank_db.close())[0]).join()
+    assert theirs.error is None
+    assert theirs.result is not mine
+
+
+def test_integrity_errors_surface_as_peewee_errors_on_both_engines(blank_db):
+    blank_db.execute_sql("CREATE TABLE t (k VARCHAR(10) PRIMARY KEY)")
+    blank_db.execute_sql("INSERT INTO t (k) VALUES ('a')")
+    with pytest.raises(peewee.IntegrityError):
+        with db.transaction(blank_db):
+            blank_db.execute_sql("INSERT INTO t (k) VALUES ('a')")
+
+
+def test_many_connections_opening_a_new_sqlite_file_at_once_all_succeed(tmp_path):
+    """A CLI and a daemon may create the file together; switching it to WAL must not fail."""
+    for round_ in range(20):
+        url = f"sqlite:///{tmp_path}/fresh{round_}.db"
+        start = threading.Barrier(6)
+
+        def open_it():
+            start.wait(5)
+            database = db.connect(url)
+            mode = database.execute_sql("PRAGMA journal_mode").fetchone()[0]
+            database.close()
+            return mode
+
+        jobs = [Background(open_it) for _ in range(6)]
+        assert [(job.join(15).error, job.result) for job in jobs] == [(None, "wal")] * 6

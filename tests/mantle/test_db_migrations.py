@@ -1,0 +1,152 @@
+"""The migration runner and migration 001 on both engines (SPEC 4.11, 6.3)."""
+
+from __future__ import annotations
+
+import ast
+import datetime as dt
+import inspect
+import threading
+
+import peewee
+
+from mantle import db
+from mantle.db import migrations
+from mantle.db.fields import utcnow
+from mantle.db.migrations import m001_initial_schema
+from mantle.db.models import ALL_MODELS
+from tests.helpers import Background
+
+TABLES = {"workflows", "workflow_definitions", "workflow_triggers", "workflow_executions",
+          "step_executions", "audit_events", "api_keys", "runners", "schema_migrations"}
+
+
+def test_head_is_the_newest_migration_and_001_comes_first():
+    names = [migration.name for migration in migrations.MIGRATIONS]
+    assert names[0] == "001_initial_schema"
+    assert names == sorted(names)
+    assert migrations.HEAD == names[-1]
+
+
+def test_blank_database_is_not_at_head_and_lists_every_migration_pending(blank_db):
+    assert migrations.is_at_head(blank_db) is False
+    assert migrations.status(blank_db) == [(m.name, None) for m in migrations.MIGRATIONS]
+    assert blank_db.get_tables() == []  # looking does not create anything
+
+
+def test_migrate_creates_every_table_and_records_each_migration(blank_db):
+    before = utcnow().replace(microsecond=0)
+    applied = migrations.migrate(blank_db)
+    assert applied == [m.name for m in migrations.MIGRATIONS]
+    assert set(blank_db.get_tables()) == TABLES
+    assert migrations.is_at_head(blank_db)
+    recorded = migrations.applied(blank_db)
+    assert set(recorded) == set(applied)
+    assert all(before <= when <= utcnow() for when in recorded.values())
+
+
+def test_migrating_again_is_a_no_op(blank_db):
+    migrations.migrate(blank_db)
+    first = migrations.status(blank_db)
+    assert migrations.migrate(blank_db) == []
+    assert migrations.status(blank_db) == first
+
+
+def test_status_gives_names_and_applied_times(blank_db):
+    migrations.migrate(blank_db)
+    rows = migrations.status(blank_db)
+    assert [name for name, _ in rows] == [m.name for m in migrations.MIGRATIONS]
+    assert all(isinstance(when, dt.datetime) and when.tzinfo is None for _, when in rows)
+
+
+def test_migrate_down_reverts_the_newest_and_migrate_restores_it(blank_db):
+    migrations.migrate(blank_db)
+    assert migrations.migrate_down(blank_db) == migrations.HEAD
+    assert not migrations.is_at_head(blank_db)
+    assert dict(migrations.status(blank_db))[migrations.HEAD] is None
+    if len(migrations.MIGRATIONS) == 1:
+        assert blank_db.get_tables() == ["schema_migrations"]
+    assert migrations.migrate(blank_db) == [migrations.HEAD]
+    assert migrations.is_at_head(blank_db)
+    assert set(blank_db.get_tables()) == TABLES
+
+
+def test_migrate_down_with_nothing_applied_returns_none(blank_db):
+    assert migrations.migrate_down(blank_db) is None
+    migrations.migrate(blank_db)
+    for _ in migrations.MIGRATIONS:
+        assert migrations.migrate_down(blank_db) is not None
+    assert migrations.migrate_down(blank_db) is None
+
+
+def test_failed_migration_leaves_nothing_behind(blank_db):
+    # A table 001 wants to create already exists: 001 fails, and its transaction takes every
+    # other table and the record with it.
+    blank_db.execute_sql("CREATE TABLE runners (x INTEGER)")
+    try:
+        migrations.migrate(blank_db)
+    except peewee.DatabaseError:
+        pass
+    else:
+        raise AssertionError("migration 001 should have failed")
+    assert set(blank_db.get_tables()) <= {"runners", "schema_migrations"}
+    assert migrations.applied(blank_db) == {}
+
+
+def test_unknown_applied_migration_is_listed_after_the_known_ones(db):
+    records = migrations._records(db)
+    records.create(name="999_from_the_future", applied_at=utcnow())
+    names = [name for name, _ in migrations.status(db)]
+    assert names[-1] == "999_from_the_future"
+    assert migrations.is_at_head(db)
+
+
+def test_two_runners_migrating_at_once_apply_each_migration_once(db_url):
+    start = threading.Barrier(2)
+
+    def run():
+        database = db.connect(db_url)
+        try:
+            start.wait(5)
+            return migrations.migrate(database)
+        finally:
+            database.close()
+
+    first, second = Background(run), Background(run)
+    results = [job.join(30) for job in (first, second)]
+    assert [job.error for job in results] == [None, None]
+    names = [m.name for m in migrations.MIGRATIONS]
+    assert sorted(first.result + second.result) == sorted(names)
+    check = db.connect(db_url)
+    try:
+        assert migrations.is_at_head(check)
+    finally:
+        check.close()
+
+
+def _model_indexes(model) -> set[tuple[tuple[str, ...], bool]]:
+    found = set()
+    for index in model._meta.fields_to_index():
+        columns = tuple(field.column_name for field in index._expressions)
+        found.add((columns, index._unique))
+    return found
+
+
+def test_live_models_match_the_migrated_schema(db):
+    """A field added to a model without a migration (or the reverse) fails here."""
+    for model in ALL_MODELS:
+        table = model._meta.table_name
+        columns = {column.name for column in db.get_columns(table)}
+        assert columns == set(model._meta.columns), table
+        indexes = {(tuple(index.columns), index.unique) for index in db.get_indexes(table)}
+        assert _model_indexes(model) <= indexes, table
+
+
+def test_migration_001_is_frozen_and_does_not_import_the_live_models():
+    tree = ast.parse(inspect.getsource(m001_initial_schema))
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            imported.add(node.module)
+    assert imported <= {"__future__", "peewee"}
