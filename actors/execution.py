@@ -270,6 +270,7 @@ class ExecutionActor(pykka.ThreadingActor):
             self._sup.tell(m.ReleaseStepSlot(self._id, self._wf.name, run.spec.name))
 
     def _start_attempt(self, run: _Run) -> None:
+        resumed = run.resume_attempt is not None
         attempt = run.resume_attempt or run.attempt + 1
         run.resume_attempt = None
         run.attempt, run.status, run.busy = attempt, S.RUNNING, "writing"
@@ -277,7 +278,8 @@ class ExecutionActor(pykka.ThreadingActor):
         action = "hook.step.started" if run.block else "step.started"
         self._write(lambda: store.write_step(
             self._id, run.spec.name, attempt, "running", hook_block=run.block,
-            started_at=run.started_at, audit_action=action), "attempt_row", run)
+            started_at=run.started_at, audit_action=action, new=not resumed),
+            "attempt_row", run)
 
     def _after_attempt_row(self, run: _Run, _result) -> None:
         self._launch(run)
@@ -351,7 +353,7 @@ class ExecutionActor(pykka.ThreadingActor):
                              error=error, started_at=started, completed_at=now,
                              audit_action=failed_action)
             store.write_step(self._id, name, new, "running", hook_block=block, started_at=now,
-                             audit_action=started_action)
+                             audit_action=started_action, new=True)
 
         run.attempt, run.started_at, run.busy = new, now, "writing"
         self._write(op, "retry_rows", run, delay)
