@@ -87,6 +87,9 @@ class _Statements:
             f"UPDATE workflow_executions SET status = {p}, error = {p}, completed_at = {p} "
             f"WHERE id = {p} AND status = 'running'")
         self.current_version = f"SELECT current_version FROM workflows WHERE name = {p}"
+        # Stored versions never change, so their parsed form can be kept: per database,
+        # since two databases may hold different workflows under the same name and version.
+        self.definitions: collections.OrderedDict = collections.OrderedDict()
 
     @classmethod
     def of_bound(cls) -> _Statements:
@@ -113,22 +116,20 @@ def _json(value):
     return None if value is None else dump_json(value)
 
 
-_DEFINITIONS: collections.OrderedDict = collections.OrderedDict()
-
-
 def _cached_definition(workflow: str, version: int) -> tuple[dict, WorkflowModel] | None:
-    """(definition, model) of an immutable stored version, cached."""
+    """(definition, model) of an immutable stored version, cached per database."""
+    cache = _Statements.of_bound().definitions
     key = (workflow, version)
-    found = _DEFINITIONS.get(key)
+    found = cache.get(key)
     if found is None:
         row = (WorkflowDefinition.select(WorkflowDefinition.definition)
                .where(WorkflowDefinition.workflow_name == workflow,
                       WorkflowDefinition.version == version).first())
         if row is None:
             return None
-        found = _DEFINITIONS[key] = (row.definition, workflow_from_definition(row.definition))
-        if len(_DEFINITIONS) > 512:
-            _DEFINITIONS.popitem(last=False)
+        found = cache[key] = (row.definition, workflow_from_definition(row.definition))
+        if len(cache) > 512:
+            cache.popitem(last=False)
     return found
 
 
