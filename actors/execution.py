@@ -5,7 +5,7 @@ continuation (start the attempt, start the dependents, run the next hook) runs o
 journal reports the commit. Attempts run in Step actors; this actor interrupts them by setting
 their ``cancel`` events, so it stays free to hear ``Cancel`` at any time.
 
-All methods run on this actor's thread.
+All methods run on a dispatcher thread of ``actors.runtime``, one message at a time.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import pykka
 
 from actors import messages as m
 from actors.context import EngineContext, tell
-from actors.step import StepActor
+from actors.runtime import PooledActor
+from actors.step import start_step
 from mantle import store
 from mantle.connectors import ConnectorError, Invocation, resolve_credential
 from mantle.db.fields import utcnow
@@ -41,7 +42,7 @@ class _Run:
 
     __slots__ = ("spec", "block", "status", "attempt", "resume_attempt", "output", "error",
                  "started_at", "completed_at", "params", "credential", "cancel", "reason",
-                 "busy", "timer")
+                 "busy", "timer", "actor")
 
     def __init__(self, spec: Step, block: str | None = None):
         self.spec = spec
@@ -55,6 +56,7 @@ class _Run:
         self.reason: str | None = None
         self.busy: str | None = None  # writing | running | backoff | slot
         self.timer = None
+        self.actor: pykka.ActorRef | None = None
 
     @property
     def resolved(self) -> bool:
@@ -71,8 +73,7 @@ class _Run:
         return {"output": output, "error": self.error, "status": str(self.status)}
 
 
-class ExecutionActor(pykka.ThreadingActor):
-    use_daemon_thread = True
+class ExecutionActor(PooledActor):
 
     def __init__(self, ctx: EngineContext, supervisor: pykka.ActorRef, workflow: Workflow,
                  execution: dict):
@@ -301,8 +302,8 @@ class ExecutionActor(pykka.ThreadingActor):
             credential=run.credential, step_timeout=spec.timeout_seconds,
             plugins_dir=self._ctx.plugins_dir, workflow=self._wf.name,
             execution_id=self._id, step=spec.name)
-        StepActor.start(self.actor_ref, self._ctx.metrics).tell(
-            m.RunAttempt(invocation, run.attempt, hook=run.block is not None))
+        run.actor = start_step(self.actor_ref, invocation, self._ctx.metrics, self._ctx.timers)
+        run.actor.tell(m.RunAttempt(invocation, run.attempt, hook=run.block is not None))
         if spec.timeout_seconds:
             run.timer = self._schedule_timer(
                 spec.timeout_seconds, m.TimerFired("step_timeout", spec.name, run.attempt))
@@ -320,6 +321,7 @@ class ExecutionActor(pykka.ThreadingActor):
             run.timer.cancel()
         self._release_slot(run)
         reason, run.reason, run.cancel, run.busy = run.reason, None, None, None
+        run.actor = None
         if message.ok:
             self._finish(run, S.COMPLETED, output=message.output)
         elif reason == "cancel":
@@ -468,6 +470,8 @@ class ExecutionActor(pykka.ThreadingActor):
     def _interrupt(run: _Run, reason: str) -> None:
         run.reason = reason
         run.cancel.set()
+        if run.actor is not None:
+            tell(run.actor, m.Interrupt())
 
     # --- hooks and the end ---
 

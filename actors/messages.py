@@ -31,6 +31,8 @@ __all__ = [
     "WriteFailed",
     "TimerFired",
     "RunAttempt",
+    "Interrupt",
+    "SleepElapsed",
     "AttemptFinished",
     "StopNow",
 ]
@@ -181,6 +183,16 @@ class RunAttempt:
     invocation: Any  # mantle.connectors.Invocation (frozen)
     attempt: int
     hook: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Interrupt:
+    """Stop the attempt now (its ``cancel`` event is already set)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SleepElapsed:
+    """A ``core/sleep`` attempt's timer fired."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -83,6 +83,7 @@ class Supervisor(pykka.ThreadingActor):
         self._resume_orphans = resume_orphans
         self._tick = tick
         self._live: dict[str, pykka.ActorRef] = {}
+        self._cancelling: set[str] = set()  # cancelled, actor still winding down
         self._models: collections.OrderedDict[tuple[str, int], Workflow] = \
             collections.OrderedDict()
         self._slots: dict[tuple[str, str], list] = {}
@@ -198,6 +199,7 @@ class Supervisor(pykka.ThreadingActor):
         self._ctx.metrics.executions.labels(workflow, "cancelled").inc()
         actor = self._live.get(execution_id)
         if actor is not None:
+            self._cancelling.add(execution_id)
             tell(actor, m.Cancel())
         else:
             self._on_ended(execution_id, "cancelled")
@@ -206,6 +208,7 @@ class Supervisor(pykka.ThreadingActor):
 
     def _on_ExecutionEnded(self, msg: m.ExecutionEnded) -> None:
         self._live.pop(msg.execution_id, None)
+        self._cancelling.discard(msg.execution_id)
         self._on_ended(msg.execution_id, msg.status)
         if msg.workflow in self._queued and not self._shutdown:
             self._promote(msg.workflow)
@@ -276,7 +279,7 @@ class Supervisor(pykka.ThreadingActor):
 
     def _after_external_cancels(self, found: list[tuple[str, str]]) -> None:
         for execution_id, workflow in found:
-            if execution_id in self._live:
+            if execution_id in self._live and execution_id not in self._cancelling:
                 self._cancelled(execution_id, workflow)
 
     def resume_orphans(self) -> None:

@@ -14,14 +14,14 @@ from mantle.connectors.base import (
 from mantle.connectors.credentials import redact
 from mantle.durations import parse_duration
 
-__all__ = ["sleep", "log", "fail", "DEFAULT_FAIL_MESSAGE"]
+__all__ = ["sleep", "sleep_seconds", "sleep_output", "log", "fail", "DEFAULT_FAIL_MESSAGE"]
 
 DEFAULT_FAIL_MESSAGE = "failed by core/fail"
 _steps_log = logging.getLogger("mantle.steps")
 
 
-def sleep(inv: Invocation) -> dict:
-    """Wait ``duration`` (duration text, >= 0) unless cancelled first."""
+def sleep_seconds(inv: Invocation) -> float:
+    """The validated ``duration`` of a ``core/sleep`` step, in seconds."""
     params = params_of(inv)
     raw = params.get("duration")
     if raw is None:
@@ -32,9 +32,23 @@ def sleep(inv: Invocation) -> dict:
         seconds = -1.0
     if seconds < 0:
         raise ConnectorError(f'core/sleep: invalid duration "{as_text(raw)}"')
+    return seconds
+
+
+def sleep_output(seconds: float) -> dict:
+    return {"duration_ms": round(seconds * 1000)}
+
+
+def sleep(inv: Invocation) -> dict:
+    """Wait ``duration`` (duration text, >= 0) unless cancelled first.
+
+    The engine runs ``core/sleep`` on its timer thread instead (no thread per sleeping step);
+    this blocking form serves direct callers of ``run_action``.
+    """
+    seconds = sleep_seconds(inv)
     if inv.cancel.wait(seconds):
         raise ConnectorInterrupted()
-    return {"duration_ms": round(seconds * 1000)}
+    return sleep_output(seconds)
 
 
 def log(inv: Invocation) -> dict:
