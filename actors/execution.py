@@ -25,6 +25,7 @@ from mantle.connectors import ConnectorError, Invocation, resolve_credential
 from mantle.db.fields import utcnow
 from mantle.expressions import (ActivationCache, ExpressionError, evaluate_condition,
                                 resolve_params)
+from mantle.states import STEP_TRANSITIONS, check_transition
 from mantle.states import StepStatus as S
 from mantle.timefmt import rfc3339
 from mantle.workflow import Step, Workflow
@@ -274,6 +275,7 @@ class ExecutionActor(PooledActor):
         resumed = run.resume_attempt is not None
         attempt = run.resume_attempt or run.attempt + 1
         run.resume_attempt = None
+        check_transition(STEP_TRANSITIONS, run.status, S.RUNNING)
         run.attempt, run.status, run.busy = attempt, S.RUNNING, "writing"
         run.started_at = utcnow()
         action = "hook.step.started" if run.block else "step.started"
@@ -385,6 +387,7 @@ class ExecutionActor(PooledActor):
         extra = None
         if status == S.FAILED and run.spec.continue_on_error and run.block is None:
             extra = {}
+        check_transition(STEP_TRANSITIONS, run.status, status)
         run.status, run.busy = status, "writing"
         block, name = run.block, run.spec.name
 
