@@ -1,11 +1,17 @@
-"""``run``, ``cancel``, ``logs``, ``status`` and ``retry`` (SPEC 6.2)."""
+"""``run``, ``cancel``, ``logs``, ``status`` and ``retry`` (SPEC 6.2).
+
+``run`` and ``retry`` drive their execution in this process with an ``Engine`` and wait for it;
+``remote`` does the same through a server and reuses ``_typed``, ``_Signals`` and ``_exit_for``.
+"""
 
 from __future__ import annotations
 
+import math
 import re
 import signal
 import sys
 import threading
+import time
 
 from mantle import queries
 from mantle.cli import remote
@@ -14,11 +20,19 @@ from mantle.durations import format_seconds, parse_since
 from mantle.errors import (ExecutionNotFound, InvalidInput, MantleError, WorkflowNotFound)
 from mantle.timefmt import rfc3339_seconds, table_time
 
-__all__ = ["run", "cancel", "logs", "status", "retry", "parse_inputs"]
+__all__ = ["run", "cancel", "logs", "status", "retry", "parse_inputs", "drive"]
 
 _STATUSES = ("pending", "running", "completed", "failed", "cancelled")
+_FINAL = ("completed", "failed", "cancelled")
 _STEP_ORDER = ("pending", "running", "completed", "failed", "skipped", "cancelled")
 _INT = re.compile(r"-?[0-9]+")
+# Plain decimal notation only: float() would also take "nan", "inf", "1_000" and spaces.
+_FLOAT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+# A --since reaching back beyond year 1 cannot be computed; it filters nothing anyway.
+_SINCE_FOREVER = 3e10
+# After the database shows a final status, how long the engine may take to settle the rows of
+# interrupted steps before the summary is printed from whatever is stored.
+_SETTLE_GRACE = 5.0
 
 
 class NotApplied(MantleError):
@@ -27,7 +41,7 @@ class NotApplied(MantleError):
 
 
 def parse_inputs(pairs: list[str], declared: dict) -> dict:
-    """``KEY=VALUE`` arguments typed by the declaration (6.2)."""
+    """``KEY=VALUE`` arguments typed by the declaration (6.2); the first bad one raises."""
     inputs = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
@@ -42,10 +56,12 @@ def parse_inputs(pairs: list[str], declared: dict) -> dict:
 
 def _typed(key: str, text: str, kind: str | None):
     if kind == "number":
-        try:
-            return int(text) if _INT.fullmatch(text) else float(text)
-        except ValueError:
-            raise InvalidInput(f'input "{key}" must be a number') from None
+        if _INT.fullmatch(text):
+            return int(text)
+        value = float(text) if _FLOAT.fullmatch(text) else math.nan
+        if not math.isfinite(value):  # JSON has no NaN or infinity
+            raise InvalidInput(f'input "{key}" must be a number')
+        return value
     if kind == "boolean":
         if text.lower() in ("true", "false"):
             return text.lower() == "true"
@@ -54,15 +70,24 @@ def _typed(key: str, text: str, kind: str | None):
 
 
 class _Signals:
-    """SIGINT/SIGTERM while waiting: remember it, so the main loop cancels and exits 130."""
+    """SIGINT/SIGTERM while waiting: remember them, so the main loop cancels and exits 130.
+
+    ``count`` is how many arrived; the handlers only record, as signals run on the main thread
+    between bytecodes and must not touch the engine or the database.
+    """
 
     def __init__(self):
         self.caught = threading.Event()
+        self.count = 0
         self._old = {}
+
+    def _handle(self, *_args) -> None:
+        self.count += 1
+        self.caught.set()
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
-            self._old[sig] = signal.signal(sig, lambda *_: self.caught.set())
+            self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc):
@@ -75,7 +100,6 @@ def run(args, context: Context) -> int:
     if args.server or config.server:
         return remote.run(args, config)
     context.database()
-    from actors.engine import Engine
     from mantle.db import models
 
     pointer = models.Workflow.get_or_none(models.Workflow.name == args.workflow)
@@ -83,47 +107,97 @@ def run(args, context: Context) -> int:
         raise NotApplied(args.workflow)
     model = queries.workflow_version_model(args.workflow, pointer.current_version)
     inputs = parse_inputs(args.input, model.inputs)
-    engine = Engine(context.database(), plugins_dir=config.plugins_dir, env=config.env).start()
-    try:
-        result = engine.run(args.workflow, inputs, actor="cli")
+
+    def start(engine) -> str:
+        try:
+            result = engine.run(args.workflow, inputs, actor="cli")
+        except WorkflowNotFound:  # deleted between the check and the run
+            raise NotApplied(args.workflow) from None
         print(f"Running {result.workflow} (version {result.version})...", flush=True)
-        return _wait_and_report(engine, result.execution_id)
-    except WorkflowNotFound:
-        raise NotApplied(args.workflow) from None
-    finally:
-        engine.shutdown(timeout=5)
+        return result.execution_id
+
+    return drive(context, start, _run_lines)
 
 
-def _poll_status(execution_id: str):
-    """A cheap status read, so a cancel or finish seen only in the database ends the wait."""
-    from mantle.db.models import WorkflowExecution
+def drive(context: Context, start, lines) -> int:
+    """Run an execution in-process and report it (``run``, ``retry``).
+
+    ``start(engine)`` creates the execution, prints the intro line and returns the id;
+    ``lines(detail)`` gives the step lines of the summary. Signals are handled from before the
+    engine starts until it is stopped, so an early Ctrl-C still cancels what gets created.
+    """
+    from actors.engine import Engine
+
+    config = context.config
+    with _Signals() as signals:
+        engine = Engine(context.database(), plugins_dir=config.plugins_dir,
+                        env=config.env).start()
+        try:
+            execution_id = start(engine)
+            interrupted = _wait(engine, execution_id, signals)
+            detail = queries.execution_detail(execution_id, raw=True)
+            print(f"Execution {execution_id}: {detail['status']}")
+            for line in lines(detail):
+                print(line)
+            return 130 if interrupted else _exit_for(detail)
+        finally:
+            engine.shutdown(timeout=5)
+
+
+def _wait(engine, execution_id: str, signals: _Signals) -> bool:
+    """Wait for the end; the first signal cancels, a second stops waiting. True if signalled."""
+    import pykka
+
+    poll = _settled_status(execution_id)
+    cancelled = False
+    while True:
+        if signals.caught.is_set() and not cancelled:
+            cancelled = True
+            try:
+                engine.cancel(execution_id, actor="cli")
+            except (MantleError, pykka.Timeout):
+                pass  # already final: the summary shows how it ended
+        if signals.count > 1:
+            return True
+        if engine.wait(execution_id, timeout=0.2, poll=poll) is not None:
+            return cancelled
+
+
+def _settled_status(execution_id: str):
+    """A poll for ``Engine.wait``: the final status once the database shows it and no step row
+    is still pending or running (or the grace has passed).
+
+    The engine reports ends it drives itself; the database also shows a queued execution
+    cancelled by another process, which this engine never started. A cancel is committed before
+    the steps are interrupted, so returning on the status alone would stop the engine while
+    their rows still say ``running``.
+    """
+    from peewee import DatabaseError
+
+    from mantle.db.models import StepExecution, WorkflowExecution
+    seen_final = None
 
     def poll():
-        status = (WorkflowExecution.select(WorkflowExecution.status)
-                  .where(WorkflowExecution.id == execution_id).scalar())
-        return status if status in ("completed", "failed", "cancelled") else None
+        nonlocal seen_final
+        try:
+            status = (WorkflowExecution.select(WorkflowExecution.status)
+                      .where(WorkflowExecution.id == execution_id).scalar())
+            if status not in _FINAL:
+                return None
+            seen_final = seen_final or time.monotonic()
+            busy = (StepExecution.select().where(
+                StepExecution.execution_id == execution_id,
+                StepExecution.status.in_(("pending", "running"))).exists())
+        except DatabaseError:  # an outage: the engine keeps going, so keep waiting
+            return None
+        if busy and time.monotonic() - seen_final < _SETTLE_GRACE:
+            return None
+        return status
     return poll
 
 
-def _wait_and_report(engine, execution_id: str, header=None) -> int:
-    interrupted = False
-    with _Signals() as signals:
-        poll = _poll_status(execution_id)
-        while engine.wait(execution_id, timeout=0.2, poll=poll) is None:
-            if signals.caught.is_set() and not interrupted:
-                interrupted = True
-                try:
-                    engine.cancel(execution_id, actor="cli")
-                except MantleError:
-                    pass
-    detail = queries.execution_detail(execution_id, raw=True)
-    print(f"Execution {execution_id}: {detail['status']}")
-    for line in (header(detail) if header else
-                 [f"  {s['name']}: {s['status']}" for s in detail["steps"]]):
-        print(line)
-    if interrupted:
-        return 130
-    return _exit_for(detail)
+def _run_lines(detail: dict) -> list[str]:
+    return [f"  {step['name']}: {step['status']}" for step in detail["steps"]]
 
 
 def _exit_for(detail: dict) -> int:
@@ -132,6 +206,10 @@ def _exit_for(detail: dict) -> int:
         return 1
     if detail["status"] == "cancelled":
         print(f"Error: execution {detail['id']} was cancelled", file=sys.stderr)
+        return 1
+    if detail["status"] != "completed":  # the engine lost it (internal error)
+        print(f"Error: execution {detail['id']} did not finish (status: {detail['status']})",
+              file=sys.stderr)
         return 1
     return 0
 
@@ -204,6 +282,8 @@ def _list_filters(args) -> tuple[str | None, float | None, int]:
         except ValueError:
             raise InvalidInput(f'invalid --since value "{args.since}": must be a positive '
                                "duration such as 90s, 30m, 1h30m or 7d") from None
+        if since >= _SINCE_FOREVER:
+            since = None
     limit = 20
     if args.limit is not None:
         if not re.fullmatch(r"[0-9]+", args.limit) or not 1 <= int(args.limit) <= 1000:
@@ -226,19 +306,20 @@ def _header(detail: dict, with_duration: bool) -> list[str]:
 
 
 def _step_timing(step: dict) -> str:
-    parts = []
-    if step["started_at"] is not None and step["completed_at"] is not None:
-        parts.append(format_seconds(
-            (step["completed_at"] - step["started_at"]).total_seconds()))
+    """`` (1.2s)``, `` (15ms, 3 attempts)``; nothing until the (latest) attempt has finished,
+    as the attempt count lives inside the duration's parentheses (6.2)."""
+    if step["started_at"] is None or step["completed_at"] is None:
+        return ""
+    text = format_seconds((step["completed_at"] - step["started_at"]).total_seconds())
     if step["attempt"] > 1:
-        parts.append(f"{step['attempt']} attempts")
-    return f" ({', '.join(parts)})" if parts else ""
+        text += f", {step['attempt']} attempts"
+    return f" ({text})"
 
 
 def _print_step(step: dict, label: str) -> None:
     print("  %-20s %s" % (label, step["status"] + _step_timing(step)))
-    if step["status"] == "failed" and step["error"]:
-        print(f"    error: {step['error']}")
+    if step["status"] == "failed":
+        print(f"    error: {step['error'] or ''}")
 
 
 def status(args, context: Context) -> int:
@@ -260,4 +341,4 @@ def status(args, context: Context) -> int:
 def retry(args, context: Context) -> int:
     from mantle.cli.retry import retry_execution
 
-    return retry_execution(args, context, _wait_and_report)
+    return retry_execution(args, context)

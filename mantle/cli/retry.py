@@ -1,15 +1,22 @@
-"""``mantle retry``: re-run a failed execution from a step, reusing what is upstream."""
+"""``mantle retry``: re-run a failed execution from a step, reusing what is upstream (6.2).
+
+The new execution has the original's version, inputs and trigger; the steps outside the retry
+point and its dependents that ended ``completed`` or ``skipped`` are copied into it (output and
+times) by the engine when it creates the execution, so they are not run again.
+"""
 
 from __future__ import annotations
 
+import json
+
 from mantle import queries
 from mantle.cli.context import Context
-from mantle.db.models import StepExecution
 from mantle.durations import format_seconds
 from mantle.errors import MantleError
 from mantle.workflow import Workflow
 
-__all__ = ["retry_execution", "retry_point", "reusable_steps"]
+__all__ = ["retry_execution", "retry_point", "reusable_steps", "supplied_inputs",
+           "NotFailed", "UnknownStep"]
 
 
 class NotFailed(MantleError):
@@ -25,7 +32,8 @@ class UnknownStep(MantleError):
 
 def retry_point(model: Workflow, steps: dict[str, dict], from_step: str | None) -> str:
     """``--from-step``, else the first step in definition order that failed without
-    ``continue_on_error`` (else the first step)."""
+    ``continue_on_error`` (else the first step: a failure no step explains, e.g. an internal
+    error, is retried from the start)."""
     if from_step is not None:
         if from_step not in {spec.name for spec in model.steps}:
             raise UnknownStep(from_step, model.name)
@@ -50,7 +58,10 @@ def _dependents(model: Workflow, start: str) -> set[str]:
 
 
 def reusable_steps(model: Workflow, execution_id: str, start: str) -> list[dict]:
-    """Rows to copy: steps outside ``start`` and its dependents that ended completed/skipped."""
+    """Rows to copy: latest attempts of the steps outside ``start`` and its dependents that
+    ended completed or skipped (a ``continue_on_error`` failure is run again)."""
+    from mantle.db.models import StepExecution
+
     affected = _dependents(model, start)
     latest: dict[str, StepExecution] = {}
     for row in (StepExecution.select()
@@ -64,42 +75,64 @@ def reusable_steps(model: Workflow, execution_id: str, start: str) -> list[dict]
             if name not in affected and row.status in ("completed", "skipped")]
 
 
-def retry_execution(args, context: Context, wait_and_report) -> int:
-    from actors.engine import Engine
+def _same(a, b) -> bool:
+    # JSON text, not ==: True == 1 and 1 == 1.0 in Python, but not as input values.
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
-    config = context.config
+
+def supplied_inputs(model: Workflow, effective: dict) -> dict:
+    """The original's effective inputs minus the values its defaults give back.
+
+    Creating the retry re-applies the defaults, so the effective inputs come out the same; and
+    a default that does not match its declared type (validation does not check defaults) is
+    not refused as if it had been supplied.
+    """
+    supplied = {}
+    for name, value in effective.items():
+        spec = model.inputs.get(name)
+        if spec is not None and spec.has_default and _same(value, spec.default):
+            continue
+        supplied[name] = value
+    return supplied
+
+
+def _lines(reused: set[str]):
+    def lines(detail: dict) -> list[str]:
+        out = []
+        for step in detail["steps"]:
+            if step["name"] in reused:
+                out.append(f"  {step['name']}: reused (cached)")
+                continue
+            timing = ""
+            if step["started_at"] is not None and step["completed_at"] is not None:
+                seconds = (step["completed_at"] - step["started_at"]).total_seconds()
+                timing = f" ({format_seconds(seconds)})"
+            out.append(f"  {step['name']}: {step['status']}{timing}")
+        return out
+    return lines
+
+
+def retry_execution(args, context: Context) -> int:
+    from mantle.cli.executions import drive
+    from mantle.db.models import WorkflowExecution
+
     context.database()
     original = queries.execution_detail(args.execution_id, raw=True)
     if original["status"] != "failed":
         raise NotFailed(original["id"], original["status"])
     model = queries.workflow_version_model(original["workflow"], original["version"])
     steps = {step["name"]: step for step in original["steps"]}
-    start = retry_point(model, steps, args.from_step)
-    reuse = reusable_steps(model, original["id"], start)
-    from mantle.db.models import WorkflowExecution
+    point = retry_point(model, steps, args.from_step)
+    reuse = reusable_steps(model, original["id"], point)
     trigger = (WorkflowExecution.select(WorkflowExecution.trigger)
                .where(WorkflowExecution.id == original["id"]).scalar())
-    engine = Engine(context.database(), plugins_dir=config.plugins_dir, env=config.env).start()
-    try:
-        result = engine.run(original["workflow"], original["inputs"],
-                            version=original["version"], trigger=trigger, actor="cli",
-                            retry_of=original["id"], from_step=start, reuse=tuple(reuse))
-        print(f'Retrying execution {original["id"]} from step "{start}"...', flush=True)
-        reused = {row["step"] for row in reuse}
+    inputs = supplied_inputs(model, original["inputs"])
 
-        def lines(detail):
-            out = []
-            for step in detail["steps"]:
-                if step["name"] in reused:
-                    out.append(f"  {step['name']}: reused (cached)")
-                    continue
-                timing = ""
-                if step["started_at"] is not None and step["completed_at"] is not None:
-                    seconds = (step["completed_at"] - step["started_at"]).total_seconds()
-                    timing = f" ({format_seconds(seconds)})"
-                out.append(f"  {step['name']}: {step['status']}{timing}")
-            return out
+    def start(engine) -> str:
+        result = engine.run(original["workflow"], inputs, version=original["version"],
+                            trigger=trigger, actor="cli", retry_of=original["id"],
+                            from_step=point, reuse=tuple(reuse))
+        print(f'Retrying execution {original["id"]} from step "{point}"...', flush=True)
+        return result.execution_id
 
-        return wait_and_report(engine, result.execution_id, header=lines)
-    finally:
-        engine.shutdown(timeout=5)
+    return drive(context, start, _lines({row["step"] for row in reuse}))
