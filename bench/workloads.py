@@ -1,0 +1,125 @@
+"""The benchmark workloads (definitions in ../shared/bench/README.md), driven over REST."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from daemon import Daemon, RssSampler
+
+__all__ = ["throughput_workload", "sleepers_workload", "cancel_workload", "percentile"]
+
+CLIENT_THREADS = 16
+
+
+def percentile(values: list[float], p: float) -> float:
+    xs = sorted(values)
+    k = (len(xs) - 1) * p / 100
+    lo = int(k)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def _epoch(stamp: str) -> float:
+    return dt.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def _trigger_all(daemon: Daemon, workflow: str, n: int) -> dict[str, float]:
+    """POST n runs from a thread pool; {execution id: send time}."""
+    def trigger(_):
+        sent = time.time()
+        status, body = daemon.client.request("POST", f"/api/v1/run/{workflow}")
+        if status != 202:
+            raise RuntimeError(f"run answered {status}: {body}")
+        return body["execution_id"], sent
+
+    with ThreadPoolExecutor(CLIENT_THREADS) as pool:
+        return dict(pool.map(trigger, range(n)))
+
+
+def _wait_final(daemon: Daemon, workflow: str, timeout: float) -> None:
+    """Poll the list endpoint until no execution of ``workflow`` is pending or running."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        busy = 0
+        for status in ("running", "pending"):
+            _, body = daemon.client.request(
+                "GET", f"/api/v1/executions?workflow={workflow}&status={status}&limit=1")
+            busy += len(body["executions"])
+        if not busy:
+            return
+        time.sleep(0.005)
+    raise TimeoutError(f"{workflow}: executions still running after {timeout}s")
+
+
+def _completed(daemon: Daemon, workflow: str, ids) -> dict[str, float]:
+    """{id: completed_at epoch} of the newest 1000 completed executions among ``ids``."""
+    _, body = daemon.client.request(
+        "GET", f"/api/v1/executions?workflow={workflow}&status=completed&limit=1000")
+    return {e["id"]: _epoch(e["completed_at"]) for e in body["executions"] if e["id"] in ids}
+
+
+def _unsuccessful(daemon: Daemon, workflow: str, ids) -> int:
+    """How many of ``ids`` ended failed or cancelled (call once none is pending/running)."""
+    count = 0
+    for status in ("failed", "cancelled"):
+        _, body = daemon.client.request(
+            "GET", f"/api/v1/executions?workflow={workflow}&status={status}&limit=1000")
+        count += sum(1 for e in body["executions"] if e["id"] in ids)
+    return count
+
+
+def throughput_workload(daemon: Daemon, workflow: str, n: int, steps: int) -> dict:
+    sent = _trigger_all(daemon, workflow, n)
+    _wait_final(daemon, workflow, timeout=120)
+    done = _completed(daemon, workflow, sent)
+    wall = max(done.values()) - min(sent.values())
+    latencies = [done[i] - sent[i] for i in done]  # the newest 1000 when n > 1000
+    return {"n": n, "completed": _unsuccessful(daemon, workflow, sent) == 0,
+            "wall_s": round(wall, 3),
+            "exec_per_s": round(n / wall, 1), "steps_per_s": round(n * steps / wall, 1),
+            "lat_p50_ms": round(percentile(latencies, 50) * 1000, 2),
+            "lat_p99_ms": round(percentile(latencies, 99) * 1000, 2)}
+
+
+def sleepers_workload(daemon: Daemon, workflow: str, n: int) -> dict:
+    with RssSampler(daemon.proc.pid) as rss:
+        sent = _trigger_all(daemon, workflow, n)
+        _wait_final(daemon, workflow, timeout=120)
+    done = _completed(daemon, workflow, sent)
+    finished = n - _unsuccessful(daemon, workflow, sent)
+    return {"n": n, "finished": finished, "all_finished": finished == n,
+            "wall_s": round(max(done.values()) - min(sent.values()), 3),
+            "peak_rss_mb": round(rss.peak_mib, 1)}
+
+
+def cancel_workload(daemon: Daemon, workflow: str, n: int) -> dict:
+    ids = list(_trigger_all(daemon, workflow, n))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # all running, their sleep step started
+        _, body = daemon.client.request(
+            "GET", f"/api/v1/executions?workflow={workflow}&status=running&limit=1000")
+        if len({e["id"] for e in body["executions"]} & set(ids)) == n:
+            break
+        time.sleep(0.02)
+    time.sleep(0.2)  # as the floor does: let the last steps begin their sleep
+
+    def cancel_and_watch(execution_id):
+        """Cancel, then poll this execution's detail until its step shows interrupted."""
+        sent = time.time()
+        status, _ = daemon.client.request("POST", f"/api/v1/cancel/{execution_id}")
+        if status != 200:
+            return None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            _, detail = daemon.client.request("GET", f"/api/v1/executions/{execution_id}")
+            if detail["status"] == "cancelled" and detail["steps"][0]["status"] == "cancelled":
+                return time.time() - sent
+        return None
+
+    with ThreadPoolExecutor(n) as pool:  # one watcher per execution: no round-robin delay
+        latencies = [lat for lat in pool.map(cancel_and_watch, ids) if lat is not None]
+    return {"n": n, "all_cancelled": len(latencies) == n,
+            "cancel_p50_ms": round(percentile(latencies, 50) * 1000, 2),
+            "cancel_p99_ms": round(percentile(latencies, 99) * 1000, 2)}
