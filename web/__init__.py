@@ -1,3 +1,3 @@
-"""web package."""
+"""The REST API (SPEC 7): a Falcon app built by ``web.app.create_app``."""
 
-__all__: list[str] = []
+__all__ = ["app", "errors", "middleware", "openapi", "parsing", "resources"]

@@ -13,7 +13,7 @@ __all__ = ["main"]
 
 
 def _commands() -> dict[str, Callable]:
-    from mantle.cli import admin, definitions, executions
+    from mantle.cli import admin, audit, definitions, executions, keys, plugins, serve
 
     return {
         "validate": definitions.validate,
@@ -28,6 +28,10 @@ def _commands() -> dict[str, Callable]:
         "logs": executions.logs,
         "status": executions.status,
         "retry": executions.retry,
+        "serve": serve.serve,
+        "keys": keys.keys,
+        "audit": audit.audit,
+        "plugins": plugins.plugins,
     }
 
 

@@ -80,4 +80,58 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("execution_id")
     retry.add_argument("--from-step", default=None, metavar="NAME")
 
+    _daemon_commands(add, common)
     return parser
+
+
+def _plugins_dir(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS, as for the global options: a sub-command's default must not overwrite a value
+    # given before its name (``mantle plugins --plugins-dir D list``).
+    parser.add_argument("--plugins-dir", default=argparse.SUPPRESS, metavar="DIR",
+                        help="plugin directory (default: .mantle/plugins)")
+
+
+def _actions(parser: argparse.ArgumentParser, dest: str, common):
+    """A function adding sub-commands to ``parser`` (``keys create``); they accept the global
+    options too."""
+    actions = parser.add_subparsers(dest=dest, metavar="ACTION", parser_class=_Parser)
+    actions.required = True
+    return lambda name, text: actions.add_parser(name, help=text, description=text,
+                                                 parents=[common])
+
+
+def _daemon_commands(add, common) -> None:
+    """``serve``, ``keys``, ``audit`` and ``plugins`` (SPEC 6.3)."""
+    from mantle.cli.serve import threads_argument
+
+    serve = add("serve", "run the daemon: REST API, webhooks, cron, metrics, probes")
+    serve.add_argument("--api-address", default=None, metavar="HOST:PORT",
+                       help="listen address (default :8080; port 0 picks a free port)")
+    serve.add_argument("--shutdown-timeout", default=None, metavar="DURATION",
+                       help="how long running steps may finish after SIGTERM (default 30s)")
+    serve.add_argument("--threads", default=None, type=threads_argument, metavar="N",
+                       help="HTTP worker threads (default 8)")
+    _plugins_dir(serve)
+
+    keys = _actions(add("keys", "manage API keys"), "keys_command", common)
+    keys("create", "create an API key and print it once").add_argument("name")
+    keys("list", "list API keys")
+    keys("revoke", "revoke an API key").add_argument("name")
+
+    audit = add("audit", "list audit events, newest first")
+    audit.add_argument("--action", default=None)
+    audit.add_argument("--actor", default=None)
+    audit.add_argument("--resource", default=None, metavar="TYPE/ID")
+    audit.add_argument("--since", default=None)
+    audit.add_argument("--limit", default=None)
+
+    plugins_parser = add("plugins", "manage plugin executables")
+    _plugins_dir(plugins_parser)
+    plugins = _actions(plugins_parser, "plugins_command", common)
+    _plugins_dir(plugins("list", "list installed plugins"))
+    install = plugins("install", "copy an executable into the plugin directory")
+    install.add_argument("path")
+    _plugins_dir(install)
+    remove = plugins("remove", "delete an installed plugin")
+    remove.add_argument("name")
+    _plugins_dir(remove)

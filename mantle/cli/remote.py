@@ -29,7 +29,10 @@ class ApiClient:
 
     def request(self, method: str, path: str, body=None) -> tuple[int, dict]:
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.base + path, data=data, method=method)
+        try:
+            req = urllib.request.Request(self.base + path, data=data, method=method)
+        except ValueError as exc:  # a malformed --server URL ("unknown url type")
+            raise ServerUnreachable(self.base, str(exc)) from exc
         req.add_header("Content-Type", "application/json")
         if self.api_key:
             req.add_header("Authorization", f"Bearer {self.api_key}")
@@ -98,7 +101,9 @@ def run(args, config: Config) -> int:
 
 def cancel(args, config: Config) -> int:
     client = _client(args, config)
-    status, payload = client.request("POST", f"/api/v1/cancel/{args.execution_id}")
+    # Quoted, so any text reaches the server as the id (and gets its "not found").
+    execution = urllib.parse.quote(args.execution_id, safe="")
+    status, payload = client.request("POST", f"/api/v1/cancel/{execution}")
     if status == 409:
         print(f"Execution {args.execution_id} is already {payload.get('status')}")
         return 0

@@ -1,0 +1,118 @@
+"""API keys (SPEC 6.3, 7.1): created and revoked by the CLI, checked by the REST API.
+
+A key is ``mk_`` + 64 hex digits; only its SHA-256 (hex) is stored, with a short prefix for
+people to tell keys apart. The API requires a key while at least one active key exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import hmac
+import re
+import secrets
+import weakref
+
+from mantle.db import audit, database_proxy, unwrap, write_transaction
+from mantle.db.fields import utcnow
+from mantle.db.models import ApiKey
+from mantle.errors import InvalidInput, MantleError
+
+__all__ = ["ActiveKey", "KeyNotFound", "KeyExists", "create_key", "list_keys", "revoke_key",
+           "active_keys", "match_key", "touch_key", "hash_key", "TOUCH_EVERY"]
+
+_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# ``last_used_at`` is rewritten at most this often per key, so that authenticated traffic does
+# not turn every API request into a database write.
+TOUCH_EVERY = dt.timedelta(seconds=30)
+_ACTIVE_SQL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class KeyExists(MantleError):
+    def __init__(self, name: str):
+        super().__init__(f'API key "{name}" already exists')
+
+
+class KeyNotFound(MantleError):
+    def __init__(self, name: str):
+        super().__init__(f'API key "{name}" not found')
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ActiveKey:
+    name: str
+    key_hash: str
+    last_used_at: dt.datetime | None
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def create_key(name: str, actor: str = "cli") -> str:
+    """Store a new key named ``name`` and return its text (shown once, never stored)."""
+    if not _NAME.fullmatch(name or ""):
+        raise InvalidInput(f'invalid key name "{name}"')
+    key = "mk_" + secrets.token_hex(32)
+    with write_transaction():
+        if ApiKey.get_or_none(ApiKey.name == name) is not None:
+            raise KeyExists(name)
+        ApiKey.create(name=name, prefix=key[:9], key_hash=hash_key(key), created_at=utcnow())
+        audit.record_audit(actor, "apikey.created", "api_key", name)
+    return key
+
+
+def list_keys() -> list[ApiKey]:
+    """Every key, active and revoked, in creation order."""
+    return list(ApiKey.select().order_by(ApiKey.created_at, ApiKey.id))
+
+
+def revoke_key(name: str, actor: str = "cli") -> int:
+    """Revoke ``name`` (again revoking a revoked key changes nothing); return how many active
+    keys remain."""
+    with write_transaction():
+        row = ApiKey.get_or_none(ApiKey.name == name)
+        if row is None:
+            raise KeyNotFound(name)
+        if row.revoked_at is None:
+            ApiKey.update(revoked_at=utcnow()).where(ApiKey.id == row.id).execute()
+            audit.record_audit(actor, "apikey.revoked", "api_key", name)
+        return ApiKey.select().where(ApiKey.revoked_at.is_null()).count()
+
+
+def active_keys() -> list[ActiveKey]:
+    """The keys that open the API now (read per request, so changes apply at once).
+
+    This runs before every API request, so its SQL is built once per database: building it
+    with peewee each time cost several times what the database spends answering it.
+    """
+    database = unwrap(database_proxy)
+    statement = _ACTIVE_SQL.get(database)
+    if statement is None:
+        query = (ApiKey.select(ApiKey.name, ApiKey.key_hash, ApiKey.last_used_at)
+                 .where(ApiKey.revoked_at.is_null()))
+        sql, params = query.sql()
+        statement = _ACTIVE_SQL[database] = (sql, tuple(params))
+    convert = ApiKey.last_used_at.python_value
+    return [ActiveKey(name, key_hash, convert(last_used))
+            for name, key_hash, last_used in database.execute_sql(*statement).fetchall()]
+
+
+def match_key(presented: str, keys: list[ActiveKey]) -> ActiveKey | None:
+    """The key whose hash equals the presented key's, compared in constant time against every
+    active key (no early exit), or None."""
+    digest = hash_key(presented).encode()
+    found = None
+    for key in keys:
+        if hmac.compare_digest(digest, key.key_hash.encode()):
+            found = key
+    return found
+
+
+def touch_key(key: ActiveKey, now: dt.datetime | None = None) -> None:
+    """Record a use of ``key`` unless one was recorded within TOUCH_EVERY."""
+    now = now or utcnow()
+    if key.last_used_at is not None and now - key.last_used_at < TOUCH_EVERY:
+        return
+    ApiKey.update(last_used_at=now).where(ApiKey.name == key.name).execute()

@@ -1,0 +1,65 @@
+"""``mantle audit`` (SPEC 6.3, 9.3): audit events, newest first."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+
+from mantle.cli.context import Context
+from mantle.durations import parse_since
+from mantle.errors import InvalidInput
+from mantle.timefmt import rfc3339_seconds
+
+__all__ = ["audit", "DEFAULT_LIMIT"]
+
+DEFAULT_LIMIT = 50
+# A --since reaching back beyond year 1 cannot be computed; it filters nothing anyway.
+_SINCE_FOREVER = 3e10
+
+
+def _since(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        seconds = parse_since(text)
+    except ValueError:
+        raise InvalidInput(f'invalid --since value "{text}": must be a positive duration such '
+                           "as 90s, 30m, 1h30m or 7d") from None
+    return None if seconds >= _SINCE_FOREVER else seconds
+
+
+def _limit(text: str | None) -> int:
+    if text is None:
+        return DEFAULT_LIMIT
+    if not re.fullmatch(r"[0-9]{1,7}", text) or not 1 <= int(text) <= 1000:
+        raise InvalidInput("--limit must be between 1 and 1000")
+    return int(text)
+
+
+def audit(args, context: Context) -> int:
+    since, limit = _since(args.since), _limit(args.limit)
+    context.database()
+    from mantle.db.fields import utcnow
+    from mantle.db.models import AuditEvent
+
+    query = AuditEvent.select()
+    if args.action is not None:
+        query = query.where(AuditEvent.action == args.action)
+    if args.actor is not None:
+        query = query.where(AuditEvent.actor == args.actor)
+    if args.resource is not None:
+        # TYPE/ID; a bare TYPE filters by type only. IDs may contain "/" (route templates).
+        kind, sep, ident = args.resource.partition("/")
+        query = query.where(AuditEvent.resource_type == kind)
+        if sep:
+            query = query.where(AuditEvent.resource_id == ident)
+    if since is not None:
+        query = query.where(AuditEvent.timestamp >= utcnow() - dt.timedelta(seconds=since))
+    rows = list(query.order_by(AuditEvent.timestamp.desc(), AuditEvent.id.desc()).limit(limit))
+    if not rows:
+        print("(no audit events)")
+        return 0
+    for row in rows:
+        print("%-20s  %-12s  %-22s  %s/%s" % (rfc3339_seconds(row.timestamp), row.actor,
+                                               row.action, row.resource_type, row.resource_id))
+    return 0

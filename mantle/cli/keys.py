@@ -1,0 +1,46 @@
+"""``mantle keys create|list|revoke`` (SPEC 6.3)."""
+
+from __future__ import annotations
+
+from mantle import apikeys
+from mantle.cli.context import Context
+from mantle.timefmt import table_time
+
+__all__ = ["keys"]
+
+_ROW = "%-20s %-10s %-20s %-20s %s"
+
+
+def keys(args, context: Context) -> int:
+    context.database()
+    return {"create": _create, "list": _list, "revoke": _revoke}[args.keys_command](args)
+
+
+def _create(args) -> int:
+    key = apikeys.create_key(args.name, actor="cli")
+    print(f"API Key: {key}")
+    print()
+    print("Save this key — it cannot be retrieved again.")
+    print(f"Key prefix for reference: {key[:9]}")
+    return 0
+
+
+def _list(args) -> int:
+    rows = apikeys.list_keys()
+    if not rows:
+        print("(no API keys)")
+        return 0
+    print(_ROW % ("NAME", "PREFIX", "CREATED", "LAST USED", "STATUS"))
+    for row in rows:
+        last_used = table_time(row.last_used_at) if row.last_used_at else "never"
+        status = "revoked" if row.revoked_at else "active"
+        print(_ROW % (row.name, row.prefix, table_time(row.created_at), last_used, status))
+    return 0
+
+
+def _revoke(args) -> int:
+    remaining = apikeys.revoke_key(args.name, actor="cli")
+    print(f'Revoked key "{args.name}"')
+    if remaining == 0:
+        print("No active keys remain — the API no longer requires authentication.")
+    return 0

@@ -1,0 +1,38 @@
+"""``mantle serve`` (SPEC 6.3, 10): load config, log JSON to stdout, connect, run the daemon."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from mantle.cli.context import Context
+from mantle.logs import setup_logging
+
+__all__ = ["serve", "threads_argument", "DEFAULT_THREADS"]
+
+DEFAULT_THREADS = 8
+
+
+def threads_argument(text: str) -> int:
+    """argparse type of ``--threads``: HTTP worker threads, 1 to 256."""
+    if not text.isdigit() or not 1 <= int(text) <= 256:
+        raise argparse.ArgumentTypeError(f'invalid thread count "{text}": must be 1 to 256')
+    return int(text)
+
+
+def serve(args, context: Context) -> int:
+    # JSON on stdout before the config is read, so its warnings (unknown keys) are JSON too.
+    setup_logging("info", sys.stdout)
+    config = context.config
+    setup_logging(config.log_level, sys.stdout)
+    # Debug logs are about requests and executions, not SQL text or actor bookkeeping.
+    for noisy in ("peewee", "pykka"):
+        logging.getLogger(noisy).setLevel(logging.INFO)
+    timeout = config.shutdown_timeout_seconds
+    config.address()  # a bad address is a configuration error: before touching the database
+    database = context.database(require_head=False)
+    from mantle.daemon import Daemon
+
+    return Daemon(config, database, threads=args.threads or DEFAULT_THREADS,
+                  shutdown_timeout=timeout).run()

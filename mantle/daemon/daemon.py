@@ -1,0 +1,145 @@
+"""``mantle serve``: startup (SPEC 10.2), signals and graceful shutdown (10.3), systemd (10.4).
+
+This is the composition root: the one place that wires the engine (``actors``), the REST API
+(``web``), the cron scheduler and the HTTP listener together.
+
+Threads: the main thread starts everything, then only waits for signals; the shutdown runs
+on a thread of its own so that the main thread can turn a second signal into "jump to the
+deadline" (a signal handler itself only records the signal: it may interrupt the main thread
+anywhere, even inside a lock the engine needs).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+
+import peewee
+
+from mantle.config import Config
+from mantle.daemon.http import HttpServer
+from mantle.daemon.notify import Notifier, Watchdog, watchdog_interval
+from mantle.daemon.readiness import Readiness
+from mantle.db import migrations
+from mantle.errors import DatabaseUnavailable
+from mantle.metrics import Metrics
+
+__all__ = ["Daemon", "Signals"]
+
+log = logging.getLogger("mantle.server")
+
+
+class Signals:
+    """Counts SIGTERM/SIGINT; the handlers only record (see the module docstring)."""
+
+    def __init__(self):
+        self.count = 0
+        self.arrived = threading.Event()
+
+    def install(self) -> Signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, *_args) -> None:
+        self.count += 1
+        self.arrived.set()
+
+
+class Daemon:
+    """One run of ``mantle serve`` on an already connected ``database``."""
+
+    def __init__(self, config: Config, database, *, threads: int = 8,
+                 shutdown_timeout: float = 30.0):
+        self._config = config
+        self._database = database
+        self._threads = threads
+        self._timeout = shutdown_timeout
+        self._signals = Signals()
+        self._notifier = Notifier()
+        self._hurry = threading.Event()
+        self._engine = None
+        self._http: HttpServer | None = None
+        self._scheduler = None
+        self._watchdog: Watchdog | None = None
+        self._readiness = Readiness(database)
+
+    def run(self) -> int:
+        """Start, serve until a signal, shut down; the exit code. Startup failures raise."""
+        self._signals.install()
+        self._start()
+        while not self._signals.arrived.wait(0.5):
+            pass
+        signalled_at = time.monotonic()
+        stopper = threading.Thread(target=self._shutdown, args=(signalled_at + self._timeout,),
+                                   name="mantle-shutdown")
+        stopper.start()
+        hurried = False
+        while stopper.is_alive():
+            stopper.join(0.05)
+            if self._signals.count > 1 and not hurried:
+                hurried = True
+                self._jump_to_deadline()
+        self._database.close()  # the main thread's connection (migrations, startup)
+        log.info("server stopped")
+        return 0
+
+    # --- startup (10.2) ---
+
+    def _start(self) -> None:
+        from actors.engine import Engine
+        from actors.scheduler import Scheduler
+        from web.app import create_app
+
+        try:
+            migrations.migrate(self._database)
+        except peewee.PeeweeException as exc:  # reachable at connect, failing now
+            raise DatabaseUnavailable(str(exc).strip() or type(exc).__name__) from exc
+        log.info("migrations complete")
+        config = self._config
+        metrics = Metrics()
+        self._engine = Engine(self._database, metrics=metrics, plugins_dir=config.plugins_dir,
+                              env=config.env, resume_orphans=True).start()
+        app = create_app(self._engine, metrics, self._database, self._readiness)
+        self._http = HttpServer(app, config.api_address, self._threads)
+        try:
+            address = self._http.bind()
+        except Exception:
+            self._engine.shutdown(timeout=0)
+            raise
+        log.info("server listening", extra={"address": address})
+        self._scheduler = Scheduler(self._engine, self._database).start()
+        self._readiness.mark_ready()
+        self._notifier.notify("READY=1")
+        interval = watchdog_interval()
+        if self._notifier.enabled and interval:
+            engine = self._engine
+            self._watchdog = Watchdog(self._notifier, interval,
+                                      lambda: engine.responsive(timeout=min(2.0, interval)))
+            self._watchdog.start()
+
+    # --- shutdown (10.3) ---
+
+    def _shutdown(self, deadline: float) -> None:
+        """Runs on the shutdown thread; ``deadline`` is monotonic."""
+        log.info("shutting down")
+        self._notifier.notify("STOPPING=1")
+        self._readiness.mark_stopping()
+        self._scheduler.stop()
+        self._http.close_listener()
+        self._http.wait_idle(deadline, self._hurry)
+        left = 0.0 if self._hurry.is_set() else max(0.0, deadline - time.monotonic())
+        self._engine.shutdown(timeout=left)
+        self._http.stop()
+        if self._watchdog is not None:
+            self._watchdog.stop()
+
+    def _jump_to_deadline(self) -> None:
+        """Second signal: interrupt running attempts now (their rows stay for resume)."""
+        self._hurry.set()
+        try:
+            self._engine.stop_now()
+        except Exception:  # the engine already stopped on its own
+            pass

@@ -1,0 +1,123 @@
+"""The HTTP listener: waitress serving the WSGI app, with a graceful close (SPEC 10.2, 10.3).
+
+We bind the socket ourselves, so port 0 works, the bound address can be logged, and a bind
+failure gives the contract's message. waitress runs its event loop on a thread of its own and
+hands requests to a pool of ``threads`` workers. Closing happens in three steps: stop
+accepting, wait for requests in flight, then close every connection and stop the workers.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import waitress
+from waitress import wasyncore
+
+from mantle.config import parse_address
+from mantle.errors import MantleError
+
+__all__ = ["HttpServer", "ListenError", "format_address", "MAX_BODY_BYTES"]
+
+# waitress answers bodies over this itself (text, not JSON), so it is well above the API's
+# 1 MiB limit, which the app enforces with a JSON 413; it only bounds what waitress buffers.
+MAX_BODY_BYTES = 16 * 1024 * 1024
+
+
+class ListenError(MantleError):
+    def __init__(self, address: str, reason: str):
+        super().__init__(f"cannot listen on {address}: {reason}")
+
+
+def format_address(sockname) -> str:
+    host, port = sockname[0], sockname[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _bind(address: str) -> socket.socket:
+    """A listening socket for ``host:port``; an empty host means every interface (IPv6 and
+    IPv4 when the host has IPv6, else IPv4)."""
+    host, port = parse_address(address)
+    try:
+        if not host:
+            if socket.has_dualstack_ipv6():
+                try:
+                    return socket.create_server(("::", port), family=socket.AF_INET6,
+                                                dualstack_ipv6=True, backlog=1024)
+                except OSError:  # IPv6 present but unusable (e.g. disabled in a container)
+                    pass
+            return socket.create_server(("0.0.0.0", port), backlog=1024)
+        family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        return socket.create_server(sockaddr[:2], family=family, backlog=1024)
+    except OSError as exc:
+        # create_server appends "(while attempting to bind on address ...)" to strerror.
+        reason = (exc.strerror or str(exc)).split(" (while attempting")[0]
+        raise ListenError(address, reason) from None
+
+
+class HttpServer:
+    def __init__(self, app, address: str, threads: int = 8):
+        self._app = app
+        self._address = address
+        self._threads = threads
+        self._server = None
+        self._thread: threading.Thread | None = None
+
+    def bind(self) -> str:
+        """Bind and start serving; return the bound ``host:port``. Raises ListenError."""
+        sock = _bind(self._address)
+        self._server = waitress.create_server(
+            self._app, sockets=[sock], threads=self._threads, ident="mantle",
+            max_request_body_size=MAX_BODY_BYTES, clear_untrusted_proxy_headers=False)
+        self._thread = threading.Thread(target=self._server.run, name="mantle-http",
+                                        daemon=True)
+        self._thread.start()
+        return format_address(sock.getsockname())
+
+    def _in_loop(self, thunk, timeout: float = 5.0) -> None:
+        """Run ``thunk`` on the event loop thread (the loop's sockets are not thread-safe)."""
+        done = threading.Event()
+
+        def run():
+            try:
+                thunk()
+            finally:
+                done.set()
+
+        self._server.trigger.pull_trigger(run)
+        done.wait(timeout)
+
+    def close_listener(self) -> None:
+        """Stop accepting connections; open ones keep being served."""
+        if self._server is not None:
+            self._in_loop(lambda: wasyncore.dispatcher.close(self._server))
+
+    def wait_idle(self, deadline: float, hurry: threading.Event | None = None) -> bool:
+        """Wait (until the monotonic ``deadline``) for requests in flight to be answered."""
+        while time.monotonic() < deadline and not (hurry and hurry.is_set()):
+            if self._idle():
+                return True
+            time.sleep(0.02)
+        return self._idle()
+
+    def _idle(self) -> bool:
+        if self._server is None:
+            return True
+        dispatcher = self._server.task_dispatcher
+        if dispatcher.queue:
+            return False
+        for channel in list(self._server.active_channels.values()):
+            if channel.requests or channel.request is not None or channel.total_outbufs_len:
+                return False
+        return True
+
+    def stop(self) -> None:
+        """Close every connection, end the loop and the worker threads."""
+        if self._server is None:
+            return
+        self._in_loop(lambda: wasyncore.close_all(self._server._map))
+        self._server.task_dispatcher.shutdown(cancel_pending=True, timeout=2)
+        if self._thread is not None:
+            self._thread.join(5)
+        self._server = None

@@ -1,0 +1,107 @@
+"""PostgreSQL stops under a running daemon and comes back (SPEC 10.2, 4.11, 7.5).
+
+The test has a cluster of its own (the session's is shared), stops it with ``pg_ctl stop -m
+fast`` while an execution is in a step, and starts it again on the same port.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+
+import pytest
+
+from mantle import db as mantle_db
+from mantle.db.fields import utcnow
+from tests.pg import _SERVER_SETTINGS, PgCluster, PgUnavailable
+from tests.web.support import Daemon, apply_yaml, wait_until
+
+pytestmark = pytest.mark.postgres
+
+PAUSE = """
+    name: through-outage
+    steps:
+      - {name: first, action: core/sleep, params: {duration: 2s}}
+      - {name: second, action: core/log, depends_on: [first], params: {message: after}}
+"""
+
+
+class PausableCluster(PgCluster):
+    """A cluster that can be stopped and started again on the same port and data."""
+
+    def pause(self) -> None:
+        self._run("pg_ctl", "stop", "-m", "fast", "-w", "-D", str(self.data_dir))
+
+    def resume(self) -> None:
+        options = f"-p {self.port} -k {self.socket_dir} {_SERVER_SETTINGS}"
+        self._run("pg_ctl", "start", "-w", "-t", "60", "-D", str(self.data_dir),
+                  "-l", str(self.log_file), "-o", options)
+
+
+@pytest.fixture
+def cluster():
+    try:
+        started = PausableCluster().start()
+    except PgUnavailable as exc:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"PostgreSQL 15 is required when CI=true: {exc}", pytrace=False)
+        pytest.skip(f"PostgreSQL 15 not available: {exc}")
+    yield started
+    started.stop()
+
+
+def _readyz(daemon) -> tuple[int, dict]:
+    reply = daemon.get("/readyz")
+    return reply.status, reply.json
+
+
+def test_a_postgres_outage_pauses_checkpoints_and_everything_recovers(cluster, tmp_path):
+    url = cluster.create_database("mantle")
+    daemon = Daemon(tmp_path, url).start()
+    try:
+        database = mantle_db.connect(url)
+        mantle_db.bind(database)
+        try:
+            apply_yaml(PAUSE)
+        finally:
+            database.close()
+            mantle_db.database_proxy.initialize(None)
+        execution_id = daemon.post("/api/v1/run/through-outage", {}).json["execution_id"]
+        running = wait_until(lambda: daemon.get(f"/api/v1/executions/{execution_id}").json[
+            "steps"][0]["started_at"])
+        sleep_ends = dt.datetime.strptime(running, "%Y-%m-%dT%H:%M:%S.%fZ") + \
+            dt.timedelta(seconds=2)
+
+        cluster.pause()
+        wait_until(lambda: _readyz(daemon) == (503, {"status": "unavailable",
+                                                     "details": {"database": "unreachable"}}),
+                   timeout=10, interval=0.2)
+        assert daemon.get("/healthz").json == {"status": "ok"}
+        for method, path in (("GET", "/api/v1/executions"), ("POST", "/api/v1/run/x"),
+                             ("GET", f"/api/v1/executions/{execution_id}"),
+                             ("POST", "/hooks/anything")):
+            reply = daemon.request(method, path)
+            assert (reply.status, reply.json) == (503, {"error": "database unavailable"}), path
+        daemon.wait_for_log("database unavailable", timeout=15)
+        # The step's 2 s sleep ends during the outage; its checkpoint has to wait, and so does
+        # the step after it.
+        wait_until(lambda: utcnow() > sleep_ends + dt.timedelta(seconds=0.5), timeout=10)
+
+        resumed_at = utcnow()
+        cluster.resume()
+        wait_until(lambda: _readyz(daemon) == (200, {"status": "ok"}), timeout=15,
+                   interval=0.2)
+        detail = daemon.wait_for_status(execution_id, timeout=30)
+        assert detail["status"] == "completed"
+        first, second = detail["steps"]
+        assert (first["name"], first["status"], first["attempt"]) == ("first", "completed", 1)
+        assert (second["name"], second["status"]) == ("second", "completed")
+        stamp = resumed_at.strftime("%Y-%m-%dT%H:%M:%S.%f")[:23] + "Z"
+        assert first["completed_at"] < stamp < second["started_at"]
+        assert daemon.messages().count("database unavailable") == 1
+
+        again = daemon.post("/api/v1/run/through-outage", {})
+        assert again.status == 202
+        assert daemon.wait_for_status(again.json["execution_id"])["status"] == "completed"
+    finally:
+        assert daemon.stop() == 0, daemon.output()

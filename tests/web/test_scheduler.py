@@ -1,0 +1,142 @@
+"""The cron scheduler (SPEC 8), driven tick by tick with chosen times, on a real engine and
+both databases: once per scheduled minute, within 30 s, no catch-up, no double firing across
+restarts or concurrent daemons, trigger changes seen at the next tick."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+
+import pytest
+
+from actors.scheduler import Scheduler
+from mantle import db as mantle_db
+from mantle.db.models import AuditEvent, WorkflowExecution, WorkflowTrigger
+from tests.web.support import apply_yaml, gone_database
+
+EVERY_FIVE = """
+    name: every-five
+    triggers:
+      - {type: cron, schedule: "*/5 * * * *"}
+    inputs:
+      who: {type: string, default: cron}
+    steps:
+      - {name: hello, action: core/log, params: {message: "{{ inputs.who }} {{ trigger.type }}"}}
+"""
+
+AT = dt.datetime(2026, 3, 18, 9, 5)  # a Wednesday, minute 5
+
+
+def _executions() -> list[WorkflowExecution]:
+    return list(WorkflowExecution.select().order_by(WorkflowExecution.started_at))
+
+
+def test_a_due_minute_fires_exactly_once_even_across_a_restart(engine, db):
+    apply_yaml(EVERY_FIVE)
+    scheduler = Scheduler(engine, db)
+    [execution_id] = scheduler.tick(AT + dt.timedelta(seconds=10))
+    assert engine.wait(execution_id, timeout=10) == "completed"
+    row = WorkflowExecution.get_by_id(execution_id)
+    assert row.trigger == {"type": "cron", "schedule": "*/5 * * * *", "payload": None}
+    assert row.inputs == {"who": "cron"}
+    assert WorkflowTrigger.get().last_fired_at == AT
+    assert AuditEvent.get(AuditEvent.action == "workflow.executed").actor == "scheduler"
+    # Later ticks in the same minute, and a new scheduler (a restarted daemon), do nothing.
+    assert scheduler.tick(AT + dt.timedelta(seconds=20)) == []
+    assert Scheduler(engine, db).tick(AT + dt.timedelta(seconds=29)) == []
+    # A minute the schedule does not name; then the next one it does.
+    assert scheduler.tick(AT + dt.timedelta(minutes=1, seconds=1)) == []
+    assert len(scheduler.tick(AT + dt.timedelta(minutes=5))) == 1
+    assert len(_executions()) == 2
+
+
+def test_a_minute_is_not_caught_up_after_its_30_second_window(engine, db):
+    apply_yaml(EVERY_FIVE)
+    scheduler = Scheduler(engine, db)
+    assert scheduler.tick(AT + dt.timedelta(seconds=30)) == []
+    assert scheduler.tick(AT + dt.timedelta(minutes=4, seconds=59)) == []
+    assert _executions() == []
+    assert WorkflowTrigger.get().last_fired_at is None
+
+
+def test_two_schedulers_ticking_at_once_fire_a_minute_once(engine, db):
+    apply_yaml(EVERY_FIVE)
+    results: list[list[str]] = []
+    barrier = threading.Barrier(4)
+
+    def tick():
+        barrier.wait()
+        results.append(Scheduler(engine, db).tick(AT + dt.timedelta(seconds=3)))
+        mantle_db.database_proxy.close()  # this thread's connection
+
+    threads = [threading.Thread(target=tick) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert sorted(len(fired) for fired in results) == [0, 0, 0, 1]
+    assert len(_executions()) == 1
+
+
+def test_trigger_changes_from_apply_are_seen_at_the_next_tick(engine, db):
+    apply_yaml(EVERY_FIVE)
+    scheduler = Scheduler(engine, db)
+    apply_yaml(EVERY_FIVE.replace("*/5 * * * *", "7 9 * * *"))
+    assert scheduler.tick(AT + dt.timedelta(seconds=1)) == []
+    assert len(scheduler.tick(AT + dt.timedelta(minutes=2, seconds=1))) == 1
+    apply_yaml(EVERY_FIVE.replace("triggers:\n      - {type: cron, schedule: \"*/5 * * * *\"}",
+                                  "triggers: []"))
+    assert WorkflowTrigger.select().count() == 0
+    assert scheduler.tick(AT + dt.timedelta(days=1, minutes=2, seconds=1)) == []
+
+
+def test_either_day_field_matches_when_both_are_restricted(engine, db):
+    apply_yaml(EVERY_FIVE.replace("*/5 * * * *", "0 9 1 * 1"))
+    scheduler = Scheduler(engine, db)
+    monday = dt.datetime(2026, 3, 16, 9, 0, 5)  # a Monday, not the 1st
+    first_of_month = dt.datetime(2026, 4, 1, 9, 0, 5)  # a Wednesday, the 1st
+    tuesday = dt.datetime(2026, 3, 17, 9, 0, 5)
+    assert len(scheduler.tick(monday)) == 1
+    assert len(scheduler.tick(first_of_month)) == 1
+    assert scheduler.tick(tuesday) == []
+
+
+def test_a_rejected_cron_run_is_logged_and_not_retried(engine, db, caplog):
+    apply_yaml("""
+        name: single
+        max_parallel_executions: 1
+        on_limit: reject
+        triggers: [{type: cron, schedule: "* * * * *"}]
+        steps: [{name: wait, action: core/sleep, params: {duration: 30s}}]
+    """)
+    scheduler = Scheduler(engine, db)
+    [first] = scheduler.tick(AT + dt.timedelta(seconds=1))
+    with caplog.at_level(logging.WARNING, logger="mantle.scheduler"):
+        assert scheduler.tick(AT + dt.timedelta(minutes=1, seconds=1)) == []
+    [record] = [r for r in caplog.records if r.getMessage() == "cron execution rejected"]
+    assert record.workflow == "single"
+    assert record.error == 'workflow "single" has reached the maximum of 1 concurrent executions'
+    assert scheduler.tick(AT + dt.timedelta(minutes=1, seconds=2)) == []
+    assert len(_executions()) == 1
+    engine.cancel(first)
+
+
+def test_a_tick_during_a_database_outage_skips_with_one_error_log(backend, request, tmp_path,
+                                                                  engine, caplog):
+    database = gone_database(backend, request, tmp_path)
+    try:
+        scheduler = Scheduler(engine, database)
+        with caplog.at_level(logging.ERROR, logger="mantle.scheduler"):
+            assert scheduler.tick(AT + dt.timedelta(seconds=1)) == []
+            assert scheduler.tick(AT + dt.timedelta(seconds=2)) == []
+        messages = [r.getMessage() for r in caplog.records if r.name == "mantle.scheduler"]
+        assert messages == ["cron firing skipped: database unavailable"]
+    finally:
+        mantle_db.database_proxy.initialize(None)
+
+
+def test_the_scheduler_wakes_just_after_each_minute_and_at_least_every_poll(engine, db):
+    scheduler = Scheduler(engine, db, poll_every=10.0)
+    assert scheduler._next_delay(1_000_000 * 60 + 55.0) == pytest.approx(5.2)
+    assert scheduler._next_delay(1_000_000 * 60 + 1.0) == 10.0

@@ -1,0 +1,151 @@
+"""Middleware: HTTP metrics and request logs, the body limit, API-key authentication."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+
+import falcon
+
+from mantle import apikeys
+from mantle.db import audit
+from mantle.metrics import Metrics
+from web.errors import (BODY_LIMIT, METHOD_NOT_ALLOWED, OUTAGE_ERRORS, TOO_LARGE, ApiError,
+                        reset_connection)
+
+__all__ = ["RouteLabels", "RequestMetrics", "BodyLimit", "Authentication", "MethodCheck",
+           "allowed_methods", "PROTECTED"]
+
+log = logging.getLogger("mantle.http")
+
+# Paths that need a key while an active one exists (SPEC 7.1); probes and metrics stay open.
+PROTECTED = ("/api/v1", "/hooks")
+_CONVERTER = re.compile(r"\{(\w+):[^}]*\}")
+
+
+def _protected(path: str) -> bool:
+    return any(path == prefix or path.startswith(prefix + "/") for prefix in PROTECTED)
+
+
+class RouteLabels:
+    """The route template of a request (``/hooks/{path}``), never its raw path (SPEC 9.1).
+
+    Middleware that runs before routing (authentication) and requests that never reached a
+    resource still get their template by asking the router directly.
+    """
+
+    def __init__(self, router):
+        self._router = router
+
+    def __call__(self, req: falcon.Request) -> str:
+        template = req.uri_template
+        if template is None:
+            found = self._router.find(req.path)
+            template = found[3] if found else None
+        if template is None:
+            return "unmatched"
+        return _CONVERTER.sub(r"{\1}", template)
+
+
+class RequestMetrics:
+    """Counts and times every request by method, route template and status; debug log line."""
+
+    def __init__(self, metrics: Metrics, labels: RouteLabels):
+        self._metrics = metrics
+        self._labels = labels
+
+    def process_request(self, req, resp) -> None:
+        req.context.started = time.perf_counter()
+
+    def process_response(self, req, resp, resource, req_succeeded) -> None:
+        elapsed = time.perf_counter() - req.context.get("started", time.perf_counter())
+        route = self._labels(req)
+        status = falcon.http_status_to_code(resp.status)
+        self._metrics.http_requests.labels(req.method, route, str(status)).inc()
+        self._metrics.http_duration.labels(req.method, route).observe(elapsed)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("http request", extra={"method": req.method, "route": route,
+                                              "status": status,
+                                              "duration_ms": round(elapsed * 1000, 3)})
+
+
+class BodyLimit:
+    """413 for a declared body over 1 MiB before anything reads it (resources also stop
+    reading at the limit, for bodies without Content-Length)."""
+
+    def process_request(self, req, resp) -> None:
+        if req.content_length is not None and req.content_length > BODY_LIMIT:
+            raise ApiError(413, TOO_LARGE)
+
+
+class Authentication:
+    """Bearer API keys on ``/api/v1`` and ``/hooks`` while an active key exists (SPEC 7.1).
+
+    Keys are read from the database on every request, so a running daemon sees ``mantle keys
+    create``/``revoke`` at once. Sets ``req.context.actor`` (``api`` or ``apikey:<name>``) for
+    the audit trail. Each refusal is audited as ``auth.failed``.
+    """
+
+    def __init__(self, database, labels: RouteLabels):
+        self._database = database
+        self._labels = labels
+
+    def process_request(self, req, resp) -> None:
+        req.context.actor = "api"
+        if not _protected(req.path):
+            return
+        keys = self._active_keys()
+        if not keys:
+            return
+        header = (req.get_header("Authorization") or "").strip()
+        if not header:
+            self._refuse(req, "missing Authorization header")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer":
+            self._refuse(req, "Authorization header must use Bearer scheme")
+        key = apikeys.match_key(token.strip(), keys)
+        if key is None:
+            self._refuse(req, "invalid API key")
+        req.context.actor = f"apikey:{key.name}"
+        try:
+            apikeys.touch_key(key)
+        except OUTAGE_ERRORS:  # bookkeeping only: the request itself may still succeed
+            reset_connection(self._database)
+
+    def _active_keys(self) -> list[apikeys.ActiveKey]:
+        # This is the first query of most requests: a connection left dead by an earlier
+        # outage fails once here, and a fresh one decides.
+        try:
+            return apikeys.active_keys()
+        except OUTAGE_ERRORS:
+            reset_connection(self._database)
+            return apikeys.active_keys()
+
+    def _refuse(self, req, message: str):
+        try:
+            audit.record_audit("api", "auth.failed", "http_request", self._labels(req),
+                               {"error": message, "method": req.method,
+                                "remote_addr": req.remote_addr})
+        except OUTAGE_ERRORS:
+            reset_connection(self._database)
+        raise ApiError(401, message, headers={"WWW-Authenticate": "Bearer"})
+
+
+def allowed_methods(resource) -> list[str]:
+    """The methods a resource implements (its ``on_<method>`` responders)."""
+    return sorted(name[3:].upper() for name in dir(resource)
+                  if name.startswith("on_") and callable(getattr(resource, name)))
+
+
+class MethodCheck:
+    """405 with ``Allow`` listing exactly the implemented methods.
+
+    falcon would answer OPTIONS itself (200, no body) and list OPTIONS in ``Allow``; the API
+    has no OPTIONS, so every method a resource lacks is refused here, before routing to it.
+    """
+
+    def process_resource(self, req, resp, resource, params) -> None:
+        if not hasattr(resource, "on_" + req.method.lower()):
+            raise ApiError(405, METHOD_NOT_ALLOWED,
+                           headers={"Allow": ", ".join(allowed_methods(resource))})

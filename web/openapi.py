@@ -1,0 +1,271 @@
+"""The OpenAPI 3.1 document served at ``/api/v1/openapi.json`` (SPEC 7.5).
+
+``tests/web/test_openapi.py`` keeps it true: every route and method of the app is documented
+and nothing else, every status code the tests provoke is listed for its operation, and every
+body they receive validates against the documented schema.
+
+Besides the operations' own responses, any route answers 405 (``MethodNotAllowed``, with
+``Allow``) for a method it lacks, and a path that matches no route answers 404 (``NotFound``).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+__all__ = ["document", "OPEN_PATHS"]
+
+# Paths that never need an API key.
+OPEN_PATHS = ("/metrics", "/healthz", "/readyz")
+
+_STEP_STATUSES = ["pending", "running", "completed", "failed", "skipped", "cancelled"]
+_EXECUTION_STATUSES = ["pending", "running", "completed", "failed", "cancelled"]
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _obj(required: list[str], properties: dict, additional=False) -> dict:
+    return {"type": "object", "required": required, "properties": properties,
+            "additionalProperties": additional}
+
+
+def _time(nullable: bool = False) -> dict:
+    return {"type": ["string", "null"] if nullable else "string", "format": "date-time"}
+
+
+def _schemas() -> dict:
+    step = {"name": {"type": "string"}, "status": {"type": "string", "enum": _STEP_STATUSES},
+            "attempt": {"type": "integer", "minimum": 0}, "started_at": _time(True),
+            "completed_at": _time(True), "error": {"type": ["string", "null"]},
+            "output": {"description": "connector output; null if none or skipped"}}
+    summary = {"id": {"type": "string", "format": "uuid"}, "workflow": {"type": "string"},
+               "version": {"type": "integer", "minimum": 1},
+               "status": {"type": "string", "enum": _EXECUTION_STATUSES},
+               "started_at": _time(), "completed_at": _time(True)}
+    summary_fields = list(summary)
+    return {
+        "Error": _obj(["error"], {"error": {"type": "string"}}),
+        "CancelConflict": _obj(["error", "status"], {
+            "error": {"type": "string"},
+            "status": {"type": "string", "enum": ["completed", "failed", "cancelled"]}}),
+        "RunRequest": {"type": "object", "properties": {
+            "inputs": {"type": "object", "description": "values of declared inputs"},
+            "version": {"type": "integer", "minimum": 1,
+                        "description": "version to run; default: the current one"}},
+            "description": "optional; other fields are ignored"},
+        "RunAccepted": _obj(["execution_id", "workflow", "version"], {
+            "execution_id": {"type": "string", "format": "uuid"},
+            "workflow": {"type": "string"}, "version": {"type": "integer", "minimum": 1}}),
+        "CancelResult": _obj(["execution_id", "status"], {
+            "execution_id": {"type": "string", "format": "uuid"},
+            "status": {"type": "string", "enum": ["cancelled"]}}),
+        "ExecutionSummary": _obj(summary_fields, summary),
+        "ExecutionList": _obj(["executions"], {
+            "executions": {"type": "array", "items": _ref("ExecutionSummary")}}),
+        "Step": _obj(list(step), step),
+        "HookStep": _obj([*step, "block"], {**step, "block": {
+            "type": "string", "enum": ["on_success", "on_failure", "on_finish"]}}),
+        "ExecutionDetail": _obj([*summary_fields, "inputs", "error", "steps", "hooks"], {
+            **summary, "inputs": {"type": "object"}, "error": {"type": ["string", "null"]},
+            "steps": {"type": "array", "items": _ref("Step")},
+            "hooks": {"type": "array", "items": _ref("HookStep")}}),
+        "WorkflowSummary": _obj(["name", "latest_version", "created_at", "updated_at"], {
+            "name": {"type": "string"}, "latest_version": {"type": "integer", "minimum": 1},
+            "created_at": _time(), "updated_at": _time()}),
+        "WorkflowList": _obj(["workflows"], {
+            "workflows": {"type": "array", "items": _ref("WorkflowSummary")}}),
+        "WorkflowVersion": _obj(["name", "version", "definition"], {
+            "name": {"type": "string"}, "version": {"type": "integer", "minimum": 1},
+            "definition": {"type": "object", "description": "the version as JSON"}}),
+        "VersionSummary": _obj(["version", "content_hash", "created_at"], {
+            "version": {"type": "integer", "minimum": 1},
+            "content_hash": {"type": "string", "description": "SHA-256 hex of the YAML"},
+            "created_at": _time()}),
+        "VersionList": _obj(["name", "current_version", "versions"], {
+            "name": {"type": "string"}, "current_version": {"type": "integer", "minimum": 1},
+            "versions": {"type": "array", "items": _ref("VersionSummary")}}),
+        "Health": _obj(["status"], {"status": {"type": "string", "enum": ["ok"]}}),
+        "Readiness": _obj(["status"], {
+            "status": {"type": "string", "enum": ["ok", "unavailable"]},
+            "details": {"type": "object", "additionalProperties": {"type": "string"},
+                        "description": 'e.g. {"database": "unreachable"}, '
+                                       '{"migrations": "pending"}, {"server": "starting"}, '
+                                       '{"server": "shutting down"}'}}),
+    }
+
+
+def _json(schema: str, description: str) -> dict:
+    return {"description": description,
+            "content": {"application/json": {"schema": _ref(schema)}}}
+
+
+def _error(description: str) -> dict:
+    return _json("Error", description)
+
+
+def _common_responses() -> dict:
+    unauthorized = _error('no valid key while keys exist: "missing Authorization header", '
+                          '"Authorization header must use Bearer scheme" or "invalid API key"')
+    unauthorized["headers"] = {"WWW-Authenticate": {"schema": {"type": "string",
+                                                               "enum": ["Bearer"]}}}
+    not_allowed = _error('"method not allowed"')
+    not_allowed["headers"] = {"Allow": {"schema": {"type": "string"},
+                                        "description": "the methods the path implements"}}
+    return {
+        "Unauthorized": unauthorized,
+        "NotFound": _error('no such route: "not found"'),
+        "MethodNotAllowed": not_allowed,
+        "TooLarge": _error('"request body too large (limit 1048576 bytes)"'),
+        "Unavailable": _error('"database unavailable" (or "server is shutting down")'),
+        "Internal": _error('"internal server error"; the traceback is logged'),
+    }
+
+
+def _operation(summary: str, responses: dict, *, protected: bool = True,
+               database: bool = True, parameters: list | None = None,
+               request_body: dict | None = None) -> dict:
+    responses = dict(responses)
+    responses["413"] = {"$ref": "#/components/responses/TooLarge"}
+    responses["500"] = {"$ref": "#/components/responses/Internal"}
+    if protected:
+        responses["401"] = {"$ref": "#/components/responses/Unauthorized"}
+    if database:
+        responses.setdefault("503", {"$ref": "#/components/responses/Unavailable"})
+    operation = {"summary": summary, "responses": dict(sorted(responses.items()))}
+    if not protected:
+        operation["security"] = []
+    if parameters:
+        operation["parameters"] = parameters
+    if request_body:
+        operation["requestBody"] = request_body
+    return operation
+
+
+def _path_param(name: str, description: str) -> dict:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"},
+            "description": description}
+
+
+def _query(name: str, description: str, schema: dict | None = None) -> dict:
+    return {"name": name, "in": "query", "required": False,
+            "schema": schema or {"type": "string"}, "description": description}
+
+
+_IDEMPOTENCY = {"name": "Idempotency-Key", "in": "header", "required": False,
+                "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                "description": "a repeat for the same workflow answers 200 with the original "
+                               "execution's body"}
+
+
+def _paths() -> dict:
+    workflow = _path_param("workflow", "workflow name")
+    name = _path_param("name", "workflow name")
+    run_responses = {"200": _json("RunAccepted", "Idempotency-Key seen before: the original"),
+                     "202": _json("RunAccepted", "accepted; the execution runs afterwards"),
+                     "429": _error("over max_parallel_executions with on_limit: reject")}
+    return {
+        "/api/v1/run/{workflow}": {"post": _operation(
+            "Start an execution of a workflow", {
+                **run_responses,
+                "400": _error("bad JSON, body, inputs, version or Idempotency-Key"),
+                "404": _error('workflow "<name>" not found / workflow "<name>" version <n> '
+                              "not found")},
+            parameters=[workflow, _IDEMPOTENCY],
+            request_body={"required": False, "content": {
+                "application/json": {"schema": _ref("RunRequest")}}})},
+        "/api/v1/cancel/{execution}": {"post": _operation(
+            "Cancel a pending or running execution", {
+                "200": _json("CancelResult", "cancelled"),
+                "404": _error('execution "<id>" not found'),
+                "409": _json("CancelConflict", "already final; status is the actual one")},
+            parameters=[_path_param("execution", "execution id")])},
+        "/api/v1/executions": {"get": _operation(
+            "List executions, newest first", {
+                "200": _json("ExecutionList", "executions"),
+                "400": _error("bad status, since or limit")},
+            parameters=[_query("workflow", "workflow name"),
+                        _query("status", "execution status",
+                               {"type": "string", "enum": _EXECUTION_STATUSES}),
+                        _query("since", "positive duration (90s, 1h30m) or <n>d"),
+                        _query("limit", "1 to 1000, default 20",
+                               {"type": "integer", "minimum": 1, "maximum": 1000})])},
+        "/api/v1/executions/{id}": {"get": _operation(
+            "One execution with its steps and hooks", {
+                "200": _json("ExecutionDetail", "the execution"),
+                "404": _error('execution "<id>" not found')},
+            parameters=[_path_param("id", "execution id")])},
+        "/api/v1/workflows": {"get": _operation(
+            "Workflows by name", {"200": _json("WorkflowList", "workflows")})},
+        "/api/v1/workflows/{name}": {"get": _operation(
+            "The current version of a workflow", {
+                "200": _json("WorkflowVersion", "current version"),
+                "404": _error('workflow "<name>" not found')}, parameters=[name])},
+        "/api/v1/workflows/{name}/versions": {"get": _operation(
+            "Versions of a workflow, newest first", {
+                "200": _json("VersionList", "versions"),
+                "404": _error('workflow "<name>" not found')}, parameters=[name])},
+        "/api/v1/workflows/{name}/versions/{version}": {"get": _operation(
+            "One version of a workflow", {
+                "200": _json("WorkflowVersion", "the version"),
+                "400": _error('"invalid version number"'),
+                "404": _error('workflow "<name>" not found / workflow "<name>" version <n> '
+                              "not found")},
+            parameters=[name, _path_param("version", "positive integer")])},
+        "/api/v1/openapi.json": {"get": _operation(
+            "This document", {"200": {"description": "OpenAPI 3.1 document", "content": {
+                "application/json": {"schema": {"type": "object"}}}}})},
+        "/hooks/{path}": {"post": _operation(
+            "Webhook trigger: run the owning workflow's current version", {
+                **run_responses,
+                "400": _error("bad Idempotency-Key"),
+                "403": _error('"invalid or missing webhook signature"'),
+                "404": _error('"no webhook registered for path"')},
+            parameters=[_path_param("path", "the rest of the registered path"), _IDEMPOTENCY,
+                        {"name": "X-Hub-Signature-256", "in": "header", "required": False,
+                         "schema": {"type": "string"},
+                         "description": "sha256=<hex HMAC-SHA256 of the raw body>, needed "
+                                        "when the trigger has a secret (or X-Signature-256)"}],
+            request_body={"required": False, "description": "JSON becomes trigger.payload; "
+                          "other text is passed as a string; empty is null",
+                          "content": {"*/*": {"schema": {}}}})},
+        "/metrics": {"get": _operation(
+            "Prometheus metrics", {"200": {"description": "text exposition format 0.0.4",
+                                           "content": {"text/plain": {
+                                               "schema": {"type": "string"}}}}},
+            protected=False, database=False)},
+        "/healthz": {"get": _operation("Liveness", {"200": _json("Health", "alive")},
+                                       protected=False, database=False)},
+        "/readyz": {"get": _operation(
+            "Readiness: started, database answering, migrations at head", {
+                "200": _json("Readiness", "ready"),
+                "503": _json("Readiness", "not ready, with details")},
+            protected=False, database=False)},
+    }
+
+
+@functools.lru_cache(maxsize=1)
+def _document() -> dict:
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "mantle", "version": "1",
+                 "description": "REST API of mantle serve. Errors are JSON {\"error\": ...}. "
+                                "Any path answers 405 (MethodNotAllowed) for a method it does "
+                                "not implement; unknown paths answer 404 (NotFound)."},
+        "components": {
+            "schemas": _schemas(),
+            "responses": _common_responses(),
+            "securitySchemes": {"bearerAuth": {
+                "type": "http", "scheme": "bearer",
+                "description": "required on /api/v1 and /hooks while an active key exists"}},
+        },
+        # Either a key, or none at all when no key is active.
+        "security": [{"bearerAuth": []}, {}],
+        "paths": _paths(),
+    }
+
+
+def document() -> dict:
+    """A fresh copy of the document (callers may not change the cached one)."""
+    return copy.deepcopy(_document())

@@ -1,0 +1,49 @@
+"""``GET /api/v1/executions`` and ``GET /api/v1/executions/{id}`` (SPEC 7.4)."""
+
+from __future__ import annotations
+
+import re
+
+from mantle import queries
+from mantle.durations import parse_since
+from web.errors import ApiError
+from web.parsing import query_params
+
+__all__ = ["ExecutionCollection", "ExecutionItem", "list_filters"]
+
+_STATUSES = ("pending", "running", "completed", "failed", "cancelled")
+# A ``since`` reaching back beyond year 1 cannot be computed; it filters nothing anyway.
+_SINCE_FOREVER = 3e10
+
+
+def list_filters(params: dict[str, str]) -> dict:
+    """The list filters of 7.4 from query parameters, or the 400 for the first bad one."""
+    status = params.get("status")
+    if status is not None and status not in _STATUSES:
+        raise ApiError(400, "invalid status: must be one of pending, running, completed, "
+                            "failed, cancelled")
+    since = params.get("since")
+    if since is not None:
+        try:
+            since = parse_since(since)
+        except ValueError:
+            raise ApiError(400, "invalid since parameter: must be a positive duration such as "
+                                "90s, 30m, 1h30m or 7d") from None
+        if since >= _SINCE_FOREVER:
+            since = None
+    limit = params.get("limit", "20")
+    if not re.fullmatch(r"[0-9]{1,7}", limit) or not 1 <= int(limit) <= 1000:
+        raise ApiError(400, "invalid limit parameter: must be an integer from 1 to 1000")
+    return {"workflow": params.get("workflow"), "status": status, "since": since,
+            "limit": int(limit)}
+
+
+class ExecutionCollection:
+    def on_get(self, req, resp) -> None:
+        filters = list_filters(query_params(req))
+        resp.media = {"executions": queries.list_executions(**filters)}
+
+
+class ExecutionItem:
+    def on_get(self, req, resp, id: str) -> None:  # noqa: A002 - the route's field name
+        resp.media = queries.execution_detail(id)

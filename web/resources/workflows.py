@@ -1,0 +1,70 @@
+"""``GET /api/v1/workflows`` and its versions (SPEC 7.5)."""
+
+from __future__ import annotations
+
+import re
+
+from mantle.db.models import Workflow, WorkflowDefinition
+from mantle.errors import VersionNotFound, WorkflowNotFound
+from mantle.timefmt import rfc3339
+from web.errors import ApiError
+
+__all__ = ["WorkflowCollection", "WorkflowItem", "VersionCollection", "VersionItem"]
+
+_MAX_VERSION = 2**31 - 1
+
+
+def _pointer(name: str) -> Workflow:
+    row = Workflow.get_or_none(Workflow.name == name)
+    if row is None:
+        raise WorkflowNotFound(name)
+    return row
+
+
+def _definition(name: str, version: int) -> WorkflowDefinition:
+    row = WorkflowDefinition.get_or_none(WorkflowDefinition.workflow_name == name,
+                                         WorkflowDefinition.version == version)
+    if row is None:
+        raise VersionNotFound(name, version)
+    return row
+
+
+class WorkflowCollection:
+    def on_get(self, req, resp) -> None:
+        resp.media = {"workflows": [
+            {"name": row.name, "latest_version": row.current_version,
+             "created_at": rfc3339(row.created_at), "updated_at": rfc3339(row.updated_at)}
+            for row in Workflow.select().order_by(Workflow.name)]}
+
+
+class WorkflowItem:
+    def on_get(self, req, resp, name: str) -> None:
+        pointer = _pointer(name)
+        row = _definition(name, pointer.current_version)
+        resp.media = {"name": name, "version": row.version, "definition": row.definition}
+
+
+class VersionCollection:
+    def on_get(self, req, resp, name: str) -> None:
+        pointer = _pointer(name)
+        rows = (WorkflowDefinition.select(WorkflowDefinition.version,
+                                          WorkflowDefinition.content_hash,
+                                          WorkflowDefinition.created_at)
+                .where(WorkflowDefinition.workflow_name == name)
+                .order_by(WorkflowDefinition.version.desc()))
+        resp.media = {"name": name, "current_version": pointer.current_version,
+                      "versions": [{"version": row.version, "content_hash": row.content_hash,
+                                    "created_at": rfc3339(row.created_at)} for row in rows]}
+
+
+class VersionItem:
+    def on_get(self, req, resp, name: str, version: str) -> None:
+        # Digits only, so "+1", " 1" and "1.0" are refused like "x".
+        if not re.fullmatch(r"[0-9]+", version) or int(version) < 1:
+            raise ApiError(400, "invalid version number")
+        _pointer(name)
+        number = int(version)
+        if number > _MAX_VERSION:  # would overflow the integer column; cannot exist anyway
+            raise VersionNotFound(name, number)
+        row = _definition(name, number)
+        resp.media = {"name": name, "version": row.version, "definition": row.definition}
