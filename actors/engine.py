@@ -98,8 +98,11 @@ class Engine:
 
     def responsive(self, timeout: float = 2.0) -> bool:
         """True when the Supervisor answers a ping in time (systemd watchdog)."""
+        supervisor = self._supervisor  # read once: shutdown may clear it meanwhile
+        if supervisor is None:
+            return False
         try:
-            return bool(self._supervisor.ask(m.Ping(), timeout=timeout))
+            return bool(supervisor.ask(m.Ping(), timeout=timeout))
         except (pykka.Timeout, pykka.ActorDeadError):
             return False
 
@@ -124,8 +127,12 @@ class Engine:
 
     def stop_now(self) -> None:
         """Second signal: jump to the deadline."""
-        if self._supervisor is not None:
-            self._supervisor.tell(m.StopNow())
+        supervisor = self._supervisor
+        if supervisor is not None:
+            try:
+                supervisor.tell(m.StopNow())
+            except pykka.ActorDeadError:
+                pass
 
     def _stop_actors(self) -> None:
         try:

@@ -49,7 +49,7 @@ def _wait_final(daemon: Daemon, workflow: str, timeout: float) -> None:
             busy += len(body["executions"])
         if not busy:
             return
-        time.sleep(0.005)
+        time.sleep(0.01)
     raise TimeoutError(f"{workflow}: executions still running after {timeout}s")
 
 
@@ -116,6 +116,7 @@ def cancel_workload(daemon: Daemon, workflow: str, n: int) -> dict:
             _, detail = daemon.client.request("GET", f"/api/v1/executions/{execution_id}")
             if detail["status"] == "cancelled" and detail["steps"][0]["status"] == "cancelled":
                 return time.time() - sent
+            time.sleep(0.002)  # 50 watchers spinning would starve the daemon on 2 cores
         return None
 
     with ThreadPoolExecutor(n) as pool:  # one watcher per execution: no round-robin delay

@@ -35,11 +35,28 @@ def _commands() -> dict[str, Callable]:
     }
 
 
+# Options whose value may start with "-" (a bad --since such as -5m must reach the command,
+# which explains what it wants, instead of argparse reading it as an unknown option).
+_VALUE_OPTIONS = frozenset({"--since", "--limit", "--to-version"})
+
+
+def _attach_dash_values(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    pending = False
+    for arg in argv:
+        if pending and arg.startswith("-"):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+        pending = arg in _VALUE_OPTIONS
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; return the process exit code."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(_attach_dash_values(sys.argv[1:] if argv is None else argv))
     except UsageError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 1

@@ -206,6 +206,8 @@ def test_rollback_moves_the_current_version_pointer(cli):
         'Error: workflow "daily-report" version 9 not found\n')
     assert cli("rollback", "daily-report", "--to-version", "x").stderr == (
         'Error: invalid --to-version value "x"\n')
+    assert cli("rollback", "daily-report", "--to-version", "-1").stderr == (
+        'Error: invalid --to-version value "-1"\n')
     forward = cli("rollback", "daily-report", "--to-version", "2")
     assert forward.stdout == "Rolled back daily-report from version 1 to version 2\n"
     # A new apply after a rollback is max+1, never a reuse of a number.

@@ -300,7 +300,8 @@ def test_list_filter_errors(tmp_path):
                                   "completed, failed, cancelled"),
         (["--since", "yesterday"], SINCE_ERROR.format("yesterday")),
         (["--since", "0s"], SINCE_ERROR.format("0s")),
-        (["--since=-5m"], SINCE_ERROR.format("-5m")),  # "--since -5m" would read as an option
+        (["--since=-5m"], SINCE_ERROR.format("-5m")),
+        (["--since", "-5m"], SINCE_ERROR.format("-5m")),
         (["--since", "0d"], SINCE_ERROR.format("0d")),
         (["--limit", "0"], "--limit must be between 1 and 1000"),
         (["--limit", "1001"], "--limit must be between 1 and 1000"),
