@@ -19,7 +19,7 @@ import pykka
 from actors import messages as m
 from actors.context import EngineContext, tell
 from actors.runtime import PooledActor
-from actors.step import start_step
+from actors.step import is_instant, run_instant, start_step
 from mantle import store
 from mantle.connectors import ConnectorError, Invocation, resolve_credential
 from mantle.db.fields import utcnow
@@ -304,8 +304,12 @@ class ExecutionActor(PooledActor):
             credential=run.credential, step_timeout=spec.timeout_seconds,
             plugins_dir=self._ctx.plugins_dir, workflow=self._wf.name,
             execution_id=self._id, step=spec.name)
+        attempt = m.RunAttempt(invocation, run.attempt, hook=run.block is not None)
+        if is_instant(spec.action):
+            self._on_AttemptFinished(run_instant(attempt, self._ctx.metrics))
+            return
         run.actor = start_step(self.actor_ref, invocation, self._ctx.metrics, self._ctx.timers)
-        run.actor.tell(m.RunAttempt(invocation, run.attempt, hook=run.block is not None))
+        run.actor.tell(attempt)
         if spec.timeout_seconds:
             run.timer = self._schedule_timer(
                 spec.timeout_seconds, m.TimerFired("step_timeout", spec.name, run.attempt))
@@ -403,9 +407,60 @@ class ExecutionActor(PooledActor):
 
         run.attempt, run.output, run.error = attempt, output, error
         run.started_at, run.completed_at = started_at, completed_at
-        self._write(op, "final", run)
+        closing = self._closing_outcome(run)
+        if closing is None:
+            self._write(op, "final", run, None)
+            return
 
-    def _after_final(self, run: _Run, _result) -> None:
+        def op_and_finish():  # the last checkpoint and the final status, one transaction
+            op()
+            return store.finish_execution(self._id, *closing)
+
+        self._write(op_and_finish, "final", run, closing)
+
+    def _closing_outcome(self, run: _Run) -> tuple[str, str | None] | None:
+        """The execution's final status when ``run``'s outcome ends it with no hook to run.
+
+        Then the outcome and the final status are written in one transaction: the outcome is
+        still durable no later than the final status (SPEC 4.11), for one commit less.
+        """
+        if run.block is not None or self._phase != "main" or self._shutdown:
+            return None
+        if any(other is not run and (not other.status.is_final or other.busy)
+               for other in self._steps.values()):
+            return None
+        failure = self._first_failure
+        if failure is None and run.blocks_dependents and run.status == S.FAILED:
+            failure = (run.spec.name, run.error)
+        outcome = self._outcome_for(failure)
+        if self._hooks_to_run(outcome[0]):
+            return None
+        return outcome
+
+    def _outcome_for(self, failure) -> tuple[str, str | None]:
+        if self._timed_out:
+            return "failed", f"workflow timed out after {self._wf.timeout}"
+        if failure:
+            return "failed", f'step "{failure[0]}" failed: {failure[1]}'
+        return "completed", None
+
+    def _hooks_to_run(self, status: str) -> list[tuple[str, Step]]:
+        blocks = ("on_success", "on_finish") if status == "completed" else (
+            "on_failure", "on_finish")
+        return [(block, spec) for block in blocks for spec in getattr(self._wf.hooks, block)
+                if spec.name not in self._hook_results]
+
+    def _after_final(self, run: _Run, closing, result) -> None:
+        if closing is not None:
+            run.busy = None
+            self._count_step(run)
+            if run.status == S.FAILED:
+                log.error("step failed", extra={**self._context, "step": run.spec.name,
+                                                "error": run.error})
+            self._main_ms = int((time.monotonic() - self._running_since) * 1000)
+            self._outcome, self._phase = closing, "hooks"
+            self._after_finished(result)
+            return
         run.busy = None
         context = {**self._context, "step": run.spec.name}
         if run.status == S.FAILED:
@@ -482,19 +537,10 @@ class ExecutionActor(PooledActor):
         for handle in self._timers:
             handle.cancel()
         self._main_ms = int((time.monotonic() - self._running_since) * 1000)
-        if self._timed_out:
-            self._outcome = ("failed", f"workflow timed out after {self._wf.timeout}")
-        elif self._first_failure:
-            name, error = self._first_failure
-            self._outcome = ("failed", f'step "{name}" failed: {error}')
-        else:
-            self._outcome = ("completed", None)
+        self._outcome = self._outcome_for(self._first_failure)
         self._phase = "hooks"
         hooks = self._wf.hooks
-        blocks = ("on_success", "on_finish") if self._outcome[0] == "completed" else (
-            "on_failure", "on_finish")
-        self._hooks = [(block, spec) for block in blocks for spec in getattr(hooks, block)
-                       if spec.name not in self._hook_results]
+        self._hooks = self._hooks_to_run(self._outcome[0])
         if self._hooks and hooks.timeout_seconds:
             self._schedule_timer(hooks.timeout_seconds, m.TimerFired("hooks_timeout"))
         self._next_hook()

@@ -1,12 +1,12 @@
 """Step actors: each runs one attempt of one step and reports how it ended.
 
-Three kinds, picked by ``start_step`` from the action:
+Two kinds, picked by ``start_step`` from the action:
 - ``StepActor`` (its own thread) for connectors that block: ``http/request``, plugins;
-- ``SleepStepActor`` (pooled) for ``core/sleep``: it waits on a timer, not on a thread;
-- ``InlineStepActor`` (pooled) for actions that finish at once: ``core/log``, ``core/fail``.
+- ``SleepStepActor`` (pooled) for ``core/sleep``: it waits on a timer, not on a thread.
 
-Every kind is interrupted the same way: the Execution actor sets the invocation's ``cancel``
-event and tells the step ``Interrupt``.
+Both are interrupted the same way: the Execution actor sets the invocation's ``cancel`` event
+and tells the step ``Interrupt``. Actions that finish at once and cannot block (``core/log``,
+``core/fail``) need no actor: ``run_instant`` runs them on the Execution actor's turn.
 """
 
 from __future__ import annotations
@@ -27,12 +27,13 @@ from mantle.connectors.core import sleep_output, sleep_seconds
 from mantle.db.fields import utcnow
 from mantle.metrics import Metrics
 
-__all__ = ["StepActor", "SleepStepActor", "InlineStepActor", "start_step", "MAX_OUTPUT_BYTES"]
+__all__ = ["StepActor", "SleepStepActor", "start_step", "is_instant", "run_instant",
+           "MAX_OUTPUT_BYTES"]
 
 log = logging.getLogger(__name__)
 
 MAX_OUTPUT_BYTES = 1024 * 1024
-_INLINE = frozenset({"core/log", "core/fail"})
+_INSTANT = frozenset({"core/log", "core/fail"})
 
 
 def _attempt(message: m.RunAttempt, action: Callable[[Invocation], dict], metrics: Metrics,
@@ -86,18 +87,14 @@ class StepActor(pykka.ThreadingActor):
                 self.stop()
 
 
-class InlineStepActor(PooledActor):
-    """An attempt of an action that returns at once; runs on a dispatcher thread."""
+def is_instant(action: str) -> bool:
+    """Actions that return at once and cannot block: run inline, without a Step actor."""
+    return action in _INSTANT
 
-    def __init__(self, parent: pykka.ActorRef, metrics: Metrics):
-        super().__init__()
-        self._parent = parent
-        self._metrics = metrics
 
-    def on_receive(self, message):
-        if isinstance(message, m.RunAttempt):
-            tell(self._parent, _attempt(message, run_action, self._metrics))
-            self.stop()
+def run_instant(message: m.RunAttempt, metrics: Metrics) -> m.AttemptFinished:
+    """One attempt of an instant action, on the caller's thread."""
+    return _attempt(message, run_action, metrics)
 
 
 class SleepStepActor(PooledActor):
@@ -162,6 +159,4 @@ def start_step(parent: pykka.ActorRef, invocation: Invocation, metrics: Metrics,
     """Start the right kind of Step actor for ``invocation.action``."""
     if invocation.action == "core/sleep":
         return SleepStepActor.start(parent, metrics, timers)
-    if invocation.action in _INLINE:
-        return InlineStepActor.start(parent, metrics)
     return StepActor.start(parent, metrics)
