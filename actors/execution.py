@@ -388,9 +388,8 @@ class ExecutionActor(PooledActor):
         if status == S.SKIPPED:
             started_at = completed_at = now
         audit_action = (_HOOK_AUDIT if run.block else _AUDIT).get(status)
-        extra = None
         if status == S.FAILED and run.spec.continue_on_error and run.block is None:
-            extra = {}
+            audit_action = (audit_action, "step.continued_on_error")
         check_transition(STEP_TRANSITIONS, run.status, status)
         run.status, run.busy = status, "writing"
         block, name = run.block, run.spec.name
@@ -399,11 +398,6 @@ class ExecutionActor(PooledActor):
             store.write_step(self._id, name, attempt, str(status), hook_block=block,
                              output=output, error=error, started_at=started_at,
                              completed_at=completed_at, audit_action=audit_action)
-            if extra is not None:
-                store.write_step(self._id, name, attempt, str(status), hook_block=block,
-                                 output=output, error=error, started_at=started_at,
-                                 completed_at=completed_at,
-                                 audit_action="step.continued_on_error")
 
         run.attempt, run.output, run.error = attempt, output, error
         run.started_at, run.completed_at = started_at, completed_at

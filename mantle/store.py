@@ -255,7 +255,8 @@ def promote_queued(workflow: str, runner: str, limit: int) -> tuple[list[str], b
 
 def write_step(execution_id: str, step: str, attempt: int, status: str, *, hook_block=None,
                output=None, error=None, started_at=None, completed_at=None,
-               audit_action: str | None = None, audit_extra: dict | None = None,
+               audit_action: str | tuple[str, ...] | None = None,
+               audit_extra: dict | None = None,
                new: bool = False) -> None:
     """Insert or update the row of one attempt (the unique key makes it idempotent).
 
@@ -268,7 +269,8 @@ def write_step(execution_id: str, step: str, attempt: int, status: str, *, hook_
     if new or not sql.run(sql.update_step, values + key):
         sql.run(sql.insert_step, (execution_id, step, attempt, status, is_hook, hook_block,
                                   *values[1:]))
-    if audit_action:
+    actions = (audit_action,) if isinstance(audit_action, str) else (audit_action or ())
+    if actions:
         if is_hook:
             metadata = {"execution_id": execution_id, "hook_block": hook_block}
         else:
@@ -277,7 +279,8 @@ def write_step(execution_id: str, step: str, attempt: int, status: str, *, hook_
                 metadata["error"] = error
         metadata.update(audit_extra or {})
         resource = "hook_step_execution" if is_hook else "step_execution"
-        sql.audit("engine", audit_action, resource, step, metadata)
+        for action in actions:
+            sql.audit("engine", action, resource, step, metadata)
 
 
 def finish_execution(execution_id: str, status: str, error: str | None) -> bool:
