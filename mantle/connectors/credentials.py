@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Mapping
 
@@ -37,10 +38,26 @@ def redact(value: Any, secret: str | None) -> Any:
     """
     if not secret:
         return value
+    return _redact(value, _spellings(secret))
+
+
+def _spellings(secret: str) -> tuple[str, ...]:
+    """The secret as written and as JSON encoders escape it (``\\u00e9``, ``\\/``), longest
+    first, so a response body that echoes it JSON-encoded is caught too."""
+    forms = {secret}
+    for ascii_only in (True, False):
+        escaped = json.dumps(secret, ensure_ascii=ascii_only)[1:-1]
+        forms.update({escaped, escaped.replace("/", "\\/")})
+    return tuple(sorted(forms, key=len, reverse=True))
+
+
+def _redact(value: Any, forms: tuple[str, ...]) -> Any:
     if isinstance(value, str):
-        return value.replace(secret, REDACTED)
+        for form in forms:
+            value = value.replace(form, REDACTED)
+        return value
     if isinstance(value, dict):
-        return {key: redact(item, secret) for key, item in value.items()}
+        return {key: _redact(item, forms) for key, item in value.items()}
     if isinstance(value, list):
-        return [redact(item, secret) for item in value]
+        return [_redact(item, forms) for item in value]
     return value

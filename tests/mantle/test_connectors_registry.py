@@ -111,3 +111,11 @@ def test_missing_or_empty_credential_fails_without_retry(environ):
 def test_credential_defaults_to_the_process_environment(monkeypatch):
     monkeypatch.setenv("MANTLE_SECRET_DEPLOY", "d1")
     assert resolve_credential("deploy") == "d1"
+
+
+def test_redaction_catches_json_escaped_echoes_of_the_secret():
+    from mantle.connectors.credentials import redact
+
+    secret = "tok/Zq8vN2kLw7+pX4rT9==é"
+    body = '{"auth": "Bearer tok\\/Zq8vN2kLw7+pX4rT9==\\u00e9"}'
+    assert "Zq8vN2kLw7" not in redact({"body": body}, secret)["body"]
