@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import textwrap
-import time
 
 import pytest
 
 from actors.engine import Engine
-from mantle import definitions, queries
+from mantle import queries
 from mantle.metrics import Metrics
-from mantle.workflow import load_workflow
+from tests.helpers.waiting import apply_yaml as apply  # noqa: F401 - re-exported
+from tests.helpers.waiting import wait_until  # noqa: F401 - re-exported
 
 
 @pytest.fixture
@@ -26,12 +25,6 @@ def engine(db, tmp_path, secrets):
     started.shutdown(timeout=2)
 
 
-def apply(text: str) -> str:
-    """Apply a workflow given as (indented) YAML text; return its name."""
-    raw = textwrap.dedent(text).encode()
-    workflow = load_workflow(raw)
-    definitions.apply_definition(raw, workflow)
-    return workflow.name
 
 
 def finish(engine: Engine, execution_id: str, timeout: float = 15.0) -> dict:
@@ -50,14 +43,3 @@ def run(engine: Engine, workflow: str, inputs=None, timeout: float = 15.0, **kwa
 def steps_of(detail: dict) -> dict[str, dict]:
     return {step["name"]: step for step in detail["steps"]}
 
-
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, message: str = ""):
-    """Poll ``predicate`` until it returns a truthy value or the deadline passes."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(message or f"condition not met within {timeout}s")
-        time.sleep(interval)

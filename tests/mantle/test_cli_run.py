@@ -12,15 +12,14 @@ import json
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
-from mantle import definitions
 from mantle.db.models import AuditEvent, StepExecution, WorkflowExecution
-from mantle.workflow import load_workflow
+from tests.helpers.waiting import apply_yaml as apply  # noqa: F401 - re-exported
+from tests.helpers.waiting import wait_until  # noqa: F401 - re-exported
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -69,24 +68,8 @@ def cli(tmp_path, db, migrated_db_url) -> Cli:
     return Cli(tmp_path, migrated_db_url)
 
 
-def apply(text: str) -> str:
-    """Store a workflow version (in-process; ``apply`` itself is tested elsewhere)."""
-    raw = textwrap.dedent(text).encode()
-    workflow = load_workflow(raw)
-    definitions.apply_definition(raw, workflow)
-    return workflow.name
 
 
-def wait_until(predicate, timeout: float = 15.0, message: str = ""):
-    """Poll ``predicate`` until it returns something truthy; fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(message or f"condition not met within {timeout}s")
-        time.sleep(0.02)
 
 
 def running_step(workflow: str, step: str, process: subprocess.Popen | None = None) -> str:

@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 import urllib.parse
@@ -21,9 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mantle import db as mantle_db
-from mantle import definitions
 from mantle.db import migrations
-from mantle.workflow import load_workflow
+from tests.helpers.waiting import apply_yaml, wait_until  # noqa: F401 - re-exported
 
 __all__ = ["REPO", "apply_yaml", "wait_until", "Reply", "call", "Daemon", "cli", "free_port",
            "gone_database"]
@@ -31,24 +29,8 @@ __all__ = ["REPO", "apply_yaml", "wait_until", "Reply", "call", "Daemon", "cli",
 REPO = Path(__file__).resolve().parents[2]
 
 
-def apply_yaml(text: str) -> str:
-    """Apply a workflow given as (indented) YAML on the bound database; return its name."""
-    raw = textwrap.dedent(text).encode()
-    workflow = load_workflow(raw)
-    definitions.apply_definition(raw, workflow)
-    return workflow.name
 
 
-def wait_until(predicate, timeout: float = 15.0, interval: float = 0.02, message: str = ""):
-    """Poll ``predicate`` until it returns something truthy; AssertionError at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(message or f"condition not met within {timeout}s")
-        time.sleep(interval)
 
 
 @dataclass
