@@ -456,3 +456,25 @@ def test_cel_variables_expose_inputs_env_trigger_and_execution(engine):
     detail = run(engine, "vars", {"who": "ann"})
     output = steps_of(detail)["show"]["output"]
     assert output == {"message": "ann eu manual vars"}
+
+
+def test_exponential_backoff_waits_one_then_two_seconds(engine, http_target):
+    http_target.route("/down", status=503)
+    apply(f"""
+        name: backing-off
+        steps:
+          - name: call
+            action: http/request
+            params: {{url: "{http_target.url('/down')}"}}
+            retry: {{max_attempts: 3, backoff: exponential}}
+    """)
+    detail = run(engine, "backing-off")
+    assert steps_of(detail)["call"]["attempt"] == 3
+    rows = list(StepExecution.select().where(StepExecution.step_name == "call")
+                .order_by(StepExecution.attempt))
+    # Attempt n+1's row is written (running) when the backoff begins, so the waits show as
+    # the spacing of the attempts' ends; each request itself takes milliseconds.
+    gaps = [(later.completed_at - earlier.completed_at).total_seconds()
+            for earlier, later in zip(rows, rows[1:])]
+    assert 0.9 <= gaps[0] < 1.6
+    assert 1.9 <= gaps[1] < 2.6
