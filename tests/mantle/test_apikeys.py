@@ -1,0 +1,44 @@
+"""API key matching (SPEC 7.1; issue 6: keys compared in constant time and stored hashed)."""
+
+from __future__ import annotations
+
+import time
+
+from mantle.apikeys import ActiveKey, hash_key, match_key
+
+KEYS = 400
+
+
+def _keys() -> tuple[list[str], list[ActiveKey]]:
+    presented = [f"mk_{index:060d}" for index in range(KEYS)]
+    return presented, [ActiveKey(f"k{index}", hash_key(key), None)
+                       for index, key in enumerate(presented)]
+
+
+def _fastest(presented: str, keys: list[ActiveKey], rounds: int = 15) -> float:
+    best = float("inf")
+    for _ in range(rounds):
+        started = time.perf_counter()
+        for _ in range(20):
+            match_key(presented, keys)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def test_matching_a_key_takes_as_long_whichever_key_it_is_or_none():
+    """An early exit would make the first key ~400 times faster to find than the last (or a
+    wrong key): a timing oracle for which keys exist. Minimum of 15 rounds, so a busy machine
+    only slows every case alike."""
+    presented, keys = _keys()
+    assert match_key(presented[0], keys).name == "k0"
+    assert match_key(presented[-1], keys).name == f"k{KEYS - 1}"
+    assert match_key("mk_wrong", keys) is None
+    first, last, wrong = (_fastest(key, keys) for key in (presented[0], presented[-1], "mk_x"))
+    assert max(first, last, wrong) < 2 * min(first, last, wrong), (first, last, wrong)
+
+
+def test_a_stored_key_is_its_sha256_never_the_key():
+    presented, keys = _keys()
+    assert all(len(key.key_hash) == 64 and key.key_hash != text
+               for key, text in zip(keys, presented))
+    assert match_key(keys[0].key_hash, keys) is None
