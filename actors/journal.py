@@ -21,6 +21,7 @@ from typing import Any
 import peewee
 
 from mantle.db import transaction
+from mantle.store import batched_audit
 
 __all__ = ["Journal", "JournalStopped", "is_outage"]
 
@@ -151,7 +152,7 @@ class Journal:
 
     def _commit(self, batch: list[_Entry]) -> list[Any]:
         try:
-            with transaction(self._db):
+            with transaction(self._db), batched_audit(self._db):
                 return [entry.op() for entry in batch]
         except Exception as exc:
             if is_outage(exc):

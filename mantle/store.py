@@ -8,8 +8,10 @@ can batch them freely. Reads used by the CLI and the REST API live in ``mantle.q
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import datetime as dt
+import threading
 import uuid
 from typing import Any
 
@@ -28,6 +30,7 @@ __all__ = [
     "Created", "LimitReached", "create_execution", "mark_running", "promote_queued", "write_step",
     "finish_execution", "cancel_execution", "heartbeat", "cancelled_since",
     "execution_snapshot", "find_orphans", "claim", "definition_of", "copy_steps",
+    "batched_audit",
 ]
 
 _ACTIVE = (ExecutionStatus.PENDING.value, ExecutionStatus.RUNNING.value)
@@ -90,10 +93,15 @@ class _Statements:
         # Stored versions never change, so their parsed form can be kept: per database,
         # since two databases may hold different workflows under the same name and version.
         self.definitions: collections.OrderedDict = collections.OrderedDict()
+        self.local = threading.local()  # .audit_rows: this thread's batched_audit() buffer
 
     @classmethod
     def of_bound(cls) -> _Statements:
-        database = unwrap(database_proxy)
+        return cls.of(database_proxy)
+
+    @classmethod
+    def of(cls, database) -> _Statements:
+        database = unwrap(database)
         statements = cls._by_database.get(id(database))
         if statements is None or statements.db is not database:
             statements = cls._by_database[id(database)] = cls(database)
@@ -108,8 +116,39 @@ class _Statements:
         return self.db.execute_sql(sql, params).rowcount
 
     def audit(self, actor, action, resource_type, resource_id, metadata) -> None:
-        self.run(self.insert_audit, (self.stamp(utcnow()), actor, action, resource_type,
-                                     str(resource_id), dump_json(metadata)))
+        row = (self.stamp(utcnow()), actor, action, resource_type, str(resource_id),
+               dump_json(metadata))
+        rows = getattr(self.local, "audit_rows", None)
+        if rows is None:
+            self.run(self.insert_audit, row)
+        else:
+            rows.append(row)
+
+
+@contextlib.contextmanager
+def batched_audit(database):
+    """Inside a transaction: collect the audit rows this thread's operations write and insert
+    them in one ``executemany`` when the block ends without error (before the commit).
+
+    Audit rows are appended and never read back by an operation, so inserting them at the end
+    of the transaction changes nothing but the cost: one statement per row was a tenth of the
+    daemon's time under load, and on PostgreSQL one network round trip per row.
+    """
+    sql = _Statements.of(database)
+    if getattr(sql.local, "audit_rows", None) is not None:  # nested: the outer block inserts
+        yield
+        return
+    rows = sql.local.audit_rows = []
+    try:
+        yield
+        if rows:
+            cursor = sql.db.cursor()
+            try:
+                cursor.executemany(sql.insert_audit, rows)
+            finally:
+                cursor.close()
+    finally:
+        sql.local.audit_rows = None
 
 
 def _json(value):
