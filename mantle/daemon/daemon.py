@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 import time
 
@@ -26,9 +27,15 @@ from mantle.db import migrations
 from mantle.errors import DatabaseUnavailable
 from mantle.metrics import Metrics
 
-__all__ = ["Daemon", "Signals"]
+__all__ = ["Daemon", "Signals", "SWITCH_INTERVAL"]
 
 log = logging.getLogger("mantle.server")
+
+# The daemon is a pipeline of threads handing work to each other (HTTP worker -> Supervisor
+# -> journal -> Execution actor -> HTTP worker). A thread woken by a hand-off waits for the
+# GIL until the running thread drops it, by default up to 5 ms: at a few hand-offs per
+# execution that wait, not CPU, was what bounded the REST throughput (bench/README.md).
+SWITCH_INTERVAL = 0.0005
 
 
 class Signals:
@@ -68,6 +75,7 @@ class Daemon:
 
     def run(self) -> int:
         """Start, serve until a signal, shut down; the exit code. Startup failures raise."""
+        sys.setswitchinterval(SWITCH_INTERVAL)
         self._signals.install()
         self._start()
         while not self._signals.arrived.wait(0.5):
