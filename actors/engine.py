@@ -18,7 +18,7 @@ import pykka
 from actors import messages as m
 from actors.context import EngineContext
 from actors.journal import Journal
-from actors.supervisor import RunResult, Supervisor
+from actors.supervisor import RunResult, ShuttingDown, Supervisor, submit_run
 from actors.timers import Timers
 from mantle.metrics import Metrics
 
@@ -50,6 +50,7 @@ class Engine:
         self._context = context
         self._resume = resume_orphans
         self._supervisor: pykka.ActorRef | None = None
+        self._stopping = False
 
     def start(self) -> Engine:
         self.journal.start()
@@ -66,10 +67,13 @@ class Engine:
             timeout: float = 30.0, retry_of: str | None = None, from_step: str | None = None,
             reuse: tuple = ()) -> RunResult:
         """Create an execution and start it (or queue it); the row exists on return."""
+        supervisor = self._supervisor
+        if self._stopping or supervisor is None:
+            raise ShuttingDown()
         reply = pykka.ThreadingFuture()
-        self._supervisor.tell(m.RunRequest(workflow, inputs, version, trigger, actor,
-                                           idempotency_key, reply, retry_of, from_step,
-                                           tuple(reuse)))
+        submit_run(self._context, supervisor, m.RunRequest(
+            workflow, inputs, version, trigger, actor, idempotency_key, reply, retry_of,
+            from_step, tuple(reuse)))
         return reply.get(timeout=timeout)
 
     def cancel(self, execution_id: str, actor: str = "cli", timeout: float = 30.0) -> str:
@@ -114,6 +118,7 @@ class Engine:
         interrupt them (their rows stay ``running`` for the next runner); stop everything."""
         if self._supervisor is None:
             return
+        self._stopping = True
         deadline = time.monotonic() + timeout
         self._supervisor.tell(m.Shutdown(deadline))
         while time.monotonic() < deadline + 2.0:

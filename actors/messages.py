@@ -14,6 +14,7 @@ from typing import Any
 
 __all__ = [
     "RunRequest",
+    "Created",
     "StartExecution",
     "CancelExecution",
     "Shutdown",
@@ -42,7 +43,11 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class RunRequest:
-    """Create an execution; ``reply`` receives a RunResult or an exception."""
+    """Create an execution; ``reply`` receives a RunResult or an exception.
+
+    Written by the journal directly (``actors.supervisor.create``); the Supervisor hears
+    ``Created`` once the row is committed.
+    """
 
     workflow: str
     inputs: Any
@@ -54,6 +59,14 @@ class RunRequest:
     retry_of: str | None = None
     from_step: str | None = None
     reuse: tuple = ()  # step rows copied from the original by ``mantle retry``
+
+
+@dataclass(frozen=True, slots=True)
+class Created:
+    """A RunRequest's execution is committed (``running``, or ``pending`` when queued)."""
+
+    request: RunRequest
+    created: Any  # mantle.store.Created
 
 
 @dataclass(frozen=True, slots=True)
