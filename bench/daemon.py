@@ -103,6 +103,7 @@ class Daemon:
         self.workflows = workflows
         self.proc: subprocess.Popen | None = None
         self.client: Client | None = None
+        self.pool = None  # workloads.client_pool() sets it
 
     def _mantle(self, *args: str) -> None:
         subprocess.run([sys.executable, "-m", "mantle", *args, "--database-url",
@@ -144,6 +145,8 @@ class Daemon:
             pass
 
     def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
         if self.proc is not None:
             self.proc.terminate()
             try:
