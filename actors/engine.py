@@ -16,7 +16,7 @@ from typing import Any
 import pykka
 
 from actors import messages as m
-from actors.context import EngineContext
+from actors.context import EngineContext, Reply
 from actors.journal import Journal
 from actors.supervisor import RunResult, ShuttingDown, Supervisor, submit_run
 from actors.timers import Timers
@@ -70,7 +70,7 @@ class Engine:
         supervisor = self._supervisor
         if self._stopping or supervisor is None:
             raise ShuttingDown()
-        reply = pykka.ThreadingFuture()
+        reply = Reply()
         submit_run(self._context, supervisor, m.RunRequest(
             workflow, inputs, version, trigger, actor, idempotency_key, reply, retry_of,
             from_step, tuple(reuse)))
@@ -79,7 +79,7 @@ class Engine:
     def cancel(self, execution_id: str, actor: str = "cli", timeout: float = 30.0) -> str:
         """Commit ``cancelled``; return the status it had. Raises ExecutionNotFound or
         ExecutionFinished."""
-        reply = pykka.ThreadingFuture()
+        reply = Reply()
         self._supervisor.tell(m.CancelExecution(execution_id, actor, reply))
         return reply.get(timeout=timeout)
 

@@ -55,7 +55,7 @@ class RunRequest:
     trigger: Any
     actor: str
     idempotency_key: str | None
-    reply: Any  # pykka.ThreadingFuture
+    reply: Any  # actors.context.Reply
     retry_of: str | None = None
     from_step: str | None = None
     reuse: tuple = ()  # step rows copied from the original by ``mantle retry``
@@ -81,7 +81,7 @@ class StartExecution:
 class CancelExecution:
     execution_id: str
     actor: str
-    reply: Any  # pykka.ThreadingFuture receiving the status string before the cancel
+    reply: Any  # actors.context.Reply receiving the status string before the cancel
 
 
 @dataclass(frozen=True, slots=True)
