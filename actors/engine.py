@@ -66,14 +66,18 @@ class Engine:
             trigger: Any = None, actor: str = "cli", idempotency_key: str | None = None,
             timeout: float = 30.0, retry_of: str | None = None, from_step: str | None = None,
             reuse: tuple = ()) -> RunResult:
-        """Create an execution and start it (or queue it); the row exists on return."""
+        """Create an execution and start it (or queue it); the row exists on return.
+
+        Raises ``pykka.Timeout`` when the row is not written within ``timeout`` (database
+        outage); such a run is then never created, so the caller may retry it.
+        """
         supervisor = self._supervisor
         if self._stopping or supervisor is None:
             raise ShuttingDown()
         reply = Reply()
         submit_run(self._context, supervisor, m.RunRequest(
             workflow, inputs, version, trigger, actor, idempotency_key, reply, retry_of,
-            from_step, tuple(reuse)))
+            from_step, tuple(reuse), deadline=time.monotonic() + timeout))
         return reply.get(timeout=timeout)
 
     def cancel(self, execution_id: str, actor: str = "cli", timeout: float = 30.0) -> str:

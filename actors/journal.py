@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +31,9 @@ log = logging.getLogger(__name__)
 _MAX_BATCH = 500
 _BACKOFF_START = 0.5
 _BACKOFF_MAX = 5.0
+# A commit waiting longer than this (SQLite waiting out another process's write lock, up to
+# its 10 s busy timeout) makes the journal unhealthy: callers answer 503 instead of waiting.
+_STALLED_AFTER = 2.0
 
 
 class JournalStopped(RuntimeError):
@@ -67,11 +71,15 @@ class Journal:
         self._stopping = False
         self._abandon = threading.Event()
         self._in_outage = False
+        self._commit_started: float | None = None  # monotonic, while a commit is under way
         self._thread = threading.Thread(target=self._run, name="mantle-journal", daemon=True)
 
     @property
     def healthy(self) -> bool:
-        return not self._in_outage
+        """False during an outage, and while a commit has waited more than _STALLED_AFTER."""
+        started = self._commit_started
+        stalled = started is not None and time.monotonic() - started > _STALLED_AFTER
+        return not (self._in_outage or stalled)
 
     def start(self) -> None:
         self._thread.start()
@@ -151,6 +159,7 @@ class Journal:
             self._callback(entry.done, result)
 
     def _commit(self, batch: list[_Entry]) -> list[Any]:
+        self._commit_started = time.monotonic()
         try:
             with transaction(self._db), batched_audit(self._db):
                 return [entry.op() for entry in batch]
@@ -158,6 +167,8 @@ class Journal:
             if is_outage(exc):
                 self._reset_connection()
             raise
+        finally:
+            self._commit_started = None
 
     def _write_one_by_one(self, batch: list[_Entry]) -> None:
         for entry in batch:

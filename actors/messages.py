@@ -59,6 +59,7 @@ class RunRequest:
     retry_of: str | None = None
     from_step: str | None = None
     reuse: tuple = ()  # step rows copied from the original by ``mantle retry``
+    deadline: float | None = None  # time.monotonic() when the caller stops waiting
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,9 @@ __all__ = ["Supervisor", "RunResult", "ShuttingDown", "submit_run"]
 log = logging.getLogger("mantle.engine")
 
 HEARTBEAT_EVERY = 5.0
+# A run still in the journal this close to its caller's deadline is dropped, not created: the
+# caller has answered 503 (or is about to) and must be free to retry without a duplicate.
+ABANDON_MARGIN = 1.0
 ORPHAN_SCAN_EVERY = 30.0
 STALE_AFTER = 30.0
 
@@ -80,6 +83,8 @@ def submit_run(ctx: EngineContext, supervisor: pykka.ActorRef, msg: m.RunRequest
     ``POST /run`` (bench/README.md). The Supervisor only hears about the new execution.
     """
     def op():
+        if msg.deadline is not None and time.monotonic() > msg.deadline - ABANDON_MARGIN:
+            return None
         created = store.create_execution(
             msg.workflow, msg.inputs, msg.version, msg.trigger, ctx.runner, msg.actor,
             msg.idempotency_key, retry_of=msg.retry_of, from_step=msg.from_step)
@@ -87,7 +92,10 @@ def submit_run(ctx: EngineContext, supervisor: pykka.ActorRef, msg: m.RunRequest
             store.copy_steps(created.execution["id"], list(msg.reuse))
         return created
 
-    def done(created: store.Created) -> None:
+    def done(created: store.Created | None) -> None:
+        if created is None:
+            _fail(msg.reply, pykka.Timeout("the run was not written in time"))
+            return
         if created.error is not None:
             _fail(msg.reply, created.error)
             return
