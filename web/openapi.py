@@ -13,10 +13,18 @@ from __future__ import annotations
 import copy
 import functools
 
-__all__ = ["document", "OPEN_PATHS"]
+__all__ = ["document", "OPEN_PATHS", "SINCE_PATTERN"]
 
 # Paths that never need an API key.
 OPEN_PATHS = ("/metrics", "/healthz", "/readyz")
+
+# ``since`` (SPEC 7.4): ``<n>d``, or a duration (SPEC 2.3) with at least one non-zero digit,
+# so that it is positive; what ``mantle.durations.parse_since`` accepts.
+_NUMBER = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
+_NON_ZERO = r"(?:[0-9]*[1-9][0-9]*(?:\.[0-9]*)?|[0-9]*\.[0-9]*[1-9][0-9]*)"
+_UNIT = "(?:ns|us|\u00b5s|\u03bcs|ms|s|m|h)"
+SINCE_PATTERN = (rf"^(?:[1-9][0-9]*d|\+?(?:{_NUMBER}{_UNIT})*{_NON_ZERO}{_UNIT}"
+                 rf"(?:{_NUMBER}{_UNIT})*)$")
 
 _STEP_STATUSES = ["pending", "running", "completed", "failed", "skipped", "cancelled"]
 _EXECUTION_STATUSES = ["pending", "running", "completed", "failed", "cancelled"]
@@ -51,9 +59,11 @@ def _schemas() -> dict:
             "error": {"type": "string"},
             "status": {"type": "string", "enum": ["completed", "failed", "cancelled"]}}),
         "RunRequest": {"type": "object", "properties": {
-            "inputs": {"type": "object", "description": "values of declared inputs"},
-            "version": {"type": "integer", "minimum": 1,
-                        "description": "version to run; default: the current one"}},
+            "inputs": {"type": ["object", "null"],
+                       "description": "values of declared inputs; null is the same as none"},
+            "version": {"type": ["integer", "null"], "minimum": 1,
+                        "description": "version to run; default (or null): the current one. "
+                                       "Written as an integer: 2.0 is refused"}},
             "description": "optional; other fields are ignored"},
         "RunAccepted": _obj(["execution_id", "workflow", "version"], {
             "execution_id": {"type": "string", "format": "uuid"},
@@ -123,7 +133,7 @@ def _common_responses() -> dict:
     }
 
 
-def _operation(summary: str, responses: dict, *, protected: bool = True,
+def _operation(operation_id: str, summary: str, responses: dict, *, protected: bool = True,
                database: bool = True, parameters: list | None = None,
                request_body: dict | None = None) -> dict:
     responses = dict(responses)
@@ -133,7 +143,8 @@ def _operation(summary: str, responses: dict, *, protected: bool = True,
         responses["401"] = {"$ref": "#/components/responses/Unauthorized"}
     if database:
         responses.setdefault("503", {"$ref": "#/components/responses/Unavailable"})
-    operation = {"summary": summary, "responses": dict(sorted(responses.items()))}
+    operation = {"operationId": operation_id, "summary": summary,
+                 "responses": dict(sorted(responses.items()))}
     if not protected:
         operation["security"] = []
     if parameters:
@@ -159,65 +170,88 @@ _IDEMPOTENCY = {"name": "Idempotency-Key", "in": "header", "required": False,
                                "execution's body"}
 
 
+def _links(field: str) -> dict:
+    """OpenAPI links from a response carrying an execution id to what can be done with it
+    (stateful API tests follow them: run -> detail -> cancel)."""
+    value = f"$response.body#/{field}"
+    return {"GetExecution": {"operationId": "getExecution", "parameters": {"id": value},
+                             "description": "the execution's detail"},
+            "CancelExecution": {"operationId": "cancelExecution",
+                                "parameters": {"execution": value},
+                                "description": "cancel the execution"}}
+
+
+def _linked(response: dict, field: str) -> dict:
+    return {**response, "links": _links(field)}
+
+
 def _paths() -> dict:
     workflow = _path_param("workflow", "workflow name")
     name = _path_param("name", "workflow name")
-    run_responses = {"200": _json("RunAccepted", "Idempotency-Key seen before: the original"),
-                     "202": _json("RunAccepted", "accepted; the execution runs afterwards"),
-                     "429": _error("over max_parallel_executions with on_limit: reject")}
+    run_responses = {
+        "200": _linked(_json("RunAccepted", "Idempotency-Key seen before: the original"),
+                       "execution_id"),
+        "202": _linked(_json("RunAccepted", "accepted; the execution runs afterwards"),
+                       "execution_id"),
+        "429": _error("over max_parallel_executions with on_limit: reject")}
     return {
         "/api/v1/run/{workflow}": {"post": _operation(
-            "Start an execution of a workflow", {
+            "runWorkflow", "Start an execution of a workflow", {
                 **run_responses,
                 "400": _error("bad JSON, body, inputs, version or Idempotency-Key"),
                 "404": _error('workflow "<name>" not found / workflow "<name>" version <n> '
                               "not found")},
             parameters=[workflow, _IDEMPOTENCY],
-            request_body={"required": False, "content": {
-                "application/json": {"schema": _ref("RunRequest")}}})},
+            request_body={"required": False,
+                          "description": "optional: an empty or blank body is {}",
+                          "content": {"application/json": {"schema": _ref("RunRequest")}}})},
         "/api/v1/cancel/{execution}": {"post": _operation(
-            "Cancel a pending or running execution", {
-                "200": _json("CancelResult", "cancelled"),
+            "cancelExecution", "Cancel a pending or running execution", {
+                "200": _linked(_json("CancelResult", "cancelled"), "execution_id"),
                 "404": _error('execution "<id>" not found'),
                 "409": _json("CancelConflict", "already final; status is the actual one")},
             parameters=[_path_param("execution", "execution id")])},
         "/api/v1/executions": {"get": _operation(
-            "List executions, newest first", {
+            "listExecutions", "List executions, newest first", {
                 "200": _json("ExecutionList", "executions"),
                 "400": _error("bad status, since or limit")},
             parameters=[_query("workflow", "workflow name"),
                         _query("status", "execution status",
                                {"type": "string", "enum": _EXECUTION_STATUSES}),
-                        _query("since", "positive duration (90s, 1h30m) or <n>d"),
+                        _query("since", "positive duration (90s, 1h30m) or <n>d",
+                               {"type": "string", "pattern": SINCE_PATTERN}),
                         _query("limit", "1 to 1000, default 20",
                                {"type": "integer", "minimum": 1, "maximum": 1000})])},
         "/api/v1/executions/{id}": {"get": _operation(
-            "One execution with its steps and hooks", {
-                "200": _json("ExecutionDetail", "the execution"),
+            "getExecution", "One execution with its steps and hooks", {
+                "200": _linked(_json("ExecutionDetail", "the execution"), "id"),
                 "404": _error('execution "<id>" not found')},
             parameters=[_path_param("id", "execution id")])},
         "/api/v1/workflows": {"get": _operation(
-            "Workflows by name", {"200": _json("WorkflowList", "workflows")})},
+            "listWorkflows", "Workflows by name", {"200": _json("WorkflowList", "workflows")})},
         "/api/v1/workflows/{name}": {"get": _operation(
-            "The current version of a workflow", {
+            "getWorkflow", "The current version of a workflow", {
                 "200": _json("WorkflowVersion", "current version"),
                 "404": _error('workflow "<name>" not found')}, parameters=[name])},
         "/api/v1/workflows/{name}/versions": {"get": _operation(
-            "Versions of a workflow, newest first", {
+            "listVersions", "Versions of a workflow, newest first", {
                 "200": _json("VersionList", "versions"),
                 "404": _error('workflow "<name>" not found')}, parameters=[name])},
         "/api/v1/workflows/{name}/versions/{version}": {"get": _operation(
-            "One version of a workflow", {
+            "getVersion", "One version of a workflow", {
                 "200": _json("WorkflowVersion", "the version"),
                 "400": _error('"invalid version number"'),
                 "404": _error('workflow "<name>" not found / workflow "<name>" version <n> '
                               "not found")},
-            parameters=[name, _path_param("version", "positive integer")])},
+            parameters=[name, {"name": "version", "in": "path", "required": True,
+                               "schema": {"type": "integer", "minimum": 1},
+                               "description": "positive integer (digits only)"}])},
         "/api/v1/openapi.json": {"get": _operation(
-            "This document", {"200": {"description": "OpenAPI 3.1 document", "content": {
-                "application/json": {"schema": {"type": "object"}}}}})},
+            "getOpenApi", "This document", {"200": {
+                "description": "OpenAPI 3.1 document",
+                "content": {"application/json": {"schema": {"type": "object"}}}}})},
         "/hooks/{path}": {"post": _operation(
-            "Webhook trigger: run the owning workflow's current version", {
+            "triggerWebhook", "Webhook trigger: run the owning workflow's current version", {
                 **run_responses,
                 "400": _error("bad Idempotency-Key"),
                 "403": _error('"invalid or missing webhook signature"'),
@@ -231,14 +265,14 @@ def _paths() -> dict:
                           "other text is passed as a string; empty is null",
                           "content": {"*/*": {"schema": {}}}})},
         "/metrics": {"get": _operation(
-            "Prometheus metrics", {"200": {"description": "text exposition format 0.0.4",
-                                           "content": {"text/plain": {
-                                               "schema": {"type": "string"}}}}},
+            "getMetrics", "Prometheus metrics", {"200": {
+                "description": "text exposition format 0.0.4",
+                "content": {"text/plain": {"schema": {"type": "string"}}}}},
             protected=False, database=False)},
-        "/healthz": {"get": _operation("Liveness", {"200": _json("Health", "alive")},
+        "/healthz": {"get": _operation("getHealth", "Liveness", {"200": _json("Health", "alive")},
                                        protected=False, database=False)},
         "/readyz": {"get": _operation(
-            "Readiness: started, database answering, migrations at head", {
+            "getReadiness", "Readiness: started, database answering, migrations at head", {
                 "200": _json("Readiness", "ready"),
                 "503": _json("Readiness", "not ready, with details")},
             protected=False, database=False)},

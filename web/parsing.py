@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import urllib.parse
 from typing import Any
 
@@ -10,11 +12,15 @@ import falcon
 
 from web.errors import BODY_LIMIT, TOO_LARGE, ApiError
 
-__all__ = ["read_body", "parse_json", "json_object_body", "query_params", "NotJson"]
+__all__ = ["read_body", "parse_json", "json_object_body", "query_params", "storable", "NotJson"]
+
+# A surrogate code point left after decoding is an unpaired ``\ud800``-style escape: valid
+# JSON syntax, but not text (no database or encoder can store it).
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class NotJson(ValueError):
-    """The bytes are not one JSON document (strict: no NaN or Infinity)."""
+    """The bytes are not one JSON document (strict: see ``parse_json``)."""
 
 
 def read_body(req: falcon.Request) -> bytes:
@@ -29,12 +35,42 @@ def _reject_constant(name: str):
     raise NotJson(f"{name} is not JSON")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: it would be stored and served back as Infinity
+        raise NotJson(f"{text} is out of range")
+    return value
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    stack = [value]  # iterative: the document may be nested as deep as the parser allows
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 def parse_json(raw: bytes) -> Any:
-    """Decode one JSON document; NotJson when it is not valid UTF-8 JSON."""
+    """Decode one JSON document; NotJson when it is not valid UTF-8 JSON.
+
+    Stricter than ``json.loads``: no NaN or Infinity, no number beyond a double, no unpaired
+    surrogate escape. Integers with more digits than Python converts are refused too.
+    """
     try:
-        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        value = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant,
+                           parse_float=_finite)
+    except (ValueError, RecursionError) as exc:  # JSON, UTF-8 and int-digit-limit errors
         raise NotJson(str(exc)) from None
+    if _has_lone_surrogate(value):
+        raise NotJson("unpaired surrogate escape")
+    return value
 
 
 def json_object_body(req: falcon.Request) -> dict:
@@ -49,6 +85,12 @@ def json_object_body(req: falcon.Request) -> dict:
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
     return body
+
+
+def storable(text: str) -> bool:
+    """False for text no stored name or path can equal: PostgreSQL text cannot hold NUL, and
+    a query with one fails there instead of matching nothing."""
+    return "\x00" not in text
 
 
 def query_params(req: falcon.Request) -> dict[str, str]:

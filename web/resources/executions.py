@@ -7,7 +7,7 @@ import re
 from mantle import queries
 from mantle.durations import parse_since
 from web.errors import ApiError
-from web.parsing import query_params
+from web.parsing import query_params, storable
 
 __all__ = ["ExecutionCollection", "ExecutionItem", "list_filters"]
 
@@ -26,6 +26,8 @@ def list_filters(params: dict[str, str]) -> dict:
     if since is not None:
         try:
             since = parse_since(since)
+        except OverflowError:  # more days than a float holds: reaches back beyond year 1 too
+            since = _SINCE_FOREVER
         except ValueError:
             raise ApiError(400, "invalid since parameter: must be a positive duration such as "
                                 "90s, 30m, 1h30m or 7d") from None
@@ -41,6 +43,9 @@ def list_filters(params: dict[str, str]) -> dict:
 class ExecutionCollection:
     def on_get(self, req, resp) -> None:
         filters = list_filters(query_params(req))
+        if filters["workflow"] is not None and not storable(filters["workflow"]):
+            resp.media = {"executions": []}  # no workflow has that name
+            return
         resp.media = {"executions": queries.list_executions(**filters)}
 
 

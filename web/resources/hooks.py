@@ -11,7 +11,7 @@ import hmac
 
 from mantle.db.models import WorkflowTrigger
 from web.errors import ApiError
-from web.parsing import NotJson, parse_json, read_body
+from web.parsing import NotJson, parse_json, read_body, storable
 from web.resources.runs import accept_run, idempotency_key
 
 __all__ = ["WebhookResource", "payload_of", "signature_valid", "SIGNATURE_HEADERS"]
@@ -51,7 +51,8 @@ class WebhookResource:
 
     def on_post(self, req, resp, path: str) -> None:
         trigger = WorkflowTrigger.get_or_none(WorkflowTrigger.type == "webhook",
-                                              WorkflowTrigger.path == req.path)
+                                              WorkflowTrigger.path == req.path
+                                              ) if storable(req.path) else None
         if trigger is None:
             raise ApiError(404, "no webhook registered for path")
         key = idempotency_key(req)

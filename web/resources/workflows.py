@@ -8,14 +8,17 @@ from mantle.db.models import Workflow, WorkflowDefinition
 from mantle.errors import VersionNotFound, WorkflowNotFound
 from mantle.timefmt import rfc3339
 from web.errors import ApiError
+from web.parsing import storable
 
-__all__ = ["WorkflowCollection", "WorkflowItem", "VersionCollection", "VersionItem"]
+__all__ = ["WorkflowCollection", "WorkflowItem", "VersionCollection", "VersionItem",
+           "MAX_VERSION"]
 
-_MAX_VERSION = 2**31 - 1
+# The largest value of the integer version columns; a larger version cannot exist.
+MAX_VERSION = 2**31 - 1
 
 
 def _pointer(name: str) -> Workflow:
-    row = Workflow.get_or_none(Workflow.name == name)
+    row = Workflow.get_or_none(Workflow.name == name) if storable(name) else None
     if row is None:
         raise WorkflowNotFound(name)
     return row
@@ -64,7 +67,7 @@ class VersionItem:
             raise ApiError(400, "invalid version number")
         _pointer(name)
         number = int(version)
-        if number > _MAX_VERSION:  # would overflow the integer column; cannot exist anyway
+        if number > MAX_VERSION:  # would overflow the integer column; cannot exist anyway
             raise VersionNotFound(name, number)
         row = _definition(name, number)
         resp.media = {"name": name, "version": row.version, "definition": row.definition}
