@@ -59,17 +59,19 @@ def _trigger_all(daemon: Daemon, workflow: str, n: int) -> dict[str, float]:
 
 
 def _wait_final(daemon: Daemon, workflow: str, timeout: float) -> None:
-    """Poll the list endpoint until no execution of ``workflow`` is pending or running."""
+    """Poll the list endpoint until no execution of ``workflow`` is pending or running.
+
+    Every 50 ms: figures come from the server's own ``completed_at``, so a slower poll costs
+    no accuracy, while a 10 ms one took a tenth of the daemon's time away from what it
+    measures.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        busy = 0
-        for status in ("running", "pending"):
-            _, body = daemon.client.request(
-                "GET", f"/api/v1/executions?workflow={workflow}&status={status}&limit=1")
-            busy += len(body["executions"])
-        if not busy:
+        if not any(daemon.client.request(
+                "GET", f"/api/v1/executions?workflow={workflow}&status={status}&limit=1")[1][
+                "executions"] for status in ("running", "pending")):
             return
-        time.sleep(0.01)
+        time.sleep(0.05)
     raise TimeoutError(f"{workflow}: executions still running after {timeout}s")
 
 

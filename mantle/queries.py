@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import json
 import uuid
 
+from mantle.db import database_proxy, is_sqlite, unwrap
 from mantle.db.fields import utcnow
 from mantle.db.models import StepExecution, WorkflowDefinition, WorkflowExecution
 from mantle.errors import ExecutionNotFound
@@ -63,7 +65,37 @@ def list_executions(workflow: str | None = None, status: str | None = None,
     if since is not None:
         query = query.where(WorkflowExecution.started_at >= utcnow() - dt.timedelta(seconds=since))
     query = query.order_by(WorkflowExecution.started_at.desc(), WorkflowExecution.id.desc())
-    return [_summary(row, raw) for row in query.limit(limit)]
+    query = query.limit(limit)
+    database = unwrap(database_proxy)
+    if is_sqlite(database) and not raw:
+        return _sqlite_page(database, query)
+    return [_summary(row, raw) for row in query]
+
+
+def _sqlite_page(database, query) -> list[dict]:
+    """The page as one row of JSON built by SQLite.
+
+    The sqlite3 module lets go of the GIL for every row it steps through and must queue to get
+    it back behind the daemon's other threads: fifty rows, fifty waits. One row holding the
+    whole page waits once; under load that cut the list endpoint's tail latency (issue 6).
+    Stored times are fixed-width UTC text, so the API's form is a slice of them.
+    """
+    sql, params = query.sql()
+    rows = database.execute_sql(
+        "SELECT json_group_array(json_array(id, workflow_name, version, status, started_at, "
+        f"completed_at)) FROM ({sql})", params).fetchone()[0]
+    found = json.loads(rows)
+    # An aggregate's input order is not promised on this SQLite version: sort again, on the
+    # stored microseconds as the query did.
+    found.sort(key=lambda row: (row[4], row[0]), reverse=True)
+    return [{"id": i, "workflow": w, "version": v, "status": st,
+             "started_at": _stored_time(started), "completed_at": _stored_time(completed)}
+            for i, w, v, st, started, completed in found]
+
+
+def _stored_time(text: str | None) -> str | None:
+    """``2026-03-18 09:00:00.412345`` (SQLITE_DATETIME_FORMAT) -> ``2026-03-18T09:00:00.412Z``."""
+    return None if text is None else f"{text[:10]}T{text[11:23]}Z"
 
 
 def execution_detail(execution_id: str, raw: bool = False) -> dict:

