@@ -23,9 +23,9 @@ def threads_argument(text: str) -> int:
 
 def serve(args, context: Context) -> int:
     # JSON on stdout before the config is read, so its warnings (unknown keys) are JSON too.
-    setup_logging("info", sys.stdout)
+    setup_logging("info", sys.stdout, background=True)
     config = context.config
-    setup_logging(config.log_level, sys.stdout)
+    setup_logging(config.log_level, sys.stdout, background=True)
     # Debug logs are about requests and executions, not SQL text or actor bookkeeping.
     for noisy in ("peewee", "pykka"):
         logging.getLogger(noisy).setLevel(logging.INFO)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
 
 import pytest
 
-from mantle.logs import setup_logging
+from mantle.logs import BackgroundStreamHandler, JsonFormatter, setup_logging
 
 
 @pytest.fixture
@@ -51,3 +52,40 @@ def test_non_ascii_and_non_json_values_are_written_as_text(lines):
     logging.getLogger("mantle.steps").info("héllo ✓", extra={"when": object})
     (line,) = lines()
     assert line["msg"] == "héllo ✓" and line["when"] == str(object)
+
+
+def test_the_background_handler_writes_every_line_in_order_and_flush_waits_for_them():
+    stream = io.StringIO()
+    handler = BackgroundStreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    log = logging.getLogger("test.background")
+    log.propagate, log.level = False, logging.INFO
+    log.addHandler(handler)
+    try:
+        def burst(prefix):
+            for index in range(500):
+                log.info(f"{prefix}{index}")
+
+        threads = [threading.Thread(target=burst, args=(p,)) for p in "abcd"]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        handler.flush()
+        messages = [json.loads(line)["msg"] for line in stream.getvalue().splitlines()]
+        assert len(messages) == 2000
+        for prefix in "abcd":  # each thread's lines in the order it logged them
+            assert [m for m in messages if m[0] == prefix] == [f"{prefix}{i}" for i in range(500)]
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+    assert not handler._writer.is_alive()
+
+
+def test_closing_the_background_handler_writes_what_it_still_holds():
+    stream = io.StringIO()
+    handler = BackgroundStreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    handler.handle(_record(1773824400.412, "server stopped"))
+    handler.close()
+    assert json.loads(stream.getvalue())["msg"] == "server stopped"
