@@ -18,7 +18,7 @@ from typing import Any
 from peewee import fn
 
 from mantle.db import audit, database_proxy, is_sqlite, lock_for_update, unwrap
-from mantle.db.fields import SQLITE_DATETIME_FORMAT, dump_json, utcnow
+from mantle.db.fields import dump_json, sqlite_text, utcnow
 from mantle.db.models import (Runner, StepExecution, Workflow, WorkflowDefinition,
                               WorkflowExecution)
 from mantle.errors import MantleError, VersionNotFound, WorkflowNotFound
@@ -110,7 +110,7 @@ class _Statements:
     def stamp(self, value):
         if value is None:
             return None
-        return value.strftime(SQLITE_DATETIME_FORMAT) if self.sqlite else value
+        return sqlite_text(value) if self.sqlite else value
 
     def run(self, sql: str, params: tuple) -> int:
         return self.db.execute_sql(sql, params).rowcount

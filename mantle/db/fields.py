@@ -10,11 +10,17 @@ import peewee
 from mantle.db.connect import is_sqlite
 
 __all__ = ["utcnow", "to_utc_naive", "UtcDateTimeField", "JSONField", "dump_json",
-           "SQLITE_DATETIME_FORMAT"]
+           "SQLITE_DATETIME_FORMAT", "sqlite_text"]
 
 # Always six fractional digits: SQLite compares the stored text, and "12:00:00" would sort
 # before "12:00:00.000000" although both are the same instant.
 SQLITE_DATETIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
+
+
+def sqlite_text(value: dt.datetime) -> str:
+    """``value`` in SQLITE_DATETIME_FORMAT (isoformat: the same text at a fifth of strftime's
+    cost, and every checkpoint writes one or two)."""
+    return value.isoformat(sep=" ", timespec="microseconds")
 
 
 def utcnow() -> dt.datetime:
@@ -50,7 +56,7 @@ class UtcDateTimeField(peewee.DateTimeField):
             return value  # an SQL expression (e.g. fn.MAX(...)) passes through
         value = to_utc_naive(value)
         if is_sqlite(self.model._meta.database):
-            return value.strftime(SQLITE_DATETIME_FORMAT)
+            return sqlite_text(value)
         return value
 
     def python_value(self, value):
