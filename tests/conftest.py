@@ -16,7 +16,6 @@ fail.
 
 from __future__ import annotations
 
-import os
 
 import pykka
 import pytest
@@ -24,7 +23,7 @@ import pytest
 from mantle import db as mantle_db
 from mantle.db import migrations
 from tests.helpers.fixtures import *  # noqa: F401,F403 -- shared fixtures live there
-from tests.pg import PgCluster, PgUnavailable
+from tests.pg import PgCluster, started_or_skip
 
 _MIGRATED_TEMPLATE = "mantle_migrated_template"
 
@@ -44,12 +43,7 @@ def _stop_actors():
 @pytest.fixture(scope="session")
 def pg_cluster():
     """A PostgreSQL 15 cluster for the whole session, started on first use."""
-    try:
-        cluster = PgCluster().start()
-    except PgUnavailable as exc:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"PostgreSQL 15 is required when CI=true: {exc}", pytrace=False)
-        pytest.skip(f"PostgreSQL 15 not available: {exc}")
+    cluster = started_or_skip(PgCluster())
     try:
         yield cluster
     finally:

@@ -20,6 +20,7 @@ import threading
 from pathlib import Path
 
 import psycopg
+import pytest
 
 __all__ = ["PG_BIN", "PgCluster", "PgUnavailable", "find_pg_bin"]
 
@@ -165,3 +166,25 @@ class PgCluster:
                 if self.log_file.exists() else ""
             raise PgUnavailable(f"{tool} failed ({result.returncode}): "
                                 f"{result.stderr.strip() or result.stdout.strip()}\n{log}")
+
+
+class PausableCluster(PgCluster):
+    """A cluster that can be stopped and started again on the same port and data."""
+
+    def pause(self) -> None:
+        self._run("pg_ctl", "stop", "-m", "fast", "-w", "-D", str(self.data_dir))
+
+    def resume(self) -> None:
+        options = f"-p {self.port} -k {self.socket_dir} {_SERVER_SETTINGS}"
+        self._run("pg_ctl", "start", "-w", "-t", "60", "-D", str(self.data_dir),
+                  "-l", str(self.log_file), "-o", options)
+
+
+def started_or_skip(cluster: PgCluster) -> PgCluster:
+    """``cluster.start()``; without PostgreSQL 15 the test is skipped, or fails when CI=true."""
+    try:
+        return cluster.start()
+    except PgUnavailable as exc:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"PostgreSQL 15 is required when CI=true: {exc}", pytrace=False)
+        pytest.skip(f"PostgreSQL 15 not available: {exc}")

@@ -59,8 +59,7 @@ from mantle.db import migrations
 from mantle.db.fields import utcnow
 from mantle.db.models import StepExecution, WorkflowExecution
 from tests.web.support import Daemon, apply_yaml, call, wait_until
-from tests.pg import PgUnavailable
-from tests.web.test_daemon_outage import PausableCluster
+from tests.pg import PausableCluster, started_or_skip
 
 EXECUTIONS = int(os.environ.get("MANTLE_OUTAGE_EXECUTIONS", "50"))
 PG_SECONDS = float(os.environ.get("MANTLE_OUTAGE_PG_SECONDS", "20"))
@@ -295,12 +294,7 @@ def _run_after_recovery(daemon: Daemon) -> None:
 @pytest.fixture
 def cluster():
     """A cluster of the test's own (the session's is shared), which it may stop."""
-    try:
-        started = PausableCluster().start()
-    except PgUnavailable as exc:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"PostgreSQL 15 is required when CI=true: {exc}", pytrace=False)
-        pytest.skip(f"PostgreSQL 15 not available: {exc}")
+    started = started_or_skip(PausableCluster())
     yield started
     started.stop()
 

@@ -7,13 +7,12 @@ fast`` while an execution is in a step, and starts it again on the same port.
 from __future__ import annotations
 
 import datetime as dt
-import os
 
 import pytest
 
 from mantle import db as mantle_db
 from mantle.db.fields import utcnow
-from tests.pg import _SERVER_SETTINGS, PgCluster, PgUnavailable
+from tests.pg import PausableCluster, started_or_skip
 from tests.web.support import Daemon, apply_yaml, wait_until
 
 pytestmark = pytest.mark.postgres
@@ -26,26 +25,9 @@ PAUSE = """
 """
 
 
-class PausableCluster(PgCluster):
-    """A cluster that can be stopped and started again on the same port and data."""
-
-    def pause(self) -> None:
-        self._run("pg_ctl", "stop", "-m", "fast", "-w", "-D", str(self.data_dir))
-
-    def resume(self) -> None:
-        options = f"-p {self.port} -k {self.socket_dir} {_SERVER_SETTINGS}"
-        self._run("pg_ctl", "start", "-w", "-t", "60", "-D", str(self.data_dir),
-                  "-l", str(self.log_file), "-o", options)
-
-
 @pytest.fixture
 def cluster():
-    try:
-        started = PausableCluster().start()
-    except PgUnavailable as exc:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"PostgreSQL 15 is required when CI=true: {exc}", pytrace=False)
-        pytest.skip(f"PostgreSQL 15 not available: {exc}")
+    started = started_or_skip(PausableCluster())
     yield started
     started.stop()
 
