@@ -6,6 +6,7 @@ expressions through ``rewrite_hyphens`` so ``steps.fetch-data`` means ``steps["f
 """
 
 from mantle.expressions.evaluation import (
+    MAX_EVALUATION_SECONDS,
     ActivationCache,
     compile_expression,
     evaluate,
@@ -23,6 +24,7 @@ from mantle.expressions.templates import resolve_params, resolve_string
 from mantle.expressions.values import ExpressionError
 
 __all__ = [
+    "MAX_EVALUATION_SECONDS",
     "MAX_EXPRESSION_LENGTH",
     "MAX_TEMPLATE_LENGTH",
     "ActivationCache",

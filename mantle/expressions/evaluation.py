@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -24,6 +25,7 @@ from mantle.expressions.values import ExpressionError, from_cel, to_cel
 
 __all__ = [
     "ActivationCache",
+    "MAX_EVALUATION_SECONDS",
     "Program",
     "compile_expression",
     "evaluate",
@@ -34,6 +36,10 @@ __all__ = [
 # The names an expression can read (SPEC 3.1); anything else is an undeclared reference.
 _VARIABLES = frozenset({"inputs", "steps", "env", "trigger", "execution", "hooks"})
 _PROGRAM_CACHE_SIZE = 4096
+# One evaluation may run this long. Expressions are short (MAX_EXPRESSION_LENGTH) but macros
+# over large inputs nest: [..].map(x, [..].map(y, ...)) over 10,000-item lists is 10^8 steps,
+# on a thread that other executions share.
+MAX_EVALUATION_SECONDS = 1.0
 
 celpy.Environment()  # sets the recursion limit celpy's recursive evaluator needs (2500)
 # celpy logs activations at DEBUG and operand values at ERROR; step outputs would flood (and
@@ -111,8 +117,19 @@ class _Evaluator(Evaluator):
     both slow and a leak of every input and step output into an error string.
     """
 
+    def __init__(self, ast: lark.Tree, activation: Activation, deadline: float):
+        super().__init__(ast, activation)
+        self._deadline = deadline
+
     def sub_evaluator(self, ast: lark.Tree) -> Evaluator:
-        return _Evaluator(ast, activation=self.activation)
+        return _Evaluator(ast, self.activation, self._deadline)
+
+    def visit(self, tree: lark.Tree) -> Any:
+        # A Python exception, not a CELEvalError: CEL absorbs errors (true || error is true),
+        # and running out of time must end the evaluation, not become a value.
+        if time.monotonic() > self._deadline:
+            raise _OutOfTime()
+        return super().visit(tree)
 
     def primary(self, tree: lark.Tree) -> Any:
         child = tree.children[0]
@@ -186,11 +203,19 @@ class _Evaluator(Evaluator):
         return CELEvalError(f"cannot index: {cause}", tree=tree)
 
 
+class _OutOfTime(Exception):
+    """An evaluation passed MAX_EVALUATION_SECONDS."""
+
+
 def run_program(program: Program, variables: dict[str, Any]) -> Any:
     """Evaluate a compiled program with CEL-typed variables; return the CEL result."""
     activation = Activation(vars=variables, functions=FUNCTIONS)
+    deadline = time.monotonic() + MAX_EVALUATION_SECONDS
     try:
-        result = _Evaluator(program.tree, activation).evaluate()
+        result = _Evaluator(program.tree, activation, deadline).evaluate()
+    except _OutOfTime:
+        raise ExpressionError(
+            f"evaluation took longer than {MAX_EVALUATION_SECONDS:g}s") from None
     except CELEvalError as error:
         raise ExpressionError(error_message(error)) from None
     except RecursionError:

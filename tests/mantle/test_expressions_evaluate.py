@@ -2,11 +2,13 @@
 
 import sys
 import threading
+import time
 
 import pytest
 
 from mantle.errors import MantleError
 from mantle.expressions import (
+    MAX_EVALUATION_SECONDS,
     ExpressionError,
     compile_expression,
     evaluate,
@@ -215,3 +217,16 @@ def test_concurrent_evaluations_do_not_interfere():
     for thread in threads:
         thread.join(timeout=30)
     assert not errors
+
+
+def test_an_evaluation_that_runs_past_its_time_limit_fails_instead_of_hanging(activation):
+    """Issue 6: macros over large inputs nest into 10^7 and more steps; evaluation stops at
+    MAX_EVALUATION_SECONDS, also when CEL would absorb an error (``true || ...``)."""
+    activation["inputs"]["xs"] = list(range(3000))
+    slow = "inputs.xs.map(x, inputs.xs.map(y, x + y)).size() > 0"
+    for expr in (slow, f"true || {slow}"):
+        started = time.monotonic()
+        with pytest.raises(ExpressionError, match=r"^evaluation took longer than 1s$"):
+            evaluate_condition(expr, activation)
+        assert time.monotonic() - started < MAX_EVALUATION_SECONDS + 2.0
+    assert evaluate("inputs.xs.map(x, x + 1).size()", activation) == 3000  # still fine
