@@ -22,6 +22,7 @@ import pytest
 
 from mantle import db as mantle_db
 from mantle.db import migrations
+from tests.helpers.database import bound_database
 from tests.helpers.fixtures import *  # noqa: F401,F403 -- shared fixtures live there
 from tests.pg import PgCluster, started_or_skip
 
@@ -100,15 +101,8 @@ def migrated_db_url(backend, request, tmp_path) -> str:
 
 
 def _bound(url: str):
-    database = mantle_db.connect(url)
-    mantle_db.bind(database)
-    try:
+    with bound_database(url) as database:
         yield database
-    finally:
-        # Actors may still write through this database: stop them before it goes away.
-        pykka.ActorRegistry.stop_all(block=True, timeout=10)
-        database.close()
-        mantle_db.database_proxy.initialize(None)
 
 
 @pytest.fixture

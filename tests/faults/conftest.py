@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from mantle import db as mantle_db
+from tests.helpers.database import bound_database
 
 __all__ = ["bound", "dump_database"]
 
@@ -13,11 +14,8 @@ __all__ = ["bound", "dump_database"]
 @pytest.fixture
 def bound(migrated_db_url):
     """The URL of a migrated database that the models are bound to in this process."""
-    database = mantle_db.connect(migrated_db_url)
-    mantle_db.bind(database)
-    yield migrated_db_url
-    database.close()
-    mantle_db.database_proxy.initialize(None)
+    with bound_database(migrated_db_url):
+        yield migrated_db_url
 
 
 def dump_database() -> str:

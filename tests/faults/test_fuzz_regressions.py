@@ -19,8 +19,7 @@ import urllib.parse
 
 import pytest
 
-from mantle import db as mantle_db
-from mantle.db import migrations
+from tests.helpers.database import bound_database
 from tests.web.support import Daemon, apply_yaml
 
 MANY_DAYS = "1" * 400 + "d"
@@ -40,9 +39,11 @@ def daemon(request, tmp_path_factory):
         request.addfinalizer(lambda: cluster.drop_database(name))
     else:
         url = f"sqlite:///{cwd / 'mantle.db'}"
-    database = mantle_db.connect(url)
-    migrations.migrate(database)
-    mantle_db.bind(database)
+    with bound_database(url, migrate=True):
+        yield from _serve(cwd, url)
+
+
+def _serve(cwd, url):
     apply_yaml("""
         name: quick
         inputs: {n: {type: number, default: 1}}
@@ -58,8 +59,6 @@ def daemon(request, tmp_path_factory):
         yield process
     finally:
         process.stop()
-        database.close()
-        mantle_db.database_proxy.initialize(None)
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,6 @@ The cases exercise the HTTP layer and the engine, not the storage, so they run o
 
 from __future__ import annotations
 
-import json
 import socket
 import sys
 import threading
@@ -18,8 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from mantle import db as mantle_db
-from mantle.db import migrations
+from tests.helpers.database import bound_database
 from tests.helpers.http_target import HttpTarget
 from tests.web.support import Daemon, apply_yaml, wait_until
 
@@ -38,9 +36,11 @@ def target():
 def daemon(tmp_path_factory, target):
     cwd = tmp_path_factory.mktemp("hostile")
     url = f"sqlite:///{cwd / 'mantle.db'}"
-    database = mantle_db.connect(url)
-    migrations.migrate(database)
-    mantle_db.bind(database)
+    with bound_database(url, migrate=True):
+        yield from _serve(cwd, url, target)
+
+
+def _serve(cwd, url, target):
     target.route("/inject", body="{{ 1 + 1 }}")
     target.route("/inject-json", json={"text": "{{ inputs }}"})
     apply_yaml("""
@@ -88,8 +88,6 @@ def daemon(tmp_path_factory, target):
         yield process
     finally:
         process.stop()
-        database.close()
-        mantle_db.database_proxy.initialize(None)
 
 
 @pytest.fixture(autouse=True)

@@ -48,17 +48,16 @@ import time
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from mantle import db as mantle_db
 from mantle.daemon.readiness import Readiness
 from mantle.db import migrations
 from mantle.db.fields import utcnow
 from mantle.db.models import StepExecution, WorkflowExecution
 from tests.web.support import Daemon, apply_yaml, call, wait_until
+from tests.helpers.database import bound_database
 from tests.pg import PausableCluster, started_or_skip
 
 EXECUTIONS = int(os.environ.get("MANTLE_OUTAGE_EXECUTIONS", "50"))
@@ -93,18 +92,6 @@ def _workflows(target, nap: float) -> None:
           - {{name: done, action: core/log, depends_on: [second], params: {{message: done}}}}
     """)
     apply_yaml(AFTER)
-
-
-@contextmanager
-def _bound(url: str):
-    """The models bound to ``url`` in this process for the block."""
-    database = mantle_db.connect(url)
-    mantle_db.bind(database)
-    try:
-        yield database
-    finally:
-        database.close()
-        mantle_db.database_proxy.initialize(None)
 
 
 def _stamp(moment) -> str:
@@ -169,7 +156,7 @@ class Run:
 
     def wait_all_napping(self) -> None:
         """Every execution ``running`` with its ``nap`` running and none finished."""
-        with _bound(self.url):
+        with bound_database(self.url):
             def napping():
                 return StepExecution.select().where(StepExecution.step_name == "nap",
                                                     StepExecution.status == "running"
@@ -235,8 +222,9 @@ def _pg_checks(execution_id: str) -> list[tuple]:
 
 
 def _sqlite_checks(execution_id: str) -> list[tuple]:
-    # Reads keep working under another process's write lock in WAL mode; run and cancel
-    # would wait for the lock (see the module docstring), so they are not called here.
+    # Reads keep working under another process's write lock in WAL mode. Run and cancel
+    # answer 503 only once a checkpoint has waited 2 s, which the regression tests at the
+    # end check on an idle daemon; here they would race the executions' own checkpoints.
     return [
         ("healthz", "GET", "/healthz", 200, OK),
         ("readyz", "GET", "/readyz", 503, NOT_READY),
@@ -252,7 +240,7 @@ def _verify(run: Run, details: dict[str, dict], capsys) -> None:
     for path in ("/first", "/second"):
         for received in run.target.requests(path):
             hits[(parse_qs(urlsplit(received.target).query)["e"][0], path)] += 1
-    with _bound(run.url):
+    with bound_database(run.url):
         rows = Counter(r.status for r in StepExecution.select())
         executions = WorkflowExecution.select().where(WorkflowExecution.workflow_name == "outage")
         created = {e.id for e in executions}
@@ -305,7 +293,7 @@ def test_postgres_stopped_under_running_executions_pauses_them_and_all_complete(
     url = cluster.create_database("mantle")
     http_target.route("/first", body="one")
     http_target.route("/second", body="two")
-    with _bound(url) as database:
+    with bound_database(url) as database:
         migrations.migrate(database)
         _workflows(http_target, _nap(PG_SECONDS))
     daemon = Daemon(tmp_path, url).start()
@@ -335,7 +323,7 @@ def test_sqlite_write_lock_under_running_executions_pauses_them_and_all_complete
     url = f"sqlite:///{path}"
     http_target.route("/first", body="one")
     http_target.route("/second", body="two")
-    with _bound(url) as database:
+    with bound_database(url) as database:
         migrations.migrate(database)
         _workflows(http_target, _nap(SQLITE_SECONDS))
     daemon = Daemon(tmp_path, url).start()
@@ -358,7 +346,7 @@ def test_sqlite_write_lock_under_running_executions_pauses_them_and_all_complete
 
 def test_readiness_reports_a_sqlite_write_lock_held_elsewhere_and_holds_none_itself(tmp_path):
     path = tmp_path / "ready.db"
-    with _bound(f"sqlite:///{path}") as database:
+    with bound_database(f"sqlite:///{path}") as database:
         migrations.migrate(database)
         readiness = Readiness(database)
         readiness.mark_ready()
@@ -379,7 +367,7 @@ def test_readiness_reports_a_sqlite_write_lock_held_elsewhere_and_holds_none_its
 def _lock_idle_daemon(tmp_path):
     path = tmp_path / "mantle.db"
     url = f"sqlite:///{path}"
-    with _bound(url) as database:
+    with bound_database(url) as database:
         migrations.migrate(database)
         apply_yaml(AFTER)
     return Daemon(tmp_path, url).start(), SqliteLock(path), url
@@ -423,7 +411,7 @@ def test_a_run_answered_503_is_not_created_after_the_lock_goes(tmp_path):
         # The journal is first in, first out: once a later run is written, the earlier one
         # has been dealt with. Until the journal has caught up, runs are refused at once.
         later = wait_until(lambda: _accepted(daemon.post("/api/v1/run/after", {})), timeout=20)
-        with _bound(url):
+        with bound_database(url):
             ids = [e.id for e in WorkflowExecution.select()]
         assert ids == [later.json["execution_id"]]
     finally:
