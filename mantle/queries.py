@@ -12,7 +12,7 @@ import json
 import uuid
 
 from mantle.db import database_proxy, is_sqlite, unwrap
-from mantle.db.fields import utcnow
+from mantle.db.fields import storable, utcnow
 from mantle.db.models import StepExecution, WorkflowDefinition, WorkflowExecution
 from mantle.errors import ExecutionNotFound
 from mantle.timefmt import rfc3339
@@ -55,6 +55,8 @@ def _summary(row: WorkflowExecution, raw: bool) -> dict:
 def list_executions(workflow: str | None = None, status: str | None = None,
                     since: float | None = None, limit: int = 20, raw: bool = False) -> list:
     """Newest first; ``since`` in seconds before now."""
+    if workflow is not None and not storable(workflow):
+        return []  # no workflow has that name
     query = WorkflowExecution.select(
         WorkflowExecution.id, WorkflowExecution.workflow_name, WorkflowExecution.version,
         WorkflowExecution.status, WorkflowExecution.started_at, WorkflowExecution.completed_at)

@@ -18,7 +18,7 @@ from typing import Any
 from peewee import fn
 
 from mantle.db import audit, database_proxy, is_sqlite, lock_for_update, unwrap
-from mantle.db.fields import dump_json, sqlite_text, utcnow
+from mantle.db.fields import MAX_INTEGER, dump_json, sqlite_text, storable, utcnow
 from mantle.db.models import (Runner, StepExecution, Workflow, WorkflowDefinition,
                               WorkflowExecution)
 from mantle.errors import MantleError, VersionNotFound, WorkflowNotFound
@@ -191,6 +191,12 @@ def definition_of(workflow: str, version: int | None) -> tuple[int, dict] | Mant
 
 def _version_of(workflow: str, version: int | None):
     """(version, definition, model) or the error to report."""
+    if not storable(workflow):
+        return WorkflowNotFound(workflow)
+    if version is not None and version > MAX_INTEGER:
+        if Workflow.get_or_none(Workflow.name == workflow) is None:
+            return WorkflowNotFound(workflow)
+        return VersionNotFound(workflow, version)
     if version is None:
         sql = _Statements.of_bound()
         row = sql.db.execute_sql(sql.current_version, (workflow,)).fetchone()
@@ -210,7 +216,7 @@ def create_execution(workflow: str, inputs: dict | None, version: int | None, tr
                      retry_of: str | None = None, from_step: str | None = None) -> Created:
     """Insert an execution after the input, idempotency and limit checks (4.9): ``running``
     when it may start now, ``pending`` when it waits in the queue."""
-    if idempotency_key is not None:
+    if idempotency_key is not None and storable(workflow):
         earlier = WorkflowExecution.get_or_none(
             WorkflowExecution.workflow_name == workflow,
             WorkflowExecution.idempotency_key == idempotency_key)

@@ -12,7 +12,7 @@ import falcon
 
 from web.errors import BODY_LIMIT, TOO_LARGE, ApiError
 
-__all__ = ["read_body", "parse_json", "json_object_body", "query_params", "storable", "NotJson"]
+__all__ = ["read_body", "parse_json", "json_object_body", "query_params", "NotJson"]
 
 # A surrogate code point left after decoding is an unpaired ``\ud800``-style escape: valid
 # JSON syntax, but not text (no database or encoder can store it).
@@ -85,12 +85,6 @@ def json_object_body(req: falcon.Request) -> dict:
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
     return body
-
-
-def storable(text: str) -> bool:
-    """False for text no stored name or path can equal: PostgreSQL text cannot hold NUL, and
-    a query with one fails there instead of matching nothing."""
-    return "\x00" not in text
 
 
 def query_params(req: falcon.Request) -> dict[str, str]:

@@ -10,7 +10,7 @@ import peewee
 from mantle.db.connect import is_sqlite
 
 __all__ = ["utcnow", "to_utc_naive", "UtcDateTimeField", "JSONField", "dump_json",
-           "SQLITE_DATETIME_FORMAT", "sqlite_text"]
+           "SQLITE_DATETIME_FORMAT", "sqlite_text", "MAX_INTEGER", "storable"]
 
 # Always six fractional digits: SQLite compares the stored text, and "12:00:00" would sort
 # before "12:00:00.000000" although both are the same instant.
@@ -21,6 +21,17 @@ def sqlite_text(value: dt.datetime) -> str:
     """``value`` in SQLITE_DATETIME_FORMAT (isoformat: the same text at a fifth of strftime's
     cost, and every checkpoint writes one or two)."""
     return value.isoformat(sep=" ", timespec="microseconds")
+
+
+# The largest value an INTEGER column holds on both databases (PostgreSQL's int4): a larger
+# version number cannot exist, and sending one fails the query instead of matching nothing.
+MAX_INTEGER = 2**31 - 1
+
+
+def storable(text: str) -> bool:
+    """False for text no column can hold (PostgreSQL refuses NUL): a lookup by it matches
+    nothing, and sending it to the database would fail the query instead."""
+    return "\x00" not in text
 
 
 def utcnow() -> dt.datetime:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 
+from mantle.db.fields import storable
 from mantle.db.models import WorkflowTrigger
 from web.errors import ApiError
-from web.parsing import NotJson, parse_json, read_body, storable
+from web.parsing import NotJson, parse_json, read_body
 from web.resources.runs import accept_run, idempotency_key
 
 __all__ = ["WebhookResource", "payload_of", "signature_valid", "SIGNATURE_HEADERS"]

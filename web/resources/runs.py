@@ -8,11 +8,9 @@ from typing import Any
 import falcon
 
 from mantle import queries
-from mantle.db.models import Workflow
-from mantle.errors import ExecutionNotFound, VersionNotFound, WorkflowNotFound
+from mantle.errors import ExecutionNotFound
 from web.errors import UNAVAILABLE, ApiError
-from web.parsing import json_object_body, storable
-from web.resources.workflows import MAX_VERSION
+from web.parsing import json_object_body
 
 __all__ = ["RunResource", "CancelResource", "accept_run", "idempotency_key", "MANUAL",
            "ENGINE_TIMEOUT"]
@@ -53,17 +51,6 @@ def _version(body: dict) -> int | None:
     return version
 
 
-def _check_exists(workflow: str, version: int | None) -> None:
-    """The 404s the engine cannot give: a name with NUL, a version beyond the integer column
-    (either fails the database query instead of matching nothing)."""
-    if not storable(workflow):
-        raise WorkflowNotFound(workflow)
-    if version is not None and version > MAX_VERSION:
-        if Workflow.get_or_none(Workflow.name == workflow) is None:
-            raise WorkflowNotFound(workflow)
-        raise VersionNotFound(workflow, version)
-
-
 def _inputs(body: dict) -> dict[str, Any]:
     inputs = body.get("inputs")
     if inputs is None:
@@ -80,10 +67,8 @@ class RunResource:
     def on_post(self, req, resp, workflow: str) -> None:
         key = idempotency_key(req)
         body = json_object_body(req)
-        inputs, version = _inputs(body), _version(body)
-        _check_exists(workflow, version)
-        accept_run(self._engine, resp, workflow, inputs, version, MANUAL, req.context.actor,
-                   key)
+        accept_run(self._engine, resp, workflow, _inputs(body), _version(body), MANUAL,
+                   req.context.actor, key)
 
 
 class CancelResource:

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import re
 
+from mantle.db.fields import MAX_INTEGER, storable
 from mantle.db.models import Workflow, WorkflowDefinition
 from mantle.errors import VersionNotFound, WorkflowNotFound
 from mantle.timefmt import rfc3339
 from web.errors import ApiError
-from web.parsing import storable
 
-__all__ = ["WorkflowCollection", "WorkflowItem", "VersionCollection", "VersionItem",
-           "MAX_VERSION"]
-
-# The largest value of the integer version columns; a larger version cannot exist.
-MAX_VERSION = 2**31 - 1
+__all__ = ["WorkflowCollection", "WorkflowItem", "VersionCollection", "VersionItem"]
 
 
 def _pointer(name: str) -> Workflow:
@@ -67,7 +63,7 @@ class VersionItem:
             raise ApiError(400, "invalid version number")
         _pointer(name)
         number = int(version)
-        if number > MAX_VERSION:  # would overflow the integer column; cannot exist anyway
+        if number > MAX_INTEGER:  # would overflow the integer column; cannot exist anyway
             raise VersionNotFound(name, number)
         row = _definition(name, number)
         resp.media = {"name": name, "version": row.version, "definition": row.definition}
