@@ -10,6 +10,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,7 +39,7 @@ class Engine:
                  on_outage=None):
         self.metrics = metrics or Metrics()
         hostname = socket.gethostname()
-        self.runner = f"{hostname}:{os.getpid()}"
+        self.runner = str(uuid.uuid4())  # this process's node id (SPEC 13.7)
         self.journal = Journal(database, on_outage=on_outage)
         self.timers = Timers()
         self._ended: dict[str, str] = {}

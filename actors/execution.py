@@ -10,6 +10,7 @@ All methods run on a dispatcher thread of ``actors.runtime``, one message at a t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -22,7 +23,8 @@ from actors.lifecycle import ExecutionLifecycle, _Run
 from actors.runtime import PooledActor
 from actors.step import is_instant, run_instant, start_step
 from mantle import store
-from mantle.connectors import ConnectorError, Invocation, resolve_credential
+from mantle.connectors import (ConnectorError, ConnectorInterrupted, Invocation, run_action,
+                               resolve_credential)
 from mantle.db.fields import utcnow
 from mantle.expressions import (ActivationCache, ExpressionError, evaluate_condition,
                                 resolve_params)
@@ -37,6 +39,15 @@ log = logging.getLogger("mantle.engine")
 
 _AUDIT = {S.COMPLETED: "step.completed", S.FAILED: "step.failed", S.SKIPPED: "step.skipped"}
 _HOOK_AUDIT = {S.COMPLETED: "hook.step.completed", S.FAILED: "hook.step.failed"}
+
+
+def _tool_runner(invocation: Invocation):
+    """``Invocation.run_tool``: another action run on the calling step's thread, with the
+    step's credential, cancel and plugins (AI tools, SPEC 13.6)."""
+    def run_tool(action: str, params) -> dict:
+        return run_action(dataclasses.replace(
+            invocation, action=action, params=params, progress=None, checkpoint=None))
+    return run_tool
 
 
 class ExecutionActor(ExecutionLifecycle, PooledActor):
@@ -131,6 +142,7 @@ class ExecutionActor(ExecutionLifecycle, PooledActor):
             run.started_at, run.completed_at = row["started_at"], row["completed_at"]
             if row["status"] == "running":
                 run.resume_attempt = row["attempt"]
+                run.progress = row.get("progress")
             elif row["status"] != "pending":
                 run.status = S(row["status"])
                 if run.blocks_dependents and run.status == S.FAILED:
@@ -268,7 +280,11 @@ class ExecutionActor(ExecutionLifecycle, PooledActor):
             action=spec.action, params=run.params, cancel=run.cancel,
             credential=run.credential, step_timeout=spec.timeout_seconds,
             plugins_dir=self._ctx.plugins_dir, workflow=self._wf.name,
-            execution_id=self._id, step=spec.name)
+            execution_id=self._id, step=spec.name, attempt=run.attempt,
+            progress=run.progress, checkpoint=self._checkpointer(run, run.cancel),
+            metrics=self._ctx.metrics)
+        invocation = dataclasses.replace(invocation, run_tool=_tool_runner(invocation))
+        run.progress = None
         attempt = m.RunAttempt(invocation, run.attempt, hook=run.block is not None)
         if is_instant(spec.action):
             self._on_AttemptFinished(run_instant(attempt, self._ctx.metrics))
@@ -278,6 +294,22 @@ class ExecutionActor(ExecutionLifecycle, PooledActor):
         if spec.timeout_seconds:
             run.timer = self._schedule_timer(
                 spec.timeout_seconds, m.TimerFired("step_timeout", spec.name, run.attempt))
+
+    def _checkpointer(self, run: _Run, cancel: threading.Event):
+        """``Invocation.checkpoint`` for this attempt: store the progress, wait for the commit
+        (on the step's own thread), stop the attempt when its row is no longer running."""
+        journal, execution_id = self._ctx.journal, self._id
+        name, attempt, is_hook = run.spec.name, run.attempt, run.block is not None
+
+        def checkpoint(progress) -> None:
+            if cancel.is_set():
+                raise ConnectorInterrupted()
+            stored = journal.call(lambda: store.write_progress(
+                execution_id, name, attempt, is_hook, progress), timeout=None)
+            if not stored or cancel.is_set():
+                raise ConnectorInterrupted()
+
+        return checkpoint
 
     def _run_of(self, name: str, hook: bool) -> _Run | None:
         if hook:

@@ -28,7 +28,7 @@ class _Run:
 
     __slots__ = ("spec", "block", "status", "attempt", "resume_attempt", "output", "error",
                  "started_at", "completed_at", "params", "credential", "cancel", "reason",
-                 "busy", "timer", "actor")
+                 "busy", "timer", "actor", "progress")
 
     def __init__(self, spec: Step, block: str | None = None):
         self.spec = spec
@@ -43,6 +43,7 @@ class _Run:
         self.busy: str | None = None  # writing | running | backoff | slot
         self.timer = None
         self.actor: pykka.ActorRef | None = None
+        self.progress = None  # the running attempt's last checkpoint (resume)
 
     @property
     def resolved(self) -> bool:

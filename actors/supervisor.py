@@ -273,8 +273,7 @@ class Supervisor(pykka.ThreadingActor):
         ctx = self._ctx
         if now - self._last_heartbeat >= HEARTBEAT_EVERY:
             self._last_heartbeat = now
-            host, pid = ctx.runner.rsplit(":", 1)
-            self._write(lambda: store.heartbeat(ctx.runner, ctx.hostname, int(pid)), "noop")
+            self._write(lambda: store.heartbeat(ctx.runner, ctx.hostname, os.getpid()), "noop")
         since = self._cancel_seen
         self._cancel_seen = utcnow() - dt.timedelta(seconds=5)
         if self._live:

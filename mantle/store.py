@@ -19,7 +19,7 @@ from peewee import fn
 
 from mantle.db import audit, database_proxy, is_sqlite, lock_for_update, unwrap
 from mantle.db.fields import MAX_INTEGER, dump_json, sqlite_text, storable, utcnow
-from mantle.db.models import (Runner, StepExecution, Workflow, WorkflowDefinition,
+from mantle.db.models import (Node, StepExecution, Workflow, WorkflowDefinition,
                               WorkflowExecution)
 from mantle.errors import MantleError, VersionNotFound, WorkflowNotFound
 from mantle.states import ExecutionStatus
@@ -28,7 +28,7 @@ from mantle.workflow import check_inputs, workflow_from_definition
 
 __all__ = [
     "Created", "LimitReached", "create_execution", "mark_running", "promote_queued", "write_step",
-    "finish_execution", "cancel_execution", "heartbeat", "cancelled_since",
+    "finish_execution", "write_progress", "cancel_execution", "heartbeat", "cancelled_since",
     "execution_snapshot", "find_orphans", "claim", "definition_of", "copy_steps",
     "batched_audit",
 ]
@@ -84,8 +84,8 @@ class _Statements:
             f"AND step_name = {p} AND attempt = {p}")
         self.insert_execution = (
             "INSERT INTO workflow_executions (id, workflow_name, version, status, inputs, "
-            "trigger, started_at, runner, idempotency_key, retry_of) "
-            f"VALUES ({values(10)})")
+            "trigger, started_at, owner, idempotency_key, retry_of, epoch) "
+            f"VALUES ({values(10)}, 1)")
         self.finish_execution = (
             f"UPDATE workflow_executions SET status = {p}, error = {p}, completed_at = {p} "
             f"WHERE id = {p} AND status = 'running'")
@@ -177,7 +177,7 @@ def _row(execution: WorkflowExecution) -> dict:
             "version": execution.version, "status": execution.status,
             "inputs": execution.inputs, "trigger": execution.trigger,
             "error": execution.error, "started_at": execution.started_at,
-            "completed_at": execution.completed_at, "runner": execution.runner,
+            "completed_at": execution.completed_at, "runner": execution.owner,
             "retry_of": execution.retry_of}
 
 
@@ -285,7 +285,7 @@ def promote_queued(workflow: str, runner: str, limit: int) -> tuple[list[str], b
     free = limit - _running_count(workflow)
     queued = list(WorkflowExecution.select(WorkflowExecution.id, WorkflowExecution.version)
                   .where(WorkflowExecution.workflow_name == workflow,
-                         WorkflowExecution.runner == runner,
+                         WorkflowExecution.owner == runner,
                          WorkflowExecution.status == ExecutionStatus.PENDING.value)
                   .order_by(WorkflowExecution.started_at, WorkflowExecution.id)
                   .limit(max(free, 0) + 1))
@@ -328,6 +328,16 @@ def write_step(execution_id: str, step: str, attempt: int, status: str, *, hook_
             sql.audit("engine", action, resource, step, metadata)
 
 
+def write_progress(execution_id: str, step: str, attempt: int, is_hook: bool,
+                   progress) -> bool:
+    """Store a connector's checkpoint inside a running attempt; False when the attempt's row
+    is no longer running (cancelled, or finished meanwhile)."""
+    return bool(StepExecution.update(progress=progress).where(
+        StepExecution.execution_id == execution_id, StepExecution.is_hook == is_hook,
+        StepExecution.step_name == step, StepExecution.attempt == attempt,
+        StepExecution.status == "running").execute())
+
+
 def finish_execution(execution_id: str, status: str, error: str | None) -> bool:
     """running -> final; False when the row is no longer running (a cancel won the race)."""
     sql = _Statements.of_bound()
@@ -356,16 +366,16 @@ def cancel_execution(execution_id: str, actor: str) -> tuple[str, str] | None:
 
 def heartbeat(runner: str, hostname: str, pid: int) -> None:
     now = utcnow()
-    if not Runner.update(heartbeat_at=now).where(Runner.id == runner).execute():
-        Runner.insert(id=runner, hostname=hostname, pid=pid, started_at=now,
-                      heartbeat_at=now).execute()
+    if not Node.update(lease_expires_at=now).where(Node.id == runner).execute():
+        Node.insert(id=runner, hostname=hostname, pid=pid, kind="serve", started_at=now,
+                    lease_expires_at=now).execute()
 
 
 def cancelled_since(runner: str, since: dt.datetime) -> list[tuple[str, str]]:
     """(id, workflow) of this runner's executions cancelled (by anyone) since ``since``."""
     return [(row.id, row.workflow_name) for row in WorkflowExecution.select(
             WorkflowExecution.id, WorkflowExecution.workflow_name).where(
-        WorkflowExecution.runner == runner,
+        WorkflowExecution.owner == runner,
         WorkflowExecution.status == ExecutionStatus.CANCELLED.value,
         WorkflowExecution.completed_at >= since)]
 
@@ -380,7 +390,8 @@ def execution_snapshot(execution_id: str) -> tuple[dict, dict, list[dict]] | Non
         return None
     rows = [{"step": r.step_name, "attempt": r.attempt, "status": r.status,
              "hook_block": r.hook_block, "is_hook": r.is_hook, "output": r.output,
-             "error": r.error, "started_at": r.started_at, "completed_at": r.completed_at}
+             "error": r.error, "started_at": r.started_at, "completed_at": r.completed_at,
+             "progress": r.progress}
             for r in StepExecution.select().where(StepExecution.execution_id == execution_id)
             .order_by(StepExecution.id)]
     return _row(execution), found[1], rows
@@ -391,24 +402,24 @@ def find_orphans(hostname: str, stale_before: dt.datetime, alive) -> list[tuple[
 
     ``alive(pid)`` tells whether a process of this host exists.
     """
-    runners = {r.id: r for r in Runner.select()}
+    runners = {r.id: r for r in Node.select()}
     orphans = []
-    for row in (WorkflowExecution.select(WorkflowExecution.id, WorkflowExecution.runner)
+    for row in (WorkflowExecution.select(WorkflowExecution.id, WorkflowExecution.owner)
                 .where(WorkflowExecution.status.in_(_ACTIVE))
                 .order_by(WorkflowExecution.started_at)):
-        runner = runners.get(row.runner)
-        if runner is None or runner.heartbeat_at < stale_before:
-            orphans.append((row.id, row.runner))
+        runner = runners.get(row.owner)
+        if runner is None or runner.lease_expires_at < stale_before:
+            orphans.append((row.id, row.owner))
         elif runner.hostname == hostname and not alive(runner.pid):
-            orphans.append((row.id, row.runner))
+            orphans.append((row.id, row.owner))
     return orphans
 
 
 def claim(execution_id: str, old_runner: str | None, runner: str) -> bool:
     """Take over an orphan; compare-and-set so two daemons never both win."""
-    return bool(WorkflowExecution.update(runner=runner)
+    return bool(WorkflowExecution.update(owner=runner, epoch=WorkflowExecution.epoch + 1)
                 .where(WorkflowExecution.id == execution_id,
-                       WorkflowExecution.runner == old_runner,
+                       WorkflowExecution.owner == old_runner,
                        WorkflowExecution.status.in_(_ACTIVE)).execute())
 
 

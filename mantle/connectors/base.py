@@ -36,18 +36,32 @@ class Invocation:
     """One attempt of one step, as the engine hands it to ``run_action``.
 
     ``cancel`` is set by the engine on cancellation, step timeout or shutdown deadline;
-    ``credential`` is the resolved secret value and must never be logged or stored.
+    ``credential`` is the resolved ``mantle.connectors.credentials.Credential`` (or None) and
+    its values must never be logged or stored.
+
+    ``progress`` is what this attempt last passed to ``checkpoint`` before a crash (None on a
+    fresh attempt). ``checkpoint(value)`` stores a JSON-able progress value durably and returns
+    once it is committed; it raises ConnectorInterrupted when the attempt must stop (cancel,
+    lost ownership). A connector whose work has steps that must not repeat after a crash (AI
+    tool rounds) checkpoints after each. ``run_tool(action, params)`` runs another action with
+    this step's credential rules and returns its output (raises ConnectorError). Both are None
+    when the caller offers no such service (direct calls, tests).
     """
 
     action: str
     params: Any
     cancel: threading.Event
-    credential: str | None = None
+    credential: Any = None  # mantle.connectors.credentials.Credential | None
     step_timeout: float | None = None
     plugins_dir: str = ".mantle/plugins"
     workflow: str = ""
     execution_id: str = ""
     step: str = ""
+    attempt: int = 1
+    progress: Any = None
+    checkpoint: Callable[[Any], None] | None = None
+    run_tool: Callable[[str, Any], dict] | None = None
+    metrics: Any = None  # mantle.metrics.Metrics of the process, when there is one
 
     def log_context(self) -> dict[str, str]:
         """The SPEC 9.2 context keys that are known, for ``logging``'s ``extra``."""

@@ -1,16 +1,54 @@
-"""Credentials (SPEC 5.3): named secrets read from ``MANTLE_SECRET_<NAME>``."""
+"""Credentials as connectors see them (SPEC 5.3, 13.1.5, 13.2): a typed set of secret fields.
+
+Where a credential comes from (the encrypted store, then ``MANTLE_SECRET_<NAME>``) is decided
+by the engine; connectors get a resolved ``Credential`` and use ``auth_headers`` and
+``redact``. Every field value is a secret: it never reaches CEL, logs or stored outputs.
+"""
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import json
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from mantle.connectors.base import ConnectorError
 
-__all__ = ["resolve_credential", "credential_variable", "redact", "REDACTED"]
+__all__ = ["Credential", "TYPES", "resolve_credential", "environment_credential",
+           "credential_variable", "not_found", "auth_headers", "redact", "REDACTED"]
 
-REDACTED = "[redacted]"
+REDACTED = "********"  # SPEC 13.8: the one redaction marker
+
+# type -> (required fields, optional fields)  (SPEC 13.2)
+TYPES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "generic": (("key",), ()),
+    "bearer": (("token",), ()),
+    "openai": (("api_key",), ("org_id",)),
+    "basic": (("username", "password"), ()),
+    "postgres": (("url",), ()),
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Credential:
+    """A resolved credential: its ``type`` (a key of ``TYPES``) and field values."""
+
+    name: str
+    type: str
+    fields: Mapping[str, str]
+
+    def secrets(self) -> tuple[str, ...]:
+        """Every non-empty field value, and for ``basic`` the Basic token of the pair (what
+        ``redact`` hides)."""
+        values = tuple(value for value in self.fields.values() if value)
+        if self.type == "basic":
+            values += (_basic_token(self.fields),)
+        return values
+
+    def __repr__(self) -> str:  # never print the values by accident
+        return f"Credential(name={self.name!r}, type={self.type!r})"
 
 
 def credential_variable(name: str) -> str:
@@ -18,36 +56,75 @@ def credential_variable(name: str) -> str:
     return "MANTLE_SECRET_" + name.upper().replace("-", "_")
 
 
-def resolve_credential(name: str, environ: Mapping[str, str] = os.environ) -> str:
-    """Return the secret value; unset or empty is a non-retryable step failure."""
-    variable = credential_variable(name)
-    value = environ.get(variable, "")
-    if not value:
-        raise ConnectorError(
-            f'credential "{name}" not found (set {variable})', retryable=False
-        )
-    return value
+def not_found(name: str) -> ConnectorError:
+    return ConnectorError(f'credential "{name}" not found (set {credential_variable(name)})',
+                          retryable=False)
 
 
-def redact(value: Any, secret: str | None) -> Any:
-    """``value`` with every occurrence of ``secret`` in its strings replaced by ``[redacted]``.
+def environment_credential(name: str, environ: Mapping[str, str] = os.environ
+                           ) -> Credential | None:
+    """``MANTLE_SECRET_<NAME>`` as a ``generic`` credential (field ``key``), or None."""
+    value = environ.get(credential_variable(name), "")
+    return Credential(name, "generic", {"key": value}) if value else None
+
+
+def resolve_credential(name: str, environ: Mapping[str, str] = os.environ) -> Credential:
+    """The credential from the environment; unset or empty is a non-retryable failure.
+
+    The engine looks in the credential store first (13.1.5) and calls this as the fallback.
+    """
+    credential = environment_credential(name, environ)
+    if credential is None:
+        raise not_found(name)
+    return credential
+
+
+def auth_headers(credential: Credential | None) -> dict[str, str]:
+    """The HTTP headers a credential adds to a request (13.2): Bearer for ``bearer``,
+    ``generic`` and ``openai`` (plus ``OpenAI-Organization``), Basic for ``basic``."""
+    if credential is None:
+        return {}
+    fields = credential.fields
+    if credential.type == "basic":
+        return {"Authorization": "Basic " + _basic_token(fields)}
+    token = {"bearer": "token", "generic": "key", "openai": "api_key"}.get(credential.type)
+    if token is None or not fields.get(token):
+        return {}
+    headers = {"Authorization": f"Bearer {fields[token]}"}
+    if credential.type == "openai" and fields.get("org_id"):
+        headers["OpenAI-Organization"] = fields["org_id"]
+    return headers
+
+
+def _basic_token(fields: Mapping[str, str]) -> str:
+    pair = f"{fields.get('username', '')}:{fields.get('password', '')}"
+    return base64.b64encode(pair.encode()).decode()
+
+
+def redact(value: Any, credential: Credential | str | None) -> Any:
+    """``value`` with every occurrence of the credential's secrets in its strings replaced by
+    ``********``.
 
     SPEC 5.3 promises that credentials never reach stored outputs or errors, yet a server or
     plugin may echo them back (an echo endpoint, a plugin printing its input). Map keys are
-    left alone: renaming them could merge two keys.
+    left alone: renaming them could merge two keys. A plain string is one secret.
     """
-    if not secret:
+    if not credential:
         return value
-    return _redact(value, _spellings(secret))
+    secrets = (credential,) if isinstance(credential, str) else credential.secrets()
+    forms = _spellings(secrets)
+    return _redact(value, forms) if forms else value
 
 
-def _spellings(secret: str) -> tuple[str, ...]:
-    """The secret as written and as JSON encoders escape it (``\\u00e9``, ``\\/``), longest
+def _spellings(secrets: tuple[str, ...]) -> tuple[str, ...]:
+    """Each secret as written and as JSON encoders escape it (``\\u00e9``, ``\\/``), longest
     first, so a response body that echoes it JSON-encoded is caught too."""
-    forms = {secret}
-    for ascii_only in (True, False):
-        escaped = json.dumps(secret, ensure_ascii=ascii_only)[1:-1]
-        forms.update({escaped, escaped.replace("/", "\\/")})
+    forms = set()
+    for secret in secrets:
+        forms.add(secret)
+        for ascii_only in (True, False):
+            escaped = json.dumps(secret, ensure_ascii=ascii_only)[1:-1]
+            forms.update({escaped, escaped.replace("/", "\\/")})
     return tuple(sorted(forms, key=len, reverse=True))
 
 

@@ -29,6 +29,7 @@ from mantle.connectors.base import (
     params_of,
     wait_for,
 )
+from mantle.connectors.credentials import Credential, auth_headers
 from mantle.durations import parse_duration
 
 __all__ = ["request", "METHODS", "MAX_BODY_BYTES", "MAX_REDIRECTS", "DEFAULT_TIMEOUT"]
@@ -94,7 +95,7 @@ def _outcome(exchange: "_Exchange", label: str, timeout_text: str) -> dict:
 
 # --- params -----------------------------------------------------------------------------------
 
-def _parse(params: dict, credential: str | None) -> tuple[_Request, str, float]:
+def _parse(params: dict, credential: Credential | None) -> tuple[_Request, str, float]:
     url = params.get("url")
     if url is None or url == "":
         raise ConnectorError("http/request: url is required")
@@ -108,8 +109,7 @@ def _parse(params: dict, credential: str | None) -> tuple[_Request, str, float]:
     headers = {"User-Agent": f"mantle/{__version__}"}
     if content_type:
         headers["Content-Type"] = content_type
-    if credential:
-        headers["Authorization"] = f"Bearer {credential}"
+    headers.update(auth_headers(credential))
     for name, value in _user_headers(params.get("headers")).items():
         _drop(headers, name)
         if value is not None:

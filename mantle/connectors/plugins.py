@@ -57,7 +57,7 @@ def run_plugin(inv: Invocation, plugin: str, path: str) -> dict:
     payload = {
         "action": inv.action,
         "params": inv.params,
-        "credential": {"key": inv.credential} if inv.credential else {},
+        "credential": dict(inv.credential.fields) if inv.credential else {},
     }
     stdin = json.dumps(payload, separators=(",", ":")).encode()
     try:

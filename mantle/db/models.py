@@ -16,7 +16,8 @@ from mantle.db.fields import JSONField, UtcDateTimeField
 
 __all__ = [
     "BaseModel", "Workflow", "WorkflowDefinition", "WorkflowTrigger", "WorkflowExecution",
-    "StepExecution", "AuditEvent", "ApiKey", "Runner", "SchemaMigration", "ALL_MODELS",
+    "StepExecution", "AuditEvent", "ApiKey", "Node", "Credential", "SchemaMigration",
+    "ALL_MODELS",
 ]
 
 
@@ -76,7 +77,7 @@ def _new_execution_id() -> str:
 
 
 class WorkflowExecution(BaseModel):
-    """One run of one version. ``runner`` is ``<hostname>:<pid>`` of the driving process."""
+    """One run of one version, owned by the node ``owner`` under fencing ``epoch`` (13.7)."""
 
     id = peewee.CharField(max_length=36, primary_key=True, default=_new_execution_id)
     workflow_name = peewee.CharField(max_length=255)
@@ -87,9 +88,15 @@ class WorkflowExecution(BaseModel):
     error = peewee.TextField(null=True)
     started_at = UtcDateTimeField()
     completed_at = UtcDateTimeField(null=True)
-    runner = peewee.CharField(max_length=255, null=True)
     idempotency_key = peewee.CharField(max_length=255, null=True)
     retry_of = peewee.CharField(max_length=36, null=True)
+    owner = peewee.CharField(max_length=36, null=True)
+    epoch = peewee.IntegerField(default=0)
+    running_since = UtcDateTimeField(null=True)
+    hooks_since = UtcDateTimeField(null=True)
+    parent_execution_id = peewee.CharField(max_length=36, null=True)
+    parent_step = peewee.CharField(max_length=255, null=True)
+    depth = peewee.IntegerField(default=1)
 
     class Meta:
         table_name = "workflow_executions"
@@ -97,8 +104,10 @@ class WorkflowExecution(BaseModel):
             (("started_at", "id"), False),
             (("workflow_name", "status"), False),
             (("status",), False),
-            (("runner", "status"), False),
             (("workflow_name", "idempotency_key"), True),
+            (("owner", "status"), False),
+            (("parent_execution_id",), False),
+            (("completed_at",), False),
         )
 
 
@@ -117,6 +126,9 @@ class StepExecution(BaseModel):
     error = peewee.TextField(null=True)
     started_at = UtcDateTimeField(null=True)
     completed_at = UtcDateTimeField(null=True)
+    wait_kind = peewee.CharField(max_length=16, null=True)  # "sleep" | "retry" (13.1.11)
+    wait_until = UtcDateTimeField(null=True)
+    progress = JSONField(null=True)  # a connector's checkpoint inside the attempt
 
     class Meta:
         table_name = "step_executions"
@@ -148,22 +160,44 @@ class ApiKey(BaseModel):
     created_at = UtcDateTimeField()
     last_used_at = UtcDateTimeField(null=True)
     revoked_at = UtcDateTimeField(null=True)
+    role = peewee.CharField(max_length=16, default="admin")
+    expires_at = UtcDateTimeField(null=True)
 
     class Meta:
         table_name = "api_keys"
 
 
-class Runner(BaseModel):
-    """One heartbeat row per runner process (SPEC 4.11); ``id`` is ``<hostname>:<pid>``."""
+class Node(BaseModel):
+    """A process that runs executions (13.7): a random ``id`` per process start, never
+    ``hostname:pid``. ``lease_expires_at`` is in the database's clock; ``channel`` is where
+    the node hears cancels on its host (an abstract Unix socket name), if anywhere."""
 
-    id = peewee.CharField(max_length=255, primary_key=True)
+    id = peewee.CharField(max_length=36, primary_key=True)
     hostname = peewee.CharField(max_length=255)
     pid = peewee.IntegerField()
+    kind = peewee.CharField(max_length=16)  # serve | worker | run
+    channel = peewee.CharField(max_length=255, null=True)
     started_at = UtcDateTimeField()
-    heartbeat_at = UtcDateTimeField()
+    lease_expires_at = UtcDateTimeField(index=True)
 
     class Meta:
-        table_name = "runners"
+        table_name = "nodes"
+
+
+class Credential(BaseModel):
+    """An encrypted credential (13.2): AES-256-GCM ciphertext (base64) of its JSON fields,
+    the nonce (base64) and the id of the key that encrypted it; never the value itself."""
+
+    name = peewee.CharField(max_length=255, primary_key=True)
+    type = peewee.CharField(max_length=16)
+    ciphertext = peewee.TextField()
+    nonce = peewee.CharField(max_length=32)
+    key_id = peewee.CharField(max_length=16)
+    created_at = UtcDateTimeField()
+    updated_at = UtcDateTimeField()
+
+    class Meta:
+        table_name = "credentials"
 
 
 class SchemaMigration(BaseModel):
@@ -177,4 +211,4 @@ class SchemaMigration(BaseModel):
 
 
 ALL_MODELS = (Workflow, WorkflowDefinition, WorkflowTrigger, WorkflowExecution, StepExecution,
-              AuditEvent, ApiKey, Runner, SchemaMigration)
+              AuditEvent, ApiKey, Node, Credential, SchemaMigration)

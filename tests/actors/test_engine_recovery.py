@@ -95,7 +95,7 @@ def test_orphan_of_a_live_runner_is_not_taken(engine, db):
     other = Engine(db, metrics=Metrics(), resume_orphans=True).start()
     try:
         assert other.live_count() == 0
-        wait_until(lambda: WorkflowExecution.get_by_id(result.execution_id).runner
+        wait_until(lambda: WorkflowExecution.get_by_id(result.execution_id).owner
                    == engine.runner)
     finally:
         other.shutdown(timeout=1)
@@ -113,7 +113,7 @@ def test_two_daemons_never_resume_the_same_orphan(db):
                                      workflow_name="contested", version=1, status="running",
                                      inputs={}, trigger={"type": "manual", "payload": None},
                                      started_at=mantle_db.fields.utcnow(),
-                                     runner="gone-host:1")
+                                     owner="gone-node")
     engines = [Engine(db, metrics=Metrics(), resume_orphans=True) for _ in range(2)]
     threads = [threading.Thread(target=e.start) for e in engines]
     for thread in threads:

@@ -107,7 +107,7 @@ class SqliteLock:
         import sqlite3, sys
         conn = sqlite3.connect(sys.argv[1], isolation_level=None)
         conn.execute("BEGIN EXCLUSIVE")
-        conn.execute("UPDATE runners SET heartbeat_at = heartbeat_at")  # a writer mid-work
+        conn.execute("UPDATE nodes SET lease_expires_at = lease_expires_at")  # a writer mid-work
         print("locked", flush=True)
         sys.stdin.readline()
         conn.execute("ROLLBACK")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from mantle.connectors.credentials import Credential
 from mantle.connectors import ConnectorError, ConnectorInterrupted, Invocation, run_action
 from mantle.connectors import plugins
 from tests.helpers import Background
@@ -33,6 +34,8 @@ def install(directory: Path, name: str, script: str) -> Path:
 
 
 def invoke(directory, action, params=None, cancel=None, **fields):
+    if isinstance(fields.get("credential"), str):
+        fields["credential"] = Credential("token", "generic", {"key": fields["credential"]})
     inv = Invocation(action, {} if params is None else params, cancel or threading.Event(),
                      plugins_dir=str(directory), **fields)
     return run_action(inv)
@@ -261,5 +264,5 @@ def test_credential_printed_by_a_plugin_is_redacted(plugins_dir):
         print(json.dumps({"said": "my key is " + key}))
     """))
     assert invoke(plugins_dir, "leak/x", credential="hunter2") == {
-        "said": "my key is [redacted]"
+        "said": "my key is ********"
     }

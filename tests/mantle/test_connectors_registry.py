@@ -7,6 +7,7 @@ import threading
 import pytest
 
 import mantle.connectors as connectors
+from mantle.connectors.credentials import Credential
 from mantle.connectors import (
     ConnectorError,
     ConnectorInterrupted,
@@ -17,6 +18,8 @@ from mantle.connectors import (
 
 
 def invocation(action, params=None, plugins_dir=".mantle/plugins", credential=None):
+    if isinstance(credential, str):
+        credential = Credential("token", "generic", {"key": credential})
     return Invocation(action, params or {}, threading.Event(), credential=credential,
                       plugins_dir=plugins_dir)
 
@@ -87,15 +90,16 @@ def test_credential_is_scrubbed_from_error_messages():
     with pytest.raises(ConnectorError) as caught:
         run_action(invocation("core/fail", {"message": "token tok-123 rejected"},
                               credential="tok-123"))
-    assert caught.value.message == "token [redacted] rejected"
+    assert caught.value.message == "token ******** rejected"
 
 
 # --- credentials ----------------------------------------------------------------------------
 
 def test_credential_is_read_from_mantle_secret_variable():
     environ = {"MANTLE_SECRET_GITHUB_TOKEN": "ghp_x"}
-    assert resolve_credential("github-token", environ) == "ghp_x"
-    assert resolve_credential("GitHub_Token", environ) == "ghp_x"
+    expected = {"key": "ghp_x"}
+    assert resolve_credential("github-token", environ).fields == expected
+    assert resolve_credential("GitHub_Token", environ).fields == expected
 
 
 @pytest.mark.parametrize("environ", [{}, {"MANTLE_SECRET_API_KEY": ""}])
@@ -110,7 +114,7 @@ def test_missing_or_empty_credential_fails_without_retry(environ):
 
 def test_credential_defaults_to_the_process_environment(monkeypatch):
     monkeypatch.setenv("MANTLE_SECRET_DEPLOY", "d1")
-    assert resolve_credential("deploy") == "d1"
+    assert resolve_credential("deploy").fields == {"key": "d1"}
 
 
 def test_redaction_catches_json_escaped_echoes_of_the_secret():

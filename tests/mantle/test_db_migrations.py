@@ -17,7 +17,8 @@ from mantle.db.models import ALL_MODELS
 from tests.helpers import Background
 
 TABLES = {"workflows", "workflow_definitions", "workflow_triggers", "workflow_executions",
-          "step_executions", "audit_events", "api_keys", "runners", "schema_migrations"}
+          "step_executions", "audit_events", "api_keys", "nodes", "credentials",
+          "schema_migrations"}
 
 
 def test_head_is_the_newest_migration_and_001_comes_first():
@@ -150,3 +151,25 @@ def test_migration_001_is_frozen_and_does_not_import_the_live_models():
         elif isinstance(node, ast.ImportFrom):
             imported.add(node.module)
     assert imported <= {"__future__", "peewee"}
+
+
+def test_migration_002_makes_existing_keys_admin_and_down_restores_001(blank_db):
+    """Keys created before 002 become ``admin`` (SPEC 13.8); 002 reverts to 001's tables."""
+    first, second = migrations.MIGRATIONS[0], migrations.MIGRATIONS[1]
+    with db.transaction(blank_db):
+        first.up(blank_db)
+    blank_db.execute_sql(
+        "INSERT INTO api_keys (name, prefix, key_hash, created_at) VALUES "
+        f"('old', 'mk_abc', 'h', {blank_db.param})", (utcnow(),))
+    with db.transaction(blank_db):
+        second.up(blank_db)
+    role, expires = blank_db.execute_sql("SELECT role, expires_at FROM api_keys").fetchone()
+    assert (role, expires) == ("admin", None)
+    assert {"nodes", "credentials"} <= set(blank_db.get_tables())
+    assert "runners" not in blank_db.get_tables()
+    with db.transaction(blank_db):
+        second.down(blank_db)
+    assert "runners" in blank_db.get_tables()
+    assert not {"nodes", "credentials"} & set(blank_db.get_tables())
+    columns = {column.name for column in blank_db.get_columns("workflow_executions")}
+    assert "runner" in columns and "owner" not in columns

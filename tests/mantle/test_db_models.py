@@ -14,7 +14,7 @@ from mantle.db import (claim_rows, database_proxy, is_sqlite, lock_for_update, t
                        upsert, write_transaction)
 from mantle.db import audit
 from mantle.db.fields import utcnow
-from mantle.db.models import (ApiKey, AuditEvent, Runner, StepExecution, Workflow,
+from mantle.db.models import (ApiKey, AuditEvent, Node, StepExecution, Workflow,
                               WorkflowDefinition, WorkflowExecution, WorkflowTrigger)
 from tests.helpers import Background
 
@@ -201,27 +201,28 @@ def test_audit_event_commits_and_rolls_back_with_the_outer_transaction(db):
 
 def test_nested_transaction_failure_rolls_back_only_the_inner_part(db):
     with transaction(database_proxy):
-        Runner.create(id="h:1", hostname="h", pid=1, started_at=T0, heartbeat_at=T0)
+        Node.create(id="h:1", hostname="h", pid=1, kind="run", started_at=T0, lease_expires_at=T0)
         with pytest.raises(peewee.IntegrityError):
             with transaction():
-                Runner.create(id="h:2", hostname="h", pid=2, started_at=T0, heartbeat_at=T0)
-                Runner.create(id="h:1", hostname="h", pid=1, started_at=T0, heartbeat_at=T0)
-    assert [r.id for r in Runner.select()] == ["h:1"]
+                Node.create(id="h:2", hostname="h", pid=2, kind="run", started_at=T0, lease_expires_at=T0)
+                Node.create(id="h:1", hostname="h", pid=1, kind="run", started_at=T0, lease_expires_at=T0)
+    assert [r.id for r in Node.select()] == ["h:1"]
 
 
 def test_upsert_inserts_then_updates_the_chosen_columns(db):
     def beat(pid, at):
-        upsert(Runner, {"id": "host:9", "hostname": "host", "pid": pid, "started_at": at,
-                           "heartbeat_at": at}, conflict=[Runner.id],
-                  update=[Runner.heartbeat_at])
+        upsert(Node, {"id": "host:9", "hostname": "host", "pid": pid, "kind": "run",
+                      "started_at": at, "lease_expires_at": at}, conflict=[Node.id],
+               update=[Node.lease_expires_at])
 
     beat(9, T0)
     beat(10, T0 + dt.timedelta(seconds=5))
-    row = Runner.get_by_id("host:9")
-    assert (row.pid, row.started_at, row.heartbeat_at) == (9, T0, T0 + dt.timedelta(seconds=5))
-    upsert(Runner, {"id": "host:9", "hostname": "x", "pid": 1, "started_at": T0,
-                       "heartbeat_at": T0}, conflict=[Runner.id], update=[])
-    assert Runner.get_by_id("host:9").hostname == "host"
+    row = Node.get_by_id("host:9")
+    assert (row.pid, row.started_at, row.lease_expires_at) == (
+        9, T0, T0 + dt.timedelta(seconds=5))
+    upsert(Node, {"id": "host:9", "hostname": "x", "pid": 1, "kind": "run", "started_at": T0,
+                  "lease_expires_at": T0}, conflict=[Node.id], update=[])
+    assert Node.get_by_id("host:9").hostname == "host"
 
 
 def test_lock_for_update_serialises_read_modify_write(db):
@@ -257,11 +258,11 @@ def test_concurrent_claims_get_different_rows(db):
     def claim(name: str, hold: bool) -> list[str]:
         with write_transaction():
             query = (WorkflowExecution.select()
-                     .where(WorkflowExecution.runner.is_null())
+                     .where(WorkflowExecution.owner.is_null())
                      .order_by(WorkflowExecution.started_at))
             rows = claim_rows(query, limit=1)
             for row in rows:
-                WorkflowExecution.update(runner=name).where(
+                WorkflowExecution.update(owner=name).where(
                     WorkflowExecution.id == row.id).execute()
             if hold:
                 first_claimed.set()
@@ -277,5 +278,5 @@ def test_concurrent_claims_get_different_rows(db):
     assert first.join(15).error is None and second.join(15).error is None
     assert first.result == [ids[0]]
     assert second.result == [ids[1]]
-    owners = {row.id: row.runner for row in WorkflowExecution.select()}
+    owners = {row.id: row.owner for row in WorkflowExecution.select()}
     assert owners == {ids[0]: "a", ids[1]: "b", ids[2]: None}
