@@ -32,7 +32,7 @@ from mantle.connectors.base import (
 from mantle.connectors.credentials import Credential, auth_headers
 from mantle.durations import parse_duration
 
-__all__ = ["request", "METHODS", "MAX_BODY_BYTES", "MAX_REDIRECTS", "DEFAULT_TIMEOUT"]
+__all__ = ["request", "send", "HttpFailure", "METHODS", "MAX_BODY_BYTES", "MAX_REDIRECTS", "DEFAULT_TIMEOUT"]
 
 METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 MAX_BODY_BYTES = 10 * 1024 * 1024
@@ -62,32 +62,57 @@ class _TooLarge(Exception):
     pass
 
 
+class HttpFailure(Exception):
+    """``send`` could not get a response: ``reason`` is short lower-case text (SPEC 5.1's
+    ``<reason>``); ``timed_out`` and ``too_large`` tell the two failures worded apart."""
+
+    def __init__(self, reason: str, timed_out: bool = False, too_large: bool = False):
+        super().__init__(reason)
+        self.reason = reason
+        self.timed_out = timed_out
+        self.too_large = too_large
+
+
+def send(method: str, url: str, headers: dict[str, str], body: bytes | None,
+         seconds: float, cancel: threading.Event) -> dict:
+    """One HTTP exchange for any connector: redirects followed (credentials only to the
+    first origin), TLS verified, the body capped at MAX_BODY_BYTES, the whole exchange within
+    ``seconds``. Returns the http/request output (``status``, ``headers``, ``body``, ``json``
+    when it parses) whatever the status; raises ConnectorInterrupted when ``cancel`` is set
+    and HttpFailure when there is no response. ``url`` must be an absolute http(s) URL."""
+    exchange = _Exchange(_Request(method, url, headers, body), time.monotonic() + seconds)
+    helper = threading.Thread(target=exchange.run, name="http-request", daemon=True)
+    helper.start()
+    outcome = wait_for(exchange.done, cancel, exchange.deadline)
+    if outcome != "done":
+        exchange.abort()
+        if outcome == "cancel":
+            raise ConnectorInterrupted()
+        raise HttpFailure("timed out", timed_out=True)
+    error = exchange.error
+    if isinstance(error, _TooLarge):
+        raise HttpFailure(f"response body exceeds {MAX_BODY_BYTES} bytes", too_large=True)
+    if isinstance(error, TimeoutError):
+        raise HttpFailure("timed out", timed_out=True)
+    if error is not None:
+        raise HttpFailure(_reason(error))
+    return exchange.result
+
+
 def request(inv: Invocation) -> dict:
     """Send one HTTP request (following redirects) and return status, headers, body, json."""
     params = params_of(inv)
     req, timeout_text, seconds = _parse(params, inv.credential)
     label = f"{req.method} {params['url']}"
-    exchange = _Exchange(req, time.monotonic() + seconds)
-    helper = threading.Thread(target=exchange.run, name="http-request", daemon=True)
-    helper.start()
-    outcome = wait_for(exchange.done, inv.cancel, exchange.deadline)
-    if outcome != "done":
-        exchange.abort()
-        if outcome == "cancel":
-            raise ConnectorInterrupted()
-        raise ConnectorError(f"http/request: {label} timed out after {timeout_text}")
-    return _outcome(exchange, label, timeout_text)
-
-
-def _outcome(exchange: "_Exchange", label: str, timeout_text: str) -> dict:
-    error = exchange.error
-    if isinstance(error, _TooLarge):
-        raise ConnectorError(f"http/request: response body exceeds {MAX_BODY_BYTES} bytes")
-    if isinstance(error, TimeoutError):
-        raise ConnectorError(f"http/request: {label} timed out after {timeout_text}")
-    if error is not None:
-        raise ConnectorError(f"http/request: {label}: {_reason(error)}")
-    output = exchange.result
+    try:
+        output = send(req.method, req.url, req.headers, req.body, seconds, inv.cancel)
+    except HttpFailure as exc:
+        if exc.too_large:
+            raise ConnectorError(f"http/request: {exc.reason}") from None
+        if exc.timed_out:
+            raise ConnectorError(f"http/request: {label} timed out after {timeout_text}"
+                                 ) from None
+        raise ConnectorError(f"http/request: {label}: {exc.reason}") from None
     if output["status"] >= 400:
         raise ConnectorError(f"http/request: {label} returned {output['status']}", output=output)
     return output
