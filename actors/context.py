@@ -8,9 +8,12 @@ from collections.abc import Mapping
 
 import pykka
 
-from actors.journal import Journal
-from actors.timers import Timers
 from mantle.metrics import Metrics
+from mantle.services.channel import CancelChannel
+from mantle.services.journal import Journal
+from mantle.services.nodes import NodeLease
+from mantle.services.pools import ThreadPool
+from mantle.services.timers import Timers
 
 __all__ = ["EngineContext", "Reply", "tell"]
 
@@ -64,11 +67,20 @@ class Reply:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class EngineContext:
+    """The services of one engine, shared by its actors (all thread-safe)."""
+
     journal: Journal
     timers: Timers
     metrics: Metrics
-    runner: str             # "<hostname>:<pid>"
-    hostname: str
+    node: NodeLease          # this process's node id, lease and database clock
     plugins_dir: str
     env: Mapping[str, str]
     secrets: Mapping[str, str]  # where MANTLE_SECRET_* are read (os.environ in production)
+    channel: CancelChannel   # cancels to other nodes of this host
+    steps: ThreadPool        # blocking attempts (http/request, plugins, ...)
+    evaluation: ThreadPool   # ``if``, templates and credentials, off the dispatcher threads
+    max_depth: int = 10      # engine.max_workflow_depth (sub-workflows, SPEC 13.3)
+
+    @property
+    def node_id(self) -> str:
+        return self.node.id

@@ -1,9 +1,10 @@
 """Messages between the actors: frozen values carrying ids and JSON-able data only.
 
-Commands are imperative (``StartExecution``), events past tense (``AttemptFinished``).
-pykka does not copy messages, so nothing here may hold a mutable object that two threads
-would share, except the explicitly thread-safe ``threading.Event`` and pykka futures used as
-reply slots.
+Commands are imperative (``StartExecution``), events past tense (``AttemptFinished``). A
+journal write's continuation is an event like any other (``AttemptRowWritten``), matched by
+type, never a method name in a string (STYLE habit 13). pykka does not copy messages, so
+nothing here may hold a mutable object two threads would share, except the thread-safe reply
+slots and cancel tokens named as such.
 """
 
 from __future__ import annotations
@@ -13,39 +14,26 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
-    "RunRequest",
-    "Created",
-    "StartExecution",
-    "CancelExecution",
-    "Shutdown",
-    "Tick",
-    "ResumeOrphans",
-    "Ping",
-    "LiveCount",
-    "ExecutionEnded",
-    "AcquireStepSlot",
-    "ReleaseStepSlot",
-    "StepSlotGranted",
-    "Begin",
-    "Cancel",
-    "Written",
-    "WriteFailed",
-    "TimerFired",
-    "RunAttempt",
-    "Interrupt",
-    "SleepElapsed",
-    "AttemptFinished",
-    "StopNow",
+    # Supervisor
+    "RunRequest", "Created", "StartExecution", "SnapshotLoaded", "CancelExecution",
+    "CancelCommitted", "CancelNotified", "Tick", "Promoted", "Claimed", "CancelsFound",
+    "LeaseLapsed", "OwnersChecked", "Ping", "LiveCount", "ExecutionEnded", "AcquireStepSlot",
+    "ReleaseStepSlot", "Shutdown", "StopNow", "AwaitChild", "ChildResult",
+    # Execution actor
+    "Begin", "Cancel", "LeaseLost", "StepSlotGranted", "Prepared", "AttemptRowWritten",
+    "RetryRowsWritten", "StepRecorded", "HooksStarted", "ExecutionClosed", "WriteRefused",
+    "WriteFailed", "StepTimedOut", "BackoffEnded", "SleepEnded", "InterruptGraceOver",
+    "WorkflowTimedOut", "HooksTimedOut", "AttemptFinished", "ChildCreated", "ChildFinished",
 ]
 
 
-# --- Supervisor commands (from outside the actor system or from Execution actors) ---
+# --- Supervisor: commands from outside the actors (Engine, CLI, web) ---
 
 @dataclass(frozen=True, slots=True)
 class RunRequest:
-    """Create an execution; ``reply`` receives a RunResult or an exception.
+    """Create an execution; ``reply`` (actors.context.Reply) receives a RunResult or an error.
 
-    Written by the journal directly (``actors.supervisor.create``); the Supervisor hears
+    Written by the journal directly (``actors.supervisor.submit_run``); the Supervisor hears
     ``Created`` once the row is committed.
     """
 
@@ -55,12 +43,44 @@ class RunRequest:
     trigger: Any
     actor: str
     idempotency_key: str | None
-    reply: Any  # actors.context.Reply
+    reply: Any
     retry_of: str | None = None
     from_step: str | None = None
     reuse: tuple = ()  # step rows copied from the original by ``mantle retry``
     deadline: float | None = None  # time.monotonic() when the caller stops waiting
+    parent: Any = None  # mantle.store.Parent of a sub-workflow's child
 
+
+@dataclass(frozen=True, slots=True)
+class CancelExecution:
+    execution_id: str
+    actor: str
+    reply: Any  # actors.context.Reply receiving the status found before the cancel
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    """Start nothing more; interrupt what still runs at ``deadline`` (monotonic seconds)."""
+
+    deadline: float
+
+
+@dataclass(frozen=True, slots=True)
+class StopNow:
+    """Shutdown deadline reached: interrupt attempts, leave their rows for the next owner."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """Answered with True while the Supervisor handles messages (systemd watchdog)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LiveCount:
+    """Answered with the number of Execution actors alive."""
+
+
+# --- Supervisor: events ---
 
 @dataclass(frozen=True, slots=True)
 class Created:
@@ -72,49 +92,68 @@ class Created:
 
 @dataclass(frozen=True, slots=True)
 class StartExecution:
-    """Start (or resume) an execution whose row exists and belongs to this runner."""
+    """Run an execution this node owns under ``epoch`` (promoted, or taken over)."""
 
     execution_id: str
+    epoch: int
     resumed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
-class CancelExecution:
-    execution_id: str
-    actor: str
-    reply: Any  # actors.context.Reply receiving the status string before the cancel
+class SnapshotLoaded:
+    start: StartExecution
+    snapshot: Any  # (execution, definition, rows) or None
 
 
 @dataclass(frozen=True, slots=True)
-class Shutdown:
-    """Start no more work; interrupt what still runs at ``deadline`` (monotonic seconds)."""
+class CancelCommitted:
+    request: CancelExecution
+    cancelled: Any  # mantle.store.Cancelled or None (unknown id)
+    channels: Any  # {owner node id: (host_key, channel)}
 
-    deadline: float
+
+@dataclass(frozen=True, slots=True)
+class CancelNotified:
+    """Some node committed ``cancelled`` for this execution (channel, NOTIFY or backstop)."""
+
+    execution_id: str
 
 
 @dataclass(frozen=True, slots=True)
 class Tick:
-    """Periodic housekeeping: heartbeat, cross-process cancels, queue, orphans."""
+    """Periodic housekeeping: queue, takeover, cancel backstop."""
 
 
 @dataclass(frozen=True, slots=True)
-class ResumeOrphans:
-    """Scan for orphaned executions now (daemon startup)."""
+class Promoted:
+    promoted: tuple  # (execution id, epoch)
 
 
 @dataclass(frozen=True, slots=True)
-class Ping:
-    """Answered with True while the Supervisor processes messages (systemd watchdog)."""
+class Claimed:
+    claimed: tuple  # (execution id, epoch)
 
 
 @dataclass(frozen=True, slots=True)
-class LiveCount:
-    """Answered with the number of Execution actors alive."""
+class CancelsFound:
+    execution_ids: tuple
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseLapsed:
+    """This node's lease ran out before it was renewed: check which executions are still
+    ours."""
+
+
+@dataclass(frozen=True, slots=True)
+class OwnersChecked:
+    lost: tuple  # ids of live executions whose epoch changed
 
 
 @dataclass(frozen=True, slots=True)
 class ExecutionEnded:
-    """An Execution actor is done (final status written, or left for resume)."""
+    """An Execution actor is done: final status written, or left for another owner
+    (``interrupted`` at shutdown, ``lost`` to another node)."""
 
     execution_id: str
     workflow: str
@@ -123,11 +162,12 @@ class ExecutionEnded:
 
 @dataclass(frozen=True, slots=True)
 class AcquireStepSlot:
-    """Ask for one of a step's ``max_parallel`` slots; granted with StepSlotGranted."""
+    """Ask for one of a step's ``max_parallel`` slots for one attempt (``token``)."""
 
     execution_id: str
     workflow: str
     step: str
+    token: int
     limit: int
 
 
@@ -136,21 +176,33 @@ class ReleaseStepSlot:
     execution_id: str
     workflow: str
     step: str
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class AwaitChild:
+    """Tell ``parent`` (an Execution actor's ref) when ``child_id`` ends (sub-workflows)."""
+
+    child_id: str
+    parent: Any  # pykka.ActorRef
+    step: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChildResult:
+    """An awaited child's state, read from the database: ``detail`` is None while it runs."""
+
+    execution_id: str
+    detail: Any
 
 
 # --- Execution actor ---
 
 @dataclass(frozen=True, slots=True)
-class StepSlotGranted:
-    step: str
-
-
-@dataclass(frozen=True, slots=True)
 class Begin:
-    """Everything the Execution actor needs to run, loaded by the Supervisor.
-
-    ``rows`` are the step rows already stored (resume, retry), as plain dicts.
-    """
+    """Everything the Execution actor needs, loaded by the Supervisor. ``rows`` are the step
+    rows already stored (resume, retry) as plain dicts."""
 
     execution: dict
     rows: tuple = ()
@@ -163,55 +215,124 @@ class Cancel:
 
 
 @dataclass(frozen=True, slots=True)
-class Written:
-    """A journal write committed; ``then`` names the continuation, ``data`` its argument."""
+class LeaseLost:
+    """Another node owns the execution now: stop at once, write nothing more."""
 
-    then: str
-    data: Any = None
+
+@dataclass(frozen=True, slots=True)
+class StepSlotGranted:
+    step: str
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A step's ``if``, templates and credential, evaluated off the actor's thread.
+
+    ``skip`` (condition false) or ``error`` (the step fails without retry), else ``params``
+    and ``credential`` for its attempts."""
+
+    step: str
+    hook: bool
+    skip: bool = False
+    error: str | None = None
+    params: Any = None
+    credential: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRowWritten:
+    step: str
+    hook: bool
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class RetryRowsWritten:
+    step: str
+    hook: bool
+    attempt: int  # the next attempt, waiting out its back-off
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecorded:
+    """A step's final status is committed (with the execution's, when ``closing``)."""
+
+    step: str
+    hook: bool
+    closing: Any = None  # (status, error) of the execution, or None
+    changed: bool = True  # whether the closing status won (a cancel may have come first)
+
+
+@dataclass(frozen=True, slots=True)
+class HooksStarted:
+    """``hooks_since`` is committed (hooks.timeout counts from it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionClosed:
+    """The execution's final status is committed, unless a cancel won (``changed``)."""
+
+    status: str
+    changed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class WriteRefused:
+    """A write was refused by its fence: the execution has another owner."""
 
 
 @dataclass(frozen=True, slots=True)
 class WriteFailed:
-    then: str
+    """A write failed for a reason other than an outage (a value or constraint the database
+    refuses, a bug): the execution ends ``failed`` (SPEC 13.1.12)."""
+
     error: str
 
 
 @dataclass(frozen=True, slots=True)
-class TimerFired:
-    """``kind``: ``step_timeout``, ``retry``, ``workflow_timeout``, ``hooks_timeout``."""
-
-    kind: str
-    step: str = ""
-    attempt: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class StopNow:
-    """Shutdown deadline reached: interrupt attempts, leave rows for the next runner."""
-
-
-# --- Step actor ---
-
-@dataclass(frozen=True, slots=True)
-class RunAttempt:
-    invocation: Any  # mantle.connectors.Invocation (frozen)
+class StepTimedOut:
+    step: str
+    hook: bool
     attempt: int
-    hook: bool = False
 
 
 @dataclass(frozen=True, slots=True)
-class Interrupt:
-    """Stop the attempt now (its ``cancel`` event is already set)."""
+class BackoffEnded:
+    step: str
+    hook: bool
+    attempt: int
 
 
 @dataclass(frozen=True, slots=True)
-class SleepElapsed:
-    """A ``core/sleep`` attempt's timer fired."""
+class SleepEnded:
+    step: str
+    hook: bool
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class InterruptGraceOver:
+    """An interrupted attempt did not report back in time; it is treated as ended."""
+
+    step: str
+    hook: bool
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowTimedOut:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class HooksTimedOut:
+    pass
 
 
 @dataclass(frozen=True, slots=True)
 class AttemptFinished:
-    """One attempt ended. ``interrupted``: its cancel event was set while it ran."""
+    """One attempt ended. ``interrupted``: its cancel token was set while it ran."""
 
     step: str
     attempt: int
@@ -224,3 +345,20 @@ class AttemptFinished:
     started_at: dt.datetime | None = None
     finished_at: dt.datetime | None = None
 
+
+@dataclass(frozen=True, slots=True)
+class ChildCreated:
+    """A ``workflow/run`` attempt's child execution exists (or existed already)."""
+
+    step: str
+    attempt: int
+    result: Any  # actors.supervisor.RunResult, or the MantleError to fail with
+
+
+@dataclass(frozen=True, slots=True)
+class ChildFinished:
+    """A ``workflow/run`` attempt's child execution ended; ``detail`` is its final state."""
+
+    step: str
+    attempt: int
+    detail: Any  # {"execution_id", "status", "error", "steps"}

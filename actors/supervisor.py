@@ -1,19 +1,20 @@
-"""Supervisor actor: owns every execution of this process (SPEC 1, 4.9, 4.11).
+"""Supervisor actor: the executions this node owns (SPEC 1, 4.9, 4.11, 13.7).
 
-It creates executions (limits, idempotency), starts one Execution actor per running
-execution, hands out step ``max_parallel`` slots, promotes queued executions, notices cancels
-written by other processes, keeps the runner heartbeat, and (in the daemon) resumes orphans.
-Its database work goes through the journal like everyone else's.
+It starts one Execution actor per running execution it owns, promotes queued executions
+(oldest first across all nodes), takes over running executions whose owner's lease expired,
+routes cancels to their owners, hands out step ``max_parallel`` slots, reports sub-workflow
+children's ends to their parents, and stops its executions at shutdown. Its database work
+goes through the journal like everyone else's; every journal result comes back as an event.
 
-All ``_on_*`` and ``_after_*`` methods run on the Supervisor's thread.
+No single bad message may stop it: each handler's exception is logged and the actor goes on;
+if it dies anyway, ``on_death`` marks the engine dead (``/readyz`` 503, no watchdog pings).
+All ``_on_*`` methods run on the Supervisor's thread.
 """
 
 from __future__ import annotations
 
 import collections
-import datetime as dt
 import logging
-import os
 import time
 from collections.abc import Callable
 
@@ -23,25 +24,21 @@ from actors import messages as m
 from actors.context import EngineContext, tell
 from actors.execution import ExecutionActor
 from mantle import store
-from mantle.db.fields import utcnow
-from mantle.errors import ExecutionFinished, ExecutionNotFound, MantleError
-from mantle.workflow import Workflow, workflow_from_definition
+from mantle.errors import ExecutionFinished, ExecutionNotFound
+from mantle.services.channel import local_targets
+from mantle.services.nodes import pid_alive
 
-__all__ = ["Supervisor", "RunResult", "ShuttingDown", "submit_run"]
+__all__ = ["Supervisor", "RunResult", "submit_run"]
 
 log = logging.getLogger("mantle.engine")
 
-HEARTBEAT_EVERY = 5.0
 # A run still in the journal this close to its caller's deadline is dropped, not created: the
 # caller has answered 503 (or is about to) and must be free to retry without a duplicate.
 ABANDON_MARGIN = 1.0
-ORPHAN_SCAN_EVERY = 30.0
-STALE_AFTER = 30.0
-
-
-class ShuttingDown(MantleError):
-    def __init__(self) -> None:
-        super().__init__("server is shutting down")
+TICK = 0.25
+PROMOTE_EVERY = 0.5
+TAKEOVER_EVERY = 2.0
+BACKSTOP_EVERY = 1.0
 
 
 class RunResult:
@@ -61,18 +58,9 @@ class RunResult:
                 "version": self.version}
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _fail(reply, exc: BaseException) -> None:
-    reply.set_exception(exc_info=(type(exc), exc, exc.__traceback__))
+    if reply is not None:
+        reply.set_exception(exc_info=(type(exc), exc, exc.__traceback__))
 
 
 def submit_run(ctx: EngineContext, supervisor: pykka.ActorRef, msg: m.RunRequest) -> None:
@@ -86,8 +74,9 @@ def submit_run(ctx: EngineContext, supervisor: pykka.ActorRef, msg: m.RunRequest
         if msg.deadline is not None and time.monotonic() > msg.deadline - ABANDON_MARGIN:
             return None
         created = store.create_execution(
-            msg.workflow, msg.inputs, msg.version, msg.trigger, ctx.runner, msg.actor,
-            msg.idempotency_key, retry_of=msg.retry_of, from_step=msg.from_step)
+            msg.workflow, msg.inputs, msg.version, msg.trigger, ctx.node_id, msg.actor,
+            msg.idempotency_key, retry_of=msg.retry_of, from_step=msg.from_step,
+            parent=msg.parent)
         if msg.reuse and created.execution and not created.existing:
             store.copy_steps(created.execution["id"], list(msg.reuse))
         return created
@@ -95,241 +84,312 @@ def submit_run(ctx: EngineContext, supervisor: pykka.ActorRef, msg: m.RunRequest
     def done(created: store.Created | None) -> None:
         if created is None:
             _fail(msg.reply, pykka.Timeout("the run was not written in time"))
-            return
-        if created.error is not None:
+        elif created.error is not None:
             _fail(msg.reply, created.error)
-            return
-        msg.reply.set(RunResult(created.execution, created.existing, created.queued))
-        if not created.existing:
-            tell(supervisor, m.Created(msg, created))
+        else:
+            msg.reply.set(RunResult(created.execution, created.existing, created.queued))
+            if not created.existing:
+                tell(supervisor, m.Created(msg, created))
 
     ctx.journal.submit(op, done, lambda exc: _fail(msg.reply, exc))
+
+
+class _Slot:
+    """The ``max_parallel`` slots of one (workflow, step) in this process: who holds one
+    (execution, attempt token) and who waits, in order."""
+
+    __slots__ = ("holders", "waiting")
+
+    def __init__(self):
+        self.holders: set[tuple[str, int]] = set()
+        self.waiting: collections.deque[tuple[str, int, int]] = collections.deque()
 
 
 class Supervisor(pykka.ThreadingActor):
     use_daemon_thread = True
 
     def __init__(self, ctx: EngineContext, on_ended: Callable[[str, str], None],
-                 resume_orphans: bool = False, tick: float = 0.5):
+                 on_death: Callable[[], None], takeover: bool = False):
         super().__init__()
         self._ctx = ctx
         self._on_ended = on_ended
-        self._resume_orphans = resume_orphans
-        self._tick = tick
+        self._on_death = on_death
+        self._takeover = takeover
         self._live: dict[str, pykka.ActorRef] = {}
-        self._cancelling: set[str] = set()  # cancelled, actor still winding down
-        self._models: collections.OrderedDict[tuple[str, int], Workflow] = \
-            collections.OrderedDict()
-        self._slots: dict[tuple[str, str], list] = {}
-        self._queued: dict[str, int] = {}  # workflow -> limit, while it has queued executions
+        self._epochs: dict[str, int] = {}
+        self._cancelling: set[str] = set()
+        self._slots: dict[tuple[str, str], _Slot] = {}
+        self._awaiting: dict[str, list[tuple[pykka.ActorRef, str, int]]] = {}
         self._shutdown = False
-        self._last_heartbeat = self._last_scan = 0.0
-        self._cancel_seen = utcnow() - dt.timedelta(seconds=5)
+        self._due = {"promote": 0.0, "takeover": 0.0, "backstop": 0.0}
 
     def on_start(self) -> None:
-        self._schedule_tick(0.0)
+        self._after(0.0, m.Tick())
 
     def on_receive(self, message):
-        if isinstance(message, m.Written):
-            data, result = message.data
-            getattr(self, "_after_" + message.then)(*data, result)
-            return None
-        handler = getattr(self, "_on_" + type(message).__name__, None)
+        handler = _HANDLERS.get(type(message))
         if handler is None:
             return super().on_receive(message)
         try:
-            return handler(message)
+            return handler(self, message)
         except Exception:  # the Supervisor must outlive any one bad message
-            log.exception("supervisor error")
+            log.exception("supervisor error", extra={"message": type(message).__name__})
             return None
 
-    def _write(self, op, then: str, *data, failed=None) -> None:
+    def on_failure(self, exc_type, exc_value, traceback) -> None:
+        log.error("engine supervisor stopped", extra={"error": str(exc_value)})
+        self._on_death()
+
+    def _write(self, op, event: Callable, failed: Callable | None = None) -> None:
+        """Run ``op`` in the journal; tell this actor ``event(result)`` once committed."""
         ref = self.actor_ref
-        self._ctx.journal.submit(op, lambda result: tell(ref, m.Written(then, (data, result))),
-                                 failed)
+        self._ctx.journal.submit(op, lambda result: tell(ref, event(result)), failed)
 
-    def _schedule_tick(self, delay: float) -> None:
+    def _after(self, delay: float, message) -> None:
         ref = self.actor_ref
-        self._ctx.timers.schedule(delay, lambda: tell(ref, m.Tick()))
+        self._ctx.timers.schedule(delay, lambda: tell(ref, message))
 
-    def _model(self, name: str, version: int, definition: dict) -> Workflow:
-        key = (name, version)
-        model = self._models.get(key)
-        if model is None:
-            model = self._models[key] = workflow_from_definition(definition)
-            if len(self._models) > 256:
-                self._models.popitem(last=False)
-        return model
-
-    # --- run ---
+    # --- starting executions ---
 
     def _on_Created(self, msg: m.Created) -> None:
-        execution, created = msg.created.execution, msg.created
+        created = msg.created
         if created.queued:
-            model = self._model(execution["workflow"], execution["version"], created.definition)
-            self._queued[model.name] = model.max_parallel_executions
+            self._due["promote"] = 0.0  # a slot may be free already
             return
-        self._start(execution, created.definition, tuple(msg.request.reuse), resumed=False)
+        self._start(created.execution, tuple(msg.request.reuse), resumed=False)
 
-    def _start(self, execution: dict, definition: dict, rows, resumed: bool) -> None:
+    def _start(self, execution: dict, rows, resumed: bool) -> None:
         if execution["id"] in self._live or self._shutdown:
             return
-        model = self._model(execution["workflow"], execution["version"], definition)
+        model = store.model_of(execution["workflow"], execution["version"])
         actor = ExecutionActor.start(self._ctx, self.actor_ref, model, execution)
         self._live[execution["id"]] = actor
+        self._epochs[execution["id"]] = execution["epoch"]
         actor.tell(m.Begin(execution, tuple(rows), resumed))
 
     def _on_StartExecution(self, msg: m.StartExecution) -> None:
-        self._write(lambda: store.execution_snapshot(msg.execution_id), "snapshot",
-                    msg.resumed)
+        self._write(lambda: store.execution_snapshot(msg.execution_id),
+                    lambda snapshot: m.SnapshotLoaded(msg, snapshot))
 
-    def _after_snapshot(self, resumed: bool, snapshot) -> None:
-        if snapshot is None:
+    def _on_SnapshotLoaded(self, msg: m.SnapshotLoaded) -> None:
+        if msg.snapshot is None:
             return
-        execution, definition, rows = snapshot
-        if execution["status"] in ("pending", "running"):
-            self._start(execution, definition, rows, resumed)
+        execution, _definition, rows = msg.snapshot
+        mine = execution["owner"] == self._ctx.node_id and execution["epoch"] == msg.start.epoch
+        if mine and execution["status"] == "running":
+            self._start(execution, rows, msg.start.resumed)
 
     # --- cancel ---
 
     def _on_CancelExecution(self, msg: m.CancelExecution) -> None:
-        self._write(lambda: store.cancel_execution(msg.execution_id, msg.actor), "cancelled",
-                    msg, failed=lambda exc: _fail(msg.reply, exc))
+        me = self._ctx.node_id
 
-    def _after_cancelled(self, msg: m.CancelExecution, found: tuple | None) -> None:
-        if found is None:
-            _fail(msg.reply, ExecutionNotFound(msg.execution_id))
-            return
-        previous, workflow = found
-        if previous not in ("pending", "running"):
-            _fail(msg.reply, ExecutionFinished(msg.execution_id, previous))
-            return
-        msg.reply.set(previous)
-        self._cancelled(msg.execution_id, workflow)
+        def op():
+            cancelled = store.cancel_execution(msg.execution_id, msg.actor)
+            owners = {owner for _, _, owner in (cancelled.cancelled if cancelled else ())
+                      if owner and owner != me}
+            return cancelled, store.node_channels(owners)
 
-    def _cancelled(self, execution_id: str, workflow: str) -> None:
-        self._ctx.metrics.executions.labels(workflow, "cancelled").inc()
+        self._write(op, lambda result: m.CancelCommitted(msg, *result),
+                    failed=lambda exc: _fail(msg.reply, exc))
+
+    def _on_CancelCommitted(self, msg: m.CancelCommitted) -> None:
+        cancelled, reply = msg.cancelled, msg.request.reply
+        if cancelled is None:
+            _fail(reply, ExecutionNotFound(msg.request.execution_id))
+            return
+        if cancelled.previous not in ("pending", "running"):
+            _fail(reply, ExecutionFinished(msg.request.execution_id, cancelled.previous))
+            return
+        if reply is not None:
+            reply.set(cancelled.previous)
+        for execution_id, workflow, owner in cancelled.cancelled:
+            self._ctx.metrics.executions.labels(workflow, "cancelled").inc()
+            if owner == self._ctx.node_id or owner is None:
+                self._cancel_local(execution_id)
+        node = self._ctx.node
+        self._ctx.channel.send(local_targets(cancelled.cancelled, msg.channels, node.host_key,
+                                             node.id))
+
+    def _on_CancelNotified(self, msg: m.CancelNotified) -> None:
+        self._cancel_local(msg.execution_id)
+
+    def _cancel_local(self, execution_id: str) -> None:
         actor = self._live.get(execution_id)
-        if actor is not None:
+        if actor is None:
+            self._on_ended(execution_id, "cancelled")
+        elif execution_id not in self._cancelling:
             self._cancelling.add(execution_id)
             tell(actor, m.Cancel())
-        else:
-            self._on_ended(execution_id, "cancelled")
 
-    # --- end of an execution, queue ---
+    # --- the end of an execution ---
 
     def _on_ExecutionEnded(self, msg: m.ExecutionEnded) -> None:
         self._live.pop(msg.execution_id, None)
+        self._epochs.pop(msg.execution_id, None)
         self._cancelling.discard(msg.execution_id)
+        for key, slot in list(self._slots.items()):
+            before = len(slot.holders)
+            slot.holders = {h for h in slot.holders if h[0] != msg.execution_id}
+            slot.waiting = collections.deque(w for w in slot.waiting
+                                             if w[0] != msg.execution_id)
+            if len(slot.holders) < before:
+                self._grant_waiting(key, slot)
         self._on_ended(msg.execution_id, msg.status)
-        if msg.workflow in self._queued and not self._shutdown:
-            self._promote(msg.workflow)
+        if msg.execution_id in self._awaiting:
+            self._look_up_children([msg.execution_id])
+        self._due["promote"] = 0.0
 
-    def _promote(self, workflow: str) -> None:
-        limit = self._queued[workflow]
-        self._write(lambda: store.promote_queued(workflow, self._ctx.runner, limit),
-                    "promoted", workflow)
+    # --- queue, takeover, backstops ---
 
-    def _after_promoted(self, workflow: str, result: tuple[list[str], bool]) -> None:
-        promoted, more = result
-        if not more:
-            self._queued.pop(workflow, None)
-        for execution_id in promoted:
-            self._on_StartExecution(m.StartExecution(execution_id))
-
-    # --- step slots ---
-
-    def _on_AcquireStepSlot(self, msg: m.AcquireStepSlot) -> None:
-        slot = self._slots.setdefault((msg.workflow, msg.step), [0, collections.deque()])
-        if slot[0] < msg.limit:
-            slot[0] += 1
-            self._grant(msg.execution_id, msg.step)
-        else:
-            slot[1].append((msg.execution_id, msg.limit))
-
-    def _on_ReleaseStepSlot(self, msg: m.ReleaseStepSlot) -> None:
-        slot = self._slots.get((msg.workflow, msg.step))
-        if slot is None:
-            return
-        slot[0] -= 1
-        while slot[1] and slot[0] < slot[1][0][1]:
-            execution_id, _ = slot[1].popleft()
-            if execution_id in self._live:
-                slot[0] += 1
-                self._grant(execution_id, msg.step)
-                break
-
-    def _grant(self, execution_id: str, step: str) -> None:
-        actor = self._live.get(execution_id)
-        if actor is not None:
-            tell(actor, m.StepSlotGranted(step))
-
-    # --- housekeeping ---
-
-    def _on_Tick(self, _msg) -> None:
+    def _on_Tick(self, _msg: m.Tick) -> None:
         if self._shutdown:
             return
         now = time.monotonic()
-        ctx = self._ctx
-        if now - self._last_heartbeat >= HEARTBEAT_EVERY:
-            self._last_heartbeat = now
-            self._write(lambda: store.heartbeat(ctx.runner, ctx.hostname, os.getpid()), "noop")
-        since = self._cancel_seen
-        self._cancel_seen = utcnow() - dt.timedelta(seconds=5)
-        if self._live:
-            self._write(lambda: store.cancelled_since(ctx.runner, since), "external_cancels")
-        for workflow in list(self._queued):
-            self._promote(workflow)
-        if self._resume_orphans and now - self._last_scan >= ORPHAN_SCAN_EVERY:
-            self._last_scan = now
-            self.resume_orphans()
-        self._schedule_tick(self._tick)
+        if now >= self._due["promote"]:
+            self._due["promote"] = now + PROMOTE_EVERY
+            me = self._ctx.node_id
+            self._write(lambda: [started for workflow in store.queued_workflows()
+                                 for started in store.promote_queued(workflow, me)],
+                        lambda promoted: m.Promoted(tuple(promoted)))
+        if self._takeover and now >= self._due["takeover"]:
+            self._due["takeover"] = now + TAKEOVER_EVERY
+            node = self._ctx.node
 
-    def _after_noop(self, _result) -> None:
-        pass
+            def claim():
+                store.expire_dead_neighbours(node.id, node.host_key, pid_alive)
+                return store.claim_expired(node.id)
 
-    def _after_external_cancels(self, found: list[tuple[str, str]]) -> None:
-        for execution_id, workflow in found:
-            if execution_id in self._live and execution_id not in self._cancelling:
-                self._cancelled(execution_id, workflow)
+            self._write(claim, lambda claimed: m.Claimed(tuple(claimed)))
+        if now >= self._due["backstop"]:
+            self._due["backstop"] = now + BACKSTOP_EVERY
+            live = list(self._live)
+            if live:
+                self._write(lambda: store.cancelled_among(live),
+                            lambda found: m.CancelsFound(tuple(found)))
+            if self._awaiting:
+                self._look_up_children(list(self._awaiting))
+        self._after(TICK, m.Tick())
 
-    def resume_orphans(self) -> None:
-        """Claim every orphaned execution (4.11) and start it here."""
-        ctx = self._ctx
-        stale = utcnow() - dt.timedelta(seconds=STALE_AFTER)
+    def _on_Promoted(self, msg: m.Promoted) -> None:
+        for execution_id, epoch in msg.promoted:
+            self._on_StartExecution(m.StartExecution(execution_id, epoch))
 
+    def _on_Claimed(self, msg: m.Claimed) -> None:
+        for execution_id, epoch in msg.claimed:
+            log.info("execution taken over", extra={"execution_id": execution_id})
+            self._on_StartExecution(m.StartExecution(execution_id, epoch, resumed=True))
+
+    def _on_CancelsFound(self, msg: m.CancelsFound) -> None:
+        for execution_id in msg.execution_ids:
+            self._cancel_local(execution_id)
+
+    def _on_LeaseLapsed(self, _msg: m.LeaseLapsed) -> None:
+        """The lease ran out before this node renewed it: executions taken over meanwhile
+        carry a new epoch; stop those here at once, before they write or act further."""
+        fences = set(self._epochs.items())
+        if fences:
+            self._write(lambda: store.refused_fences(fences),
+                        lambda lost: m.OwnersChecked(tuple(sorted(id_ for id_, _ in lost))))
+
+    def _on_OwnersChecked(self, msg: m.OwnersChecked) -> None:
+        for execution_id in msg.lost:
+            actor = self._live.get(execution_id)
+            if actor is not None:
+                tell(actor, m.LeaseLost())
+
+    # --- sub-workflows ---
+
+    def _on_AwaitChild(self, msg: m.AwaitChild) -> None:
+        self._awaiting.setdefault(msg.child_id, []).append((msg.parent, msg.step, msg.attempt))
+        self._look_up_children([msg.child_id])
+
+    def _look_up_children(self, child_ids: list[str]) -> None:
         def op():
-            claimed = []
-            for execution_id, old in store.find_orphans(ctx.hostname, stale, _pid_alive):
-                if old != ctx.runner and store.claim(execution_id, old, ctx.runner):
-                    claimed.append(execution_id)
-            return claimed
+            return store.final_results(child_ids)
 
-        self._write(op, "claimed")
+        ref = self.actor_ref
 
-    def _after_claimed(self, claimed: list[str]) -> None:
-        for execution_id in claimed:
-            self._on_StartExecution(m.StartExecution(execution_id, resumed=True))
+        def done(results: dict) -> None:
+            for child_id, detail in results.items():
+                tell(ref, m.ChildResult(child_id, detail))
 
-    def _on_ResumeOrphans(self, _msg) -> None:
-        self.resume_orphans()
+        self._ctx.journal.submit(op, done)
 
-    # --- shutdown ---
+    def _on_ChildResult(self, msg: m.ChildResult) -> None:
+        for parent, step, attempt in self._awaiting.pop(msg.execution_id, ()):
+            tell(parent, m.ChildFinished(step, attempt, msg.detail))
+
+    # --- step slots (max_parallel, 2.3, 13.1.10) ---
+
+    def _on_AcquireStepSlot(self, msg: m.AcquireStepSlot) -> None:
+        slot = self._slots.setdefault((msg.workflow, msg.step), _Slot())
+        if len(slot.holders) < msg.limit and not slot.waiting:
+            slot.holders.add((msg.execution_id, msg.token))
+            self._grant(msg.execution_id, msg.step, msg.token)
+        else:
+            slot.waiting.append((msg.execution_id, msg.token, msg.limit))
+
+    def _on_ReleaseStepSlot(self, msg: m.ReleaseStepSlot) -> None:
+        key = (msg.workflow, msg.step)
+        slot = self._slots.get(key)
+        if slot is None:
+            return
+        holder = (msg.execution_id, msg.token)
+        if holder in slot.holders:
+            slot.holders.discard(holder)  # exactly once: a second release finds nothing
+            self._grant_waiting(key, slot)
+        else:
+            slot.waiting = collections.deque(w for w in slot.waiting if w[:2] != holder)
+
+    def _grant_waiting(self, key: tuple[str, str], slot: _Slot) -> None:
+        while slot.waiting and len(slot.holders) < slot.waiting[0][2]:
+            execution_id, token, _ = slot.waiting.popleft()
+            if execution_id in self._live and execution_id not in self._cancelling:
+                slot.holders.add((execution_id, token))
+                self._grant(execution_id, key[1], token)
+        if not slot.holders and not slot.waiting:
+            del self._slots[key]
+
+    def _grant(self, execution_id: str, step: str, token: int) -> None:
+        actor = self._live.get(execution_id)
+        if actor is not None:
+            tell(actor, m.StepSlotGranted(step, token))
+
+    # --- shutdown and probes ---
 
     def _on_Shutdown(self, msg: m.Shutdown) -> None:
         self._shutdown = True
         for actor in list(self._live.values()):
             tell(actor, m.Shutdown(msg.deadline))
-        ref = self.actor_ref
-        self._ctx.timers.schedule(max(0.0, msg.deadline - time.monotonic()),
-                                  lambda: tell(ref, m.StopNow()))
+        self._after(max(0.0, msg.deadline - time.monotonic()), m.StopNow())
 
-    def _on_StopNow(self, _msg) -> None:
+    def _on_StopNow(self, _msg: m.StopNow) -> None:
         for actor in list(self._live.values()):
             tell(actor, m.StopNow())
 
-    def _on_Ping(self, _msg) -> bool:
+    def _on_Ping(self, _msg: m.Ping) -> bool:
         return True
 
-    def _on_LiveCount(self, _msg) -> int:
+    def _on_LiveCount(self, _msg: m.LiveCount) -> int:
         return len(self._live)
+
+
+def _handlers() -> dict[type, object]:
+    """Message type -> handler: every message the Supervisor understands, explicitly."""
+    s = Supervisor
+    return {
+        m.Created: s._on_Created, m.StartExecution: s._on_StartExecution,
+        m.SnapshotLoaded: s._on_SnapshotLoaded, m.CancelExecution: s._on_CancelExecution,
+        m.CancelCommitted: s._on_CancelCommitted, m.CancelNotified: s._on_CancelNotified,
+        m.ExecutionEnded: s._on_ExecutionEnded, m.Tick: s._on_Tick,
+        m.Promoted: s._on_Promoted, m.Claimed: s._on_Claimed,
+        m.CancelsFound: s._on_CancelsFound, m.LeaseLapsed: s._on_LeaseLapsed,
+        m.OwnersChecked: s._on_OwnersChecked, m.AwaitChild: s._on_AwaitChild,
+        m.ChildResult: s._on_ChildResult, m.AcquireStepSlot: s._on_AcquireStepSlot,
+        m.ReleaseStepSlot: s._on_ReleaseStepSlot, m.Shutdown: s._on_Shutdown,
+        m.StopNow: s._on_StopNow, m.Ping: s._on_Ping, m.LiveCount: s._on_LiveCount,
+    }
+
+
+_HANDLERS = _handlers()

@@ -28,12 +28,16 @@ _SETTINGS: dict[str, tuple[str, str, str]] = {
     "log_level": ("log.level", "MANTLE_LOG_LEVEL", "info"),
     "shutdown_timeout": ("server.shutdown_timeout", "MANTLE_SHUTDOWN_TIMEOUT", "30s"),
     "plugins_dir": ("plugins.dir", "MANTLE_PLUGINS_DIR", ".mantle/plugins"),
+    "workers": ("server.workers", "MANTLE_WORKERS", "1"),
+    "lease_ttl": ("engine.lease_ttl", "MANTLE_LEASE_TTL", "15s"),
+    "max_workflow_depth": ("engine.max_workflow_depth", "MANTLE_MAX_WORKFLOW_DEPTH", "10"),
     "server": ("", "MANTLE_SERVER", ""),
     "api_key": ("", "MANTLE_API_KEY", ""),
 }
 DEFAULTS = {name: default for name, (_, _, default) in _SETTINGS.items()}
 _FILE_SECTIONS = {"database": {"url"}, "api": {"address"}, "log": {"level"},
-                  "server": {"shutdown_timeout"}, "plugins": {"dir"}, "env": None}
+                  "server": {"shutdown_timeout", "workers"}, "plugins": {"dir"},
+                  "engine": {"lease_ttl", "max_workflow_depth"}, "env": None}
 _ADDRESS = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[^:\[\]]*):(?P<port>\d{1,5})$")
 
 
@@ -46,6 +50,9 @@ class Config:
     log_level: str
     shutdown_timeout: str
     plugins_dir: str
+    workers: str
+    lease_ttl: str
+    max_workflow_depth: str
     server: str
     api_key: str
     env: Mapping[str, str]
@@ -64,9 +71,38 @@ class Config:
             )
         return seconds
 
+    @property
+    def worker_count(self) -> int:
+        """``server.workers``: worker processes of ``mantle serve`` (1 to 64)."""
+        return _whole_number("workers", self.workers, 1, 64)
+
+    @property
+    def lease_ttl_seconds(self) -> float:
+        """``engine.lease_ttl``: how long a node's lease lasts unrenewed (SPEC 13.7)."""
+        try:
+            seconds = parse_duration(self.lease_ttl)
+        except ValueError:
+            seconds = -1.0
+        if seconds < 3:
+            raise ConfigError(f'invalid lease ttl "{self.lease_ttl}": '
+                              "must be a duration of at least 3s, such as 15s")
+        return seconds
+
+    @property
+    def max_depth(self) -> int:
+        """``engine.max_workflow_depth``: how deep sub-workflows may nest (SPEC 13.3)."""
+        return _whole_number("max workflow depth", self.max_workflow_depth, 1, 1000)
+
     def address(self) -> tuple[str, int]:
         """The API address as ``(host, port)``; raises ConfigError when malformed."""
         return parse_address(self.api_address)
+
+
+def _whole_number(name: str, text: str, low: int, high: int) -> int:
+    if not str(text).isdigit() or not low <= int(text) <= high:
+        raise ConfigError(f'invalid {name} "{text}": must be a whole number from {low} to '
+                          f"{high}")
+    return int(text)
 
 
 def parse_address(address: str) -> tuple[str, int]:

@@ -21,6 +21,11 @@ __all__ = [
     "WebhookPathTaken",
     "ExecutionNotFound",
     "ExecutionFinished",
+    "LimitReached",
+    "ShuttingDown",
+    "EngineSaturated",
+    "JournalStopped",
+    "LeaseLost",
 ]
 
 
@@ -116,3 +121,39 @@ class ExecutionFinished(MantleError):
         super().__init__(f"execution {execution_id} is already {status}")
         self.execution_id = execution_id
         self.status = status
+
+
+class ShuttingDown(MantleError):
+    """The engine starts nothing new: the process is stopping (SPEC 10.3)."""
+
+    def __init__(self) -> None:
+        super().__init__("server is shutting down")
+
+
+class EngineSaturated(MantleError):
+    """The engine's queues are long: new work is refused until they drain (503)."""
+
+    def __init__(self) -> None:
+        super().__init__("engine is saturated, retry later")
+
+
+class JournalStopped(MantleError):
+    """The journal stopped before the operation could be written."""
+
+
+class LimitReached(MantleError):
+    """A run over ``max_parallel_executions`` with ``on_limit: reject`` (SPEC 4.9): 429."""
+
+    def __init__(self, workflow: str, limit: int):
+        super().__init__(f'workflow "{workflow}" has reached the maximum of {limit} '
+                         "concurrent executions")
+        self.workflow = workflow
+        self.limit = limit
+
+
+class LeaseLost(MantleError):
+    """A write for an execution was refused: another node owns it now (SPEC 13.7)."""
+
+    def __init__(self, execution_id: str):
+        super().__init__("execution lease lost")
+        self.execution_id = execution_id

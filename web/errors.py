@@ -11,15 +11,12 @@ import logging
 from typing import Any
 
 import falcon
-import peewee
 import pykka
 
-from actors.journal import JournalStopped
-from actors.supervisor import ShuttingDown
-from mantle.db import unwrap
-from mantle.errors import (DatabaseUnavailable, ExecutionFinished, ExecutionNotFound,
-                           InvalidInput, MantleError, VersionNotFound, WorkflowNotFound)
-from mantle.store import LimitReached
+from mantle.db import OUTAGE_ERRORS, reset_connection
+from mantle.errors import (EngineSaturated, ExecutionFinished, ExecutionNotFound,
+                           InvalidInput, JournalStopped, LimitReached, MantleError,
+                           ShuttingDown, VersionNotFound, WorkflowNotFound)
 
 __all__ = ["ApiError", "install", "BODY_LIMIT", "OUTAGE_ERRORS", "reset_connection",
            "NOT_FOUND", "METHOD_NOT_ALLOWED", "TOO_LARGE", "UNAVAILABLE", "INTERNAL"]
@@ -33,9 +30,6 @@ TOO_LARGE = f"request body too large (limit {BODY_LIMIT} bytes)"
 UNAVAILABLE = "database unavailable"
 INTERNAL = "internal server error"
 
-# peewee wraps every driver error; these two mean "cannot reach or use the database now".
-OUTAGE_ERRORS = (peewee.OperationalError, peewee.InterfaceError, DatabaseUnavailable)
-
 _STATUS_FOR: tuple[tuple[type[MantleError], int], ...] = (
     (WorkflowNotFound, 404),
     (VersionNotFound, 404),
@@ -44,6 +38,7 @@ _STATUS_FOR: tuple[tuple[type[MantleError], int], ...] = (
     (LimitReached, 429),
     (InvalidInput, 400),
     (ShuttingDown, 503),
+    (EngineSaturated, 503),
 )
 # Messages for falcon's own errors, which carry only a title.
 _FALCON_MESSAGES = {404: NOT_FOUND, 405: METHOD_NOT_ALLOWED, 413: TOO_LARGE}
@@ -68,17 +63,6 @@ def _respond(resp: falcon.Response, status: int, body: dict,
     resp.content_type = falcon.MEDIA_JSON
     for name, value in (headers or {}).items():
         resp.set_header(name, value)
-
-
-def reset_connection(database) -> None:
-    """Drop this thread's connection after an outage error, so the next use reconnects.
-
-    peewee keeps a per-thread connection and cannot tell that the server behind it went away.
-    """
-    try:
-        unwrap(database).close()
-    except Exception:  # closing a broken connection may fail too; forget it regardless
-        unwrap(database)._state.reset()
 
 
 def install(app: falcon.App, database) -> None:

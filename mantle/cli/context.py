@@ -14,7 +14,7 @@ __all__ = ["Context", "read_workflow_file", "MAX_WORKFLOW_BYTES"]
 
 MAX_WORKFLOW_BYTES = 1024 * 1024
 _FLAGS = ("database_url", "log_level", "api_address", "shutdown_timeout", "plugins_dir",
-          "server", "api_key")
+          "workers", "server", "api_key")
 
 
 class Context:

@@ -159,8 +159,13 @@ def _wait(engine, execution_id: str, signals: _Signals) -> bool:
                 pass  # already final: the summary shows how it ended
         if signals.count > 1:
             return True
-        if engine.wait(execution_id, timeout=0.2, poll=poll) is not None:
+        status = engine.wait(execution_id, timeout=0.2, poll=poll)
+        if status in _FINAL:
             return cancelled
+        if status is not None:  # another node runs it now (lease lost): watch the database
+            time.sleep(0.2)
+            if poll() is not None:
+                return cancelled
 
 
 def _settled_status(execution_id: str):
@@ -222,14 +227,20 @@ def cancel(args, context: Context) -> int:
     from mantle import store
     from mantle.db import transaction
 
+    from mantle.services.channel import local_targets, send_cancels
+    from mantle.services.nodes import host_key
+
     execution_id = args.execution_id
     found = None
     if queries.is_uuid(execution_id):
         with transaction(context.database()):
             found = store.cancel_execution(execution_id, "cli")
+            owners = {owner for _, _, owner in (found.cancelled if found else ()) if owner}
+            channels = store.node_channels(owners)
     if found is None:
         raise ExecutionNotFound(execution_id)
-    previous, _ = found
+    send_cancels(local_targets(found.cancelled, channels, host_key()))
+    previous = found.previous
     if previous in ("pending", "running"):
         print(f"Cancelled execution {execution_id}")
     else:

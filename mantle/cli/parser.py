@@ -110,7 +110,9 @@ def _daemon_commands(add, common) -> None:
     serve.add_argument("--shutdown-timeout", default=None, metavar="DURATION",
                        help="how long running steps may finish after SIGTERM (default 30s)")
     serve.add_argument("--threads", default=None, type=threads_argument, metavar="N",
-                       help="HTTP worker threads (default 8)")
+                       help="HTTP worker threads per process (default 8)")
+    serve.add_argument("--workers", default=None, metavar="N",
+                       help="worker processes sharing the listening socket (default 1)")
     _plugins_dir(serve)
 
     keys = _actions(add("keys", "manage API keys"), "keys_command", common)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from mantle.connectors import core, http
 from mantle.connectors.base import (
+    CancelToken,
     Connector,
     ConnectorError,
     ConnectorInterrupted,
@@ -18,6 +19,7 @@ from mantle.connectors.credentials import redact, resolve_credential
 from mantle.connectors.plugins import plugin_path, run_plugin
 
 __all__ = [
+    "CancelToken",
     "Invocation",
     "Connector",
     "ConnectorError",

@@ -16,6 +16,7 @@ from typing import Any, Callable
 from mantle.errors import MantleError
 
 __all__ = [
+    "CancelToken",
     "Invocation",
     "Connector",
     "ConnectorError",
@@ -29,6 +30,60 @@ __all__ = [
 # How often a connector waiting on its own I/O looks at ``cancel`` and its deadline. Ten
 # milliseconds keeps cancellation well inside the 100 ms target for a negligible CPU cost.
 TICK = 0.01
+
+
+class CancelToken(threading.Event):
+    """The ``cancel`` event of an attempt, which can also run callbacks when set.
+
+    A connector blocked in I/O registers how to break it (``add_callback(conn.abort)``), so a
+    cancel closes the connection at once from the cancelling thread instead of the connector
+    polling the event. Callbacks run on the thread that calls ``set`` and must be quick.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._callbacks: list[Callable[[], None]] = []
+        self._callback_lock = threading.Lock()
+
+    def add_callback(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Run ``callback`` when the token is set (at once if it already is); returns a
+        function that removes it again."""
+        with self._callback_lock:
+            if not self.is_set():
+                self._callbacks.append(callback)
+                return lambda: self._remove(callback)
+        callback()
+        return lambda: None
+
+    def _remove(self, callback) -> None:
+        with self._callback_lock:
+            if callback in self._callbacks:
+                self._callbacks.remove(callback)
+
+    def set(self) -> None:
+        with self._callback_lock:
+            super().set()
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:  # a failed abort must not stop the others
+                pass
+
+    @classmethod
+    def following(cls, event: threading.Event, done: threading.Event) -> "CancelToken":
+        """A token set when ``event`` (a plain Event, from a direct caller) is set, watched
+        by a helper thread until ``done`` is set."""
+        token = cls()
+
+        def watch():
+            while not done.is_set():
+                if event.wait(TICK):
+                    token.set()
+                    return
+
+        threading.Thread(target=watch, name="cancel-watch", daemon=True).start()
+        return token
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,9 +1,9 @@
 """``http/request`` (SPEC 5.1) on the standard library: http.client, ssl with verification.
 
-The exchange (connect, redirects, body) runs on a short-lived helper thread while the engine's
-worker thread watches ``cancel`` and the whole-request deadline; on either it shuts the socket
-down and returns at once. The helper then dies on its broken socket, or at the latest when its
-own socket timeout (the request's remaining time) expires, e.g. if it was stuck in DNS.
+The exchange (connect, redirects, body) runs on the calling thread (the engine's step pool).
+A cancel, and the whole-request deadline (a timer on a shared thread), shut the socket down
+from another thread, so a blocked read returns at once; only DNS resolution cannot be broken
+and ends with its own timeout. No thread per request: one pool thread per request in flight.
 """
 
 from __future__ import annotations
@@ -23,14 +23,15 @@ from urllib.parse import SplitResult, quote, urljoin, urlsplit
 from mantle import __version__
 from mantle.connectors.base import (
     ConnectorError,
+    CancelToken,
     ConnectorInterrupted,
     Invocation,
     as_text,
     params_of,
-    wait_for,
 )
 from mantle.connectors.credentials import Credential, auth_headers
 from mantle.durations import parse_duration
+from mantle.services.timers import Timers
 
 __all__ = ["request", "send", "HttpFailure", "METHODS", "MAX_BODY_BYTES", "MAX_REDIRECTS", "DEFAULT_TIMEOUT"]
 
@@ -79,15 +80,25 @@ def send(method: str, url: str, headers: dict[str, str], body: bytes | None,
     first origin), TLS verified, the body capped at MAX_BODY_BYTES, the whole exchange within
     ``seconds``. Returns the http/request output (``status``, ``headers``, ``body``, ``json``
     when it parses) whatever the status; raises ConnectorInterrupted when ``cancel`` is set
-    and HttpFailure when there is no response. ``url`` must be an absolute http(s) URL."""
+    and HttpFailure when there is no response. ``url`` must be an absolute http(s) URL.
+
+    ``cancel`` is a ``CancelToken`` in the engine; a plain ``threading.Event`` (direct callers)
+    is watched by a helper thread."""
     exchange = _Exchange(_Request(method, url, headers, body), time.monotonic() + seconds)
-    helper = threading.Thread(target=exchange.run, name="http-request", daemon=True)
-    helper.start()
-    outcome = wait_for(exchange.done, cancel, exchange.deadline)
-    if outcome != "done":
-        exchange.abort()
-        if outcome == "cancel":
-            raise ConnectorInterrupted()
+    finished = threading.Event()
+    token = cancel if isinstance(cancel, CancelToken) else CancelToken.following(cancel,
+                                                                                 finished)
+    remove = token.add_callback(lambda: exchange.abort("cancel"))
+    timer = _deadlines().schedule(seconds, lambda: exchange.abort("timeout"))
+    try:
+        exchange.run()
+    finally:
+        finished.set()
+        remove()
+        timer.cancel()
+    if exchange.aborted == "cancel":
+        raise ConnectorInterrupted()
+    if exchange.aborted == "timeout":
         raise HttpFailure("timed out", timed_out=True)
     error = exchange.error
     if isinstance(error, _TooLarge):
@@ -204,31 +215,31 @@ def _origin(url: str) -> tuple[str, str, int]:
 # --- the exchange (helper thread) -------------------------------------------------------------
 
 class _Exchange:
-    """One request and its redirects. ``run`` is the helper thread; ``abort`` any other."""
+    """One request and its redirects. ``run`` on the calling thread; ``abort`` from any other
+    (the cancelling thread, the deadline timer)."""
 
     def __init__(self, req: _Request, deadline: float):
         self.req = req
         self.deadline = deadline
-        self.done = threading.Event()
         self.result: dict | None = None
         self.error: BaseException | None = None
+        self.aborted: str | None = None  # "cancel" | "timeout", the first abort's reason
         self._lock = threading.Lock()
         self._conn: http.client.HTTPConnection | None = None
-        self._aborted = False
 
     def run(self) -> None:
         try:
             self.result = self._follow()
-        except BaseException as exc:  # handed to the worker thread, which reports it
+        except Exception as exc:  # reported by send()
             self.error = exc
         finally:
             self._close()
-            self.done.set()
 
-    def abort(self) -> None:
+    def abort(self, reason: str) -> None:
         """Break the in-flight exchange: shut the socket so a blocked read returns now."""
         with self._lock:
-            self._aborted = True
+            if self.aborted is None:
+                self.aborted = reason
             sock = self._conn.sock if self._conn is not None else None
         if sock is not None:
             try:
@@ -260,9 +271,13 @@ class _Exchange:
         else:
             conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=remaining)
         with self._lock:
-            if self._aborted:
+            if self.aborted:
                 raise _Failure("aborted")
             self._conn = conn
+        conn.connect()
+        with self._lock:  # an abort during connect found no socket to shut down
+            if self.aborted:
+                raise _Failure("aborted")
         conn.request(req.method, _target(parts), body=req.body, headers=req.headers)
         return conn.getresponse()
 
@@ -328,6 +343,12 @@ def _output(response: http.client.HTTPResponse, data: bytes) -> dict:
 def _reject_constant(name: str) -> Any:
     # NaN and Infinity are not JSON: the output could not be stored.
     raise ValueError(f"not JSON: {name}")
+
+
+@functools.lru_cache(maxsize=1)
+def _deadlines() -> Timers:
+    """The process's one thread for request deadlines (started on first use)."""
+    return Timers("mantle-http-deadlines")
 
 
 @functools.lru_cache(maxsize=1)

@@ -59,7 +59,8 @@ class Daemon:
     """One run of ``mantle serve`` on an already connected ``database``."""
 
     def __init__(self, config: Config, database, *, threads: int = 8,
-                 shutdown_timeout: float = 30.0):
+                 shutdown_timeout: float = 30.0, kind: str = "serve", listener=None,
+                 on_ready=None):
         self._config = config
         self._database = database
         self._threads = threads
@@ -72,6 +73,9 @@ class Daemon:
         self._scheduler = None
         self._watchdog: Watchdog | None = None
         self._readiness = Readiness(database)
+        self._kind = kind
+        self._listener = listener  # a socket bound by the parent (``serve --workers``)
+        self._on_ready = on_ready
 
     def run(self) -> int:
         """Start, serve until a signal, shut down; the exit code. Startup failures raise."""
@@ -98,7 +102,7 @@ class Daemon:
 
     def _start(self) -> None:
         from actors.engine import Engine
-        from actors.scheduler import Scheduler
+        from mantle.services.scheduler import Scheduler
         from web.app import create_app
 
         try:
@@ -108,19 +112,26 @@ class Daemon:
         log.info("migrations complete")
         config = self._config
         metrics = Metrics()
+        self._readiness.start()
         self._engine = Engine(self._database, metrics=metrics, plugins_dir=config.plugins_dir,
-                              env=config.env, resume_orphans=True).start()
+                              env=config.env, resume_orphans=True, kind=self._kind,
+                              lease_ttl=config.lease_ttl_seconds,
+                              max_depth=config.max_depth).start()
+        self._readiness.watch(self._engine.problem)
         app = create_app(self._engine, metrics, self._database, self._readiness)
         self._http = HttpServer(app, config.api_address, self._threads)
         try:
-            address = self._http.bind()
+            address = self._http.bind(self._listener)
         except Exception:
             self._engine.shutdown(timeout=0)
             raise
         log.info("server listening", extra={"address": address})
         self._scheduler = Scheduler(self._engine, self._database).start()
         self._readiness.mark_ready()
-        self._notifier.notify("READY=1")
+        if self._on_ready is not None:
+            self._on_ready()
+        else:
+            self._notifier.notify("READY=1")
         interval = watchdog_interval()
         if self._notifier.enabled and interval:
             engine = self._engine
@@ -131,16 +142,24 @@ class Daemon:
     # --- shutdown (10.3) ---
 
     def _shutdown(self, deadline: float) -> None:
-        """Runs on the shutdown thread; ``deadline`` is monotonic."""
+        """Runs on the shutdown thread; ``deadline`` is monotonic.
+
+        The engine stops starting executions and steps first, at once (10.3 step 3); only
+        then is HTTP drained (a run that arrives meanwhile answers 503). The worst case after
+        the signal is ``shutdown_timeout`` + Engine.STOP_GRACE + HTTP_STOP_GRACE
+        (docs/systemd.md has the arithmetic against the unit's TimeoutStopSec).
+        """
         log.info("shutting down")
         self._notifier.notify("STOPPING=1")
         self._readiness.mark_stopping()
+        self._engine.stop_starting(deadline)
         self._scheduler.stop()
         self._http.close_listener()
         self._http.wait_idle(deadline, self._hurry)
         left = 0.0 if self._hurry.is_set() else max(0.0, deadline - time.monotonic())
         self._engine.shutdown(timeout=left)
         self._http.stop()
+        self._readiness.stop()
         if self._watchdog is not None:
             self._watchdog.stop()
 

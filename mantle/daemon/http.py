@@ -18,7 +18,7 @@ from waitress import wasyncore
 from mantle.config import parse_address
 from mantle.errors import MantleError
 
-__all__ = ["HttpServer", "ListenError", "format_address", "MAX_BODY_BYTES"]
+__all__ = ["HttpServer", "ListenError", "format_address", "listen", "MAX_BODY_BYTES"]
 
 # waitress answers bodies over this itself (text, not JSON), so it is well above the API's
 # 1 MiB limit, which the app enforces with a JSON 413; it only bounds what waitress buffers.
@@ -33,6 +33,11 @@ class ListenError(MantleError):
 def format_address(sockname) -> str:
     host, port = sockname[0], sockname[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def listen(address: str) -> socket.socket:
+    """A listening socket for ``address`` (``host:port``); ListenError when it cannot bind."""
+    return _bind(address)
 
 
 def _bind(address: str) -> socket.socket:
@@ -64,9 +69,10 @@ class HttpServer:
         self._server = None
         self._thread: threading.Thread | None = None
 
-    def bind(self) -> str:
-        """Bind and start serving; return the bound ``host:port``. Raises ListenError."""
-        sock = _bind(self._address)
+    def bind(self, sock: socket.socket | None = None) -> str:
+        """Bind (or take ``sock``, already listening: a ``serve --workers`` worker) and start
+        serving; return the bound ``host:port``. Raises ListenError."""
+        sock = sock if sock is not None else _bind(self._address)
         self._server = waitress.create_server(
             self._app, sockets=[sock], threads=self._threads, ident="mantle",
             max_request_body_size=MAX_BODY_BYTES, clear_untrusted_proxy_headers=False)

@@ -7,12 +7,13 @@ differs between the engines lives in ``mantle.db.engine``.
 
 from __future__ import annotations
 
-from mantle.db.connect import (bind, connect, database_proxy, is_postgres, is_sqlite,
-                               unwrap)
+from mantle.db.connect import (OUTAGE_ERRORS, bind, connect, database_proxy, is_outage,
+                               is_postgres, is_sqlite, reset_connection, unwrap)
 from mantle.db.engine import (claim_rows, lock_for_update, transaction, upsert,
                               write_transaction)
 
 __all__ = [
     "database_proxy", "connect", "bind", "unwrap", "is_sqlite", "is_postgres",
+    "OUTAGE_ERRORS", "is_outage", "reset_connection",
     "transaction", "write_transaction", "lock_for_update", "claim_rows", "upsert",
 ]

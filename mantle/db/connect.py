@@ -20,11 +20,37 @@ import psycopg.conninfo
 from mantle.errors import ConfigError, DatabaseUnavailable
 
 __all__ = ["database_proxy", "connect", "bind", "unwrap", "is_sqlite", "is_postgres",
-           "SQLITE_BUSY_TIMEOUT_MS", "PG_CONNECT_TIMEOUT_S"]
+           "OUTAGE_ERRORS", "is_outage", "reset_connection", "SQLITE_BUSY_TIMEOUT_MS",
+           "PG_CONNECT_TIMEOUT_S", "PG_STATEMENT_TIMEOUT_MS"]
 
 # The CLI and a daemon share one SQLite file: a writer waits this long for the other's lock.
 SQLITE_BUSY_TIMEOUT_MS = 10_000
-PG_CONNECT_TIMEOUT_S = 10
+# SPEC 13.7: a dead connection or server is noticed in seconds, not minutes.
+PG_CONNECT_TIMEOUT_S = 5
+PG_STATEMENT_TIMEOUT_MS = 30_000
+_PG_CONNECTION_SETTINGS = {
+    "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
+    "tcp_user_timeout": 10_000,
+}
+
+# The one definition of "the database is unreachable or busy, not: this query is wrong".
+# Such errors are waited out (journal retries, 503 answers); any other error is a bug or a
+# value the database refuses, and is reported as such.
+OUTAGE_ERRORS = (peewee.OperationalError, peewee.InterfaceError, DatabaseUnavailable)
+
+
+def is_outage(exc: BaseException) -> bool:
+    return isinstance(exc, OUTAGE_ERRORS)
+
+
+def reset_connection(database) -> None:
+    """Drop the calling thread's connection, e.g. after an outage broke it; the next query
+    opens a fresh one."""
+    database = unwrap(database)
+    try:
+        database.close()
+    except Exception:  # already broken: forget it
+        database._state.reset()
 
 database_proxy = peewee.DatabaseProxy()
 
@@ -149,6 +175,13 @@ def _postgres_database(url: str) -> peewee.PostgresqlDatabase:
     if not dbname:
         raise _invalid(url, "no database name given")
     params.setdefault("connect_timeout", PG_CONNECT_TIMEOUT_S)
+    for key, value in _PG_CONNECTION_SETTINGS.items():
+        params.setdefault(key, value)
+    # Engine statements never wait forever on a lock or a stuck server (13.7); the libpq
+    # ``options`` carries it so every connection of every thread gets it.
+    options = params.get("options", "")
+    if "statement_timeout" not in options:
+        params["options"] = f"{options} -c statement_timeout={PG_STATEMENT_TIMEOUT_MS}".strip()
     return peewee.PostgresqlDatabase(dbname, prefer_psycopg3=True, **params)
 
 

@@ -15,7 +15,7 @@ import peewee
 from mantle.db.connect import database_proxy, is_postgres, is_sqlite, unwrap
 
 __all__ = ["transaction", "write_transaction", "lock_for_update", "claim_rows", "upsert",
-           "migration_lock"]
+           "migration_lock", "now_sql", "later_sql", "share_lock_sql", "skip_locked_sql"]
 
 # Any constant works: it only has to be the same in every mantle process using the database.
 _MIGRATION_LOCK_KEY = 0x6D616E746C65  # "mantle"
@@ -87,3 +87,35 @@ def migration_lock(database: peewee.Database) -> None:
     """
     if is_postgres(database):
         database.execute_sql("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_KEY,))
+
+
+def now_sql(database) -> str:
+    """SQL for the database's clock as stored timestamps are (naive UTC).
+
+    Ownership decisions (lease expiry) compare against this, never against one host's clock
+    (SPEC 13.7). SQLite's ``%f`` has milliseconds; three zeros keep the stored width (six
+    fractional digits) so text comparisons stay right.
+    """
+    if is_postgres(database):
+        return "(now() AT TIME ZONE 'UTC')"
+    return "(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000')"
+
+
+def later_sql(database) -> str:
+    """SQL for the database's clock plus a number of seconds given as the one parameter."""
+    if is_postgres(database):
+        return f"({now_sql(database)} + make_interval(secs => {database.param}))"
+    return (f"(strftime('%Y-%m-%d %H:%M:%f', 'now', "
+            f"printf('%+.3f seconds', {database.param})) || '000')")
+
+
+def share_lock_sql(database) -> str:
+    """Suffix keeping rows read by a writer from changing owner until it commits (PostgreSQL;
+    SQLite's IMMEDIATE transaction already excludes every other writer)."""
+    return " FOR SHARE" if is_postgres(database) else ""
+
+
+def skip_locked_sql(database, table: str) -> str:
+    """Suffix of a claim's inner SELECT: lock the claimed rows, skip those another claimer
+    (or a writer holding its share lock) has (PostgreSQL); SQLite claimers take turns."""
+    return f" FOR UPDATE OF {table} SKIP LOCKED" if is_postgres(database) else ""

@@ -176,6 +176,7 @@ class Node(BaseModel):
     hostname = peewee.CharField(max_length=255)
     pid = peewee.IntegerField()
     kind = peewee.CharField(max_length=16)  # serve | worker | run
+    host_key = peewee.CharField(max_length=64)  # boot id + pid namespace (mantle.services.nodes)
     channel = peewee.CharField(max_length=255, null=True)
     started_at = UtcDateTimeField()
     lease_expires_at = UtcDateTimeField(index=True)

@@ -334,7 +334,7 @@ def test_cancel_written_by_another_process_is_noticed_within_a_second(engine, db
 
 
 def test_reject_limit_refuses_a_second_running_execution(engine):
-    from mantle.store import LimitReached
+    from mantle.errors import LimitReached
 
     apply("""
         name: single

@@ -9,7 +9,8 @@ import threading
 import peewee
 import pytest
 
-from actors.journal import Journal, JournalStopped
+from mantle.errors import JournalStopped
+from mantle.services.journal import Journal
 
 
 @pytest.fixture

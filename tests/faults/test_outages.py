@@ -348,14 +348,15 @@ def test_readiness_reports_a_sqlite_write_lock_held_elsewhere_and_holds_none_its
     path = tmp_path / "ready.db"
     with bound_database(f"sqlite:///{path}") as database:
         migrations.migrate(database)
-        readiness = Readiness(database)
+        readiness = Readiness(database).start()
         readiness.mark_ready()
         assert readiness.check() == (True, {})
         other = sqlite3.connect(path, isolation_level=None, timeout=0)
         try:
             other.execute("BEGIN EXCLUSIVE")
             assert other.execute("SELECT count(*) FROM workflow_executions").fetchone() == (0,)
-            assert readiness.check() == (False, {"database": "unreachable"})
+            wait_until(lambda: readiness.check() == (False, {"database": "unreachable"}),
+                       timeout=10)
             other.execute("ROLLBACK")
             wait_until(lambda: readiness.check() == (True, {}), timeout=10)
             other.execute("BEGIN IMMEDIATE")  # timeout 0: fails if the probe kept the lock

@@ -199,29 +199,34 @@ def test_audit_event_commits_and_rolls_back_with_the_outer_transaction(db):
     assert events[0].timestamp <= events[1].timestamp <= utcnow()
 
 
+def _node(node_id: str, pid: int) -> Node:
+    return Node.create(id=node_id, hostname="h", pid=pid, kind="run", host_key="k",
+                       started_at=T0, lease_expires_at=T0)
+
+
 def test_nested_transaction_failure_rolls_back_only_the_inner_part(db):
     with transaction(database_proxy):
-        Node.create(id="h:1", hostname="h", pid=1, kind="run", started_at=T0, lease_expires_at=T0)
+        _node("h:1", 1)
         with pytest.raises(peewee.IntegrityError):
             with transaction():
-                Node.create(id="h:2", hostname="h", pid=2, kind="run", started_at=T0, lease_expires_at=T0)
-                Node.create(id="h:1", hostname="h", pid=1, kind="run", started_at=T0, lease_expires_at=T0)
+                _node("h:2", 2)
+                _node("h:1", 1)
     assert [r.id for r in Node.select()] == ["h:1"]
 
 
 def test_upsert_inserts_then_updates_the_chosen_columns(db):
     def beat(pid, at):
         upsert(Node, {"id": "host:9", "hostname": "host", "pid": pid, "kind": "run",
-                      "started_at": at, "lease_expires_at": at}, conflict=[Node.id],
-               update=[Node.lease_expires_at])
+                      "host_key": "k", "started_at": at, "lease_expires_at": at},
+               conflict=[Node.id], update=[Node.lease_expires_at])
 
     beat(9, T0)
     beat(10, T0 + dt.timedelta(seconds=5))
     row = Node.get_by_id("host:9")
     assert (row.pid, row.started_at, row.lease_expires_at) == (
         9, T0, T0 + dt.timedelta(seconds=5))
-    upsert(Node, {"id": "host:9", "hostname": "x", "pid": 1, "kind": "run", "started_at": T0,
-                  "lease_expires_at": T0}, conflict=[Node.id], update=[])
+    upsert(Node, {"id": "host:9", "hostname": "x", "pid": 1, "kind": "run", "host_key": "k",
+                  "started_at": T0, "lease_expires_at": T0}, conflict=[Node.id], update=[])
     assert Node.get_by_id("host:9").hostname == "host"
 
 

@@ -21,11 +21,10 @@ def _actions() -> list[tuple[str, str]]:
 
 def test_audit_rows_of_a_batch_are_inserted_in_call_order(db):
     apply_yaml(TINY)
-    with transaction(db), store.batched_audit(db):
+    with transaction(db), store.batch_scope(db):
         created = store.create_execution("tiny", {}, None, None, "r1", "api")
         execution_id = created.execution["id"]
-        store.write_step(execution_id, "a", 1, "running", audit_action="step.started",
-                         new=True)
+        store.write_step(execution_id, "a", 1, "running", audit_action="step.started")
         store.write_step(execution_id, "a", 1, "completed", output={"message": "x"},
                          audit_action="step.completed")
         assert _actions() == []  # held back until the block ends: one insert, not three
@@ -35,11 +34,11 @@ def test_audit_rows_of_a_batch_are_inserted_in_call_order(db):
 
 def test_audit_rows_of_a_failed_batch_are_not_written(db):
     apply_yaml(TINY)
-    with pytest.raises(RuntimeError), transaction(db), store.batched_audit(db):
+    with pytest.raises(RuntimeError), transaction(db), store.batch_scope(db):
         store.create_execution("tiny", {}, None, None, "r1", "api")
         raise RuntimeError("an operation failed")
     assert _actions() == []
-    with transaction(db), store.batched_audit(db):  # the buffer was reset
+    with transaction(db), store.batch_scope(db):  # the buffer was reset
         store.create_execution("tiny", {}, None, None, "r1", "api")
     assert [action for action, _ in _actions()] == ["workflow.executed"]
 

@@ -21,9 +21,10 @@ def engine(db, tmp_path):
 
 @pytest.fixture
 def readiness(db) -> Readiness:
-    ready = Readiness(db)
+    ready = Readiness(db).start()
     ready.mark_ready()
-    return ready
+    yield ready
+    ready.stop()
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import falcon.testing
 from prometheus_client.parser import text_string_to_metric_families
@@ -12,7 +13,7 @@ from mantle.daemon.readiness import Readiness
 from mantle.db import migrations
 from web.app import create_app, routes
 from web.middleware import allowed_methods
-from tests.web.support import apply_yaml, gone_database
+from tests.web.support import apply_yaml, gone_database, wait_until
 
 TOO_LARGE = {"error": "request body too large (limit 1048576 bytes)"}
 
@@ -69,7 +70,7 @@ def test_an_unexpected_fault_is_a_json_500_and_its_traceback_is_logged(app, capl
 
 
 def test_healthz_is_always_ok_and_readyz_follows_the_server_state(engine, db):
-    readiness = Readiness(db)
+    readiness = Readiness(db).start()
     client = falcon.testing.TestClient(create_app(engine, engine.metrics, db, readiness))
     assert client.simulate_get("/healthz").json == {"status": "ok"}
     reply = client.simulate_get("/readyz")
@@ -86,18 +87,35 @@ def test_healthz_is_always_ok_and_readyz_follows_the_server_state(engine, db):
 
 
 def test_readyz_reports_pending_migrations(blank_db):
-    readiness = Readiness(blank_db)
+    readiness = Readiness(blank_db).start()
     readiness.mark_ready()
     assert readiness.check() == (False, {"migrations": "pending"})
     migrations.migrate(blank_db)
-    assert readiness.check() == (True, {})
+    wait_until(lambda: readiness.check() == (True, {}), timeout=5)
+    readiness.stop()
+
+
+def test_readyz_never_waits_on_the_database_and_names_a_dead_engine(db):
+    """The answer comes from the last background probe, at once (13.7); a dead engine actor
+    makes it 503 naming the engine (issue 11.6)."""
+    readiness = Readiness(db).start()
+    readiness.mark_ready()
+    problem = [None]
+    readiness.watch(lambda: problem[0])
+    started = time.monotonic()
+    for _ in range(50):
+        assert readiness.check() == (True, {})
+    assert time.monotonic() - started < 0.05
+    problem[0] = "supervisor stopped"
+    assert readiness.check() == (False, {"engine": "supervisor stopped"})
+    readiness.stop()
 
 
 def test_a_database_outage_makes_db_backed_endpoints_answer_503(backend, request, tmp_path,
                                                                  engine):
     database = gone_database(backend, request, tmp_path)
     try:
-        readiness = Readiness(database)
+        readiness = Readiness(database).start()
         readiness.mark_ready()
         client = falcon.testing.TestClient(create_app(engine, engine.metrics, database,
                                                       readiness))

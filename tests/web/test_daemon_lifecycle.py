@@ -146,6 +146,8 @@ def test_at_the_deadline_or_a_second_signal_running_attempts_stop_and_stay_runni
 
 def test_shutdown_refuses_new_connections_reports_not_ready_and_finishes_requests(
         tmp_path, sqlite_url):
+    """SIGTERM: the engine starts nothing from the signal on (10.3, issue 11.7), so a run
+    still arriving while HTTP drains is answered, with 503, and creates nothing."""
     apply_yaml(HELLO)
     daemon = Daemon(tmp_path, sqlite_url).start()
     keep_alive = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=10)
@@ -165,11 +167,15 @@ def test_shutdown_refuses_new_connections_reports_not_ready_and_finishes_request
         wait_until(lambda: socket.create_connection(("127.0.0.1", daemon.port), 1).close()
                    and False, timeout=5)
     partial.sendall(body[3:])
-    response = partial.recv(65536)
-    assert response.startswith(b"HTTP/1.1 202 ")
+    response = b""
+    while not response.endswith(b"}"):
+        response += partial.recv(65536)
+    assert response.startswith(b"HTTP/1.1 503 ")
+    assert response.endswith(b'{"error": "server is shutting down"}')
     partial.close()
     keep_alive.close()
     assert daemon.wait() == 0
+    assert WorkflowExecution.select().count() == 0
 
 
 def test_startup_failures_print_an_error_line_and_exit_1(tmp_path, sqlite_url):

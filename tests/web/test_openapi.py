@@ -225,7 +225,7 @@ def test_every_documented_status_code_is_what_the_app_answers(client, engine, db
     # --- 503: the database goes away ---
     gone = gone_database(backend, request, tmp_path)
     try:
-        ready = Readiness(gone)
+        ready = Readiness(gone).start()
         ready.mark_ready()
         outage = Recorder(falcon.testing.TestClient(create_app(engine, engine.metrics, gone,
                                                                ready)))

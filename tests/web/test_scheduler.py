@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from actors.scheduler import Scheduler
+from mantle.services.scheduler import Scheduler
 from mantle import db as mantle_db
 from mantle.db.models import AuditEvent, WorkflowExecution, WorkflowTrigger
 from tests.web.support import apply_yaml, gone_database

@@ -1,7 +1,8 @@
 """The second milestone's schema (SPEC 13).
 
 - ``nodes`` replaces ``runners``: every process that runs executions registers one row with a
-  random id and a lease timed by the database's clock (13.7);
+  random id and a lease timed by the database's clock (13.7); ``host_key`` names the kernel
+  and pid namespace it runs in, so a node can tell that another node's process is gone;
 - executions get an ``owner`` node and a fencing ``epoch`` (13.7) instead of ``runner``,
   ``running_since`` and ``hooks_since`` (timeouts count from there, also after a crash: 13.1.9,
   13.1.11), and their place in a tree of sub-workflows (13.3);
@@ -40,6 +41,7 @@ def up(database: peewee.Database) -> None:
         hostname VARCHAR(255) NOT NULL,
         pid {t['int']} NOT NULL,
         kind VARCHAR(16) NOT NULL,
+        host_key VARCHAR(64) NOT NULL,
         channel VARCHAR(255),
         started_at {t['time']} NOT NULL,
         lease_expires_at {t['time']} NOT NULL)""")

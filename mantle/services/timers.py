@@ -1,5 +1,10 @@
 """One thread that fires every delayed callback of the process (STYLE: timers owned by one
-owner beat a thread per sleeping step)."""
+owner beat a thread per sleeping step).
+
+Cancelled timers leave the heap lazily, but never wait there until their due time: when more
+than half of the heap is cancelled handles, the heap is rebuilt without them, so a cancelled
+24-hour sleep costs nothing for 24 hours (issue 11.9).
+"""
 
 from __future__ import annotations
 
@@ -14,19 +19,26 @@ __all__ = ["Timers", "TimerHandle"]
 
 log = logging.getLogger(__name__)
 
+# Below this size a heap is never worth rebuilding.
+_COMPACT_MIN = 64
+
 
 class TimerHandle:
     """A scheduled callback; ``cancel()`` makes it a no-op if it has not fired yet."""
 
-    __slots__ = ("due", "callback", "cancelled")
+    __slots__ = ("due", "callback", "cancelled", "_owner")
 
-    def __init__(self, due: float, callback: Callable[[], None]):
+    def __init__(self, due: float, callback: Callable[[], None], owner: Timers):
         self.due = due
         self.callback = callback
         self.cancelled = False
+        self._owner = owner
 
     def cancel(self) -> None:
-        self.cancelled = True
+        if not self.cancelled:
+            self.cancelled = True
+            self.callback = None  # drop what it holds (an actor ref, a message) at once
+            self._owner._cancelled_one()
 
 
 class Timers:
@@ -35,16 +47,21 @@ class Timers:
     Callbacks run on the timer thread and must be quick: they ``tell`` an actor or set an event.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "mantle-timers") -> None:
         self._heap: list[tuple[float, int, TimerHandle]] = []
         self._seq = itertools.count()
         self._wake = threading.Condition()
+        self._cancelled = 0
         self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="mantle-timers", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
+    def __len__(self) -> int:
+        """Timers waiting, cancelled ones included until the next compaction."""
+        return len(self._heap)
+
     def schedule(self, delay: float, callback: Callable[[], None]) -> TimerHandle:
-        handle = TimerHandle(time.monotonic() + max(0.0, delay), callback)
+        handle = TimerHandle(time.monotonic() + max(0.0, delay), callback, self)
         with self._wake:
             heapq.heappush(self._heap, (handle.due, next(self._seq), handle))
             if self._heap[0][2] is handle:
@@ -57,6 +74,14 @@ class Timers:
             self._wake.notify()
         self._thread.join(timeout=5)
 
+    def _cancelled_one(self) -> None:
+        with self._wake:
+            self._cancelled += 1
+            if self._cancelled * 2 > len(self._heap) >= _COMPACT_MIN:
+                self._heap = [entry for entry in self._heap if not entry[2].cancelled]
+                heapq.heapify(self._heap)
+                self._cancelled = 0
+
     def _run(self) -> None:
         while True:
             with self._wake:
@@ -67,9 +92,12 @@ class Timers:
                 if self._stopped:
                     return
                 _, _, handle = heapq.heappop(self._heap)
-            if handle.cancelled:
-                continue
+                if handle.cancelled:
+                    self._cancelled = max(0, self._cancelled - 1)
+                    continue
+                callback, handle.callback = handle.callback, None
+                handle.cancelled = True  # fired: a later cancel() is a no-op
             try:
-                handle.callback()
+                callback()
             except Exception:  # a bad callback must not kill every other timer
                 log.exception("timer callback failed")

@@ -19,15 +19,12 @@ import logging
 import threading
 import time
 
-import peewee
 from croniter import croniter
 
-from actors.supervisor import ShuttingDown
-from mantle.db import unwrap
+from mantle.db import OUTAGE_ERRORS, reset_connection, unwrap
 from mantle.db.fields import utcnow
 from mantle.db.models import WorkflowTrigger
-from mantle.errors import MantleError
-from mantle.store import LimitReached
+from mantle.errors import LimitReached, MantleError, ShuttingDown
 
 __all__ = ["Scheduler", "WINDOW", "POLL_EVERY"]
 
@@ -93,7 +90,7 @@ class Scheduler:
         try:
             due = [row for row in self._cron_rows() if self._due(row, minute)]
             claimed = [row for row in due if self._claim(row, minute)]
-        except (peewee.OperationalError, peewee.InterfaceError) as exc:
+        except OUTAGE_ERRORS as exc:
             self._outage(exc)
             return []
         self._in_outage = False
@@ -155,7 +152,4 @@ class Scheduler:
                       extra={"error": str(exc).strip()})
 
     def _close_connection(self) -> None:
-        try:
-            self._database.close()
-        except Exception:  # a broken connection: forget it
-            self._database._state.reset()
+        reset_connection(self._database)

@@ -8,6 +8,10 @@ actor start dependents strictly after a step's outcome is durable (SPEC 4.11).
 
 During a database outage the pending batch is retried (0.5 s doubling to 5 s) until it commits
 or the journal is stopped; nothing waiting on it proceeds meanwhile.
+
+The queue is not bounded by refusing writes (a checkpoint must never be dropped), but its
+length is watched: ``saturated`` tells new work (``POST /run``) to be refused with 503 while
+the backlog is long, which bounds it in practice (issue 11.9).
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ from typing import Any
 
 import peewee
 
-from mantle.db import transaction
-from mantle.store import batched_audit
+from mantle.db import is_outage, transaction
+from mantle.errors import JournalStopped, LeaseLost
+from mantle.store import batch_scope, refused_fences
 
-__all__ = ["Journal", "JournalStopped", "is_outage"]
+__all__ = ["Journal", "JournalStopped", "SATURATED_BACKLOG"]
 
 log = logging.getLogger(__name__)
 
@@ -34,24 +39,22 @@ _BACKOFF_MAX = 5.0
 # A commit waiting longer than this (SQLite waiting out another process's write lock, up to
 # its 10 s busy timeout) makes the journal unhealthy: callers answer 503 instead of waiting.
 _STALLED_AFTER = 2.0
-
-
-class JournalStopped(RuntimeError):
-    """The journal stopped before the operation could be written."""
-
-
-def is_outage(exc: BaseException) -> bool:
-    """True for errors that mean 'the database is not reachable or busy', not 'bad query'."""
-    return isinstance(exc, (peewee.OperationalError, peewee.InterfaceError))
+# Operations waiting beyond which new work is refused (about a second of writes at full load).
+SATURATED_BACKLOG = 20_000
 
 
 class _Entry:
-    __slots__ = ("op", "done", "failed")
+    __slots__ = ("op", "done", "failed", "fence")
 
-    def __init__(self, op, done, failed):
+    def __init__(self, op, done, failed, fence):
         self.op = op
         self.done = done
         self.failed = failed
+        self.fence = fence
+
+
+# An operation skipped because its fence was refused (its ``failed`` gets LeaseLost).
+_REFUSED = object()
 
 
 class Journal:
@@ -61,6 +64,11 @@ class Journal:
     result; ``done(result)`` runs after the commit and ``failed(exc)`` if the operation itself
     raised (it is then retried alone, so one bad operation never sinks its batch-mates). Both
     callbacks run on the journal thread and must be quick (tell an actor, set a future).
+
+    ``fence=(execution_id, epoch)`` makes the operation conditional on the execution still
+    having that epoch (SPEC 13.7): one check per batch for all its fences, inside the
+    transaction; an operation whose fence is refused is not run and its ``failed`` receives
+    ``LeaseLost``.
     """
 
     def __init__(self, database: peewee.Database, on_outage: Callable[[bool], None] | None = None):
@@ -75,6 +83,18 @@ class Journal:
         self._thread = threading.Thread(target=self._run, name="mantle-journal", daemon=True)
 
     @property
+    def backlog(self) -> int:
+        return len(self._queue)
+
+    @property
+    def saturated(self) -> bool:
+        return len(self._queue) > SATURATED_BACKLOG
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
     def healthy(self) -> bool:
         """False during an outage, and while a commit has waited more than _STALLED_AFTER."""
         started = self._commit_started
@@ -85,17 +105,20 @@ class Journal:
         self._thread.start()
 
     def submit(self, op: Callable[[], Any], done: Callable[[Any], None] | None = None,
-               failed: Callable[[BaseException], None] | None = None) -> None:
+               failed: Callable[[BaseException], None] | None = None,
+               fence: tuple[str, int] | None = None) -> None:
         with self._ready:
             if self._stopping:
                 if failed is not None:
                     failed(JournalStopped("the journal is stopped"))
                 return
-            self._queue.append(_Entry(op, done, failed))
+            self._queue.append(_Entry(op, done, failed, fence))
             self._ready.notify()
 
-    def call(self, op: Callable[[], Any], timeout: float = 30.0) -> Any:
-        """Run ``op`` through the journal and wait for its result (for non-actor callers)."""
+    def call(self, op: Callable[[], Any], timeout: float | None = 30.0,
+             fence: tuple[str, int] | None = None) -> Any:
+        """Run ``op`` through the journal and wait for its result (for non-actor callers);
+        raises what the operation raised, LeaseLost for a refused fence, TimeoutError."""
         finished = threading.Event()
         box: dict[str, Any] = {}
 
@@ -107,7 +130,7 @@ class Journal:
             box["error"] = exc
             finished.set()
 
-        self.submit(op, done, failed)
+        self.submit(op, done, failed, fence)
         if not finished.wait(timeout):
             raise TimeoutError("database write did not complete in time")
         if "error" in box:
@@ -156,13 +179,21 @@ class Journal:
                 delay = min(delay * 2, _BACKOFF_MAX)
         self._recovered()
         for entry, result in zip(batch, results):
+            self._finished(entry, result)
+
+    def _finished(self, entry: _Entry, result) -> None:
+        if result is _REFUSED:
+            self._callback(entry.failed, LeaseLost(entry.fence[0]))
+        else:
             self._callback(entry.done, result)
 
     def _commit(self, batch: list[_Entry]) -> list[Any]:
         self._commit_started = time.monotonic()
         try:
-            with transaction(self._db), batched_audit(self._db):
-                return [entry.op() for entry in batch]
+            with transaction(self._db), batch_scope(self._db):
+                fences = {entry.fence for entry in batch if entry.fence is not None}
+                refused = refused_fences(fences) if fences else ()
+                return [_REFUSED if entry.fence in refused else entry.op() for entry in batch]
         except Exception as exc:
             if is_outage(exc):
                 self._reset_connection()
@@ -181,7 +212,7 @@ class Journal:
                 log.exception("database write failed")
                 self._callback(entry.failed, exc)
             else:
-                self._callback(entry.done, result)
+                self._finished(entry, result)
 
     def _reset_connection(self) -> None:
         try:

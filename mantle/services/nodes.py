@@ -1,0 +1,160 @@
+"""This process as a node (SPEC 13.7): its row, its lease, and the database's clock.
+
+Every process that runs executions registers a node row under a random id (never
+``hostname:pid``, which repeats after a container restart) and renews its lease every third of
+``lease_ttl`` on a thread and a database connection of its own, so renewals never queue behind
+the journal's writes. A renewal that finds the lease had lapsed (the process was paused, or
+the database unreachable, for longer than the ttl) reports it: other nodes may have taken
+executions over meanwhile, and the engine checks its executions' epochs.
+
+Times that decide anything between nodes come from the database: ``db_now()`` is this host's
+clock corrected by the offset measured at each renewal.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+from mantle.db import is_outage, reset_connection, transaction
+from mantle.db.fields import utcnow
+from mantle.store import expire_node, register_node, renew_node
+
+__all__ = ["NodeLease", "host_key", "pid_alive", "DEFAULT_LEASE_TTL"]
+
+log = logging.getLogger("mantle.engine")
+
+DEFAULT_LEASE_TTL = 15.0
+_RETRY_EVERY = 1.0  # after a failed renewal
+
+
+def host_key() -> str:
+    """Names the kernel boot and pid namespace of this process: two processes with the same
+    key see each other's pids, so one may tell that the other is gone."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as handle:
+            boot = handle.read().strip()
+    except OSError:
+        boot = socket.gethostname()
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = ""
+    return hashlib.sha256(f"{boot}|{namespace}".encode()).hexdigest()[:32]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class NodeLease:
+    """Registers the node, keeps its lease, and ends it on ``stop``.
+
+    ``on_lapse()`` runs on the lease thread after a renewal found the lease had lapsed.
+    """
+
+    def __init__(self, database, kind: str, ttl: float = DEFAULT_LEASE_TTL,
+                 channel: str | None = None, on_lapse: Callable[[], None] | None = None):
+        self.id = str(uuid.uuid4())
+        self.kind = kind
+        self.ttl = ttl
+        self.channel = channel
+        self.hostname = socket.gethostname()
+        self.pid = os.getpid()
+        self.host_key = host_key()
+        self._db = database
+        self._on_lapse = on_lapse
+        self._offset = dt.timedelta(0)
+        self._renewed_at = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mantle-lease", daemon=True)
+        self._failing = False
+
+    def start(self) -> NodeLease:
+        """Register the node row (before any execution can name this node as its owner)."""
+        self._register()
+        self._thread.start()
+        return self
+
+    def db_now(self) -> dt.datetime:
+        """The database's current time, estimated from this host's clock."""
+        return utcnow() + self._offset
+
+    @property
+    def seconds_since_renewal(self) -> float:
+        return time.monotonic() - self._renewed_at
+
+    def stop(self) -> None:
+        """Stop renewing and end the lease now, so another node may resume at once what this
+        one leaves behind."""
+        self._stop.set()
+        self._thread.join(5)
+        try:
+            with transaction(self._db):
+                expire_node(self.id)
+        except Exception as exc:  # the lease then simply runs out
+            log.warning("could not end the node lease", extra={"error": str(exc).strip()})
+        finally:
+            reset_connection(self._db)
+
+    # --- lease thread ---
+
+    def _register(self) -> None:
+        with transaction(self._db):
+            now = register_node(self.id, self.hostname, self.pid, self.kind, self.host_key,
+                                self.channel, self.ttl)
+        self._measured(now)
+
+    def _run(self) -> None:
+        delay = self.ttl / 3
+        while not self._stop.wait(delay):
+            try:
+                with transaction(self._db):
+                    now, lapsed = renew_node(self.id, self.ttl)
+                    if lapsed:  # expired or gone (pruned): make sure the row exists
+                        self._reregister()
+            except Exception as exc:
+                self._failed(exc)
+                delay = _RETRY_EVERY
+                continue
+            delay = self.ttl / 3
+            self._measured(now)
+            if self._failing:
+                self._failing = False
+                log.info("node lease renewed again")
+            if lapsed:
+                log.warning("node lease lapsed", extra={"node": self.id})
+                if self._on_lapse is not None:
+                    self._on_lapse()
+        reset_connection(self._db)
+
+    def _reregister(self) -> None:
+        from mantle.db.models import Node
+
+        if Node.get_or_none(Node.id == self.id) is None:
+            register_node(self.id, self.hostname, self.pid, self.kind, self.host_key,
+                          self.channel, self.ttl)
+
+    def _measured(self, database_time: dt.datetime) -> None:
+        self._renewed_at = time.monotonic()
+        self._offset = database_time - utcnow()
+
+    def _failed(self, exc: BaseException) -> None:
+        if is_outage(exc):
+            reset_connection(self._db)
+        if not self._failing:
+            self._failing = True
+            log.error("node lease renewal failed", extra={"error": str(exc).strip()})

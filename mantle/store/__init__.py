@@ -1,0 +1,35 @@
+"""The engine's database operations: each function runs inside a journal transaction.
+
+Functions here never open transactions themselves and never raise for expected outcomes
+(unknown workflow, limit reached): they return a result the caller inspects, so the journal
+can batch them freely. Reads used by the CLI and the REST API live in ``mantle.queries``.
+
+- ``executions``: creation (limits, idempotency), the end, cancel, the queue, snapshots;
+- ``steps``: attempt rows and a connector's progress inside an attempt;
+- ``ownership``: nodes, leases, fencing epochs, takeover (SPEC 13.7);
+- ``versions``: stored workflow versions, parsed once per process;
+- ``statements``: the hand-written SQL of the hot writes and the batch scope.
+"""
+
+from mantle.store.executions import (MANUAL_TRIGGER, Cancelled, Created, Parent,
+                                     cancel_execution, copy_steps, create_execution,
+                                     execution_row, execution_snapshot, fail_execution,
+                                     final_results,
+                                     finish_execution, mark_hooks_started, promote_queued,
+                                     queued_workflows)
+from mantle.store.ownership import (cancelled_among, claim_expired, database_now,
+                                    expire_dead_neighbours, expire_node, node_channels,
+                                    refused_fences, register_node, renew_node)
+from mantle.store.statements import batch_scope, storable_text
+from mantle.store.steps import write_progress, write_step
+from mantle.store.versions import model_of, stored_version, version_of
+
+__all__ = [
+    "MANUAL_TRIGGER", "Cancelled", "Created", "Parent", "cancel_execution", "copy_steps",
+    "create_execution", "execution_row", "execution_snapshot", "fail_execution",
+    "finish_execution", "final_results", "mark_hooks_started", "promote_queued", "queued_workflows",
+    "cancelled_among", "claim_expired", "database_now", "expire_dead_neighbours",
+    "expire_node", "node_channels", "refused_fences", "register_node", "renew_node",
+    "batch_scope", "storable_text", "write_progress", "write_step", "model_of",
+    "stored_version", "version_of",
+]

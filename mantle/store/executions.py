@@ -1,0 +1,317 @@
+"""Execution rows: creation (limits, idempotency), the end, cancel, the queue, snapshots.
+
+Each function runs inside a journal transaction (``mantle.services.journal``) or another
+``transaction()``; none opens one itself. Expected outcomes (unknown workflow, limit reached)
+are returned, not raised, so operations batch freely.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from typing import Any
+
+from peewee import fn
+
+from mantle.db import is_postgres, lock_for_update
+from mantle.db.fields import dump_json, storable, utcnow
+from mantle.db.models import StepExecution, Workflow, WorkflowExecution
+from mantle.errors import LimitReached, MantleError
+from mantle.states import ExecutionStatus
+from mantle.store.statements import Statements, storable_text
+from mantle.store.versions import stored_version, version_of
+from mantle.workflow import check_inputs
+
+__all__ = ["Created", "Parent", "Cancelled", "create_execution", "finish_execution",
+           "fail_execution", "cancel_execution", "promote_queued", "queued_workflows",
+           "execution_snapshot", "execution_row", "copy_steps", "mark_hooks_started",
+           "final_results", "MANUAL_TRIGGER"]
+
+_ACTIVE = (ExecutionStatus.PENDING.value, ExecutionStatus.RUNNING.value)
+MANUAL_TRIGGER = {"type": "manual", "payload": None}
+_COLUMNS = ("id", "workflow_name", "version", "status", "inputs", "trigger", "error",
+            "started_at", "completed_at", "owner", "epoch", "running_since", "hooks_since",
+            "retry_of", "parent_execution_id", "parent_step", "depth")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Parent:
+    """Where a sub-workflow's execution hangs in its tree (SPEC 13.3)."""
+
+    execution_id: str
+    step: str
+    depth: int  # the child's own depth
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Created:
+    """Outcome of create_execution: the row as a dict, or the error to report."""
+
+    execution: dict | None = None
+    definition: dict | None = None
+    existing: bool = False
+    queued: bool = False
+    error: MantleError | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Cancelled:
+    """Outcome of cancel_execution: the status found, and every execution this cancel made
+    ``cancelled`` (itself and running descendants) as (id, workflow, owner node)."""
+
+    previous: str
+    workflow: str
+    cancelled: tuple[tuple[str, str, str | None], ...] = ()
+
+
+def execution_row(row: WorkflowExecution) -> dict:
+    """The dict form of an execution row that the engine passes around."""
+    return {"id": row.id, "workflow": row.workflow_name, "version": row.version,
+            "status": row.status, "inputs": row.inputs, "trigger": row.trigger,
+            "error": row.error, "started_at": row.started_at,
+            "completed_at": row.completed_at, "owner": row.owner, "epoch": row.epoch,
+            "running_since": row.running_since, "hooks_since": row.hooks_since,
+            "retry_of": row.retry_of, "parent_execution_id": row.parent_execution_id,
+            "parent_step": row.parent_step, "depth": row.depth}
+
+
+def _existing(workflow: str, key: str) -> WorkflowExecution | None:
+    return WorkflowExecution.get_or_none(WorkflowExecution.workflow_name == workflow,
+                                         WorkflowExecution.idempotency_key == key)
+
+
+def create_execution(workflow: str, inputs: dict | None, version: int | None, trigger: Any,
+                     node: str, actor: str, idempotency_key: str | None = None,
+                     retry_of: str | None = None, from_step: str | None = None,
+                     parent: Parent | None = None) -> Created:
+    """Insert an execution owned by ``node`` (epoch 1) after the input, idempotency and limit
+    checks (4.9): ``running`` when it may start now, ``pending`` when it waits in the queue.
+
+    An idempotency key already used for the workflow, here or by a concurrent creation on
+    another node, answers the original execution (``existing``)."""
+    if idempotency_key is not None and storable(workflow):
+        earlier = _existing(workflow, idempotency_key)
+        if earlier is not None:
+            return Created(execution_row(earlier), existing=True)
+    found = version_of(workflow, version)
+    if isinstance(found, MantleError):
+        return Created(error=found)
+    version, definition, model = found
+    try:
+        effective = check_inputs(model, inputs or {})
+    except MantleError as exc:
+        return Created(error=exc)
+    queued = False
+    if model.max_parallel_executions > 0:
+        lock_for_update(Workflow, Workflow.name == workflow)
+        if _running_count(workflow) >= model.max_parallel_executions:
+            if model.on_limit == "reject":
+                return Created(error=LimitReached(workflow, model.max_parallel_executions))
+            queued = True
+    # An execution that got a slot is created running, so the next limit check counts it:
+    # counting "pending" too would count queued ones, and a created-then-started pair of writes
+    # would let two creations pass the check between them.
+    status = ExecutionStatus.PENDING if queued else ExecutionStatus.RUNNING
+    sql = Statements.of_bound()
+    trigger = trigger if trigger is not None else MANUAL_TRIGGER
+    execution = {"id": str(uuid.uuid4()), "workflow": workflow, "version": version,
+                 "status": status.value, "inputs": effective, "trigger": trigger,
+                 "error": None, "started_at": utcnow(), "completed_at": None,
+                 "owner": node, "epoch": 1, "running_since": None, "hooks_since": None,
+                 "retry_of": retry_of,
+                 "parent_execution_id": parent.execution_id if parent else None,
+                 "parent_step": parent.step if parent else None,
+                 "depth": parent.depth if parent else 1}
+    inserted = sql.rows(sql.insert_execution, (
+        execution["id"], workflow, version, status.value, dump_json(effective),
+        dump_json(trigger), sql.stamp(execution["started_at"]), node, 1, idempotency_key,
+        retry_of, not queued, execution["parent_execution_id"], execution["parent_step"],
+        execution["depth"]))
+    if not inserted:  # the key was taken since the look-up (another node)
+        return Created(execution_row(_existing(workflow, idempotency_key)), existing=True)
+    if not queued:
+        execution["running_since"] = sql.datetime(inserted[0][0])
+        sql.audit(actor, "workflow.executed", "workflow_execution", execution["id"],
+                  {"workflow": workflow, "version": version})
+    if retry_of is not None:
+        sql.audit(actor, "execution.retried", "workflow_execution", execution["id"],
+                  {"original_execution_id": retry_of, "from_step": from_step})
+    return Created(execution, definition, queued=queued)
+
+
+def _running_count(workflow: str) -> int:
+    return (WorkflowExecution.select(fn.COUNT(WorkflowExecution.id))
+            .where(WorkflowExecution.workflow_name == workflow,
+                   WorkflowExecution.status == ExecutionStatus.RUNNING.value).scalar())
+
+
+def finish_execution(execution_id: str, status: str, error: str | None) -> bool:
+    """running -> final; False when the row is no longer running (a cancel won the race)."""
+    sql = Statements.of_bound()
+    return bool(sql.run(sql.finish_execution,
+                        (status, storable_text(error), sql.stamp(utcnow()), execution_id)))
+
+
+def fail_execution(execution_id: str, error: str) -> bool:
+    """End an execution ``failed`` after an engine or storage error (SPEC 13.1.12): the
+    execution row, and any step row still pending or running, which becomes ``cancelled``
+    (interrupted). False when the execution was no longer running."""
+    now = utcnow()
+    (StepExecution.update(status="cancelled", completed_at=now)
+     .where(StepExecution.execution_id == execution_id,
+            StepExecution.status.in_(_ACTIVE)).execute())
+    return finish_execution(execution_id, "failed", error)
+
+
+def mark_hooks_started(execution_id: str) -> None:
+    """Record when the hook phase began, so ``hooks.timeout`` survives a crash (13.1.11)."""
+    sql = Statements.of_bound()
+    sql.run(f"UPDATE workflow_executions SET hooks_since = {sql.now} "
+            f"WHERE id = {sql.db.param} AND hooks_since IS NULL", (execution_id,))
+
+
+def cancel_execution(execution_id: str, actor: str) -> Cancelled | None:
+    """Commit ``cancelled`` if pending/running, with every pending/running descendant
+    (sub-workflows, 13.3); None for an unknown id. On PostgreSQL each cancelled id is also
+    announced with ``NOTIFY mantle_cancel`` (delivered at commit) so its owner, on any host,
+    interrupts it at once (13.7)."""
+    row = (WorkflowExecution.select(WorkflowExecution.status, WorkflowExecution.workflow_name,
+                                    WorkflowExecution.owner)
+           .where(WorkflowExecution.id == execution_id).first())
+    if row is None:
+        return None
+    if row.status not in _ACTIVE:
+        return Cancelled(row.status, row.workflow_name)
+    if not _cancel_one(execution_id):  # finished between the two statements
+        return cancel_execution(execution_id, actor)
+    Statements.of_bound().audit(actor, "execution.cancelled", "workflow_execution",
+                                execution_id, {"workflow": row.workflow_name})
+    cancelled = [(execution_id, row.workflow_name, row.owner)]
+    frontier = [execution_id]
+    while frontier:
+        children = list(WorkflowExecution.select(
+            WorkflowExecution.id, WorkflowExecution.workflow_name, WorkflowExecution.owner)
+            .where(WorkflowExecution.parent_execution_id.in_(frontier),
+                   WorkflowExecution.status.in_(_ACTIVE)))
+        frontier = [child.id for child in children if _cancel_one(child.id)]
+        for child in children:
+            if child.id in frontier:
+                Statements.of_bound().audit("engine", "execution.cancelled",
+                                            "workflow_execution", child.id,
+                                            {"workflow": child.workflow_name,
+                                             "parent_execution_id": execution_id})
+                cancelled.append((child.id, child.workflow_name, child.owner))
+    _announce([entry[0] for entry in cancelled])
+    return Cancelled(row.status, row.workflow_name, tuple(cancelled))
+
+
+def _cancel_one(execution_id: str) -> bool:
+    return bool(WorkflowExecution.update(status=ExecutionStatus.CANCELLED.value,
+                                         completed_at=utcnow())
+                .where(WorkflowExecution.id == execution_id,
+                       WorkflowExecution.status.in_(_ACTIVE)).execute())
+
+
+def _announce(execution_ids: list[str]) -> None:
+    sql = Statements.of_bound()
+    if is_postgres(sql.db):
+        for execution_id in execution_ids:
+            sql.db.execute_sql("SELECT pg_notify('mantle_cancel', %s)", (execution_id,))
+
+
+def queued_workflows() -> list[str]:
+    """Workflows with executions waiting in their queue (any node's)."""
+    return [row[0] for row in Statements.of_bound().rows(
+        "SELECT DISTINCT workflow_name FROM workflow_executions WHERE status = 'pending'")]
+
+
+def promote_queued(workflow: str, node: str) -> list[tuple[str, int]]:
+    """Start queued executions of ``workflow`` while slots are free, oldest first across all
+    nodes (FIFO, 4.9, 13.1.10): each becomes ``running`` and is owned by ``node`` under a new
+    epoch. Returns (id, epoch) of those promoted. The limit is the oldest queued one's
+    version's ``max_parallel_executions``."""
+    lock_for_update(Workflow, Workflow.name == workflow)
+
+    def queue(n: int | None):
+        return (WorkflowExecution.select(WorkflowExecution.id, WorkflowExecution.version)
+                .where(WorkflowExecution.workflow_name == workflow,
+                       WorkflowExecution.status == ExecutionStatus.PENDING.value)
+                .order_by(WorkflowExecution.started_at, WorkflowExecution.id).limit(n))
+
+    head = list(queue(1))
+    if not head:
+        return []
+    found = stored_version(workflow, head[0].version)
+    limit = found[1].max_parallel_executions if found else 0
+    free = (limit - _running_count(workflow)) if limit > 0 else None
+    if free is not None and free <= 0:
+        return []
+    sql = Statements.of_bound()
+    p = sql.db.param
+    promoted = []
+    for row in list(queue(free)):
+        changed = sql.rows(
+            f"UPDATE workflow_executions SET status = 'running', running_since = {sql.now}, "
+            f"owner = {p}, epoch = epoch + 1 WHERE id = {p} AND status = 'pending' "
+            "RETURNING epoch", (node, row.id))
+        if changed:
+            sql.audit("engine", "workflow.executed", "workflow_execution", row.id,
+                      {"workflow": workflow, "version": row.version})
+            sql.audit("engine", "execution.promoted", "workflow_execution", row.id,
+                      {"workflow": workflow})
+            promoted.append((row.id, changed[0][0]))
+    return promoted
+
+
+def execution_snapshot(execution_id: str) -> tuple[dict, dict, list[dict]] | None:
+    """(execution, definition, step rows) for starting or resuming an execution."""
+    execution = WorkflowExecution.get_or_none(WorkflowExecution.id == execution_id)
+    if execution is None:
+        return None
+    found = stored_version(execution.workflow_name, execution.version)
+    if found is None:
+        return None
+    rows = [{"step": r.step_name, "attempt": r.attempt, "status": r.status,
+             "hook_block": r.hook_block, "is_hook": r.is_hook, "output": r.output,
+             "error": r.error, "started_at": r.started_at, "completed_at": r.completed_at,
+             "wait_kind": r.wait_kind, "wait_until": r.wait_until, "progress": r.progress}
+            for r in StepExecution.select().where(StepExecution.execution_id == execution_id)
+            .order_by(StepExecution.id)]
+    return execution_row(execution), found[0], rows
+
+
+def final_results(execution_ids: list[str]) -> dict[str, dict]:
+    """The outcome of each of ``execution_ids`` that is final, as a ``workflow/run`` step
+    reports it (13.3): ``execution_id``, ``status``, ``error`` and ``steps`` (each main
+    step's latest ``output`` and ``error``)."""
+    if not execution_ids:
+        return {}
+    final = list(WorkflowExecution.select(WorkflowExecution.id, WorkflowExecution.status,
+                                          WorkflowExecution.error)
+                 .where(WorkflowExecution.id.in_(execution_ids),
+                        WorkflowExecution.status.not_in(_ACTIVE)))
+    results = {row.id: {"execution_id": row.id, "status": row.status,
+                        "error": row.error if row.status == "failed" else None, "steps": {}}
+               for row in final}
+    if results:
+        rows = (StepExecution.select(StepExecution.execution_id, StepExecution.step_name,
+                                     StepExecution.output, StepExecution.error,
+                                     StepExecution.status)
+                .where(StepExecution.execution_id.in_(list(results)),
+                       StepExecution.is_hook == False)  # noqa: E712 - SQL, not Python
+                .order_by(StepExecution.attempt))
+        for row in rows:  # later attempts overwrite earlier ones
+            results[row.execution_id]["steps"][row.step_name] = {
+                "output": None if row.status == "skipped" else row.output,
+                "error": row.error if row.status == "failed" else None}
+    return results
+
+
+def copy_steps(execution_id: str, rows: list[dict]) -> None:
+    """Store reused step results in a retry execution (``mantle retry``)."""
+    for row in rows:
+        StepExecution.insert(execution_id=execution_id, step_name=row["step"],
+                             attempt=row["attempt"], is_hook=False, status=row["status"],
+                             output=row["output"], error=row["error"],
+                             started_at=row["started_at"],
+                             completed_at=row["completed_at"]).execute()

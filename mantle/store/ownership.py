@@ -1,0 +1,137 @@
+"""Who owns an execution (SPEC 13.7): nodes, leases, fencing epochs, takeover.
+
+A node's lease (``nodes.lease_expires_at``, in the database's clock) covers every execution it
+owns (``workflow_executions.owner``); each execution carries a fencing ``epoch`` that grows
+with every change of owner. The engine's writes for an execution are accepted only under the
+epoch it was started with (``refused_fences``, checked by the journal for each batch); a live
+node takes over the running executions of nodes whose lease expired (``claim_expired``).
+Statements that differ between the databases come from ``mantle.db.engine``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Iterable
+
+from mantle.db.engine import skip_locked_sql
+from mantle.db.models import Node
+from mantle.store.statements import Statements
+
+__all__ = ["refused_fences", "claim_expired", "expire_dead_neighbours", "cancelled_among",
+           "register_node", "renew_node", "expire_node", "node_channels", "database_now"]
+
+_CHUNK = 500  # ids per IN (...) list
+
+
+def _chunks(items: list, size: int = _CHUNK):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def refused_fences(fences: Iterable[tuple[str, int]]) -> set[tuple[str, int]]:
+    """The (execution id, epoch) pairs whose epoch is no longer the execution's: a writer
+    holding one of them lost the execution to another node and must not write for it.
+
+    On PostgreSQL the rows read stay share-locked until the transaction ends, so no claim can
+    change their owner between this check and the commit of the writes it admits."""
+    fences = set(fences)
+    sql = Statements.of_bound()
+    current: dict[str, int] = {}
+    for chunk in _chunks(sorted({execution_id for execution_id, _ in fences})):
+        current.update(sql.rows(
+            f"SELECT id, epoch FROM workflow_executions WHERE id IN "
+            f"({sql.placeholders(len(chunk))}) ORDER BY id{sql.share_lock}", tuple(chunk)))
+    return {(execution_id, epoch) for execution_id, epoch in fences
+            if current.get(execution_id) != epoch}
+
+
+def claim_expired(node: str, limit: int = 100) -> list[tuple[str, int]]:
+    """Take over running executions whose owner's lease expired (or that have no live owner
+    row): each gets ``node`` as owner and a new epoch. Returns (id, epoch) of those claimed.
+
+    One statement on both databases; on PostgreSQL its inner SELECT skips rows another claimer
+    or a fenced writer holds (``FOR UPDATE SKIP LOCKED``), so claimers never wait on each
+    other and never both win a row."""
+    sql = Statements.of_bound()
+    p = sql.db.param
+    return [(row[0], row[1]) for row in sql.rows(
+        f"UPDATE workflow_executions SET owner = {p}, epoch = epoch + 1 WHERE id IN ("
+        "SELECT e.id FROM workflow_executions e LEFT JOIN nodes n ON n.id = e.owner "
+        f"WHERE e.status = 'running' AND (n.id IS NULL OR n.lease_expires_at < {sql.now}) "
+        f"ORDER BY e.started_at LIMIT {p}{skip_locked_sql(sql.db, 'e')}) "
+        "RETURNING id, epoch", (node, limit))]
+
+
+def expire_dead_neighbours(node: str, host_key: str, alive: Callable[[int], bool]) -> int:
+    """Expire at once the leases of nodes of this kernel and pid namespace (``host_key``)
+    whose process no longer exists: their executions need not wait out ``lease_ttl``.
+
+    Safe because a pid is only compared within the namespace it belongs to; a reused pid only
+    makes a dead node look alive, which leaves it to its lease."""
+    sql = Statements.of_bound()
+    p = sql.db.param
+    rows = sql.rows(f"SELECT id, pid FROM nodes WHERE host_key = {p} AND id <> {p} "
+                    f"AND lease_expires_at >= {sql.now}", (host_key, node))
+    dead = [node_id for node_id, pid in rows if not alive(pid)]
+    for node_id in dead:
+        expire_node(node_id)
+    return len(dead)
+
+
+def cancelled_among(execution_ids: list[str]) -> list[str]:
+    """Those of ``execution_ids`` that are ``cancelled`` (the owner's backstop for a cancel
+    notification that did not arrive)."""
+    sql = Statements.of_bound()
+    found = []
+    for chunk in _chunks(execution_ids):
+        found += [row[0] for row in sql.rows(
+            f"SELECT id FROM workflow_executions WHERE status = 'cancelled' AND id IN "
+            f"({sql.placeholders(len(chunk))})", tuple(chunk))]
+    return found
+
+
+def database_now() -> dt.datetime:
+    sql = Statements.of_bound()
+    return sql.datetime(sql.rows(f"SELECT {sql.now}")[0][0])
+
+
+def register_node(node_id: str, hostname: str, pid: int, kind: str, host_key: str,
+                  channel: str | None, ttl: float) -> dt.datetime:
+    """Insert this process's node row with a fresh lease; returns the database's time."""
+    sql = Statements.of_bound()
+    p = sql.db.param
+    sql.run(f"INSERT INTO nodes (id, hostname, pid, kind, host_key, channel, started_at, "
+            f"lease_expires_at) VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {sql.now}, "
+            f"{sql.later})", (node_id, hostname, pid, kind, host_key, channel, ttl))
+    return database_now()
+
+
+def renew_node(node_id: str, ttl: float) -> tuple[dt.datetime, bool]:
+    """Extend this node's lease by ``ttl`` from the database's now; returns (database time,
+    whether the lease had already expired — or the row vanished — before this renewal).
+
+    After such a gap other nodes may have taken executions over: the caller checks its
+    executions' epochs."""
+    sql = Statements.of_bound()
+    p = sql.db.param
+    before = sql.rows(f"SELECT lease_expires_at < {sql.now} FROM nodes WHERE id = {p}",
+                      (node_id,))
+    sql.run(f"UPDATE nodes SET lease_expires_at = {sql.later} WHERE id = {p}", (ttl, node_id))
+    lapsed = not before or bool(before[0][0])
+    return database_now(), lapsed
+
+
+def expire_node(node_id: str) -> None:
+    """End a node's lease now (clean shutdown): its executions may be taken over at once."""
+    sql = Statements.of_bound()
+    p = sql.db.param
+    sql.run(f"UPDATE nodes SET lease_expires_at = {sql.now} WHERE id = {p}", (node_id,))
+
+
+def node_channels(node_ids: Iterable[str]) -> dict[str, tuple[str, str | None]]:
+    """node id -> (host_key, channel) for the given nodes that exist."""
+    ids = sorted(set(node_ids))
+    if not ids:
+        return {}
+    return {row.id: (row.host_key, row.channel) for row in
+            Node.select(Node.id, Node.host_key, Node.channel).where(Node.id.in_(ids))}

@@ -1,0 +1,85 @@
+"""Stored workflow versions, read and parsed once: the process's one parsed-workflow cache.
+
+Versions are immutable once stored, so (workflow, version) -> (definition, model) can be kept
+for the life of the process. The cache is per database (tests, and a CLI next to a daemon,
+may hold different workflows under the same name and version). Any thread may call these.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+
+from mantle.db import database_proxy, unwrap
+from mantle.db.fields import MAX_INTEGER, storable
+from mantle.db.models import Workflow, WorkflowDefinition
+from mantle.errors import MantleError, VersionNotFound, WorkflowNotFound
+from mantle.store.statements import Statements
+from mantle.workflow import Workflow as WorkflowModel
+from mantle.workflow import workflow_from_definition
+
+__all__ = ["stored_version", "version_of", "model_of"]
+
+_SIZE = 512
+_lock = threading.Lock()
+_caches: dict[int, tuple[object, collections.OrderedDict]] = {}
+
+
+def _cache() -> collections.OrderedDict:
+    database = unwrap(database_proxy)
+    with _lock:
+        held = _caches.get(id(database))
+        if held is None or held[0] is not database:
+            held = _caches[id(database)] = (database, collections.OrderedDict())
+        return held[1]
+
+
+def stored_version(workflow: str, version: int) -> tuple[dict, WorkflowModel] | None:
+    """(definition, model) of a stored version, or None when it does not exist."""
+    cache = _cache()
+    key = (workflow, version)
+    with _lock:
+        found = cache.get(key)
+    if found is not None:
+        return found
+    if not storable(workflow) or version > MAX_INTEGER:
+        return None
+    row = (WorkflowDefinition.select(WorkflowDefinition.definition)
+           .where(WorkflowDefinition.workflow_name == workflow,
+                  WorkflowDefinition.version == version).first())
+    if row is None:
+        return None
+    found = (row.definition, workflow_from_definition(row.definition))
+    with _lock:
+        cache[key] = found
+        if len(cache) > _SIZE:
+            cache.popitem(last=False)
+    return found
+
+
+def model_of(workflow: str, version: int) -> WorkflowModel:
+    """The parsed model of a stored version (KeyError-free: raises VersionNotFound)."""
+    found = stored_version(workflow, version)
+    if found is None:
+        raise VersionNotFound(workflow, version)
+    return found[1]
+
+
+def version_of(workflow: str, version: int | None
+               ) -> tuple[int, dict, WorkflowModel] | MantleError:
+    """(version, definition, model) of the requested or current version, or the error to
+    report (WorkflowNotFound, VersionNotFound)."""
+    if not storable(workflow):
+        return WorkflowNotFound(workflow)
+    if version is None:  # every run asks this: hand-written SQL, not a peewee query
+        sql = Statements.of_bound()
+        row = sql.db.execute_sql(sql.current_version, (workflow,)).fetchone()
+        if row is None:
+            return WorkflowNotFound(workflow)
+        version = row[0]
+    found = stored_version(workflow, version)
+    if found is None:
+        if Workflow.get_or_none(Workflow.name == workflow) is None:
+            return WorkflowNotFound(workflow)
+        return VersionNotFound(workflow, version)
+    return version, found[0], found[1]
