@@ -21,6 +21,9 @@ _CONTEXT = ("workflow", "execution_id", "step")
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message", "asctime"}
 _GATHER = 0.005  # seconds the log writer lets lines gather between writes
+# Lines waiting to be written beyond which new ones are dropped (and counted) instead of
+# growing the queue without bound when stdout cannot keep up (issue 11.9).
+MAX_QUEUED_LINES = 100_000
 _encode = json.JSONEncoder(default=str, ensure_ascii=False, separators=(",", ":")).encode
 
 
@@ -70,11 +73,15 @@ class BackgroundStreamHandler(logging.Handler):
     Here a line goes into a queue and one writer thread writes whatever has gathered, in
     order, with one flush. ``flush()`` waits until everything queued so far is written;
     lines still queued when the process is killed are lost (a few milliseconds' worth).
+    While ``max_queued`` lines wait, further lines are dropped; a ``log lines dropped`` line
+    with their ``count`` is written once the writer catches up.
     """
 
-    def __init__(self, stream: TextIO):
+    def __init__(self, stream: TextIO, max_queued: int = MAX_QUEUED_LINES):
         super().__init__()
         self.stream = stream
+        self._max_queued = max_queued
+        self._dropped = 0
         self._lines: queue.SimpleQueue = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write_loop, name="mantle-log-writer",
                                         daemon=True)
@@ -88,6 +95,9 @@ class BackgroundStreamHandler(logging.Handler):
         return True
 
     def emit(self, record: logging.LogRecord) -> None:
+        if self._lines.qsize() >= self._max_queued:
+            self._dropped += 1  # approximate under races; only reported
+            return
         try:
             self._lines.put(self.format(record))
         except Exception:
@@ -114,6 +124,11 @@ class BackgroundStreamHandler(logging.Handler):
             except queue.Empty:
                 pass
             text = [line for line in batch if isinstance(line, str)]
+            if self._dropped:
+                dropped, self._dropped = self._dropped, 0
+                text.append(self.format(logging.makeLogRecord({
+                    "levelno": logging.WARNING, "levelname": "WARNING",
+                    "msg": "log lines dropped", "count": dropped})))
             if text:
                 try:
                     self.stream.write("\n".join(text) + "\n")

@@ -31,8 +31,16 @@ def serve(args, context: Context) -> int:
         logging.getLogger(noisy).setLevel(logging.INFO)
     timeout = config.shutdown_timeout_seconds
     config.address()  # a bad address is a configuration error: before touching the database
+    config.lease_ttl_seconds, config.max_depth  # the same for these
+    workers = config.worker_count
+    threads = args.threads or DEFAULT_THREADS
+    if workers > 1:
+        from mantle.daemon.arbiter import Arbiter
+
+        # The parent forks: no logging thread may exist before (each worker starts its own).
+        setup_logging(config.log_level, sys.stdout)
+        return Arbiter(config, context, workers, threads, timeout).run()
     database = context.database(require_head=False)
     from mantle.daemon import Daemon
 
-    return Daemon(config, database, threads=args.threads or DEFAULT_THREADS,
-                  shutdown_timeout=timeout).run()
+    return Daemon(config, database, threads=threads, shutdown_timeout=timeout).run()

@@ -45,8 +45,8 @@ class Signals:
         self.count = 0
         self.arrived = threading.Event()
 
-    def install(self) -> Signals:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+    def install(self, signals=(signal.SIGTERM, signal.SIGINT)) -> Signals:
+        for sig in signals:
             signal.signal(sig, self._handle)
         return self
 
@@ -60,7 +60,10 @@ class Daemon:
 
     def __init__(self, config: Config, database, *, threads: int = 8,
                  shutdown_timeout: float = 30.0, kind: str = "serve", listener=None,
-                 on_ready=None):
+                 heartbeat=None):
+        """``listener`` and ``heartbeat`` are given to a ``serve --workers`` worker: the
+        parent's listening socket, and where to say "ready" and "alive" instead of systemd
+        (``mantle.daemon.arbiter``)."""
         self._config = config
         self._database = database
         self._threads = threads
@@ -74,13 +77,14 @@ class Daemon:
         self._watchdog: Watchdog | None = None
         self._readiness = Readiness(database)
         self._kind = kind
-        self._listener = listener  # a socket bound by the parent (``serve --workers``)
-        self._on_ready = on_ready
+        self._listener = listener
+        self._heartbeat = heartbeat
 
     def run(self) -> int:
         """Start, serve until a signal, shut down; the exit code. Startup failures raise."""
         sys.setswitchinterval(SWITCH_INTERVAL)
-        self._signals.install()
+        self._signals.install((signal.SIGTERM,) if self._heartbeat else
+                              (signal.SIGTERM, signal.SIGINT))
         self._start()
         while not self._signals.arrived.wait(0.5):
             pass
@@ -128,14 +132,13 @@ class Daemon:
         log.info("server listening", extra={"address": address})
         self._scheduler = Scheduler(self._engine, self._database).start()
         self._readiness.mark_ready()
-        if self._on_ready is not None:
-            self._on_ready()
-        else:
-            self._notifier.notify("READY=1")
-        interval = watchdog_interval()
-        if self._notifier.enabled and interval:
+        notifier, interval = self._notifier, watchdog_interval()
+        if self._heartbeat is not None:
+            notifier, interval = self._heartbeat, 1.0
+        notifier.notify("READY=1")
+        if notifier.enabled and interval:
             engine = self._engine
-            self._watchdog = Watchdog(self._notifier, interval,
+            self._watchdog = Watchdog(notifier, interval,
                                       lambda: engine.responsive(timeout=min(2.0, interval)))
             self._watchdog.start()
 

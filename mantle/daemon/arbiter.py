@@ -1,0 +1,243 @@
+"""``mantle serve --workers N`` (SPEC 13.7): a parent that only binds, forks, reaps and relays.
+
+Like gunicorn's arbiter: the parent binds the listening socket and migrates the database,
+then forks N workers, each a complete daemon (engine, API, cron, its own node and lease)
+serving the shared socket. The parent starts no thread of its own, so forking is safe; it
+waits on one self-pipe for signals and on one pipe per worker for its messages:
+
+- ``R`` (ready): once every worker has said it, the parent sends systemd ``READY=1`` once;
+- ``W`` (alive, every second while the worker's engine answers): the parent sends systemd
+  ``WATCHDOG=1`` only while every worker has spoken lately, and kills a worker silent for
+  ``SILENT_AFTER`` seconds (it is then restarted like any dead worker).
+
+A worker that dies is restarted (at most once a second per slot); its executions are taken
+over by its siblings at once (same host, process gone). SIGTERM or SIGINT: ``STOPPING=1``,
+SIGTERM to every worker (a second signal is forwarded too: the workers jump to their
+deadline); the parent exits 0 when all have exited, killing any still alive
+``shutdown_timeout`` + ``STOP_MARGIN`` seconds after the first signal.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+
+from mantle.daemon.http import format_address, listen
+from mantle.daemon.notify import Notifier, watchdog_interval
+from mantle.db import migrations
+
+__all__ = ["Arbiter", "SILENT_AFTER", "STOP_MARGIN"]
+
+log = logging.getLogger("mantle.server")
+
+SILENT_AFTER = 30.0
+STOP_MARGIN = 10.0
+_RESTART_EVERY = 1.0
+
+
+@dataclass
+class _Worker:
+    slot: int
+    pid: int
+    pipe: int  # read end of the worker's message pipe
+    ready: bool = False
+    heard_at: float = field(default_factory=time.monotonic)
+
+
+class _PipeNotifier:
+    """What a worker's Watchdog and readiness speak to instead of systemd: the parent."""
+
+    def __init__(self, fd: int):
+        self._fd = fd
+        self.enabled = True
+
+    def notify(self, message: str) -> bool:
+        try:
+            os.write(self._fd, b"R" if message == "READY=1" else b"W")
+            return True
+        except OSError:  # the parent is gone; the worker will be stopped soon
+            return False
+
+
+class Arbiter:
+    def __init__(self, config, context, workers: int, threads: int, shutdown_timeout: float):
+        self._config = config
+        self._context = context
+        self._count = workers
+        self._threads = threads
+        self._timeout = shutdown_timeout
+        self._notifier = Notifier()
+        self._workers: dict[int, _Worker] = {}  # pid -> worker
+        self._restart_at: dict[int, float] = {}  # slot -> earliest restart
+        self._signals: list[int] = []
+        self._stopping_since: float | None = None
+        self._announced_ready = False
+
+    def run(self) -> int:
+        """Bind, migrate, fork the workers and supervise them until a signal; the exit code."""
+        sock = listen(self._config.api_address)
+        sock.set_inheritable(True)
+        database = self._context.database(require_head=False)
+        migrations.migrate(database)
+        log.info("migrations complete")
+        self._context.close()  # no connection may cross a fork
+        log.info("server listening", extra={"address": format_address(sock.getsockname()),
+                                            "workers": self._count})
+        wake_read, wake_write = os.pipe()
+        os.set_blocking(wake_write, False)
+        self._install_signals(wake_write)
+        for slot in range(self._count):
+            self._spawn(slot, sock)
+        try:
+            self._loop(sock, wake_read)
+        finally:
+            sock.close()
+        log.info("server stopped")
+        return 0
+
+    # --- the parent's loop ---
+
+    def _install_signals(self, wake_fd: int) -> None:
+        def handle(signum, _frame):
+            self._signals.append(signum)
+            try:
+                os.write(wake_fd, b"s")
+            except OSError:
+                pass
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            signal.signal(sig, handle)
+
+    def _loop(self, sock: socket.socket, wake_fd: int) -> None:
+        interval = watchdog_interval() if self._notifier.enabled else None
+        next_ping = time.monotonic()
+        while self._workers or self._stopping_since is None:
+            pipes = {worker.pipe: worker for worker in self._workers.values()}
+            readable, _, _ = select.select([wake_fd, *pipes], [], [], 0.5)
+            for fd in readable:
+                if fd == wake_fd:
+                    os.read(wake_fd, 512)
+                else:
+                    self._heard(pipes[fd], os.read(fd, 512))
+            self._handle_signals()
+            self._reap(sock)
+            now = time.monotonic()
+            self._kill_silent(now)
+            if interval and now >= next_ping and self._all_alive(now, interval * 2):
+                self._notifier.notify("WATCHDOG=1")
+                next_ping = now + interval
+            if self._stopping_since is not None and \
+                    now - self._stopping_since > self._timeout + STOP_MARGIN:
+                self._signal_all(signal.SIGKILL)
+
+    def _heard(self, worker: _Worker, data: bytes) -> None:
+        worker.heard_at = time.monotonic()
+        if b"R" in data and not worker.ready:
+            worker.ready = True
+            if not self._announced_ready and len(self._workers) == self._count and all(
+                    w.ready for w in self._workers.values()):
+                self._announced_ready = True
+                log.info("workers ready", extra={"workers": self._count})
+                self._notifier.notify("READY=1")
+
+    def _handle_signals(self) -> None:
+        while self._signals:
+            signum = self._signals.pop(0)
+            if signum == signal.SIGCHLD:
+                continue
+            if self._stopping_since is None:
+                self._stopping_since = time.monotonic()
+                log.info("shutting down")
+                self._notifier.notify("STOPPING=1")
+            self._signal_all(signal.SIGTERM)
+
+    def _signal_all(self, signum: int) -> None:
+        for pid in list(self._workers):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def _reap(self, sock: socket.socket) -> None:
+        while self._workers:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = self._workers.pop(pid, None)
+            if worker is None:
+                continue
+            os.close(worker.pipe)
+            if self._stopping_since is None:
+                log.error("worker exited", extra={"pid": pid, "status": _status(status),
+                                                  "slot": worker.slot})
+                self._restart_at[worker.slot] = time.monotonic() + _RESTART_EVERY
+        if self._stopping_since is None:
+            now = time.monotonic()
+            for slot, when in list(self._restart_at.items()):
+                if now >= when:
+                    del self._restart_at[slot]
+                    self._spawn(slot, sock)
+
+    def _kill_silent(self, now: float) -> None:
+        for worker in list(self._workers.values()):
+            if worker.ready and now - worker.heard_at > SILENT_AFTER:
+                log.error("worker not responding; killing it", extra={"pid": worker.pid})
+                try:
+                    os.kill(worker.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                worker.heard_at = now  # once; the reap restarts it
+
+    def _all_alive(self, now: float, within: float) -> bool:
+        return len(self._workers) == self._count and all(
+            w.ready and now - w.heard_at <= within for w in self._workers.values())
+
+    # --- a worker ---
+
+    def _spawn(self, slot: int, sock: socket.socket) -> None:
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid:
+            os.close(write_fd)
+            self._workers[pid] = _Worker(slot, pid, read_fd)
+            return
+        os.close(read_fd)
+        code = 1
+        try:
+            code = self._work(sock, write_fd)
+        except BaseException:  # never let a worker return into the parent's loop
+            logging.getLogger("mantle.server").exception("worker failed")
+        finally:
+            logging.shutdown()
+            os._exit(code)
+
+    def _work(self, sock: socket.socket, pipe: int) -> int:
+        """Runs in the forked worker: a full daemon on the inherited socket."""
+        from mantle.daemon.daemon import Daemon
+        from mantle.logs import setup_logging
+
+        for sig in (signal.SIGTERM, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent forwards SIGTERM
+        os.environ.pop("NOTIFY_SOCKET", None)  # only the parent speaks to systemd
+        setup_logging(self._config.log_level, sys.stdout, background=True)
+        database = self._context.database(require_head=False)
+        heartbeat = _PipeNotifier(pipe)
+        return Daemon(self._config, database, threads=self._threads,
+                      shutdown_timeout=self._timeout, kind="worker", listener=sock,
+                      heartbeat=heartbeat).run()
+
+
+def _status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit status {os.WEXITSTATUS(status)}"
