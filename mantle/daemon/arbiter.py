@@ -1,8 +1,11 @@
 """``mantle serve --workers N`` (SPEC 13.7): a parent that only binds, forks, reaps and relays.
 
-Like gunicorn's arbiter: the parent binds the listening socket and migrates the database,
-then forks N workers, each a complete daemon (engine, API, cron, its own node and lease)
-serving the shared socket. The parent starts no thread of its own, so forking is safe; it
+Like gunicorn's arbiter: the parent binds the listening address and migrates the database,
+then forks N workers, each a complete daemon (engine, API, cron, its own node and lease).
+The parent holds one socket per worker slot, all bound to the one port with SO_REUSEPORT, so
+the kernel spreads connections evenly (one socket accepted by all let whichever worker polled
+first take nearly every keep-alive connection), and a restarted worker takes over its slot's
+socket with the connections waiting in it. The parent starts no thread of its own, so forking is safe; it
 waits on one self-pipe for signals and on one pipe per worker for its messages:
 
 - ``R`` (ready): once every worker has said it, the parent sends systemd ``READY=1`` once;
@@ -81,23 +84,23 @@ class Arbiter:
 
     def run(self) -> int:
         """Bind, migrate, fork the workers and supervise them until a signal; the exit code."""
-        sock = listen(self._config.api_address)
-        sock.set_inheritable(True)
+        sockets = listen(self._config.api_address, self._count)
         database = self._context.database(require_head=False)
         migrations.migrate(database)
         log.info("migrations complete")
         self._context.close()  # no connection may cross a fork
-        log.info("server listening", extra={"address": format_address(sock.getsockname()),
-                                            "workers": self._count})
+        log.info("server listening", extra={
+            "address": format_address(sockets[0].getsockname()), "workers": self._count})
         wake_read, wake_write = os.pipe()
         os.set_blocking(wake_write, False)
         self._install_signals(wake_write)
         for slot in range(self._count):
-            self._spawn(slot, sock)
+            self._spawn(slot, sockets)
         try:
-            self._loop(sock, wake_read)
+            self._loop(sockets, wake_read)
         finally:
-            sock.close()
+            for sock in sockets:
+                sock.close()
         log.info("server stopped")
         return 0
 
@@ -114,7 +117,7 @@ class Arbiter:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(sig, handle)
 
-    def _loop(self, sock: socket.socket, wake_fd: int) -> None:
+    def _loop(self, sockets: list[socket.socket], wake_fd: int) -> None:
         interval = watchdog_interval() if self._notifier.enabled else None
         next_ping = time.monotonic()
         while self._workers or self._stopping_since is None:
@@ -126,7 +129,7 @@ class Arbiter:
                 else:
                     self._heard(pipes[fd], os.read(fd, 512))
             self._handle_signals()
-            self._reap(sock)
+            self._reap(sockets)
             now = time.monotonic()
             self._kill_silent(now)
             if interval and now >= next_ping and self._all_alive(now, interval * 2):
@@ -164,7 +167,7 @@ class Arbiter:
             except ProcessLookupError:
                 pass
 
-    def _reap(self, sock: socket.socket) -> None:
+    def _reap(self, sockets: list[socket.socket]) -> None:
         while self._workers:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -185,7 +188,7 @@ class Arbiter:
             for slot, when in list(self._restart_at.items()):
                 if now >= when:
                     del self._restart_at[slot]
-                    self._spawn(slot, sock)
+                    self._spawn(slot, sockets)
 
     def _kill_silent(self, now: float) -> None:
         for worker in list(self._workers.values()):
@@ -203,7 +206,7 @@ class Arbiter:
 
     # --- a worker ---
 
-    def _spawn(self, slot: int, sock: socket.socket) -> None:
+    def _spawn(self, slot: int, sockets: list[socket.socket]) -> None:
         read_fd, write_fd = os.pipe()
         pid = os.fork()
         if pid:
@@ -213,7 +216,10 @@ class Arbiter:
         os.close(read_fd)
         code = 1
         try:
-            code = self._work(sock, write_fd)
+            for index, other in enumerate(sockets):
+                if index != slot:
+                    other.close()  # only the parent keeps every slot's socket
+            code = self._work(sockets[slot], write_fd)
         except BaseException:  # never let a worker return into the parent's loop
             logging.getLogger("mantle.server").exception("worker failed")
         finally:

@@ -35,26 +35,36 @@ def format_address(sockname) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def listen(address: str) -> socket.socket:
-    """A listening socket for ``address`` (``host:port``); ListenError when it cannot bind."""
-    return _bind(address)
+def listen(address: str, count: int = 1) -> list[socket.socket]:
+    """``count`` listening sockets on ``address`` (``host:port``); ListenError when they
+    cannot bind. Several share the port with SO_REUSEPORT (``serve --workers``): the kernel
+    spreads new connections evenly over them, where one socket shared by several accepting
+    processes hands most connections to whichever process polls first."""
+    first = _bind(address, reuse_port=count > 1)
+    if count == 1:
+        return [first]
+    host, _ = parse_address(address)
+    port = first.getsockname()[1]  # port 0 picked one: the others join it
+    return [first] + [_bind(f"{'[' + host + ']' if ':' in host else host}:{port}",
+                            reuse_port=True) for _ in range(count - 1)]
 
 
-def _bind(address: str) -> socket.socket:
+def _bind(address: str, reuse_port: bool = False) -> socket.socket:
     """A listening socket for ``host:port``; an empty host means every interface (IPv6 and
     IPv4 when the host has IPv6, else IPv4)."""
     host, port = parse_address(address)
+    options = {"backlog": 1024, "reuse_port": reuse_port}
     try:
         if not host:
             if socket.has_dualstack_ipv6():
                 try:
                     return socket.create_server(("::", port), family=socket.AF_INET6,
-                                                dualstack_ipv6=True, backlog=1024)
+                                                dualstack_ipv6=True, **options)
                 except OSError:  # IPv6 present but unusable (e.g. disabled in a container)
                     pass
-            return socket.create_server(("0.0.0.0", port), backlog=1024)
+            return socket.create_server(("0.0.0.0", port), **options)
         family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        return socket.create_server(sockaddr[:2], family=family, backlog=1024)
+        return socket.create_server(sockaddr[:2], family=family, **options)
     except OSError as exc:
         # create_server appends "(while attempting to bind on address ...)" to strerror.
         reason = (exc.strerror or str(exc)).split(" (while attempting")[0]
