@@ -18,7 +18,8 @@ from tests.helpers.fixtures import http_target  # noqa: F401
 from tests.mantle.test_connectors_ai import (WEATHER_TOOL, Recorder, ask, fails, fake,  # noqa: F401
                                              invoke)
 
-LOG_TOOL = {"name": "note", "action": "core/log", "params": {"message": "default"}}
+LOG_TOOL = {"name": "note", "action": "core/log", "params": {"message": "default"},
+            "input_schema": {"type": "object", "properties": {"message": {"type": "string"}}}}
 
 
 def tool_messages(request) -> list[dict]:
@@ -245,3 +246,34 @@ def test_network_failures_are_counted_with_status_error():
                metrics=metrics)
     assert metrics.registry.get_sample_value(
         "mantle_ai_requests_total", {"model": "m1", "status": "error"}) == 1
+
+
+def test_arguments_the_input_schema_does_not_declare_cannot_replace_tool_params(fake):
+    fake.script(tool_calls(("weather", {"city": "Oslo", "url": "http://evil/"}, "c1")),
+                text("done"))
+    recorder = Recorder()
+    invoke("ai/completion", ask(fake, tools=[WEATHER_TOOL]), recorder=recorder)
+    assert recorder.tool_calls == []
+    assert tool_messages(fake.requests()[1])[0]["content"] == (
+        '{"error":"invalid arguments: Additional properties are not allowed '
+        '(\'url\' was unexpected)"}')
+
+
+def test_a_tool_without_input_schema_takes_no_arguments(fake):
+    fake.script(tool_calls(("bare", {}, "c1"), ("bare", {"x": 1}, "c2")), text("done"))
+    recorder = Recorder()
+    bare = {"name": "bare", "action": "core/log", "params": {"message": "m"}}
+    invoke("ai/completion", ask(fake, tools=[bare]), recorder=recorder)
+    assert recorder.tool_calls == [("core/log", {"message": "m"})]
+    assert fake.requests()[0].json["tools"][0]["function"]["parameters"] == {
+        "type": "object", "properties": {}}
+
+
+def test_input_schema_may_allow_further_arguments_explicitly(fake):
+    open_tool = {**WEATHER_TOOL, "input_schema": {**WEATHER_TOOL["input_schema"],
+                                                  "additionalProperties": True}}
+    fake.script(tool_calls(("weather", {"city": "Oslo", "headers": {"X-A": "1"}}, "c1")),
+                text("done"))
+    recorder = Recorder()
+    invoke("ai/completion", ask(fake, tools=[open_tool]), recorder=recorder)
+    assert recorder.tool_calls[0][1]["headers"] == {"X-A": "1"}

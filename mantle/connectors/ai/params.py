@@ -165,6 +165,18 @@ def _tools(raw: Any) -> tuple[Tool, ...]:
     return tuple(tools)
 
 
+def _open_by_default(schema: dict) -> bool:
+    """Whether the schema lists ``properties`` but says nothing about others.
+
+    The model's arguments are merged over the tool's ``params``, so an argument the schema does
+    not declare could replace a fixed param (an ``http/request`` tool's ``url``, which carries
+    the step's credential). Such arguments are refused unless the schema allows them with
+    ``additionalProperties`` or ``patternProperties``.
+    """
+    return ("properties" in schema and "additionalProperties" not in schema
+            and "patternProperties" not in schema)
+
+
 def _tool(entry: Any, where: str) -> Tool:
     if not isinstance(entry, dict):
         raise param_error(f"{ACTION}: {where} must be a map")
@@ -184,6 +196,9 @@ def _tool(entry: Any, where: str) -> Tool:
     schema = entry.get("input_schema")
     schema = dict(_EMPTY_OBJECT_SCHEMA) if schema is None else schema
     validator = schema_validator(schema, f"{where}.input_schema")
+    if _open_by_default(schema):
+        validator = schema_validator({**schema, "additionalProperties": False},
+                                     f"{where}.input_schema")
     params = entry.get("params")
     if params is not None and not isinstance(params, dict):
         raise param_error(f"{ACTION}: {where}.params must be a map")
