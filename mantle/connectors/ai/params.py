@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
-
-import jsonschema
-from jsonschema.protocols import Validator
+from typing import TYPE_CHECKING, Any
 
 from mantle.connectors.ai.client import base_url_of, param_error
 from mantle.connectors.base import Invocation, as_text, params_of
+
+if TYPE_CHECKING:
+    import jsonschema
+    from jsonschema.protocols import Validator
 
 __all__ = ["ACTION", "Tool", "CompletionParams", "completion_params", "schema_validator",
            "schema_problem", "DEFAULT_MAX_TOOL_ROUNDS", "DEFAULT_MAX_TOOL_CALLS_PER_ROUND",
@@ -92,6 +93,8 @@ def completion_params(inv: Invocation) -> CompletionParams:
 
 def schema_validator(schema: Any, where: str) -> Validator:
     """A validator for a JSON Schema given as a param (its own ``$schema`` or 2020-12)."""
+    import jsonschema  # here, not at the top: every CLI command imports the connectors
+
     if not isinstance(schema, dict):
         raise param_error(f"{ACTION}: {where} must be a map")
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
@@ -104,6 +107,8 @@ def schema_validator(schema: Any, where: str) -> Validator:
 
 def schema_problem(validator: Validator, value: Any) -> str | None:
     """Why ``value`` does not match, or None: the most relevant error, with its location."""
+    import jsonschema
+
     error = jsonschema.exceptions.best_match(validator.iter_errors(value))
     return None if error is None else _located(error)
 
