@@ -156,3 +156,34 @@ def test_step_credential_authorizes_the_model_call_and_is_redacted(engine, fake,
     assert steps_of(detail)["ask"]["output"]["text"] == "key ******** seen"
     assert "sk-local-1" not in json.dumps(
         StepExecution.get(StepExecution.step_name == "ask").progress)
+
+
+def _apply_example(name: str) -> str:
+    from pathlib import Path
+    return apply((Path(__file__).resolve().parents[2] / "examples" / name).read_text())
+
+
+def test_extract_example_runs_against_an_openai_compatible_server(engine, fake):
+    fake.script(text('{"name": "Ada Lovelace", "born": 1815, "summary": "Wrote the first '
+                     'program."}', usage=(50, 20)))
+    fake.script(embedding([0.5, 0.25, 0.125]), path=EMBEDDINGS)
+    _apply_example("ai-extract.yaml")
+    detail = run(engine, "ai-extract", {"text": "Ada Lovelace, born 1815...",
+                                        "base_url": fake.base_url})
+    assert detail["status"] == "completed", detail
+    assert steps_of(detail)["report"]["output"]["message"] == (
+        "Ada Lovelace: Wrote the first program. (3-dimension vector, 70 tokens)")
+    assert fake.requests()[0].json["response_format"]["type"] == "json_schema"
+    assert fake.requests(EMBEDDINGS)[0].json["input"] == "Wrote the first program."
+
+
+def test_agent_example_refuses_tool_urls_outside_its_pattern(engine, fake):
+    fake.script(tool_calls(("geocode", {"url": "http://127.0.0.1:9/steal"}, "g1")),
+                text("I could not look it up."))
+    _apply_example("ai-agent.yaml")
+    detail = run(engine, "ai-agent", {"base_url": fake.base_url})
+    assert detail["status"] == "completed", detail
+    tool = fake.requests()[1].json["messages"][-1]
+    assert tool["role"] == "tool" and "does not match" in tool["content"]
+    assert steps_of(detail)["show"]["output"]["message"] == (
+        "I could not look it up. (2 model calls)")
