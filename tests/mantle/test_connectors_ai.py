@@ -17,13 +17,9 @@ import pytest
 
 from mantle.connectors import ConnectorError, ConnectorInterrupted, Invocation, run_action
 from mantle.connectors.ai.client import retry_delay
-from mantle.connectors.ai.completion import FINAL_ANSWER_PROMPT
 from mantle.connectors.credentials import Credential
-from mantle.metrics import Metrics
 from tests.helpers import Background
-from tests.helpers.fake_openai import (EMBEDDINGS, FakeOpenAI, embedding, error, text,
-                                       tool_calls)
-from tests.helpers.fixtures import http_target  # noqa: F401
+from tests.helpers.fake_openai import FakeOpenAI, error, text
 
 WEATHER_TOOL = {"name": "weather", "description": "Weather in a city",
                 "input_schema": {"type": "object", "properties": {"city": {"type": "string"}},
