@@ -326,3 +326,26 @@ def test_bad_params_fail_without_retry_and_send_nothing(fake, params, message):
     assert exc.message == message
     assert exc.retryable is False
     assert fake.requests(None) == []
+
+
+def test_a_ref_to_a_url_in_output_schema_is_never_fetched(fake):
+    from tests.helpers.http_target import HttpTarget
+    with HttpTarget() as target:
+        target.route("/schema.json", json={"type": "string"})
+        fake.script(text('"Ada"'))
+        exc = fails("ai/completion", ask(fake, output_schema={
+            "$ref": target.url("/schema.json")}))
+        assert target.hits("/schema.json") == 0
+    assert exc.message == (f"ai/completion: invalid output_schema: unresolvable $ref "
+                           f"'{target.url('/schema.json')}'")
+    assert exc.retryable is False
+
+
+def test_local_refs_and_an_own_schema_dialect_are_honoured(fake):
+    schema = {"$schema": "http://json-schema.org/draft-07/schema#",
+              "definitions": {"n": {"type": "integer"}},
+              "type": "object", "properties": {"n": {"$ref": "#/definitions/n"}}}
+    fake.script(text('{"n": "x"}'))
+    assert fails("ai/completion", ask(fake, output_schema=schema)).message == (
+        "ai/completion: response does not match output_schema: "
+        "'x' is not of type 'integer' (at $.n)")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mantle.connectors.ai.client import Client
-from mantle.connectors.ai.params import ACTION, CompletionParams, completion_params, schema_problem
+from mantle.connectors.ai.params import ACTION, CompletionParams, completion_params
 from mantle.connectors.ai.tools import answer_call, tool_message, unanswered_calls
 from mantle.connectors.ai.usage import add_usage, read_usage, zero_usage
 from mantle.connectors.base import ConnectorError, Invocation
@@ -215,11 +215,11 @@ def _output(params: CompletionParams, answer: _Answer, state: _State) -> dict:
     output.update(finish_reason=answer.finish_reason, model=answer.model or params.model,
                   usage=state.usage, tool_calls=[_shown(call) for call in answer.tool_calls],
                   rounds=state.rounds)
-    if params.output_validator is not None:
+    if params.output_check is not None:
         if "json" not in output:
             problem = "the answer is not JSON"
         else:
-            problem = schema_problem(params.output_validator, output["json"])
+            problem = params.output_check.problem(output["json"])
         if problem is not None:
             raise ConnectorError(
                 f"{ACTION}: response does not match output_schema: {problem}", output)

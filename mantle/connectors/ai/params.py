@@ -18,8 +18,8 @@ if TYPE_CHECKING:
     import jsonschema
     from jsonschema.protocols import Validator
 
-__all__ = ["ACTION", "Tool", "CompletionParams", "completion_params", "schema_validator",
-           "schema_problem", "DEFAULT_MAX_TOOL_ROUNDS", "DEFAULT_MAX_TOOL_CALLS_PER_ROUND",
+__all__ = ["ACTION", "Tool", "CompletionParams", "SchemaCheck", "completion_params",
+           "schema_check", "DEFAULT_MAX_TOOL_ROUNDS", "DEFAULT_MAX_TOOL_CALLS_PER_ROUND",
            "TOOL_NAME"]
 
 ACTION = "ai/completion"
@@ -39,7 +39,7 @@ class Tool:
     input_schema: dict
     action: str
     params: dict
-    validator: Validator
+    arguments: SchemaCheck  # input_schema, closed unless it allows more (_open_by_default)
 
     def definition(self) -> dict:
         """The tool as sent in the request's ``tools`` list."""
@@ -56,7 +56,7 @@ class CompletionParams:
     prompt: str
     system_prompt: str | None
     output_schema: dict | None
-    output_validator: Validator | None
+    output_check: SchemaCheck | None
     max_tokens: int | None
     temperature: float | None
     tools: tuple[Tool, ...]
@@ -71,9 +71,7 @@ def completion_params(inv: Invocation) -> CompletionParams:
     """The checked params of an ``ai/completion`` attempt (ConnectorError, not retried)."""
     params = params_of(inv)
     schema = params.get("output_schema")
-    validator = None
-    if schema is not None:
-        validator = schema_validator(schema, "output_schema")
+    check = None if schema is None else schema_check(schema, "output_schema")
     return CompletionParams(
         base_url=base_url_of(ACTION, params),
         model=_required_text(params, "model"),
@@ -81,7 +79,7 @@ def completion_params(inv: Invocation) -> CompletionParams:
         system_prompt=None if params.get("system_prompt") is None
         else as_text(params["system_prompt"]),
         output_schema=schema,
-        output_validator=validator,
+        output_check=check,
         max_tokens=_integer(params, "max_tokens", None, minimum=1),
         temperature=_number(params, "temperature"),
         tools=_tools(params.get("tools")),
@@ -91,9 +89,33 @@ def completion_params(inv: Invocation) -> CompletionParams:
     )
 
 
-def schema_validator(schema: Any, where: str) -> Validator:
-    """A validator for a JSON Schema given as a param (its own ``$schema`` or 2020-12)."""
+@dataclass(frozen=True, slots=True)
+class SchemaCheck:
+    """A JSON Schema given as a param (``where`` names it in errors), ready to validate."""
+
+    where: str
+    validator: Validator
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` does not match, or None: the most relevant error, with its location.
+
+        A ``$ref`` that cannot be resolved is a broken schema, found only now: a param error.
+        """
+        import jsonschema
+        import referencing.exceptions
+
+        try:
+            error = jsonschema.exceptions.best_match(self.validator.iter_errors(value))
+        except referencing.exceptions.Unresolvable as exc:
+            raise param_error(f"{ACTION}: invalid {self.where}: unresolvable $ref "
+                              f"{exc.ref!r}") from None
+        return None if error is None else _located(error)
+
+
+def schema_check(schema: Any, where: str) -> SchemaCheck:
+    """Check a JSON Schema param (its own ``$schema`` or draft 2020-12); a param error if bad."""
     import jsonschema  # here, not at the top: every CLI command imports the connectors
+    import referencing
 
     if not isinstance(schema, dict):
         raise param_error(f"{ACTION}: {where} must be a map")
@@ -102,15 +124,9 @@ def schema_validator(schema: Any, where: str) -> Validator:
         cls.check_schema(schema)
     except jsonschema.SchemaError as exc:
         raise param_error(f"{ACTION}: invalid {where}: {_located(exc)}") from None
-    return cls(schema)
-
-
-def schema_problem(validator: Validator, value: Any) -> str | None:
-    """Why ``value`` does not match, or None: the most relevant error, with its location."""
-    import jsonschema
-
-    error = jsonschema.exceptions.best_match(validator.iter_errors(value))
-    return None if error is None else _located(error)
+    # An empty registry: a ``$ref`` to a URL is unresolvable instead of fetched (jsonschema's
+    # default still downloads it: a blocking request to wherever the workflow points).
+    return SchemaCheck(where, cls(schema, registry=referencing.Registry()))
 
 
 def _located(error: jsonschema.ValidationError | jsonschema.SchemaError) -> str:
@@ -200,11 +216,11 @@ def _tool(entry: Any, where: str) -> Tool:
         raise param_error(f"{ACTION}: {where}.description must be a string")
     schema = entry.get("input_schema")
     schema = dict(_EMPTY_OBJECT_SCHEMA) if schema is None else schema
-    validator = schema_validator(schema, f"{where}.input_schema")
+    check = schema_check(schema, f"{where}.input_schema")
     if _open_by_default(schema):
-        validator = schema_validator({**schema, "additionalProperties": False},
-                                     f"{where}.input_schema")
+        check = schema_check({**schema, "additionalProperties": False},
+                             f"{where}.input_schema")
     params = entry.get("params")
     if params is not None and not isinstance(params, dict):
         raise param_error(f"{ACTION}: {where}.params must be a map")
-    return Tool(name, description or "", schema, action, params or {}, validator)
+    return Tool(name, description or "", schema, action, params or {}, check)

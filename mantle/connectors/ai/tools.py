@@ -14,7 +14,7 @@ import dataclasses
 import json
 from typing import Any, Callable
 
-from mantle.connectors.ai.params import CompletionParams, schema_problem
+from mantle.connectors.ai.params import CompletionParams
 from mantle.connectors.base import ConnectorError, ConnectorInterrupted, Invocation
 
 __all__ = ["LIMIT_EXCEEDED", "tool_message", "unanswered_calls", "answer_call"]
@@ -54,7 +54,7 @@ def answer_call(inv: Invocation, params: CompletionParams, index: int, call: dic
         return {"error": f'unknown tool "{function["name"]}"'}, False
     arguments, problem = _arguments(function["arguments"])
     if problem is None:
-        found = schema_problem(tool.validator, arguments)
+        found = tool.arguments.problem(arguments)
         problem = None if found is None else f"invalid arguments: {found}"
     if problem is not None:
         return {"error": problem}, False
