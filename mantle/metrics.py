@@ -1,4 +1,4 @@
-"""The Prometheus metrics of SPEC 9.1, built on a registry passed in (STYLE habit 8)."""
+"""The Prometheus metrics of SPEC 9.1 and 13.6, built on a registry passed in (STYLE habit 8)."""
 
 from __future__ import annotations
 
@@ -31,3 +31,12 @@ class Metrics:
                                      ["method", "route", "status"], registry=r)
         self.http_duration = Histogram("mantle_http_request_duration_seconds",
                                        "HTTP request duration", ["method", "route"], registry=r)
+        # SPEC 13.6: ``model`` is the requested model, ``status`` the HTTP status or "error".
+        self.ai_tokens = Counter("mantle_ai_tokens_total", "Tokens used by AI steps",
+                                 ["model", "kind"], registry=r)
+        self.ai_requests = Counter("mantle_ai_requests_total",
+                                   "Requests of AI steps to their model server",
+                                   ["model", "status"], registry=r)
+        self.ai_request_duration = Histogram("mantle_ai_request_duration_seconds",
+                                             "Duration of each AI model request", ["model"],
+                                             registry=r)

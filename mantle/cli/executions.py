@@ -16,6 +16,7 @@ import time
 from mantle import queries
 from mantle.cli import remote
 from mantle.cli.context import Context
+from mantle.connectors.ai import usage_line
 from mantle.durations import format_seconds, parse_since
 from mantle.errors import (ExecutionNotFound, InvalidInput, MantleError, WorkflowNotFound)
 from mantle.timefmt import rfc3339_seconds, table_time
@@ -331,6 +332,8 @@ def _print_step(step: dict, label: str) -> None:
     print("  %-20s %s" % (label, step["status"] + _step_timing(step)))
     if step["status"] == "failed":
         print(f"    error: {step['error'] or ''}")
+    if tokens := usage_line(step):  # AI steps (SPEC 13.6)
+        print(tokens)
 
 
 def status(args, context: Context) -> int:

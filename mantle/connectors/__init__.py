@@ -7,7 +7,7 @@ Any other ``<plugin>/<action>`` runs the executable ``<plugins_dir>/<plugin>`` (
 
 from __future__ import annotations
 
-from mantle.connectors import core, http
+from mantle.connectors import ai, core, http
 from mantle.connectors.base import (
     CancelToken,
     Connector,
@@ -36,6 +36,8 @@ BUILTIN: dict[str, Connector] = {
     "core/sleep": core.sleep,
     "core/log": core.log,
     "core/fail": core.fail,
+    "ai/completion": ai.completion,
+    "ai/embed": ai.embed,
 }
 # Connector names that never resolve to a plugin, even for actions they do not have.
 RESERVED = frozenset({"http", "core"})

@@ -1,0 +1,189 @@
+"""AI steps (SPEC 13.6) through the real engine, on SQLite and PostgreSQL: the tool loop with
+real ``http/request`` tools against a counting local server, checkpoints in the step row,
+``ai/embed`` literals used downstream, the step timeout over the whole loop, cancel, and
+credentials."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from mantle.db.models import StepExecution
+from tests.actors.conftest import apply, finish, run, steps_of, wait_until
+from tests.helpers.fake_openai import (EMBEDDINGS, FakeOpenAI, embedding, text,
+                                       tool_calls)
+
+
+@pytest.fixture
+def fake():
+    with FakeOpenAI() as server:
+        yield server
+
+
+def tool_loop_workflow(fake, target, step_extra: str = "") -> str:
+    return apply(f"""
+        name: agent
+        steps:
+          - name: ask
+            action: ai/completion
+            {step_extra}
+            params:
+              base_url: "{fake.base_url}"
+              model: local-model
+              prompt: "Plan the trip"
+              tools:
+                - name: weather
+                  description: Weather at a place
+                  input_schema:
+                    type: object
+                    properties: {{city: {{type: string}}}}
+                  action: http/request
+                  params: {{url: "{target.url('/weather')}"}}
+                - name: book
+                  action: http/request
+                  input_schema:
+                    type: object
+                    properties: {{body: {{type: object}}}}
+                  params: {{method: POST, url: "{target.url('/book')}"}}
+          - name: report
+            action: core/log
+            depends_on: [ask]
+            params: {{message: "{{{{ steps.ask.output.text }}}} ({{{{ steps.ask.output.rounds }}}})"}}
+    """)
+
+
+def test_tool_loop_runs_real_http_tools_once_each_and_checkpoints_every_round(
+        engine, fake, http_target):
+    http_target.route("/weather", json={"temp": 21})
+    http_target.route("/book", json={"booked": True})
+    fake.script(tool_calls(("weather", {"city": "Rome"}, "w1"), usage=(10, 2)),
+                tool_calls(("book", {"body": {"city": "Rome"}}, "b1"), usage=(20, 3)),
+                text("Booked Rome, 21 degrees", usage=(30, 4)))
+    tool_loop_workflow(fake, http_target)
+    detail = run(engine, "agent")
+
+    assert detail["status"] == "completed", detail
+    output = steps_of(detail)["ask"]["output"]
+    assert output["text"] == "Booked Rome, 21 degrees" and output["rounds"] == 3
+    assert output["usage"] == {"prompt_tokens": 60, "completion_tokens": 9,
+                               "total_tokens": 69}
+    assert steps_of(detail)["report"]["output"] == {"message": "Booked Rome, 21 degrees (3)"}
+    assert http_target.hits("/weather") == 1 and http_target.hits("/book") == 1
+    assert http_target.requests("/book")[0].json() == {"city": "Rome"}
+    assert http_target.requests("/book")[0].method == "POST"
+    last = fake.requests()[-1].json["messages"]
+    assert [(m["role"], m.get("tool_call_id")) for m in last] == [
+        ("user", None), ("assistant", None), ("tool", "w1"), ("assistant", None),
+        ("tool", "b1")]
+    assert json.loads(last[2]["content"])["json"] == {"temp": 21}
+    row = StepExecution.get(StepExecution.step_name == "ask")
+    assert row.progress["rounds"] == 2  # the last finished round, kept with the attempt
+    assert [m["role"] for m in row.progress["messages"]][-1] == "tool"
+
+
+def test_engine_metrics_count_ai_tokens_and_requests(engine, fake, http_target):
+    fake.script(text("hi", usage=(7, 3)))
+    apply(f"""
+        name: one-shot
+        steps:
+          - {{name: ask, action: ai/completion,
+             params: {{base_url: "{fake.base_url}", model: tiny, prompt: hello}}}}
+    """)
+    assert run(engine, "one-shot")["status"] == "completed"
+    value = engine.metrics.registry.get_sample_value
+    assert value("mantle_ai_tokens_total", {"model": "tiny", "kind": "prompt"}) == 7
+    assert value("mantle_ai_requests_total", {"model": "tiny", "status": "200"}) == 1
+
+
+def test_embed_vectors_are_pgvector_literals_usable_downstream(engine, fake):
+    fake.script(embedding([0.25, -1.5], [1, 2], usage=5), path=EMBEDDINGS)
+    apply(f"""
+        name: embedder
+        steps:
+          - name: embed
+            action: ai/embed
+            params: {{base_url: "{fake.base_url}", model: nomic, input: [alpha, beta]}}
+          - name: store
+            action: core/log
+            depends_on: [embed]
+            params: {{message: "INSERT ... VALUES ('{{{{ steps.embed.output.vectors[1] }}}}')"}}
+    """)
+    detail = run(engine, "embedder")
+    assert detail["status"] == "completed", detail
+    output = steps_of(detail)["embed"]["output"]
+    assert output["vectors"] == ["[0.25,-1.5]", "[1.0,2.0]"]
+    assert output["count"] == 2 and output["dimensions"] == 2
+    assert steps_of(detail)["store"]["output"] == {"message": "INSERT ... VALUES ('[1.0,2.0]')"}
+
+
+def test_step_timeout_covers_the_whole_loop(engine, fake, http_target):
+    http_target.route("/weather", json={"temp": 1})
+    fake.script(tool_calls(("weather", {"city": "Oslo"}, "w1")), text("never", hold=True))
+    tool_loop_workflow(fake, http_target, step_extra="timeout: 1s")
+    started = time.monotonic()
+    detail = run(engine, "agent")
+    ask = steps_of(detail)["ask"]
+    assert (ask["status"], ask["error"]) == ("failed", "step timed out after 1s")
+    assert time.monotonic() - started < 5
+    assert http_target.hits("/weather") == 1
+
+
+def test_cancel_aborts_the_model_request_in_flight(engine, fake, http_target):
+    fake.script(text("never", hold=True))
+    tool_loop_workflow(fake, http_target)
+    execution_id = engine.run("agent").execution_id
+    fake.wait_for_requests(1, held=True)
+    engine.cancel(execution_id, actor="cli")
+    detail = finish(engine, execution_id, timeout=5)
+    wait_until(lambda: StepExecution.get(StepExecution.step_name == "ask").status
+               == "cancelled", timeout=2)
+    assert detail["status"] == "cancelled"
+
+
+@pytest.fixture
+def secrets():
+    return {"MANTLE_SECRET_LLM": "sk-local-1"}
+
+
+def test_step_credential_authorizes_the_model_call_and_is_redacted(engine, fake, http_target):
+    http_target.route("/weather", echo=True)
+    fake.script(tool_calls(("weather", {"city": "x"}, "w1")), text("key sk-local-1 seen"))
+    tool_loop_workflow(fake, http_target, step_extra="credential: llm")
+    detail = run(engine, "agent")
+    assert fake.requests()[0].headers["authorization"] == "Bearer sk-local-1"
+    assert steps_of(detail)["ask"]["output"]["text"] == "key ******** seen"
+    assert "sk-local-1" not in json.dumps(
+        StepExecution.get(StepExecution.step_name == "ask").progress)
+
+
+def _apply_example(name: str) -> str:
+    from pathlib import Path
+    return apply((Path(__file__).resolve().parents[2] / "examples" / name).read_text())
+
+
+def test_extract_example_runs_against_an_openai_compatible_server(engine, fake):
+    fake.script(text('{"name": "Ada Lovelace", "born": 1815, "summary": "Wrote the first '
+                     'program."}', usage=(50, 20)))
+    fake.script(embedding([0.5, 0.25, 0.125]), path=EMBEDDINGS)
+    _apply_example("ai-extract.yaml")
+    detail = run(engine, "ai-extract", {"text": "Ada Lovelace, born 1815...",
+                                        "base_url": fake.base_url})
+    assert detail["status"] == "completed", detail
+    assert steps_of(detail)["report"]["output"]["message"] == (
+        "Ada Lovelace: Wrote the first program. (3-dimension vector, 70 tokens)")
+    assert fake.requests()[0].json["response_format"]["type"] == "json_schema"
+    assert fake.requests(EMBEDDINGS)[0].json["input"] == "Wrote the first program."
+
+
+def test_agent_example_refuses_tool_urls_outside_its_pattern(engine, fake):
+    fake.script(tool_calls(("geocode", {"url": "http://127.0.0.1:9/steal"}, "g1")),
+                text("I could not look it up."))
+    _apply_example("ai-agent.yaml")
+    detail = run(engine, "ai-agent", {"base_url": fake.base_url})
+    assert detail["status"] == "completed", detail
+    tool = fake.requests()[1].json["messages"][-1]
+    assert tool["role"] == "tool" and "does not match" in tool["content"]
+    assert steps_of(detail)["show"]["output"]["message"] == (
+        "I could not look it up. (2 model calls)")
