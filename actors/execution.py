@@ -23,8 +23,8 @@ from actors.lifecycle import ExecutionLifecycle, _Run
 from actors.runtime import PooledActor
 from actors.step import is_instant, run_instant, start_step
 from mantle import store
-from mantle.connectors import (ConnectorError, ConnectorInterrupted, Invocation, run_action,
-                               resolve_credential)
+from mantle.connectors import ConnectorError, ConnectorInterrupted, Invocation, run_action
+from mantle.credentials import resolve as resolve_credential
 from mantle.db.fields import utcnow
 from mantle.expressions import (ActivationCache, ExpressionError, evaluate_condition,
                                 resolve_params)

@@ -30,10 +30,17 @@ _SETTINGS: dict[str, tuple[str, str, str]] = {
     "plugins_dir": ("plugins.dir", "MANTLE_PLUGINS_DIR", ".mantle/plugins"),
     "server": ("", "MANTLE_SERVER", ""),
     "api_key": ("", "MANTLE_API_KEY", ""),
+    "encryption_key": ("encryption.key", "MANTLE_ENCRYPTION_KEY", ""),
+    "retention_execution_days": ("retention.execution_days", "MANTLE_RETENTION_EXECUTION_DAYS",
+                                 ""),
+    "retention_audit_days": ("retention.audit_days", "MANTLE_RETENTION_AUDIT_DAYS", ""),
+    "retention_interval": ("retention.interval", "MANTLE_RETENTION_INTERVAL", "24h"),
 }
 DEFAULTS = {name: default for name, (_, _, default) in _SETTINGS.items()}
 _FILE_SECTIONS = {"database": {"url"}, "api": {"address"}, "log": {"level"},
-                  "server": {"shutdown_timeout"}, "plugins": {"dir"}, "env": None}
+                  "server": {"shutdown_timeout"}, "plugins": {"dir"}, "env": None,
+                  "encryption": {"key"},
+                  "retention": {"execution_days", "audit_days", "interval"}}
 _ADDRESS = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[^:\[\]]*):(?P<port>\d{1,5})$")
 
 
@@ -48,6 +55,10 @@ class Config:
     plugins_dir: str
     server: str
     api_key: str
+    encryption_key: str  # 64 hex characters, or "" (checked where it is used: 13.2)
+    retention_execution_days: str  # "" = no retention (13.4)
+    retention_audit_days: str
+    retention_interval: str
     env: Mapping[str, str]
     explicit: frozenset[str]
 

@@ -31,3 +31,8 @@ class Metrics:
                                      ["method", "route", "status"], registry=r)
         self.http_duration = Histogram("mantle_http_request_duration_seconds",
                                        "HTTP request duration", ["method", "route"], registry=r)
+        self.retention_deleted = Counter("mantle_retention_deleted_total",
+                                         "Rows deleted by the retention sweep (SPEC 13.4)",
+                                         ["kind"], registry=r)
+        for kind in ("execution", "audit"):
+            self.retention_deleted.labels(kind=kind)

@@ -30,6 +30,9 @@ class Context:
         config = load_config(flags, config_path=getattr(self.args, "config", None))
         # Commands other than serve log to stderr at warn unless a level was asked for.
         setup_logging(config.log_level if "log_level" in config.explicit else "warn")
+        # The engine resolves stored credentials far from any config object (13.2).
+        from mantle import credentials
+        credentials.configure_key(config.encryption_key)
         return config
 
     def database(self, require_head: bool = True):

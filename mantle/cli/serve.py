@@ -31,6 +31,8 @@ def serve(args, context: Context) -> int:
         logging.getLogger(noisy).setLevel(logging.INFO)
     timeout = config.shutdown_timeout_seconds
     config.address()  # a bad address is a configuration error: before touching the database
+    from mantle.retention import retention_from
+    retention_from(config)  # so is a bad retention setting
     database = context.database(require_head=False)
     from mantle.daemon import Daemon
 

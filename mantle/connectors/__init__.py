@@ -7,7 +7,7 @@ Any other ``<plugin>/<action>`` runs the executable ``<plugins_dir>/<plugin>`` (
 
 from __future__ import annotations
 
-from mantle.connectors import core, http
+from mantle.connectors import core, http, postgres
 from mantle.connectors.base import (
     Connector,
     ConnectorError,
@@ -34,6 +34,7 @@ BUILTIN: dict[str, Connector] = {
     "core/sleep": core.sleep,
     "core/log": core.log,
     "core/fail": core.fail,
+    "postgres/query": postgres.query,
 }
 # Connector names that never resolve to a plugin, even for actions they do not have.
 RESERVED = frozenset({"http", "core"})

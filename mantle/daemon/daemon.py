@@ -23,9 +23,11 @@ from mantle.config import Config
 from mantle.daemon.http import HttpServer
 from mantle.daemon.notify import Notifier, Watchdog, watchdog_interval
 from mantle.daemon.readiness import Readiness
+from mantle.daemon.retention import RetentionSweeper
 from mantle.db import migrations
 from mantle.errors import DatabaseUnavailable
 from mantle.metrics import Metrics
+from mantle.retention import retention_from
 
 __all__ = ["Daemon", "Signals", "SWITCH_INTERVAL"]
 
@@ -70,6 +72,7 @@ class Daemon:
         self._engine = None
         self._http: HttpServer | None = None
         self._scheduler = None
+        self._retention = None
         self._watchdog: Watchdog | None = None
         self._readiness = Readiness(database)
 
@@ -119,6 +122,8 @@ class Daemon:
             raise
         log.info("server listening", extra={"address": address})
         self._scheduler = Scheduler(self._engine, self._database).start()
+        self._retention = RetentionSweeper(retention_from(config), metrics,
+                                           self._database).start()
         self._readiness.mark_ready()
         self._notifier.notify("READY=1")
         interval = watchdog_interval()
@@ -136,6 +141,7 @@ class Daemon:
         self._notifier.notify("STOPPING=1")
         self._readiness.mark_stopping()
         self._scheduler.stop()
+        self._retention.stop()
         self._http.close_listener()
         self._http.wait_idle(deadline, self._hurry)
         left = 0.0 if self._hurry.is_set() else max(0.0, deadline - time.monotonic())
