@@ -32,6 +32,7 @@ __all__ = ["Retention", "SweepResult", "retention_from", "sweep", "count", "prun
            "BATCH", "NODE_GRACE"]
 
 BATCH = 1000  # rows per transaction, at most
+_PAGES = 10  # batches' worth of candidates looked up at once
 NODE_GRACE = dt.timedelta(hours=1)
 _FINAL = ("completed", "failed", "cancelled")
 _ACTIVE = ("pending", "running")
@@ -125,7 +126,7 @@ def sweep(retention: Retention, now: dt.datetime | None = None, batch: int = BAT
     go_on = on_batch or (lambda kind, n: True)
     if retention.execution_days is not None:
         cutoff = _cutoff(retention.execution_days, now)
-        while (deleted := _delete_executions(cutoff, batch)):
+        for deleted in _execution_batches(cutoff, batch):
             result.executions += deleted
             if not go_on("execution", deleted):
                 return result
@@ -139,36 +140,62 @@ def sweep(retention: Retention, now: dt.datetime | None = None, batch: int = BAT
     return result
 
 
-def _delete_executions(cutoff: dt.datetime, batch: int) -> int:
-    """One batch: the oldest expired executions whose rows, steps included, fit in
-    ``batch`` (always at least one execution, however many steps it has)."""
+def _execution_batches(cutoff: dt.datetime, batch: int):
+    """Delete expired executions batch by batch; yields how many each batch deleted.
+
+    The candidates are found by plain reads, outside any transaction (on a large backlog
+    that search is the slow part, and a reader holds no lock a writer waits for); each write
+    transaction then re-checks its few candidates by primary key and deletes them.
+    """
+    while True:
+        page = [row.id for row in _expired_executions(cutoff)
+                .order_by(WorkflowExecution.completed_at, WorkflowExecution.id)
+                .limit(batch * _PAGES)]
+        deleted_in_page = 0
+        while page:
+            chosen, page = _fill_batch(page, batch)
+            deleted = _delete_executions(chosen, cutoff)
+            deleted_in_page += deleted
+            if deleted:
+                yield deleted
+        if not deleted_in_page:
+            return
+
+
+def _fill_batch(ids: list[str], batch: int) -> tuple[list[str], list[str]]:
+    """The first ids whose rows, steps included, fit in ``batch`` (always at least one
+    execution, however many steps it has), and the rest."""
+    steps = dict(StepExecution.select(StepExecution.execution_id, fn.COUNT(SQL("*")))
+                 .where(StepExecution.execution_id.in_(ids[:batch]))
+                 .group_by(StepExecution.execution_id).tuples())
+    rows = 0
+    for index, execution_id in enumerate(ids[:batch]):
+        rows += 1 + steps.get(execution_id, 0)
+        if index and rows > batch:
+            return ids[:index], ids[index:]
+    return ids[:batch], ids[batch:]
+
+
+def _delete_executions(ids: list[str], cutoff: dt.datetime) -> int:
+    """One write transaction: those of ``ids`` still expired, with their steps."""
     with write_transaction():
-        ids = [row.id for row in _expired_executions(cutoff)
-               .order_by(WorkflowExecution.completed_at, WorkflowExecution.id).limit(batch)]
-        if not ids:
-            return 0
-        steps = dict(StepExecution.select(StepExecution.execution_id, fn.COUNT(SQL("*")))
-                     .where(StepExecution.execution_id.in_(ids))
-                     .group_by(StepExecution.execution_id).tuples())
-        chosen, rows = [], 0
-        for execution_id in ids:
-            rows += 1 + steps.get(execution_id, 0)
-            if chosen and rows > batch:
-                break
-            chosen.append(execution_id)
-        StepExecution.delete().where(StepExecution.execution_id.in_(chosen)).execute()
-        WorkflowExecution.delete().where(WorkflowExecution.id.in_(chosen)).execute()
+        chosen = [row.id for row in _expired_executions(cutoff)
+                  .where(WorkflowExecution.id.in_(ids))]
+        if chosen:
+            StepExecution.delete().where(StepExecution.execution_id.in_(chosen)).execute()
+            WorkflowExecution.delete().where(WorkflowExecution.id.in_(chosen)).execute()
     return len(chosen)
 
 
 def _delete_audit(cutoff: dt.datetime, batch: int) -> int:
+    """One batch of the oldest expired audit events (found outside the transaction too)."""
+    ids = [row.id for row in AuditEvent.select(AuditEvent.id)
+           .where(AuditEvent.timestamp < cutoff).order_by(AuditEvent.id).limit(batch)]
+    if not ids:
+        return 0
     with write_transaction():
-        oldest = (AuditEvent.select(AuditEvent.id).where(AuditEvent.timestamp < cutoff)
-                  .order_by(AuditEvent.id).limit(batch))
-        ids = [row.id for row in oldest]
-        if ids:
-            AuditEvent.delete().where(AuditEvent.id.in_(ids)).execute()
-    return len(ids)
+        return AuditEvent.delete().where(AuditEvent.id.in_(ids),
+                                         AuditEvent.timestamp < cutoff).execute()
 
 
 def prune_nodes() -> int:
