@@ -149,7 +149,7 @@ def drive(context: Context, start, lines, as_json: bool = False) -> int:
             if as_json:
                 print_json(queries.execution_detail(execution_id))
             elif live is not None:
-                _print_lines(live.new_lines(detail))
+                _print_lines(live.new_lines(detail, last=True))
                 print(f"Execution {execution_id}: {detail['status']}")
             else:
                 print(f"Execution {execution_id}: {detail['status']}")

@@ -6,8 +6,9 @@ they finished, then hooks as ``  <hook> (hook): <status>``. The latest attempt o
 final only when the step is (a failed attempt that will be retried is stored together with
 its successor), so a retried step is printed once, with its last status.
 
-Hook lines wait until every main step has its line: hooks start only after the main steps,
-but a main step that never started has no finish time until the execution ends.
+A main step that never started (cancelled after a failure) has no finish time: it is printed
+after those that ran, once hooks have started or the execution has ended. Hook lines wait
+until every main step has its line.
 """
 
 from __future__ import annotations
@@ -17,7 +18,12 @@ import datetime as dt
 __all__ = ["LiveLines", "FINAL_STEP_STATUSES"]
 
 FINAL_STEP_STATUSES = frozenset({"completed", "failed", "skipped", "cancelled"})
-_FINAL_EXECUTION = frozenset({"completed", "failed", "cancelled"})
+
+
+def _finished(step: dict) -> bool:
+    """Final with a finish time. A step that never started has none: it is printed with the
+    last lines, after those that ran, whatever moment its status was decided."""
+    return step["status"] in FINAL_STEP_STATUSES and step["completed_at"] is not None
 
 
 def _finish_key(step: dict):
@@ -35,22 +41,23 @@ class LiveLines:
         self._printed_steps: set[str] = set()
         self._printed_hooks: set[str] = set()
 
-    def new_lines(self, detail: dict) -> list[str]:
-        """Lines for the steps newly final in ``detail``; once the execution is final,
-        every step not printed yet (never-started ones show ``cancelled``)."""
-        ended = detail["status"] in _FINAL_EXECUTION
+    def new_lines(self, detail: dict, last: bool = False) -> list[str]:
+        """Lines for the steps newly final in ``detail``; with ``last`` (the execution ended
+        and its rows settled) every step not printed yet, whatever its status."""
         lines = []
+        # Once hooks run, every main step is decided: never-started ones too.
+        decided = last or bool(detail["hooks"])
         fresh = [step for step in detail["steps"]
                  if step["name"] not in self._printed_steps
-                 and (ended or step["status"] in FINAL_STEP_STATUSES)]
+                 and (last or _finished(step)
+                      or decided and step["status"] in FINAL_STEP_STATUSES)]
         for step in sorted(fresh, key=_finish_key):  # stable: ties keep detail order
             self._printed_steps.add(step["name"])
             lines.append(f"  {step['name']}: {step['status']}")
         if len(self._printed_steps) < len(detail["steps"]):
             return lines
         hooks = [hook for hook in detail["hooks"]
-                 if hook["name"] not in self._printed_hooks
-                 and (ended or hook["status"] in FINAL_STEP_STATUSES)]
+                 if hook["name"] not in self._printed_hooks and (last or _finished(hook))]
         for hook in sorted(hooks, key=_finish_key):
             self._printed_hooks.add(hook["name"])
             lines.append(f"  {hook['name']} (hook): {hook['status']}")

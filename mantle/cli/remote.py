@@ -113,7 +113,7 @@ def _follow(client: ApiClient, execution_id: str, live: LiveLines | None) -> tup
             # a moment to settle, so the lines show how each step ended.
             settled = final_since is not None and (
                 not _busy(detail) or time.monotonic() - final_since > _SETTLE_GRACE)
-            for line in live.new_lines(detail) if live and (settled or not final_since) else ():
+            for line in live.new_lines(detail, last=settled) if live else ():
                 print(line, flush=True)
             if settled:
                 return detail, interrupted

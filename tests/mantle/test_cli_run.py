@@ -313,3 +313,74 @@ def test_run_over_the_limit_with_queue_waits_while_pending_then_completes(cli, h
     assert first_id != second_id and http_target.hits("/gate") == 2
     promoted = AuditEvent.get(AuditEvent.action == "execution.promoted")
     assert promoted.resource_id == second_id
+
+
+class Lines:
+    """A started command's stdout, read line by line on a thread as it is printed."""
+
+    def __init__(self, process: subprocess.Popen):
+        import threading
+
+        self.process = process
+        self.seen: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.seen.append(line.rstrip("\n"))
+
+    def wait_for(self, line: str) -> None:
+        wait_until(lambda: line in self.seen or self.process.poll() is not None,
+                   message=f"{line!r} never printed: {self.seen}")
+        assert line in self.seen, f"ended without {line!r}: {self.seen}"
+
+    def finish(self) -> int:
+        code = self.process.wait(30)
+        self._reader.join(5)
+        return code
+
+
+def test_run_prints_each_step_line_as_soon_as_the_step_finishes(cli, http_target):
+    http_target.route("/gate", hold=True, json={"ok": True})
+    apply(f"""
+        name: live
+        steps:
+          - {{name: gated, action: http/request, params: {{url: "{http_target.url('/gate')}"}}}}
+          - {{name: quick, action: core/log, params: {{message: hi}}}}
+          - {{name: after, action: core/log, depends_on: [gated], params: {{message: x}}}}
+    """)
+    runner = cli.start("run", "live")
+    lines = Lines(runner)
+    execution_id = running_step("live", "gated", runner)
+    lines.wait_for("  quick: completed")
+    # Printed while the execution still runs: gated is held by the server.
+    assert WorkflowExecution.get_by_id(execution_id).status == "running"
+    assert lines.seen == ["Running live (version 1)...", "  quick: completed"]
+    http_target.release("/gate")
+    assert lines.finish() == 0
+    assert lines.seen == ["Running live (version 1)...", "  quick: completed",
+                          "  gated: completed", "  after: completed",
+                          f"Execution {execution_id}: completed"]
+
+
+def test_a_retried_step_is_printed_once_and_hooks_follow_the_main_steps(cli):
+    apply("""
+        name: hooked
+        steps:
+          - {name: flaky, action: core/fail, retry: {max_attempts: 2}, params: {message: no}}
+          - {name: steady, action: core/log, params: {message: ok}}
+        hooks:
+          on_failure: [{name: alert, action: core/log, params: {message: failed}}]
+          on_finish: [{name: tidy, action: core/log, params: {message: done}}]
+    """)
+    result = cli("run", "hooked")
+    execution = WorkflowExecution.get()
+    assert result.returncode == 1
+    assert result.stdout == ("Running hooked (version 1)...\n"
+                             "  steady: completed\n"
+                             "  flaky: failed\n"
+                             "  alert (hook): completed\n"
+                             "  tidy (hook): completed\n"
+                             f"Execution {execution.id}: failed\n")
+    assert StepExecution.select().where(StepExecution.step_name == "flaky").count() == 2
