@@ -202,3 +202,19 @@ def test_a_cancel_stops_the_statement_on_the_server(target):
     # Stopped on the server, and its connection closed: nothing of it is left there.
     wait_until(lambda: not _backends(conn, "cancel-marker"), timeout=5,
                message="the statement still runs on the server")
+
+
+@pytest.mark.postgres
+def test_text_args_are_cast_by_the_server_and_lists_are_arrays(target):
+    url, _ = target
+    assert query(url, "SELECT $1::date + 1 AS next, 3 = ANY($2) AS found, $3::jsonb ->> 'k' AS k",
+                 ["2026-02-28", [1, 3], {"k": "v"}]) == \
+        {"rows": [{"next": "2026-03-01", "found": True, "k": "v"}], "row_count": 1}
+
+
+@pytest.mark.postgres
+def test_several_statements_without_args_answer_with_the_last_one(target):
+    url, conn = target
+    assert query(url, "CREATE TABLE t (n int); INSERT INTO t VALUES (1), (2); "
+                      "SELECT count(*) AS n FROM t") == {"rows": [{"n": 2}], "row_count": 1}
+    assert conn.execute("SELECT count(*) FROM t").fetchone() == (2,)
