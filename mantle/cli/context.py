@@ -30,19 +30,18 @@ class Context:
         config = load_config(flags, config_path=getattr(self.args, "config", None))
         # Commands other than serve log to stderr at warn unless a level was asked for.
         setup_logging(config.log_level if "log_level" in config.explicit else "warn")
-        # The engine resolves stored credentials far from any config object (13.2).
-        from mantle import credentials
-        credentials.configure_key(config.encryption_key)
         return config
 
     def database(self, require_head: bool = True):
         """Connect and bind the models; refuse a schema behind head when ``require_head``."""
-        from mantle import db
+        from mantle import credentials, db
         from mantle.db import migrations
 
         if self._database is None:
             self._database = db.connect(self.config.database_url)
             db.bind(self._database)
+            # The engine resolves stored credentials far from any config object (13.2).
+            credentials.configure_key(self.config.encryption_key)
         if require_head and not migrations.is_at_head(self._database):
             raise SchemaOutdated()
         return self._database
