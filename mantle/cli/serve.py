@@ -33,6 +33,9 @@ def serve(args, context: Context) -> int:
     config.address()  # a bad address is a configuration error: before touching the database
     from mantle.retention import retention_from
     retention_from(config)  # so is a bad retention setting
+    if config.encryption_key:  # and a malformed key (a missing one only matters when used)
+        from mantle.credentials import parse_key
+        parse_key(config.encryption_key)
     database = context.database(require_head=False)
     from mantle.daemon import Daemon
 

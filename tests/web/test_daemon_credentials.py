@@ -33,3 +33,17 @@ def test_the_daemon_opens_stored_credentials_with_the_key_from_its_config_file(
     request = http_target.requests("/v1/models")[0]
     assert request.header("Authorization") == "Bearer sk-file-key"
     assert request.header("OpenAI-Organization") == "org-9"
+
+
+def test_serve_refuses_a_malformed_key_or_retention_before_starting(tmp_path):
+    url = f"sqlite:///{tmp_path / 'mantle.db'}"
+    for env, message in (
+            ({"MANTLE_ENCRYPTION_KEY": "abc"}, "invalid encryption key: must be 64 hex characters"),
+            ({"MANTLE_RETENTION_AUDIT_DAYS": "soon"},
+             'invalid retention.audit_days value "soon": must be a positive whole number of days'),
+            ({"MANTLE_RETENTION_INTERVAL": "0s"},
+             'invalid retention.interval value "0s": must be a positive duration such as 24h '
+             "or 7d")):
+        result = cli(tmp_path, url, "serve", "--api-address", "127.0.0.1:0", env=env)
+        assert (result.returncode, result.stdout, result.stderr) == (1, "", f"Error: {message}\n")
+    assert not (tmp_path / "mantle.db").exists()  # refused before touching the database
