@@ -79,8 +79,11 @@ class RetentionSweeper:
                 result = retention.sweep(self._kept, batch=BATCH, on_batch=self._after_batch)
             else:
                 result = retention.SweepResult(nodes=retention.prune_nodes())
-        except peewee.PeeweeException as exc:
-            self._close_connection()
+        except Exception as exc:  # an outage above all; the thread must live on regardless
+            if isinstance(exc, peewee.PeeweeException):
+                self._close_connection()
+            else:
+                log.exception("retention sweep error")
             log.error("retention sweep failed", extra={"error": str(exc).strip()
                                                        or type(exc).__name__})
             return None

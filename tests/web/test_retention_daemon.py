@@ -1,7 +1,7 @@
 """The daemon's retention sweep (SPEC 13.4) in a real ``mantle serve``, on SQLite and
 PostgreSQL: it deletes a large backlog in batches while 200 executions run, without making
 their runs slower by more than 100 ms, and counts what it deleted in
-``mantle_retention_deleted_total``."""
+``mantle_retention_deleted_total``; one sweep on its own, and one during an outage."""
 
 from __future__ import annotations
 
@@ -13,11 +13,15 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from mantle import db as mantle_db
+from mantle.daemon.retention import RetentionSweeper
 from mantle.db import write_transaction
 from mantle.db.fields import utcnow
 from mantle.db.models import AuditEvent, StepExecution, WorkflowExecution
+from mantle.metrics import Metrics
+from mantle.retention import Retention
 from tests.helpers.database import bound_database
-from tests.web.support import Daemon, apply_yaml, wait_until
+from tests.web.support import Daemon, apply_yaml, gone_database, wait_until
 
 BACKLOG = 20_000  # old executions, one step each: 40 batches
 OLD_AUDIT = 5_000
@@ -109,3 +113,27 @@ def test_the_daemon_sweeps_a_backlog_in_batches_without_slowing_running_executio
                    f"max {baseline[-1]:.3f}s; sweep {finished['duration_ms']} ms")
         assert during[-1] <= baseline[-1] + 0.1, summary
         assert statistics.median(during) <= statistics.median(baseline) + 0.1, summary
+
+
+def test_one_sweep_counts_its_deletions_in_the_metric(db):
+    old = utcnow() - dt.timedelta(days=40)
+    WorkflowExecution.insert(id=str(uuid.uuid4()), workflow_name="old", version=1,
+                             status="failed", inputs={}, trigger={}, started_at=old,
+                             completed_at=old).execute()
+    metrics = Metrics()
+    result = RetentionSweeper(Retention(30, 30), metrics, db).sweep_once()
+    assert (result.executions, result.audit) == (1, 0)
+    value = metrics.registry.get_sample_value
+    assert value("mantle_retention_deleted_total", {"kind": "execution"}) == 1
+    assert value("mantle_retention_deleted_total", {"kind": "audit"}) == 0
+
+
+def test_a_sweep_during_a_database_outage_logs_and_the_next_one_can_run(
+        backend, request, tmp_path, caplog):
+    database = gone_database(backend, request, tmp_path)
+    try:
+        sweeper = RetentionSweeper(Retention(30, None), Metrics(), database)
+        assert sweeper.sweep_once() is None
+        assert "retention sweep failed" in caplog.messages
+    finally:
+        mantle_db.database_proxy.initialize(None)
