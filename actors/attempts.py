@@ -22,8 +22,9 @@ from actors.context import tell
 from actors.step import (is_instant, is_sleep, run_inline, run_on_pool, sleep_output,
                          sleep_seconds)
 from mantle import store
-from mantle.connectors import (CancelToken, ConnectorError, ConnectorInterrupted,
-                               Invocation, resolve_credential)
+from mantle.connectors import CancelToken, ConnectorError, ConnectorInterrupted, Invocation
+from mantle.credentials import resolve as resolve_credential
+from mantle.db import OUTAGE_ERRORS, database_proxy, reset_connection
 from mantle.db.fields import utcnow
 from mantle.expressions import ActivationCache, ExpressionError, evaluate_condition
 from mantle.expressions import resolve_params
@@ -38,6 +39,8 @@ log = logging.getLogger("mantle.engine")
 # How long an interrupted attempt may take to report back before it is treated as ended
 # (a connector stuck where a cancel cannot reach, e.g. DNS): the execution never waits on it.
 INTERRUPT_GRACE = 1.0
+# After a database outage kept a step's credential from being read.
+PREPARE_RETRY = 1.0
 
 _AUDIT = {S.RUNNING: "step.started", S.COMPLETED: "step.completed", S.FAILED: "step.failed",
           S.SKIPPED: "step.skipped"}
@@ -126,6 +129,9 @@ def prepare(spec: Step, hook: bool, activation: dict, secrets, check_condition: 
             credential = resolve_credential(spec.credential, secrets)
         except ConnectorError as exc:
             return m.Prepared(spec.name, hook, error=exc.message)
+        except OUTAGE_ERRORS:  # the credential store is unreachable: try again shortly
+            reset_connection(database_proxy)
+            return m.Prepared(spec.name, hook, retry=True)
     return m.Prepared(spec.name, hook, params=params, credential=credential)
 
 
@@ -145,6 +151,13 @@ class Attempts:
         self._ctx.evaluation.submit(
             lambda: tell(ref, prepare(spec, run.hook, activation, secrets, check)))
 
+    def _on_PrepareAgain(self, message: m.PrepareAgain) -> None:
+        run = self._run_of(message.step, message.hook)
+        if run is not None and run.stage == "preparing":
+            run.stage = None
+            run.timers.clear()
+            self._prepare(run)
+
     def _on_Prepared(self, message: m.Prepared) -> None:
         run = self._run_of(message.step, message.hook)
         if run is None or run.stage not in (None, "preparing"):
@@ -152,6 +165,10 @@ class Attempts:
         run.stage = None
         if not self._may_start(run):
             self._not_started(run)
+        elif message.retry:
+            run.stage = "preparing"
+            run.timers.append(self._after(PREPARE_RETRY, m.PrepareAgain(run.spec.name,
+                                                                        run.hook)))
         elif message.skip:
             self._transition(run, S.SKIPPED, attempt=1)
         elif message.error is not None:

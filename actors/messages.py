@@ -20,7 +20,7 @@ __all__ = [
     "LeaseLapsed", "OwnersChecked", "Ping", "LiveCount", "ExecutionEnded", "AcquireStepSlot",
     "ReleaseStepSlot", "Shutdown", "StopNow", "AwaitChild", "ChildResult",
     # Execution actor
-    "Begin", "Cancel", "LeaseLost", "StepSlotGranted", "Prepared", "AttemptRowWritten",
+    "Begin", "Cancel", "LeaseLost", "StepSlotGranted", "Prepared", "PrepareAgain", "AttemptRowWritten",
     "RetryRowsWritten", "StepRecorded", "HooksStarted", "ExecutionClosed", "WriteRefused",
     "WriteFailed", "StepTimedOut", "BackoffEnded", "SleepEnded", "InterruptGraceOver",
     "WorkflowTimedOut", "HooksTimedOut", "AttemptFinished", "ChildCreated", "ChildFinished",
@@ -238,6 +238,13 @@ class Prepared:
     error: str | None = None
     params: Any = None
     credential: Any = None
+    retry: bool = False  # the database could not be read: prepare again shortly
+
+
+@dataclass(frozen=True, slots=True)
+class PrepareAgain:
+    step: str
+    hook: bool
 
 
 @dataclass(frozen=True, slots=True)

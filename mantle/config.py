@@ -33,11 +33,18 @@ _SETTINGS: dict[str, tuple[str, str, str]] = {
     "max_workflow_depth": ("engine.max_workflow_depth", "MANTLE_MAX_WORKFLOW_DEPTH", "10"),
     "server": ("", "MANTLE_SERVER", ""),
     "api_key": ("", "MANTLE_API_KEY", ""),
+    "encryption_key": ("encryption.key", "MANTLE_ENCRYPTION_KEY", ""),
+    "retention_execution_days": ("retention.execution_days", "MANTLE_RETENTION_EXECUTION_DAYS",
+                                 ""),
+    "retention_audit_days": ("retention.audit_days", "MANTLE_RETENTION_AUDIT_DAYS", ""),
+    "retention_interval": ("retention.interval", "MANTLE_RETENTION_INTERVAL", "24h"),
 }
 DEFAULTS = {name: default for name, (_, _, default) in _SETTINGS.items()}
 _FILE_SECTIONS = {"database": {"url"}, "api": {"address"}, "log": {"level"},
                   "server": {"shutdown_timeout", "workers"}, "plugins": {"dir"},
-                  "engine": {"lease_ttl", "max_workflow_depth"}, "env": None}
+                  "engine": {"lease_ttl", "max_workflow_depth"}, "env": None,
+                  "encryption": {"key"},
+                  "retention": {"execution_days", "audit_days", "interval"}}
 _ADDRESS = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[^:\[\]]*):(?P<port>\d{1,5})$")
 
 
@@ -55,6 +62,10 @@ class Config:
     max_workflow_depth: str
     server: str
     api_key: str
+    encryption_key: str  # 64 hex characters, or "" (checked where it is used: 13.2)
+    retention_execution_days: str  # "" = no retention (13.4)
+    retention_audit_days: str
+    retention_interval: str
     env: Mapping[str, str]
     explicit: frozenset[str]
 

@@ -40,3 +40,8 @@ class Metrics:
         self.ai_request_duration = Histogram("mantle_ai_request_duration_seconds",
                                              "Duration of each AI model request", ["model"],
                                              registry=r)
+        self.retention_deleted = Counter("mantle_retention_deleted_total",
+                                         "Rows deleted by the retention sweep (SPEC 13.4)",
+                                         ["kind"], registry=r)
+        for kind in ("execution", "audit"):
+            self.retention_deleted.labels(kind=kind)

@@ -13,7 +13,8 @@ __all__ = ["main"]
 
 
 def _commands() -> dict[str, Callable]:
-    from mantle.cli import admin, audit, definitions, executions, keys, plugins, serve
+    from mantle.cli import (admin, audit, cleanup, definitions, executions, keys, plugins,
+                            secrets, serve)
 
     return {
         "validate": definitions.validate,
@@ -32,12 +33,15 @@ def _commands() -> dict[str, Callable]:
         "keys": keys.keys,
         "audit": audit.audit,
         "plugins": plugins.plugins,
+        "secrets": secrets.secrets,
+        "cleanup": cleanup.cleanup,
     }
 
 
 # Options whose value may start with "-" (a bad --since such as -5m must reach the command,
 # which explains what it wants, instead of argparse reading it as an unknown option).
-_VALUE_OPTIONS = frozenset({"--since", "--limit", "--to-version"})
+_VALUE_OPTIONS = frozenset({"--since", "--limit", "--to-version", "--execution-days",
+                            "--audit-days"})
 
 
 def _attach_dash_values(argv: list[str]) -> list[str]:

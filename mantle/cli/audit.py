@@ -8,7 +8,8 @@ import re
 from mantle.cli.context import Context
 from mantle.durations import parse_since
 from mantle.errors import InvalidInput
-from mantle.timefmt import rfc3339_seconds
+from mantle.cli.output import print_json, wants_json
+from mantle.timefmt import rfc3339, rfc3339_seconds
 
 __all__ = ["audit", "DEFAULT_LIMIT"]
 
@@ -56,6 +57,9 @@ def audit(args, context: Context) -> int:
     if since is not None:
         query = query.where(AuditEvent.timestamp >= utcnow() - dt.timedelta(seconds=since))
     rows = list(query.order_by(AuditEvent.timestamp.desc(), AuditEvent.id.desc()).limit(limit))
+    if wants_json(args):
+        print_json({"events": [_event(row) for row in rows]})
+        return 0
     if not rows:
         print("(no audit events)")
         return 0
@@ -63,3 +67,10 @@ def audit(args, context: Context) -> int:
         print("%-20s  %-12s  %-22s  %s/%s" % (rfc3339_seconds(row.timestamp), row.actor,
                                                row.action, row.resource_type, row.resource_id))
     return 0
+
+
+def _event(row) -> dict:
+    """One event with the field names of SPEC 9.3."""
+    return {"id": row.id, "timestamp": rfc3339(row.timestamp), "actor": row.actor,
+            "action": row.action, "resource_type": row.resource_type,
+            "resource_id": row.resource_id, "metadata": row.metadata}

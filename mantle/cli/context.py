@@ -34,12 +34,14 @@ class Context:
 
     def database(self, require_head: bool = True):
         """Connect and bind the models; refuse a schema behind head when ``require_head``."""
-        from mantle import db
+        from mantle import credentials, db
         from mantle.db import migrations
 
         if self._database is None:
             self._database = db.connect(self.config.database_url)
             db.bind(self._database)
+            # The engine resolves stored credentials far from any config object (13.2).
+            credentials.configure_key(self.config.encryption_key)
         if require_head and not migrations.is_at_head(self._database):
             raise SchemaOutdated()
         return self._database

@@ -16,6 +16,8 @@ import time
 from mantle import queries
 from mantle.cli import remote
 from mantle.cli.context import Context
+from mantle.cli.output import print_json, wants_json
+from mantle.cli.progress import LiveLines
 from mantle.connectors.ai import usage_line
 from mantle.durations import format_seconds, parse_since
 from mantle.errors import (ExecutionNotFound, InvalidInput, MantleError, WorkflowNotFound)
@@ -109,49 +111,82 @@ def run(args, context: Context) -> int:
     model = queries.workflow_version_model(args.workflow, pointer.current_version)
     inputs = parse_inputs(args.input, model.inputs)
 
+    as_json = wants_json(args)
+
     def start(engine) -> str:
         try:
             result = engine.run(args.workflow, inputs, actor="cli")
         except WorkflowNotFound:  # deleted between the check and the run
             raise NotApplied(args.workflow) from None
-        print(f"Running {result.workflow} (version {result.version})...", flush=True)
+        if not as_json:
+            print(f"Running {result.workflow} (version {result.version})...", flush=True)
         return result.execution_id
 
-    return drive(context, start, _run_lines)
+    return drive(context, start, None, as_json=as_json)
 
 
-def drive(context: Context, start, lines) -> int:
+def drive(context: Context, start, lines, as_json: bool = False) -> int:
     """Run an execution in-process and report it (``run``, ``retry``).
 
-    ``start(engine)`` creates the execution, prints the intro line and returns the id;
-    ``lines(detail)`` gives the step lines of the summary. Signals are handled from before the
-    engine starts until it is stopped, so an early Ctrl-C still cancels what gets created.
+    ``start(engine)`` creates the execution, prints the intro line and returns the id.
+    ``lines(detail)`` gives the step lines printed after the ``Execution`` line (``retry``);
+    with ``lines=None`` the step lines are printed live as the steps finish, and the
+    ``Execution`` line last (``run``, 13.1.2). ``as_json`` prints only the final detail
+    document (13.1.7). Signals are handled from before the engine starts until it is
+    stopped, so an early Ctrl-C still cancels what gets created.
     """
     from actors.engine import Engine
 
     config = context.config
+    live = None if lines is not None or as_json else LiveLines()
     with _Signals() as signals:
         engine = Engine(context.database(), plugins_dir=config.plugins_dir,
                         env=config.env).start()
         try:
             execution_id = start(engine)
-            interrupted = _wait(engine, execution_id, signals)
+            show = (lambda: _print_live(live, execution_id)) if live else None
+            interrupted = _wait(engine, execution_id, signals, show)
             detail = queries.execution_detail(execution_id, raw=True)
-            print(f"Execution {execution_id}: {detail['status']}")
-            for line in lines(detail):
-                print(line)
+            if as_json:
+                print_json(queries.execution_detail(execution_id))
+            elif live is not None:
+                _print_lines(live.new_lines(detail, last=True))
+                print(f"Execution {execution_id}: {detail['status']}")
+            else:
+                print(f"Execution {execution_id}: {detail['status']}")
+                _print_lines(lines(detail))
             return 130 if interrupted else _exit_for(detail)
         finally:
             engine.shutdown(timeout=5)
 
 
-def _wait(engine, execution_id: str, signals: _Signals) -> bool:
-    """Wait for the end; the first signal cancels, a second stops waiting. True if signalled."""
+def _print_lines(lines: list[str]) -> None:
+    for line in lines:
+        print(line, flush=True)
+
+
+def _print_live(live: LiveLines, execution_id: str) -> None:
+    """The lines of steps that finished since the last look (skipped during an outage)."""
+    from peewee import DatabaseError
+
+    try:
+        detail = queries.execution_detail(execution_id, raw=True)
+    except DatabaseError:
+        return
+    _print_lines(live.new_lines(detail))
+
+
+def _wait(engine, execution_id: str, signals: _Signals, on_tick=None) -> bool:
+    """Wait for the end; the first signal cancels, a second stops waiting. True if signalled.
+
+    ``on_tick()`` runs every 0.2 s or less while waiting (live step lines)."""
     import pykka
 
     poll = _settled_status(execution_id)
     cancelled = False
     while True:
+        if on_tick is not None:
+            on_tick()
         if signals.caught.is_set() and not cancelled:
             cancelled = True
             try:
@@ -202,10 +237,6 @@ def _settled_status(execution_id: str):
     return poll
 
 
-def _run_lines(detail: dict) -> list[str]:
-    return [f"  {step['name']}: {step['status']}" for step in detail["steps"]]
-
-
 def _exit_for(detail: dict) -> int:
     if detail["status"] == "failed":
         print(f"Error: {detail['error']}", file=sys.stderr)
@@ -252,6 +283,9 @@ def cancel(args, context: Context) -> int:
 def logs(args, context: Context) -> int:
     if args.execution_id:
         context.database()
+        if wants_json(args):
+            print_json(queries.execution_detail(args.execution_id))
+            return 0
         detail = queries.execution_detail(args.execution_id, raw=True)
         for line in _header(detail, with_duration=True):
             print(line)
@@ -267,6 +301,9 @@ def logs(args, context: Context) -> int:
         return 0
     status, since, limit = _list_filters(args)
     context.database()
+    if wants_json(args):
+        print_json({"executions": queries.list_executions(args.workflow, status, since, limit)})
+        return 0
     rows = queries.list_executions(args.workflow, status, since, limit, raw=True)
     if not rows:
         print("No executions found. Run a workflow with: mantle run <workflow>")
@@ -338,6 +375,9 @@ def _print_step(step: dict, label: str) -> None:
 
 def status(args, context: Context) -> int:
     context.database()
+    if wants_json(args):
+        print_json(queries.execution_detail(args.execution_id))
+        return 0
     detail = queries.execution_detail(args.execution_id, raw=True)
     for line in _header(detail, with_duration=False):
         print(line)

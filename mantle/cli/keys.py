@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from mantle import apikeys
 from mantle.cli.context import Context
-from mantle.timefmt import table_time
+from mantle.cli.output import print_json, wants_json
+from mantle.timefmt import rfc3339, table_time
 
 __all__ = ["keys"]
 
@@ -27,6 +28,12 @@ def _create(args) -> int:
 
 def _list(args) -> int:
     rows = apikeys.list_keys()
+    if wants_json(args):
+        print_json({"keys": [{"name": row.name, "role": row.role,
+                              "created_at": rfc3339(row.created_at),
+                              "expires_at": rfc3339(row.expires_at),
+                              "revoked": row.revoked_at is not None} for row in rows]})
+        return 0
     if not rows:
         print("(no API keys)")
         return 0

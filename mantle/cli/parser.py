@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mantle.cli.output import output_option
+
 __all__ = ["build_parser", "UsageError"]
 
 
@@ -66,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("workflow")
     run.add_argument("--input", action="append", default=[], metavar="KEY=VALUE")
     _client_options(run)
+    output_option(run)
     cancel = add("cancel", "cancel an execution")
     cancel.add_argument("execution_id")
     _client_options(cancel)
@@ -75,12 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("--status", default=None)
     logs.add_argument("--since", default=None)
     logs.add_argument("--limit", default=None)
-    add("status", "summarise an execution").add_argument("execution_id")
+    output_option(logs)
+    status = add("status", "summarise an execution")
+    status.add_argument("execution_id")
+    output_option(status)
     retry = add("retry", "re-run a failed execution")
     retry.add_argument("execution_id")
     retry.add_argument("--from-step", default=None, metavar="NAME")
 
     _daemon_commands(add, common)
+    _maintenance_commands(add, common)
     return parser
 
 
@@ -117,7 +124,7 @@ def _daemon_commands(add, common) -> None:
 
     keys = _actions(add("keys", "manage API keys"), "keys_command", common)
     keys("create", "create an API key and print it once").add_argument("name")
-    keys("list", "list API keys")
+    output_option(keys("list", "list API keys"))
     keys("revoke", "revoke an API key").add_argument("name")
 
     audit = add("audit", "list audit events, newest first")
@@ -126,14 +133,41 @@ def _daemon_commands(add, common) -> None:
     audit.add_argument("--resource", default=None, metavar="TYPE/ID")
     audit.add_argument("--since", default=None)
     audit.add_argument("--limit", default=None)
+    output_option(audit)
 
     plugins_parser = add("plugins", "manage plugin executables")
     _plugins_dir(plugins_parser)
     plugins = _actions(plugins_parser, "plugins_command", common)
-    _plugins_dir(plugins("list", "list installed plugins"))
+    plugins_list = plugins("list", "list installed plugins")
+    _plugins_dir(plugins_list)
+    output_option(plugins_list)
     install = plugins("install", "copy an executable into the plugin directory")
     install.add_argument("path")
     _plugins_dir(install)
     remove = plugins("remove", "delete an installed plugin")
     remove.add_argument("name")
     _plugins_dir(remove)
+
+
+def _maintenance_commands(add, common) -> None:
+    """``secrets`` (SPEC 13.2) and ``cleanup`` (13.4)."""
+    secrets = _actions(add("secrets", "manage encrypted credentials"), "secrets_command", common)
+    create = secrets("create", "encrypt and store a credential")
+    create.add_argument("--name", required=True)
+    create.add_argument("--type", required=True,
+                        help="generic, bearer, openai, basic or postgres")
+    create.add_argument("--field", action="append", default=[], metavar="KEY=VALUE",
+                        help="a field of the credential (repeat for each)")
+    output_option(secrets("list", "list credentials (never their values)"))
+    secrets("delete", "delete a credential").add_argument("--name", required=True)
+    rotate = secrets("rotate-key", "re-encrypt every credential with a new key")
+    rotate.add_argument("--new-key", default=None, metavar="HEX",
+                        help="the new key, 64 hex characters (default: a random one, printed)")
+
+    cleanup = add("cleanup", "delete old executions and audit events")
+    cleanup.add_argument("--execution-days", default=None, metavar="N",
+                         help="delete final executions completed more than N days ago")
+    cleanup.add_argument("--audit-days", default=None, metavar="M",
+                         help="delete audit events older than M days")
+    cleanup.add_argument("--dry-run", action="store_true",
+                         help="count what would be deleted, delete nothing")

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from mantle.cli.context import Context
+from mantle.cli.output import print_json, wants_json
 from mantle.errors import CannotRead, InvalidInput, MantleError
 
 __all__ = ["plugins", "PluginNotFound", "RESERVED"]
@@ -35,6 +36,10 @@ def _installed(directory: Path) -> list[Path]:
 
 def _list(args, directory: Path) -> int:
     found = _installed(directory)
+    if wants_json(args):
+        print_json({"plugins": [{"name": entry.name, "path": os.path.abspath(entry)}
+                                for entry in found]})
+        return 0
     if not found:
         print("(no plugins installed)")
         return 0

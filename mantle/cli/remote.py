@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
-
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 
+from mantle.cli.output import print_json, wants_json
+from mantle.cli.progress import LiveLines
 from mantle.config import Config
 from mantle.errors import MantleError
 
 __all__ = ["run", "cancel", "ApiClient"]
+
+# After the server shows a final status, how long step rows may take to settle (as in-process).
+_SETTLE_GRACE = 5.0
 
 
 class ServerUnreachable(MantleError):
@@ -81,22 +85,47 @@ def run(args, config: Config) -> int:
         inputs[key] = _typed(key, text, kind)
     accepted = _check(*client.request("POST", f"/api/v1/run/{name}", {"inputs": inputs}))
     execution_id = accepted["execution_id"]
-    print(f"Running {accepted['workflow']} (version {accepted['version']})...", flush=True)
-    from mantle.cli.executions import _Signals, _exit_for
+    as_json = wants_json(args)
+    if not as_json:
+        print(f"Running {accepted['workflow']} (version {accepted['version']})...", flush=True)
+    detail, interrupted = _follow(client, execution_id, None if as_json else LiveLines())
+    if as_json:
+        print_json(detail)
+    else:
+        print(f"Execution {execution_id}: {detail['status']}")
+    from mantle.cli.executions import _exit_for
+    return 130 if interrupted else _exit_for(detail)
+
+
+def _follow(client: ApiClient, execution_id: str, live: LiveLines | None) -> tuple[dict, bool]:
+    """Poll the detail until the execution is final, printing live step lines (13.1.2); the
+    first SIGINT/SIGTERM cancels it. The final detail, and whether a signal came."""
+    from mantle.cli.executions import _Signals
+
     interrupted = False
+    final_since = None
     with _Signals() as signals:
         while True:
             detail = _check(*client.request("GET", f"/api/v1/executions/{execution_id}"))
             if detail["status"] in ("completed", "failed", "cancelled"):
-                break
+                final_since = final_since or time.monotonic()
+            # A cancel is committed before the running steps are interrupted: give their rows
+            # a moment to settle, so the lines show how each step ended.
+            settled = final_since is not None and (
+                not _busy(detail) or time.monotonic() - final_since > _SETTLE_GRACE)
+            for line in live.new_lines(detail, last=settled) if live else ():
+                print(line, flush=True)
+            if settled:
+                return detail, interrupted
             if signals.caught.is_set() and not interrupted:
                 interrupted = True
                 client.request("POST", f"/api/v1/cancel/{execution_id}")
             time.sleep(0.2)
-    print(f"Execution {execution_id}: {detail['status']}")
-    for step in detail["steps"]:
-        print(f"  {step['name']}: {step['status']}")
-    return 130 if interrupted else _exit_for(detail)
+
+
+def _busy(detail: dict) -> bool:
+    return any(step["status"] in ("pending", "running")
+               for step in detail["steps"] + detail.get("hooks", []))
 
 
 def cancel(args, config: Config) -> int:

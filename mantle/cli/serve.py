@@ -32,6 +32,11 @@ def serve(args, context: Context) -> int:
     timeout = config.shutdown_timeout_seconds
     config.address()  # a bad address is a configuration error: before touching the database
     config.lease_ttl_seconds, config.max_depth  # the same for these
+    from mantle.retention import retention_from
+    retention_from(config)  # so is a bad retention setting
+    if config.encryption_key:  # and a malformed key (a missing one only matters when used)
+        from mantle.credentials import parse_key
+        parse_key(config.encryption_key)
     workers = config.worker_count
     threads = args.threads or DEFAULT_THREADS
     if workers > 1:

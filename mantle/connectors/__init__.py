@@ -7,7 +7,7 @@ Any other ``<plugin>/<action>`` runs the executable ``<plugins_dir>/<plugin>`` (
 
 from __future__ import annotations
 
-from mantle.connectors import ai, core, http
+from mantle.connectors import ai, core, http, postgres
 from mantle.connectors.base import (
     CancelToken,
     Connector,
@@ -38,6 +38,7 @@ BUILTIN: dict[str, Connector] = {
     "core/fail": core.fail,
     "ai/completion": ai.completion,
     "ai/embed": ai.embed,
+    "postgres/query": postgres.query,
 }
 # Connector names that never resolve to a plugin, even for actions they do not have.
 RESERVED = frozenset({"http", "core"})

@@ -24,6 +24,8 @@ from mantle.durations import parse_duration
 
 __all__ = [
     "run_plugin",
+    "plugin_environment",
+    "PASSED_VARIABLES",
     "plugin_path",
     "PLUGIN_NAME",
     "DEFAULT_TIMEOUT",
@@ -38,6 +40,9 @@ MAX_STDERR_BYTES = 64 * 1024
 # After the plugin itself exits, how long to keep draining pipes still held open by a
 # descendant that escaped the group (setsid); its output is not the plugin's anyway.
 _DRAIN_GRACE = 0.5
+# The only variables a plugin inherits (SPEC 13.1.4): never MANTLE_* (the database URL, the
+# encryption key, MANTLE_SECRET_*); its credential arrives on stdin.
+PASSED_VARIABLES = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR")
 _JSON_TYPES = {list: "an array", str: "a string", bool: "a boolean", type(None): "null",
                int: "a number", float: "a number"}
 
@@ -52,6 +57,13 @@ def plugin_path(plugins_dir: str, plugin: str) -> str | None:
     return None
 
 
+def plugin_environment(environ=None) -> dict[str, str]:
+    """The environment a plugin process gets: PASSED_VARIABLES from ``environ`` (default
+    mantle's own), nothing else."""
+    environ = os.environ if environ is None else environ
+    return {name: environ[name] for name in PASSED_VARIABLES if name in environ}
+
+
 def run_plugin(inv: Invocation, plugin: str, path: str) -> dict:
     """Run one attempt of ``inv`` through the plugin executable at ``path``."""
     payload = {
@@ -63,7 +75,7 @@ def run_plugin(inv: Invocation, plugin: str, path: str) -> dict:
     try:
         proc = subprocess.Popen(
             [path], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            start_new_session=True, close_fds=True,
+            start_new_session=True, close_fds=True, env=plugin_environment(),
         )
     except OSError as exc:
         raise ConnectorError(f'plugin "{plugin}" failed: {exc.strerror or exc}') from None

@@ -219,14 +219,14 @@ class Arbiter:
             for index, other in enumerate(sockets):
                 if index != slot:
                     other.close()  # only the parent keeps every slot's socket
-            code = self._work(sockets[slot], write_fd)
+            code = self._work(sockets[slot], write_fd, sweeps=slot == 0)
         except BaseException:  # never let a worker return into the parent's loop
             logging.getLogger("mantle.server").exception("worker failed")
         finally:
             logging.shutdown()
             os._exit(code)
 
-    def _work(self, sock: socket.socket, pipe: int) -> int:
+    def _work(self, sock: socket.socket, pipe: int, sweeps: bool) -> int:
         """Runs in the forked worker: a full daemon on the inherited socket."""
         from mantle.daemon.daemon import Daemon
         from mantle.logs import setup_logging
@@ -240,7 +240,7 @@ class Arbiter:
         heartbeat = _PipeNotifier(pipe)
         return Daemon(self._config, database, threads=self._threads,
                       shutdown_timeout=self._timeout, kind="worker", listener=sock,
-                      heartbeat=heartbeat).run()
+                      heartbeat=heartbeat, sweeps=sweeps).run()
 
 
 def _status(status: int) -> str:

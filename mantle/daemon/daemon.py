@@ -23,9 +23,11 @@ from mantle.config import Config
 from mantle.daemon.http import HttpServer
 from mantle.daemon.notify import Notifier, Watchdog, watchdog_interval
 from mantle.daemon.readiness import Readiness
+from mantle.daemon.retention import RetentionSweeper
 from mantle.db import migrations
 from mantle.errors import DatabaseUnavailable
 from mantle.metrics import Metrics
+from mantle.retention import retention_from
 
 __all__ = ["Daemon", "Signals", "SWITCH_INTERVAL"]
 
@@ -60,10 +62,11 @@ class Daemon:
 
     def __init__(self, config: Config, database, *, threads: int = 8,
                  shutdown_timeout: float = 30.0, kind: str = "serve", listener=None,
-                 heartbeat=None):
+                 heartbeat=None, sweeps: bool = True):
         """``listener`` and ``heartbeat`` are given to a ``serve --workers`` worker: the
         parent's listening socket, and where to say "ready" and "alive" instead of systemd
-        (``mantle.daemon.arbiter``)."""
+        (``mantle.daemon.arbiter``). ``sweeps``: whether this process runs the retention
+        sweep (one worker of several does)."""
         self._config = config
         self._database = database
         self._threads = threads
@@ -74,11 +77,13 @@ class Daemon:
         self._engine = None
         self._http: HttpServer | None = None
         self._scheduler = None
+        self._retention = None
         self._watchdog: Watchdog | None = None
         self._readiness = Readiness(database)
         self._kind = kind
         self._listener = listener
         self._heartbeat = heartbeat
+        self._sweeps = sweeps
 
     def run(self) -> int:
         """Start, serve until a signal, shut down; the exit code. Startup failures raise."""
@@ -131,6 +136,9 @@ class Daemon:
             raise
         log.info("server listening", extra={"address": address})
         self._scheduler = Scheduler(self._engine, self._database).start()
+        if self._sweeps:
+            self._retention = RetentionSweeper(retention_from(config), metrics,
+                                               self._database).start()
         self._readiness.mark_ready()
         notifier, interval = self._notifier, watchdog_interval()
         if self._heartbeat is not None:
@@ -157,6 +165,8 @@ class Daemon:
         self._readiness.mark_stopping()
         self._engine.stop_starting(deadline)
         self._scheduler.stop()
+        if self._retention is not None:
+            self._retention.stop()
         self._http.close_listener()
         self._http.wait_idle(deadline, self._hurry)
         left = 0.0 if self._hurry.is_set() else max(0.0, deadline - time.monotonic())

@@ -133,20 +133,20 @@ TYPED = """
 """
 
 
-def test_run_prints_the_summary_with_steps_in_detail_order_and_types_inputs(cli):
+def test_run_prints_step_lines_as_steps_finish_then_the_execution_line_and_types_inputs(cli):
     apply(TYPED)
     pairs = ["count=41", "ratio=-2.50", "big=1e3", "neg=-7", "flag=TRUE", "off=fAlSe",
              "label=a=b c", "anything=42"]
     result = cli("run", "typed", *(arg for pair in pairs for arg in ("--input", pair)))
     assert (result.returncode, result.stderr) == (0, "")
     execution = WorkflowExecution.get()
-    # Detail order (7.4): by start time, so announce (defined second) comes first.
+    # Completion order (13.1.2): announce (defined second) finishes first.
     assert result.stdout == (
         "Running typed (version 1)...\n"
-        f"Execution {execution.id}: completed\n"
         "  announce: completed\n"
         "  report: completed\n"
-        "  never: skipped\n")
+        "  never: skipped\n"
+        f"Execution {execution.id}: completed\n")
     inputs = execution.inputs
     assert inputs == {"count": 41, "ratio": -2.5, "big": 1000.0, "neg": -7, "flag": True,
                       "off": False, "label": "a=b c", "anything": "42", "limit": 10}
@@ -194,10 +194,10 @@ def test_failed_run_exits_1_with_the_execution_error(cli):
     assert result.returncode == 1
     assert result.stdout == (
         "Running breaks (version 1)...\n"
-        f"Execution {execution.id}: failed\n"
         "  fetch: completed\n"
         "  parse: failed\n"
-        "  store: cancelled\n")
+        "  store: cancelled\n"
+        f"Execution {execution.id}: failed\n")
     assert error_line(result.stderr) == 'Error: step "parse" failed: bad data'
 
 
@@ -215,9 +215,9 @@ def test_cancel_from_another_process_ends_the_run_with_exit_1(cli):
     assert result.returncode == 1
     assert result.stdout == (
         "Running sleepy (version 1)...\n"
-        f"Execution {execution_id}: cancelled\n"
         "  nap: cancelled\n"
-        "  after: cancelled\n")
+        "  after: cancelled\n"
+        f"Execution {execution_id}: cancelled\n")
     assert error_line(result.stderr) == f"Error: execution {execution_id} was cancelled"
     # The interrupted attempt's row is settled before the runner exits (4.6).
     assert statuses(execution_id) == {"nap": "cancelled", "after": "cancelled"}
@@ -245,9 +245,9 @@ def test_signal_while_waiting_cancels_prints_the_summary_and_exits_130(cli, sign
     assert result.returncode == 130
     assert result.stdout == (
         "Running sleepy (version 1)...\n"
-        f"Execution {execution_id}: cancelled\n"
         "  nap: cancelled\n"
-        "  after: cancelled\n")
+        "  after: cancelled\n"
+        f"Execution {execution_id}: cancelled\n")
     assert "Traceback" not in result.stderr
     execution = WorkflowExecution.get_by_id(execution_id)
     assert execution.status == "cancelled" and execution.completed_at is not None
@@ -298,8 +298,8 @@ def test_run_over_the_limit_with_queue_waits_while_pending_then_completes(cli, h
     assert gone.returncode == 1
     assert gone.stdout == (
         "Running queued (version 1)...\n"
-        f"Execution {third_id}: cancelled\n"
-        "  call: cancelled\n")
+        "  call: cancelled\n"
+        f"Execution {third_id}: cancelled\n")
     assert error_line(gone.stderr) == f"Error: execution {third_id} was cancelled"
 
     http_target.release("/gate")
@@ -308,8 +308,79 @@ def test_run_over_the_limit_with_queue_waits_while_pending_then_completes(cli, h
     assert (two.returncode, two.stderr) == (0, "")
     assert two.stdout == (
         "Running queued (version 1)...\n"
-        f"Execution {second_id}: completed\n"
-        "  call: completed\n")
+        "  call: completed\n"
+        f"Execution {second_id}: completed\n")
     assert first_id != second_id and http_target.hits("/gate") == 2
     promoted = AuditEvent.get(AuditEvent.action == "execution.promoted")
     assert promoted.resource_id == second_id
+
+
+class Lines:
+    """A started command's stdout, read line by line on a thread as it is printed."""
+
+    def __init__(self, process: subprocess.Popen):
+        import threading
+
+        self.process = process
+        self.seen: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.seen.append(line.rstrip("\n"))
+
+    def wait_for(self, line: str) -> None:
+        wait_until(lambda: line in self.seen or self.process.poll() is not None,
+                   message=f"{line!r} never printed: {self.seen}")
+        assert line in self.seen, f"ended without {line!r}: {self.seen}"
+
+    def finish(self) -> int:
+        code = self.process.wait(30)
+        self._reader.join(5)
+        return code
+
+
+def test_run_prints_each_step_line_as_soon_as_the_step_finishes(cli, http_target):
+    http_target.route("/gate", hold=True, json={"ok": True})
+    apply(f"""
+        name: live
+        steps:
+          - {{name: gated, action: http/request, params: {{url: "{http_target.url('/gate')}"}}}}
+          - {{name: quick, action: core/log, params: {{message: hi}}}}
+          - {{name: after, action: core/log, depends_on: [gated], params: {{message: x}}}}
+    """)
+    runner = cli.start("run", "live")
+    lines = Lines(runner)
+    execution_id = running_step("live", "gated", runner)
+    lines.wait_for("  quick: completed")
+    # Printed while the execution still runs: gated is held by the server.
+    assert WorkflowExecution.get_by_id(execution_id).status == "running"
+    assert lines.seen == ["Running live (version 1)...", "  quick: completed"]
+    http_target.release("/gate")
+    assert lines.finish() == 0
+    assert lines.seen == ["Running live (version 1)...", "  quick: completed",
+                          "  gated: completed", "  after: completed",
+                          f"Execution {execution_id}: completed"]
+
+
+def test_a_retried_step_is_printed_once_and_hooks_follow_the_main_steps(cli):
+    apply("""
+        name: hooked
+        steps:
+          - {name: flaky, action: core/fail, retry: {max_attempts: 2}, params: {message: no}}
+          - {name: steady, action: core/log, params: {message: ok}}
+        hooks:
+          on_failure: [{name: alert, action: core/log, params: {message: failed}}]
+          on_finish: [{name: tidy, action: core/log, params: {message: done}}]
+    """)
+    result = cli("run", "hooked")
+    execution = WorkflowExecution.get()
+    assert result.returncode == 1
+    assert result.stdout == ("Running hooked (version 1)...\n"
+                             "  steady: completed\n"
+                             "  flaky: failed\n"
+                             "  alert (hook): completed\n"
+                             "  tidy (hook): completed\n"
+                             f"Execution {execution.id}: failed\n")
+    assert StepExecution.select().where(StepExecution.step_name == "flaky").count() == 2

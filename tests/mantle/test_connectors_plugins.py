@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import textwrap
 import threading
 import time
@@ -87,16 +88,34 @@ def test_plugin_without_credential_gets_an_empty_credential_object(plugins_dir):
     assert invoke(plugins_dir, "echo/x") == {}
 
 
-def test_plugin_runs_in_mantles_working_directory_and_environment(plugins_dir, tmp_path,
-                                                                  monkeypatch):
-    install(plugins_dir, "env", PY + textwrap.dedent("""
-        print(json.dumps({"cwd": os.getcwd(), "var": os.environ.get("PLUGIN_TEST_VAR"),
+def test_plugin_runs_in_mantles_working_directory_with_only_the_allowed_variables(
+        plugins_dir, tmp_path, monkeypatch):
+    # The interpreter itself, not /usr/bin/env python3: a shim (pyenv) would add variables.
+    direct = f"#!{sys.executable}\nimport json, os, sys\n"
+    install(plugins_dir, "env", direct + textwrap.dedent("""
+        print(json.dumps({"cwd": os.getcwd(), "env": dict(os.environ),
                           "own_group": os.getpgrp() == os.getpid()}))
     """))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("PLUGIN_TEST_VAR", "v1")
+    for name, value in (("PLUGIN_TEST_VAR", "v1"), ("MANTLE_DATABASE_URL", "postgresql://a:b@h/d"),
+                        ("MANTLE_ENCRYPTION_KEY", "ab" * 32), ("MANTLE_SECRET_TOKEN", "t0k"),
+                        ("DATABASE_URL", "sqlite:///x.db"), ("HOME", "/home/someone"),
+                        ("LANG", "C.UTF-8"), ("LC_ALL", "C.UTF-8"), ("TZ", "UTC"),
+                        ("TMPDIR", str(tmp_path))):
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("PYTHONPATH", raising=False)
     output = invoke("plugins", "env/x")  # relative plugins dir, resolved from the cwd
-    assert output == {"cwd": str(tmp_path), "var": "v1", "own_group": True}
+    assert output["cwd"] == str(tmp_path) and output["own_group"] is True
+    # SPEC 13.1.4: PATH, HOME, LANG, LC_ALL, TZ, TMPDIR and nothing else (a Python plugin's
+    # interpreter may add LC_CTYPE itself when it coerces the C locale).
+    env = {k: v for k, v in output["env"].items() if k != "LC_CTYPE"}
+    assert env == {"PATH": os.environ["PATH"], "HOME": "/home/someone", "LANG": "C.UTF-8",
+                   "LC_ALL": "C.UTF-8", "TZ": "UTC", "TMPDIR": str(tmp_path)}
+
+
+def test_plugin_environment_omits_allowed_variables_that_mantle_lacks():
+    assert plugins.plugin_environment({"PATH": "/bin", "MANTLE_X": "1", "USER": "u"}) == \
+        {"PATH": "/bin"}
 
 
 def test_stdout_object_with_surrounding_whitespace_is_the_output(plugins_dir):

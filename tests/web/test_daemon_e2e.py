@@ -309,10 +309,11 @@ def test_run_and_cancel_with_server_go_through_the_api(daemon):
               "--input", "limit=3", "--server", daemon.url)
     assert (ran.returncode, ran.stderr) == (0, ""), ran.stderr
     execution_id = re.search(r"Execution (\S+): completed", ran.stdout).group(1)
+    # Step lines as the steps finish, the execution line last (13.1.2).
     assert ran.stdout == ("Running daily-report (version 1)...\n"
-                          f"Execution {execution_id}: completed\n"
                           "  fetch-metrics: completed\n"
-                          "  announce: completed\n")
+                          "  announce: completed\n"
+                          f"Execution {execution_id}: completed\n")
     row = WorkflowExecution.get_by_id(execution_id)
     assert row.inputs == {"day": "mon", "limit": 3}
     assert Node.get_by_id(row.owner).kind == "serve"  # the daemon ran it
@@ -322,7 +323,8 @@ def test_run_and_cancel_with_server_go_through_the_api(daemon):
     failed = cli(daemon.cwd, daemon.database_url, "run", "broken", "--server", daemon.url)
     assert failed.returncode == 1
     assert failed.stderr == 'Error: step "boom" failed: it broke\n'
-    assert failed.stdout.endswith(": failed\n  boom: failed\n")
+    assert re.fullmatch(r"Running broken \(version 1\)\.\.\.\n  boom: failed\n"
+                        r"Execution \S+: failed\n", failed.stdout), failed.stdout
 
     for args, message in (
             (["run", "ghost"], "workflow \"ghost\" not found — have you run 'mantle apply'?"),

@@ -1,0 +1,191 @@
+"""``postgres/query`` (SPEC 13.5): one SQL statement against a PostgreSQL server, with psycopg.
+
+The connection URL comes from the step's credential (``postgres``: ``url``; ``generic``:
+``key``). Each attempt opens its own connection (autocommit: a statement commits on its own)
+and closes it at the end.
+
+Threads: the statement runs on a helper thread while the step's thread waits on it and on
+``inv.cancel``, so a cancel (execution cancelled, step timeout, shutdown) is answered at once,
+even while connecting. The step's thread then asks the server to cancel the statement
+(PostgreSQL's cancel request), so it really stops there instead of running on unseen; the
+helper closes the connection as soon as the statement ends.
+"""
+
+from __future__ import annotations
+
+import threading
+import urllib.parse
+from typing import Any
+
+import psycopg
+import psycopg.conninfo
+from psycopg.types.json import Jsonb
+
+from mantle.connectors.base import (ConnectorError, ConnectorInterrupted, Invocation,
+                                    params_of, wait_for)
+from mantle.connectors.credentials import Credential, redact
+from mantle.connectors.pgvalues import placeholders, to_json
+
+__all__ = ["query", "CONNECT_TIMEOUT", "APPLICATION_NAME"]
+
+CONNECT_TIMEOUT = 10  # seconds, unless the URL sets connect_timeout
+APPLICATION_NAME = "mantle postgres/query"  # unless the URL sets application_name
+_CANCEL_GRACE = 1.0  # how long a cancelled attempt waits for its statement to stop
+_NO_URL = "postgres/query: a credential with the connection URL is required"
+
+
+def query(inv: Invocation) -> dict:
+    """Run the step's ``query`` with ``args``; ``{"rows", "row_count"}`` or
+    ``{"rows_affected"}``. Raises ConnectorError (``sqlstate`` in its output) or
+    ConnectorInterrupted."""
+    sql, values = _statement(params_of(inv))
+    url = _url(inv.credential)
+    job = _Job(url, sql, values)
+    threading.Thread(target=job.run, name="mantle-postgres-query", daemon=True).start()
+    if wait_for(job.done, inv.cancel, None) == "cancel":
+        job.cancel()
+        job.done.wait(_CANCEL_GRACE)
+        raise ConnectorInterrupted()
+    if job.error is not None:
+        raise _hidden(job.error, url)
+    return job.output
+
+
+def _statement(params: dict) -> tuple[str, list | None]:
+    text = params.get("query")
+    if not isinstance(text, str) or not text.strip():
+        raise ConnectorError("postgres/query: query is required", retryable=False)
+    if "\x00" in text:
+        raise ConnectorError("postgres/query: query contains a NUL character",
+                             retryable=False)
+    args = params.get("args")
+    if args is None:
+        args = []
+    if not isinstance(args, list):
+        raise ConnectorError("postgres/query: args must be a list", retryable=False)
+    sql, used = placeholders(text)
+    if not used:
+        return sql, None
+    missing = max(used)
+    if missing > len(args) or min(used) < 1:
+        number = missing if missing > len(args) else min(used)
+        raise ConnectorError(f"postgres/query: query uses ${number} but args has "
+                             f"{len(args)} value(s)", retryable=False)
+    return sql, [_argument(args[number - 1]) for number in used]
+
+
+def _argument(value: Any) -> Any:
+    """A JSON value as psycopg should send it: maps as jsonb, lists as arrays, the rest as
+    themselves (text goes untyped, so the server casts it to what the statement needs)."""
+    if isinstance(value, dict):
+        return Jsonb(value)
+    if isinstance(value, list):
+        return [_argument(item) for item in value]
+    return value
+
+
+def _url(credential: Credential | None) -> str:
+    field = {"postgres": "url", "generic": "key"}.get(credential.type) if credential else None
+    url = credential.fields.get(field, "") if field else ""
+    if not url:
+        raise ConnectorError(_NO_URL, retryable=False)
+    return url
+
+
+def _hidden(error: ConnectorError, url: str) -> ConnectorError:
+    """``error`` with the URL's password replaced (``run_action`` hides the whole URL)."""
+    password = _password(url)
+    if not password:
+        return error
+    return ConnectorError(redact(error.message, password), redact(error.output, password),
+                          error.retryable)
+
+
+def _password(url: str) -> str:
+    try:
+        return psycopg.conninfo.conninfo_to_dict(url).get("password") or ""
+    except psycopg.Error:
+        return urllib.parse.urlsplit(url).password or ""
+
+
+class _Job:
+    """One connection and one statement, run by ``run`` on the helper thread."""
+
+    def __init__(self, url: str, sql: str, values: list | None):
+        self.url, self.sql, self.values = url, sql, values
+        self.done = threading.Event()
+        self.output: dict | None = None
+        self.error: ConnectorError | None = None
+        self._lock = threading.Lock()
+        self._conn: psycopg.Connection | None = None
+        self._cancelled = False
+
+    def run(self) -> None:
+        try:
+            self.output = self._execute()
+        except psycopg.Error as exc:
+            self.error = _failure(exc)
+        except ConnectorError as exc:
+            self.error = exc
+        except Exception as exc:  # a value psycopg cannot send or read
+            self.error = ConnectorError(f"postgres/query: {exc}")
+        finally:
+            with self._lock:
+                conn, self._conn = self._conn, None
+            if conn is not None:
+                conn.close()
+            self.done.set()
+
+    def _execute(self) -> dict:
+        options = _connect_options(self.url)
+        conn = psycopg.connect(**options)
+        with self._lock:
+            self._conn = conn
+            if self._cancelled:
+                raise ConnectorError("postgres/query: cancelled")
+        with conn.cursor() as cursor:
+            cursor.execute(self.sql, self.values)
+            while cursor.nextset():  # several statements (no args): the last one answers
+                pass
+            if cursor.description is None:
+                return {"rows_affected": max(cursor.rowcount, 0)}
+            names = [column.name for column in cursor.description]
+            rows = [{name: to_json(value) for name, value in zip(names, row)}
+                    for row in cursor.fetchall()]
+            return {"rows": rows, "row_count": len(rows)}
+
+    def cancel(self) -> None:
+        """Runs on the step's thread: stop the statement on the server, if one runs."""
+        with self._lock:
+            self._cancelled = True
+            conn = self._conn
+        if conn is None:
+            return
+        try:
+            conn.cancel_safe(timeout=_CANCEL_GRACE)
+        except (psycopg.Error, OSError):
+            pass  # the statement ended meanwhile, or the server is gone: nothing runs
+
+
+def _connect_options(url: str) -> dict:
+    try:
+        options = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.Error as exc:
+        raise ConnectorError(f"postgres/query: invalid connection URL: {_first_line(exc)}"
+                             ) from None
+    options.setdefault("connect_timeout", CONNECT_TIMEOUT)
+    options.setdefault("application_name", APPLICATION_NAME)
+    options["autocommit"] = True
+    return options
+
+
+def _failure(exc: psycopg.Error) -> ConnectorError:
+    sqlstate = getattr(exc, "sqlstate", None)
+    message = exc.diag.message_primary if sqlstate and exc.diag else None
+    output = {"sqlstate": sqlstate} if sqlstate else None
+    return ConnectorError(f"postgres/query: {message or _first_line(exc)}", output)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return " ".join(lines) or type(exc).__name__

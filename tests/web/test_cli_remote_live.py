@@ -1,0 +1,58 @@
+"""``mantle run --server`` against a real ``mantle serve``, on SQLite and PostgreSQL: step
+lines printed live as the steps finish, the execution line last (SPEC 13.1.2), and ``-o json``
+printing the API's detail document (13.1.7)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+
+from tests.helpers.database import bound_database
+from tests.web.support import REPO, Daemon, apply_yaml, wait_until
+
+
+def test_run_with_server_prints_live_lines_and_json(migrated_db_url, tmp_path, http_target):
+    http_target.route("/gate", hold=True, json={"ok": True})
+    with bound_database(migrated_db_url):
+        apply_yaml(f"""
+            name: remote-live
+            steps:
+              - {{name: gated, action: http/request,
+                 params: {{url: "{http_target.url('/gate')}"}}}}
+              - {{name: quick, action: core/log, params: {{message: hi}}}}
+            hooks:
+              on_success: [{{name: cheer, action: core/log, params: {{message: yay}}}}]
+        """)
+        daemon = Daemon(tmp_path, migrated_db_url).start()
+        try:
+            env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": str(tmp_path)}
+            argv = [sys.executable, "-m", "mantle", "run", "remote-live", "--server", daemon.url]
+            runner = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True)
+            seen: list[str] = []
+            reader = threading.Thread(
+                target=lambda: seen.extend(line.rstrip("\n") for line in runner.stdout))
+            reader.start()
+            wait_until(lambda: "  quick: completed" in seen or runner.poll() is not None,
+                       message=f"no live line: {seen}")
+            # gated is still held by the server while quick's line is already out.
+            assert seen == ["Running remote-live (version 1)...", "  quick: completed"]
+            http_target.release("/gate")
+            assert runner.wait(30) == 0, runner.stderr.read()
+            reader.join(5)
+            execution_id = seen[-1].split()[1].rstrip(":")
+            assert seen == ["Running remote-live (version 1)...", "  quick: completed",
+                            "  gated: completed", "  cheer (hook): completed",
+                            f"Execution {execution_id}: completed"]
+
+            as_json = subprocess.run(argv + ["-o", "json"], cwd=tmp_path, env=env,
+                                     capture_output=True, text=True, timeout=60)
+            assert (as_json.returncode, as_json.stderr) == (0, "")
+            document = json.loads(as_json.stdout)
+            assert document == daemon.get(f"/api/v1/executions/{document['id']}").json
+            assert document["status"] == "completed"
+            assert [hook["name"] for hook in document["hooks"]] == ["cheer"]
+        finally:
+            assert daemon.stop() == 0, daemon.output()
