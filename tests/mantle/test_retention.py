@@ -195,7 +195,8 @@ def test_a_stop_request_ends_the_sweep_after_the_batch_in_progress(db):
 def test_nodes_of_dead_processes_are_pruned_after_an_hour(db, tmp_path, migrated_db_url):
     def node(expired_minutes_ago: float) -> str:
         ident = str(uuid.uuid4())
-        Node.insert(id=ident, hostname="h", pid=1, kind="run", started_at=days_ago(1),
+        Node.insert(id=ident, hostname="h", pid=1, kind="run", host_key="k",
+                    started_at=days_ago(1),
                     lease_expires_at=NOW - dt.timedelta(minutes=expired_minutes_ago)).execute()
         return ident
     dead, recent, alive, owner = node(90), node(30), node(-1), node(120)
