@@ -18,6 +18,7 @@ import threading
 from typing import Any
 
 from actors import messages as m
+from actors.children import child_key, run_child_and_wait
 from actors.context import tell
 from actors.step import (is_instant, is_sleep, run_inline, run_on_pool, sleep_output,
                          sleep_seconds)
@@ -541,19 +542,29 @@ class Attempts:
 
     def _tool_runner(self, run: StepRun):
         """``Invocation.run_tool``: another action on the calling attempt's thread, with the
-        step's credential and cancel token (AI tools, SPEC 13.6)."""
+        attempt's cancel token and the tool's own credential, resolved like a step's (AI
+        tools, SPEC 13.6); a ``workflow/run`` tool creates one child per call id."""
         from mantle.connectors import run_action
 
-        base = dict(plugins_dir=self._ctx.plugins_dir, workflow=self._wf.name,
-                    execution_id=self._id, step=run.spec.name, attempt=run.attempt,
-                    metrics=self._ctx.metrics)
-        token, credential = run.token, run.credential
+        ctx, supervisor, parent = self._ctx, self._sup, dict(self._ex)
+        step, attempt, token = run.spec.name, run.attempt, run.token
+        base = dict(plugins_dir=ctx.plugins_dir, workflow=self._wf.name,
+                    execution_id=self._id, step=step, attempt=attempt, metrics=ctx.metrics)
 
-        def run_tool(action: str, params) -> dict:
+        def run_tool(action: str, params, credential: str | None = None,
+                     call_id: str | None = None) -> dict:
             if action == "workflow/run":
-                raise ConnectorError("workflow/run cannot be used as a tool here")
-            return run_action(Invocation(action, params, token, credential=credential,
-                                         **base))
+                key = child_key(parent["id"], f"{step}#{call_id or ''}", attempt)
+                return run_child_and_wait(ctx, supervisor, parent, step, attempt, key, params,
+                                          token)
+            resolved = None
+            if credential is not None:
+                try:
+                    resolved = resolve_credential(credential, ctx.secrets)
+                except OUTAGE_ERRORS:
+                    raise ConnectorError(f'credential "{credential}" cannot be read: '
+                                         "database unavailable") from None
+            return run_action(Invocation(action, params, token, credential=resolved, **base))
 
         return run_tool
 

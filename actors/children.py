@@ -11,16 +11,21 @@ mixin of ``actors.execution.ExecutionActor``, on its dispatcher turn.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import hashlib
+import threading
 
 from actors import messages as m
-from actors.attempts import StepRun
 from actors.context import tell
-from mantle.connectors import Invocation
+from mantle.connectors import ConnectorError, ConnectorInterrupted, Invocation
 from mantle.errors import MantleError
 from mantle.store import Parent
 
-__all__ = ["Children", "child_key"]
+if TYPE_CHECKING:
+    from actors.attempts import StepRun
+
+__all__ = ["Children", "child_key", "child_outcome", "run_child_and_wait"]
 
 _ACTION = "workflow/run"
 
@@ -42,6 +47,70 @@ class _ToActor:
 
     def set_exception(self, exc_info) -> None:
         tell(self._ref, m.ChildCreated(self._step, self._attempt, exc_info[1]))
+
+
+def child_outcome(detail: dict) -> tuple[bool, dict, str | None]:
+    """(ok, output, error) of a ``workflow/run`` whose child ended as ``detail`` (13.3)."""
+    output = {"execution_id": detail["execution_id"], "status": detail["status"],
+              "steps": detail["steps"]}
+    if detail["status"] == "completed":
+        return True, output, None
+    error = f"child execution {detail['execution_id']} {detail['status']}"
+    if detail.get("error"):
+        error += f": {detail['error']}"
+    return False, output, error
+
+
+class _Waiter:
+    """Stands in for an actor ref in ``AwaitChild``: wakes a waiting thread instead."""
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.detail: dict | None = None
+
+    def tell(self, message: m.ChildFinished) -> None:
+        self.detail = message.detail
+        self.done.set()
+
+
+def run_child_and_wait(ctx, supervisor, parent: dict, step: str, attempt: int, key: str,
+                       params, token) -> dict:
+    """A ``workflow/run`` on the calling thread (an AI tool): create the child (or find it
+    again under ``key``), wait for its end, return the step output; raises ConnectorError,
+    or ConnectorInterrupted when ``token`` is set (the child is then cancelled)."""
+    from actors.context import Reply
+    from actors.supervisor import submit_run
+
+    parsed = _params(params)
+    if isinstance(parsed, str):
+        raise ConnectorError(parsed, retryable=False)
+    depth = (parent.get("depth") or 1) + 1
+    if depth > ctx.max_depth:
+        raise ConnectorError(f"maximum workflow depth {ctx.max_depth} exceeded",
+                             retryable=False)
+    workflow, version, inputs = parsed
+    reply = Reply()
+    submit_run(ctx, supervisor, m.RunRequest(
+        workflow, inputs, version, _trigger(parent["id"]), "engine", key, reply,
+        parent=Parent(parent["id"], step, depth)))
+    try:
+        created = reply.get(timeout=60)
+    except MantleError as exc:
+        raise ConnectorError(f"{_ACTION}: {exc.message}", retryable=False) from None
+    waiter = _Waiter()
+    supervisor.tell(m.AwaitChild(created.execution_id, waiter, step, attempt))
+    while not waiter.done.wait(0.05):
+        if token.is_set():
+            supervisor.tell(m.CancelExecution(created.execution_id, "engine", None))
+            raise ConnectorInterrupted()
+    ok, output, error = child_outcome(waiter.detail)
+    if not ok:
+        raise ConnectorError(error, output=output)
+    return output
+
+
+def _trigger(parent_id: str) -> dict:
+    return {"type": "workflow", "payload": None, "parent_execution_id": parent_id}
 
 
 def _params(params) -> tuple[str, int | None, dict] | str:
@@ -79,9 +148,8 @@ class Children:
         reply = _ToActor(self.actor_ref, run.spec.name, run.attempt)
         run.child = ""  # the child is being created
         submit_run(self._ctx, self._sup, m.RunRequest(
-            workflow, inputs, version, {"type": "workflow", "payload": None,
-                                        "parent_execution_id": self._id},
-            "engine", child_key(self._id, run.spec.name, run.attempt), reply,
+            workflow, inputs, version, _trigger(self._id), "engine",
+            child_key(self._id, run.spec.name, run.attempt), reply,
             parent=Parent(self._id, run.spec.name, depth)))
 
     def _on_ChildCreated(self, message: m.ChildCreated) -> None:
@@ -101,12 +169,7 @@ class Children:
         run = self._run_of(message.step, False) or self._run_of(message.step, True)
         if run is None or run.stage != "running" or run.attempt != message.attempt:
             return
-        detail = message.detail
-        output = {"execution_id": detail["execution_id"], "status": detail["status"],
-                  "steps": detail["steps"]}
-        ok = detail["status"] == "completed"
-        error = None if ok else (f"child execution {detail['execution_id']} "
-                                 f"{detail['status']}: {detail['error'] or ''}").rstrip(": ")
+        ok, output, error = child_outcome(message.detail)
         self._on_AttemptFinished(m.AttemptFinished(
             step=run.spec.name, attempt=run.attempt, hook=run.hook, ok=ok,
             output=output, error=error, retryable=True))

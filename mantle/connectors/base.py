@@ -98,9 +98,11 @@ class Invocation:
     fresh attempt). ``checkpoint(value)`` stores a JSON-able progress value durably and returns
     once it is committed; it raises ConnectorInterrupted when the attempt must stop (cancel,
     lost ownership). A connector whose work has steps that must not repeat after a crash (AI
-    tool rounds) checkpoints after each. ``run_tool(action, params)`` runs another action with
-    this step's credential rules and returns its output (raises ConnectorError). Both are None
-    when the caller offers no such service (direct calls, tests).
+    tool rounds) checkpoints after each. ``run_tool(action, params, credential=None,
+    call_id=None)`` runs another action and returns its output (raises ConnectorError): with
+    the named credential resolved as a step's is (13.1.5) — never this step's own — and, for a
+    ``workflow/run``, one child per ``call_id`` of this attempt, also across crashes. Both are
+    None when the caller offers no such service (direct calls, tests).
     """
 
     action: str

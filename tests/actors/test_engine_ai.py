@@ -158,6 +158,61 @@ def test_step_credential_authorizes_the_model_call_and_is_redacted(engine, fake,
         StepExecution.get(StepExecution.step_name == "ask").progress)
 
 
+@pytest.fixture
+def tool_secrets():
+    return {"MANTLE_SECRET_LLM": "sk-local-1", "MANTLE_SECRET_WEATHER": "w-key-2"}
+
+
+def test_tools_never_get_the_step_credential_and_use_their_own(db, tmp_path, fake,
+                                                               http_target, tool_secrets):
+    """The model provider's key stays with the model call; a tool sends only the credential
+    it names itself (SPEC 13.6 tools, 13.1.5 resolution)."""
+    from actors.engine import Engine
+    from mantle.metrics import Metrics
+
+    engine = Engine(db, metrics=Metrics(), plugins_dir=str(tmp_path), env={},
+                    secrets=tool_secrets).start()
+    try:
+        http_target.route("/weather", echo=True)
+        http_target.route("/book", echo=True)
+        fake.script(tool_calls(("weather", {"city": "x"}, "w1"), ("book", {}, "b1")),
+                    text("done"))
+        apply(_with_tool_credential(fake, http_target))
+        run(engine, "agent")
+    finally:
+        engine.shutdown(timeout=2)
+    assert fake.requests()[0].headers["authorization"] == "Bearer sk-local-1"
+    [weather] = http_target.requests("/weather")
+    [book] = http_target.requests("/book")
+    assert ("Authorization", "Bearer w-key-2") in weather.headers
+    assert "authorization" not in {name.lower() for name, _ in book.headers}
+
+
+def _with_tool_credential(fake, target) -> str:
+    return f"""
+        name: agent
+        steps:
+          - name: ask
+            action: ai/completion
+            credential: llm
+            params:
+              base_url: "{fake.base_url}"
+              model: local-model
+              prompt: "Plan the trip"
+              tools:
+                - name: weather
+                  action: http/request
+                  credential: weather
+                  input_schema:
+                    type: object
+                    properties: {{city: {{type: string}}}}
+                  params: {{url: "{target.url('/weather')}"}}
+                - name: book
+                  action: http/request
+                  params: {{method: POST, url: "{target.url('/book')}"}}
+    """
+
+
 def _apply_example(name: str) -> str:
     from pathlib import Path
     return apply((Path(__file__).resolve().parents[2] / "examples" / name).read_text())

@@ -39,10 +39,14 @@ class Recorder:
     def __init__(self, results=None):
         self.tool_calls: list[tuple[str, dict]] = []
         self.checkpoints: list[dict] = []
+        self.tool_credentials: list[str | None] = []
+        self.call_ids: list[str | None] = []
         self._results = results or {}
 
-    def run_tool(self, action, params):
+    def run_tool(self, action, params, credential=None, call_id=None):
         self.tool_calls.append((action, params))
+        self.tool_credentials.append(credential)
+        self.call_ids.append(call_id)
         result = self._results.get(action, {"ok": True})
         if isinstance(result, Exception):
             raise result

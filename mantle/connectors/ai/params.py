@@ -40,6 +40,7 @@ class Tool:
     action: str
     params: dict
     arguments: SchemaCheck  # input_schema, closed unless it allows more (_open_by_default)
+    credential: str | None = None  # the tool's own credential name (never the model's)
 
     def definition(self) -> dict:
         """The tool as sent in the request's ``tools`` list."""
@@ -223,4 +224,7 @@ def _tool(entry: Any, where: str) -> Tool:
     params = entry.get("params")
     if params is not None and not isinstance(params, dict):
         raise param_error(f"{ACTION}: {where}.params must be a map")
-    return Tool(name, description or "", schema, action, params or {}, check)
+    credential = entry.get("credential")
+    if credential is not None and (not isinstance(credential, str) or not credential):
+        raise param_error(f"{ACTION}: {where}.credential must be a credential name")
+    return Tool(name, description or "", schema, action, params or {}, check, credential)

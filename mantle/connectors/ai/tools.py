@@ -59,7 +59,8 @@ def answer_call(inv: Invocation, params: CompletionParams, index: int, call: dic
     if problem is not None:
         return {"error": problem}, False
     try:
-        return _runner(inv)(tool.action, {**tool.params, **arguments}), True
+        return _runner(inv)(tool.action, {**tool.params, **arguments},
+                            credential=tool.credential, call_id=call["id"]), True
     except ConnectorInterrupted:
         raise
     except ConnectorError as exc:
@@ -82,14 +83,18 @@ def _arguments(raw: Any) -> tuple[dict, str | None]:
     return raw, None
 
 
-def _runner(inv: Invocation) -> Callable[[str, Any], dict]:
+def _runner(inv: Invocation) -> Callable[..., dict]:
     """``inv.run_tool``, or for a caller without that service (direct calls) ``run_action``
-    on a copy of this invocation."""
+    on a copy of this invocation, without the step's credential."""
     if inv.run_tool is not None:
         return inv.run_tool
     from mantle.connectors import run_action  # the registry imports this package
 
-    def run(action: str, params: Any) -> dict:
+    def run(action: str, params: Any, credential: str | None = None,
+            call_id: str | None = None) -> dict:
+        if credential is not None:
+            raise ConnectorError(f'credential "{credential}" needs the engine')
         return run_action(dataclasses.replace(inv, action=action, params=params,
-                                              progress=None, checkpoint=None))
+                                              progress=None, checkpoint=None,
+                                              credential=None))
     return run
