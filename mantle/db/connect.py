@@ -28,6 +28,7 @@ SQLITE_BUSY_TIMEOUT_MS = 10_000
 # SPEC 13.7: a dead connection or server is noticed in seconds, not minutes.
 PG_CONNECT_TIMEOUT_S = 5
 PG_STATEMENT_TIMEOUT_MS = 30_000
+PG_IDLE_IN_TRANSACTION_MS = 15_000
 _PG_CONNECTION_SETTINGS = {
     "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
     "tcp_user_timeout": 10_000,
@@ -177,11 +178,16 @@ def _postgres_database(url: str) -> peewee.PostgresqlDatabase:
     params.setdefault("connect_timeout", PG_CONNECT_TIMEOUT_S)
     for key, value in _PG_CONNECTION_SETTINGS.items():
         params.setdefault(key, value)
-    # Engine statements never wait forever on a lock or a stuck server (13.7); the libpq
-    # ``options`` carries it so every connection of every thread gets it.
+    # Engine statements never wait forever on a lock or a stuck server (13.7), and a process
+    # paused inside a transaction (SIGSTOP, a frozen VM) loses its session and the row locks
+    # it held, so other nodes can take its executions over; the libpq ``options`` carries
+    # both to every connection of every thread.
     options = params.get("options", "")
-    if "statement_timeout" not in options:
-        params["options"] = f"{options} -c statement_timeout={PG_STATEMENT_TIMEOUT_MS}".strip()
+    for setting, value in (("statement_timeout", PG_STATEMENT_TIMEOUT_MS),
+                           ("idle_in_transaction_session_timeout", PG_IDLE_IN_TRANSACTION_MS)):
+        if setting not in options:
+            options = f"{options} -c {setting}={value}".strip()
+    params["options"] = options
     return peewee.PostgresqlDatabase(dbname, prefer_psycopg3=True, **params)
 
 
