@@ -330,3 +330,38 @@ def test_a_cancel_sent_to_a_node_that_does_not_own_the_execution_reaches_the_own
         print(f"\ncancel to a non-owner [{backend}]: {len(latencies)} cancels, "
               f"p50 {latencies[len(latencies) // 2]:.1f} ms, p99 {p99:.1f} ms")
     assert max(latencies) < 1000  # the SPEC's 50 ms p99 is measured by bench/ (quiet machine)
+
+
+def test_exactly_one_child_per_parent_step_attempt_across_a_crash(bound, backend, tmp_path):
+    """SPEC 13.3: after a SIGKILL while the child runs, the resumed parent step awaits the
+    child it created before instead of creating another."""
+    apply_yaml("""
+        name: slow-kid
+        steps: [{name: nap, action: core/sleep, params: {duration: 2s}}]
+    """)
+    apply_yaml("""
+        name: parent
+        steps:
+          - {name: child, action: workflow/run, params: {workflow: slow-kid}}
+          - {name: after, action: core/log, depends_on: [child],
+             params: {message: "{{ steps.child.output.status }}"}}
+    """)
+    daemon = Daemon(tmp_path, bound, env=dict(TTL)).start()
+    parent = daemon.post("/api/v1/run/parent", {}).json["execution_id"]
+    wait_until(lambda: StepExecution.select().join(WorkflowExecution).where(
+        WorkflowExecution.parent_execution_id == parent,
+        StepExecution.status == "running").exists(), timeout=20)
+    daemon.send(signal.SIGKILL)
+    daemon.wait()
+    again = Daemon(tmp_path, bound, env=dict(TTL)).start()
+    try:
+        detail = again.wait_for_status(parent, timeout=30)
+    finally:
+        again.stop()
+    children = list(WorkflowExecution.select().where(
+        WorkflowExecution.parent_execution_id == parent))
+    assert len(children) == 1
+    assert detail["status"] == "completed", detail
+    steps = {step["name"]: step for step in detail["steps"]}
+    assert steps["child"]["output"]["execution_id"] == children[0].id
+    assert steps["after"]["output"] == {"message": "completed"}
