@@ -76,7 +76,7 @@ def submit_run(ctx: EngineContext, supervisor: pykka.ActorRef, msg: m.RunRequest
         created = store.create_execution(
             msg.workflow, msg.inputs, msg.version, msg.trigger, ctx.node_id, msg.actor,
             msg.idempotency_key, retry_of=msg.retry_of, from_step=msg.from_step,
-            parent=msg.parent)
+            parent=msg.parent, now=ctx.node.db_now())
         if msg.reuse and created.execution and not created.existing:
             store.copy_steps(created.execution["id"], list(msg.reuse))
         return created

@@ -28,6 +28,7 @@ import peewee
 from mantle.db import is_outage, transaction
 from mantle.errors import JournalStopped, LeaseLost
 from mantle.store import batch_scope, refused_fences
+from mantle.store.statements import Pending
 
 __all__ = ["Journal", "JournalStopped", "SATURATED_BACKLOG"]
 
@@ -182,6 +183,8 @@ class Journal:
             self._finished(entry, result)
 
     def _finished(self, entry: _Entry, result) -> None:
+        if isinstance(result, Pending):
+            result = result.value
         if result is _REFUSED:
             self._callback(entry.failed, LeaseLost(entry.fence[0]))
         else:

@@ -8,6 +8,7 @@ are returned, not raised, so operations batch freely.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import uuid
 from typing import Any
 
@@ -18,7 +19,7 @@ from mantle.db.fields import dump_json, storable, utcnow
 from mantle.db.models import StepExecution, Workflow, WorkflowExecution
 from mantle.errors import LimitReached, MantleError
 from mantle.states import ExecutionStatus
-from mantle.store.statements import Statements, storable_text
+from mantle.store.statements import Pending, Statements, storable_text
 from mantle.store.versions import stored_version, version_of
 from mantle.workflow import check_inputs
 
@@ -83,9 +84,10 @@ def _existing(workflow: str, key: str) -> WorkflowExecution | None:
 def create_execution(workflow: str, inputs: dict | None, version: int | None, trigger: Any,
                      node: str, actor: str, idempotency_key: str | None = None,
                      retry_of: str | None = None, from_step: str | None = None,
-                     parent: Parent | None = None) -> Created:
+                     parent: Parent | None = None, now: dt.datetime | None = None) -> Created:
     """Insert an execution owned by ``node`` (epoch 1) after the input, idempotency and limit
     checks (4.9): ``running`` when it may start now, ``pending`` when it waits in the queue.
+    ``now`` is the database's time as the caller knows it (``running_since``).
 
     An idempotency key already used for the workflow, here or by a concurrent creation on
     another node, answers the original execution (``existing``)."""
@@ -102,7 +104,9 @@ def create_execution(workflow: str, inputs: dict | None, version: int | None, tr
     except MantleError as exc:
         return Created(error=exc)
     queued = False
+    sql = Statements.of_bound()
     if model.max_parallel_executions > 0:
+        sql.flush()  # the count must see executions created earlier in this batch
         lock_for_update(Workflow, Workflow.name == workflow)
         if _running_count(workflow) >= model.max_parallel_executions:
             if model.on_limit == "reject":
@@ -112,25 +116,27 @@ def create_execution(workflow: str, inputs: dict | None, version: int | None, tr
     # counting "pending" too would count queued ones, and a created-then-started pair of writes
     # would let two creations pass the check between them.
     status = ExecutionStatus.PENDING if queued else ExecutionStatus.RUNNING
-    sql = Statements.of_bound()
     trigger = trigger if trigger is not None else MANUAL_TRIGGER
+    started = utcnow()
+    running_since = None if queued else (now or started)
     execution = {"id": str(uuid.uuid4()), "workflow": workflow, "version": version,
                  "status": status.value, "inputs": effective, "trigger": trigger,
-                 "error": None, "started_at": utcnow(), "completed_at": None,
-                 "owner": node, "epoch": 1, "running_since": None, "hooks_since": None,
+                 "error": None, "started_at": started, "completed_at": None,
+                 "owner": node, "epoch": 1, "running_since": running_since,
+                 "hooks_since": None,
                  "retry_of": retry_of,
                  "parent_execution_id": parent.execution_id if parent else None,
                  "parent_step": parent.step if parent else None,
                  "depth": parent.depth if parent else 1}
-    inserted = sql.rows(sql.insert_execution, (
-        execution["id"], workflow, version, status.value, dump_json(effective),
-        dump_json(trigger), sql.stamp(execution["started_at"]), node, 1, idempotency_key,
-        retry_of, not queued, execution["parent_execution_id"], execution["parent_step"],
-        execution["depth"]))
-    if not inserted:  # the key was taken since the look-up (another node)
+    row = (execution["id"], workflow, version, status.value, dump_json(effective),
+           dump_json(trigger), sql.stamp(started), node, 1, idempotency_key, retry_of,
+           sql.stamp(running_since), execution["parent_execution_id"],
+           execution["parent_step"], execution["depth"])
+    if idempotency_key is None and sql.batch is not None:
+        sql.batch.executions.append(row)  # nothing can conflict: written with the batch
+    elif not sql.run(sql.insert_execution, row):  # the key was taken since the look-up
         return Created(execution_row(_existing(workflow, idempotency_key)), existing=True)
     if not queued:
-        execution["running_since"] = sql.datetime(inserted[0][0])
         sql.audit(actor, "workflow.executed", "workflow_execution", execution["id"],
                   {"workflow": workflow, "version": version})
     if retry_of is not None:
@@ -145,11 +151,17 @@ def _running_count(workflow: str) -> int:
                    WorkflowExecution.status == ExecutionStatus.RUNNING.value).scalar())
 
 
-def finish_execution(execution_id: str, status: str, error: str | None) -> bool:
-    """running -> final; False when the row is no longer running (a cancel won the race)."""
+def finish_execution(execution_id: str, status: str, error: str | None) -> bool | Pending:
+    """running -> final; False when the row is no longer running (a cancel won the race).
+
+    Inside a journal batch the answer is Pending until the batch is written."""
     sql = Statements.of_bound()
-    return bool(sql.run(sql.finish_execution,
-                        (status, storable_text(error), sql.stamp(utcnow()), execution_id)))
+    params = (status, storable_text(error), sql.stamp(utcnow()), execution_id)
+    if sql.batch is not None:
+        pending = Pending()
+        sql.batch.finishes.append((params, status, pending))
+        return pending
+    return bool(sql.run(sql.finish_execution, params))
 
 
 def fail_execution(execution_id: str, error: str) -> bool:
@@ -157,10 +169,13 @@ def fail_execution(execution_id: str, error: str) -> bool:
     execution row, and any step row still pending or running, which becomes ``cancelled``
     (interrupted). False when the execution was no longer running."""
     now = utcnow()
+    sql = Statements.of_bound()
+    sql.flush()
     (StepExecution.update(status="cancelled", completed_at=now)
      .where(StepExecution.execution_id == execution_id,
             StepExecution.status.in_(_ACTIVE)).execute())
-    return finish_execution(execution_id, "failed", error)
+    return bool(sql.run(sql.finish_execution, ("failed", storable_text(error),
+                                               sql.stamp(now), execution_id)))
 
 
 def mark_hooks_started(execution_id: str) -> None:
@@ -175,6 +190,7 @@ def cancel_execution(execution_id: str, actor: str) -> Cancelled | None:
     (sub-workflows, 13.3); None for an unknown id. On PostgreSQL each cancelled id is also
     announced with ``NOTIFY mantle_cancel`` (delivered at commit) so its owner, on any host,
     interrupts it at once (13.7)."""
+    Statements.of_bound().flush()  # what was submitted before the cancel comes first
     row = (WorkflowExecution.select(WorkflowExecution.status, WorkflowExecution.workflow_name,
                                     WorkflowExecution.owner)
            .where(WorkflowExecution.id == execution_id).first())
@@ -230,6 +246,7 @@ def promote_queued(workflow: str, node: str) -> list[tuple[str, int]]:
     nodes (FIFO, 4.9, 13.1.10): each becomes ``running`` and is owned by ``node`` under a new
     epoch. Returns (id, epoch) of those promoted. The limit is the oldest queued one's
     version's ``max_parallel_executions``."""
+    Statements.of_bound().flush()
     lock_for_update(Workflow, Workflow.name == workflow)
 
     def queue(n: int | None):
@@ -265,6 +282,7 @@ def promote_queued(workflow: str, node: str) -> list[tuple[str, int]]:
 
 def execution_snapshot(execution_id: str) -> tuple[dict, dict, list[dict]] | None:
     """(execution, definition, step rows) for starting or resuming an execution."""
+    Statements.of_bound().flush()
     execution = WorkflowExecution.get_or_none(WorkflowExecution.id == execution_id)
     if execution is None:
         return None
@@ -286,6 +304,7 @@ def final_results(execution_ids: list[str]) -> dict[str, dict]:
     step's latest ``output`` and ``error``)."""
     if not execution_ids:
         return {}
+    Statements.of_bound().flush()
     final = list(WorkflowExecution.select(WorkflowExecution.id, WorkflowExecution.status,
                                           WorkflowExecution.error)
                  .where(WorkflowExecution.id.in_(execution_ids),
@@ -309,6 +328,7 @@ def final_results(execution_ids: list[str]) -> dict[str, dict]:
 
 def copy_steps(execution_id: str, rows: list[dict]) -> None:
     """Store reused step results in a retry execution (``mantle retry``)."""
+    Statements.of_bound().flush()  # the execution row first (foreign key)
     for row in rows:
         StepExecution.insert(execution_id=execution_id, step_name=row["step"],
                              attempt=row["attempt"], is_hook=False, status=row["status"],

@@ -15,7 +15,7 @@ from mantle.db import database_proxy, is_sqlite, unwrap
 from mantle.db.engine import later_sql, now_sql, share_lock_sql
 from mantle.db.fields import dump_json, sqlite_text, utcnow
 
-__all__ = ["Statements", "batch_scope", "storable_text"]
+__all__ = ["Statements", "Batch", "Pending", "batch_scope", "storable_text"]
 
 
 def storable_text(text: str | None) -> str | None:
@@ -54,18 +54,18 @@ class Statements:
             "error = excluded.error, started_at = excluded.started_at, "
             "completed_at = excluded.completed_at, wait_kind = excluded.wait_kind, "
             "wait_until = excluded.wait_until")
-        self.insert_execution = (
-            "INSERT INTO workflow_executions (id, workflow_name, version, status, inputs, "
-            "trigger, started_at, owner, epoch, idempotency_key, retry_of, running_since, "
-            f"parent_execution_id, parent_step, depth) VALUES ({values(11)}, "
-            f"CASE WHEN {p} THEN {self.now} END, {values(3)}) "
-            "ON CONFLICT (workflow_name, idempotency_key) DO NOTHING RETURNING running_since")
+        columns = ("INSERT INTO workflow_executions (id, workflow_name, version, status, "
+                   "inputs, trigger, started_at, owner, epoch, idempotency_key, retry_of, "
+                   "running_since, parent_execution_id, parent_step, depth) ")
+        self.insert_execution_plain = f"{columns}VALUES ({values(15)})"
+        self.insert_execution = (f"{columns}VALUES ({values(15)}) "
+                                 "ON CONFLICT (workflow_name, idempotency_key) DO NOTHING")
         self.finish_execution = (
             f"UPDATE workflow_executions SET status = {p}, error = {p}, completed_at = {p} "
             f"WHERE id = {p} AND status = 'running'")
         self.current_version = f"SELECT current_version FROM workflows WHERE name = {p}"
         self.share_lock = share_lock_sql(database)
-        self.local = threading.local()  # .audit_rows: this thread's batch_scope() buffer
+        self.local = threading.local()  # .batch: this thread's open batch_scope()
 
     @classmethod
     def of_bound(cls) -> Statements:
@@ -105,34 +105,99 @@ class Statements:
     def audit(self, actor, action, resource_type, resource_id, metadata) -> None:
         row = (self.stamp(utcnow()), actor, action, resource_type, str(resource_id),
                dump_json(metadata))
-        rows = getattr(self.local, "audit_rows", None)
-        if rows is None:
+        batch = self.batch
+        if batch is None:
             self.run(self.insert_audit, row)
         else:
-            rows.append(row)
+            batch.audits.append(row)
+
+    @property
+    def batch(self) -> Batch | None:
+        """This thread's open ``batch_scope``, if any."""
+        return getattr(self.local, "batch", None)
+
+    def flush(self) -> None:
+        """Write what this thread's batch holds back, before a statement that reads it."""
+        batch = self.batch
+        if batch is not None:
+            batch.flush()
+
+
+class Pending:
+    """A result known only once the batch is written (``Batch.flush``); the journal hands
+    callbacks the ``value``."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value=None):
+        self.value = value
+
+
+class Batch:
+    """The writes of one journal transaction that need no answer on the spot, held back and
+    sent as one ``executemany`` per statement when the transaction ends (or earlier, when a
+    statement must see them: ``Statements.flush``).
+
+    One statement per row is what bounded the engine: every statement is a round trip on
+    PostgreSQL, and on both databases a moment without the GIL that the journal thread then
+    queues to get back. ``executemany`` pipelines the rows on PostgreSQL (psycopg) and steps
+    them in one call on SQLite. Order: execution rows before step rows (foreign key), final
+    statuses, then audit rows, which nothing reads back.
+    """
+
+    def __init__(self, sql: Statements):
+        self._sql = sql
+        self.executions: list[tuple] = []
+        self.steps: list[tuple] = []
+        self.finishes: list[tuple[tuple, str, Pending]] = []
+        self.audits: list[tuple] = []
+        self.versions: dict[str, int | None] = {}  # current versions read in this batch
+
+    def flush(self) -> None:
+        sql = self._sql
+        if self.executions:
+            self._many(sql.insert_execution_plain, self.executions)
+            self.executions = []
+        if self.steps:
+            self._many(sql.upsert_step, self.steps)
+            self.steps = []
+        if self.finishes:
+            finishes, self.finishes = self.finishes, []
+            self._many(sql.finish_execution, [params for params, _, _ in finishes])
+            ids = [params[3] for params, _, _ in finishes]
+            statuses = dict(sql.rows(
+                f"SELECT id, status FROM workflow_executions WHERE id IN "
+                f"({sql.placeholders(len(ids))})", tuple(ids)))
+            for params, status, pending in finishes:
+                # Ours if the row now holds what we wrote (a cancel committed first leaves
+                # ``cancelled``, which no finish writes).
+                pending.value = statuses.get(params[3]) == status
+
+    def close(self) -> None:
+        self.flush()
+        if self.audits:
+            self._many(self._sql.insert_audit, self.audits)
+            self.audits = []
+
+    def _many(self, statement: str, rows: list[tuple]) -> None:
+        cursor = self._sql.db.cursor()
+        try:
+            cursor.executemany(statement, rows)
+        finally:
+            cursor.close()
 
 
 @contextlib.contextmanager
 def batch_scope(database):
-    """Inside a transaction: collect the audit rows this thread's operations write and insert
-    them in one ``executemany`` when the block ends without error (before the commit).
-
-    Audit rows are appended and never read back by an operation, so inserting them at the end
-    of the transaction changes nothing but the cost: one statement per row was a tenth of the
-    daemon's time under load, and on PostgreSQL one network round trip per row.
-    """
+    """Inside a transaction: hold back this thread's writes that need no answer (``Batch``)
+    and write them, in bulk, when the block ends without error (before the commit)."""
     sql = Statements.of(database)
-    if getattr(sql.local, "audit_rows", None) is not None:  # nested: the outer block inserts
+    if sql.batch is not None:  # nested: the outer block writes
         yield
         return
-    rows = sql.local.audit_rows = []
+    batch = sql.local.batch = Batch(sql)
     try:
         yield
-        if rows:
-            cursor = sql.db.cursor()
-            try:
-                cursor.executemany(sql.insert_audit, rows)
-            finally:
-                cursor.close()
+        batch.close()
     finally:
-        sql.local.audit_rows = None
+        sql.local.batch = None

@@ -29,10 +29,13 @@ def write_step(execution_id: str, step: str, attempt: int, status: str, *, hook_
     (13.1.11)."""
     is_hook = hook_block is not None
     sql = Statements.of_bound()
-    sql.run(sql.upsert_step, (
-        execution_id, step, attempt, status, is_hook, hook_block,
-        None if output is None else dump_json(output), storable_text(error),
-        sql.stamp(started_at), sql.stamp(completed_at), wait_kind, sql.stamp(wait_until)))
+    row = (execution_id, step, attempt, status, is_hook, hook_block,
+           None if output is None else dump_json(output), storable_text(error),
+           sql.stamp(started_at), sql.stamp(completed_at), wait_kind, sql.stamp(wait_until))
+    if sql.batch is not None:
+        sql.batch.steps.append(row)  # written with the batch (an upsert needs no answer)
+    else:
+        sql.run(sql.upsert_step, row)
     actions = (audit_action,) if isinstance(audit_action, str) else (audit_action or ())
     if not actions:
         return
@@ -52,6 +55,7 @@ def write_progress(execution_id: str, step: str, attempt: int, is_hook: bool,
                    progress) -> bool:
     """Store a connector's checkpoint inside a running attempt; False when the attempt's row
     is no longer running (cancelled, or finished meanwhile)."""
+    Statements.of_bound().flush()
     return bool(StepExecution.update(progress=progress).where(
         StepExecution.execution_id == execution_id, StepExecution.is_hook == is_hook,
         StepExecution.step_name == step, StepExecution.attempt == attempt,

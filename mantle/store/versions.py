@@ -65,18 +65,28 @@ def model_of(workflow: str, version: int) -> WorkflowModel:
     return found[1]
 
 
+def _current_version(workflow: str) -> int | None:
+    sql = Statements.of_bound()
+    batch = sql.batch
+    if batch is not None and workflow in batch.versions:
+        return batch.versions[workflow]
+    row = sql.db.execute_sql(sql.current_version, (workflow,)).fetchone()
+    version = row[0] if row else None
+    if batch is not None:
+        batch.versions[workflow] = version
+    return version
+
+
 def version_of(workflow: str, version: int | None
                ) -> tuple[int, dict, WorkflowModel] | MantleError:
     """(version, definition, model) of the requested or current version, or the error to
     report (WorkflowNotFound, VersionNotFound)."""
     if not storable(workflow):
         return WorkflowNotFound(workflow)
-    if version is None:  # every run asks this: hand-written SQL, not a peewee query
-        sql = Statements.of_bound()
-        row = sql.db.execute_sql(sql.current_version, (workflow,)).fetchone()
-        if row is None:
+    if version is None:  # every run asks this: once per journal batch, hand-written SQL
+        version = _current_version(workflow)
+        if version is None:
             return WorkflowNotFound(workflow)
-        version = row[0]
     found = stored_version(workflow, version)
     if found is None:
         if Workflow.get_or_none(Workflow.name == workflow) is None:
