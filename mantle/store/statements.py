@@ -174,10 +174,13 @@ class Batch:
                 pending.value = statuses.get(params[3]) == status
 
     def close(self) -> None:
-        self.flush()
-        if self.audits:
-            self._many(self._sql.insert_audit, self.audits)
-            self.audits = []
+        """Write everything held back; on PostgreSQL in one pipeline (one round trip)."""
+        sql = self._sql
+        with (sql.db.connection().pipeline() if not sql.sqlite else contextlib.nullcontext()):
+            self.flush()
+            if self.audits:
+                self._many(sql.insert_audit, self.audits)
+                self.audits = []
 
     def _many(self, statement: str, rows: list[tuple]) -> None:
         cursor = self._sql.db.cursor()
