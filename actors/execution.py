@@ -292,9 +292,10 @@ class ExecutionActor(Attempts, HookPhase, Children, PooledActor):
         """The execution's final status when ``run``'s outcome ends it with no hook to run.
 
         Then the outcome and the final status are written in one transaction: the outcome is
-        still durable no later than the final status (SPEC 4.11), for one commit less.
+        still durable no later than the final status (SPEC 4.11), for one commit less. Also
+        during a shutdown: finishing an execution starts nothing.
         """
-        if run.hook or self._phase != "main" or self._shutdown:
+        if run.hook or self._phase != "main":
             return None
         if any(other is not run and (not other.status.is_final or other.stage)
                for other in self._steps.values()):

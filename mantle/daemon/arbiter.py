@@ -172,9 +172,9 @@ class Arbiter:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                break
             if pid == 0:
-                return
+                break
             worker = self._workers.pop(pid, None)
             if worker is None:
                 continue

@@ -96,3 +96,33 @@ def test_shutdown_timeout_must_be_a_duration(tmp_path):
         config.shutdown_timeout_seconds
     assert load_config({"shutdown_timeout": "1m30s"}, {}, cwd=tmp_path) \
         .shutdown_timeout_seconds == 90
+
+
+def test_workers_lease_ttl_and_depth_come_from_flag_environment_or_file(tmp_path):
+    write(tmp_path, "server:\n  workers: 3\nengine:\n  lease_ttl: 20s\n"
+                    "  max_workflow_depth: 4\n")
+    config = load_config({}, {}, cwd=tmp_path)
+    assert (config.worker_count, config.lease_ttl_seconds, config.max_depth) == (3, 20.0, 4)
+    config = load_config({"workers": "2"}, {"MANTLE_LEASE_TTL": "5s",
+                                            "MANTLE_MAX_WORKFLOW_DEPTH": "7"}, cwd=tmp_path)
+    assert (config.worker_count, config.lease_ttl_seconds, config.max_depth) == (2, 5.0, 7)
+    defaults = load_config({}, {}, cwd=tmp_path / "nowhere")
+    assert (defaults.worker_count, defaults.lease_ttl_seconds, defaults.max_depth) == (
+        1, 15.0, 10)
+
+
+@pytest.mark.parametrize("setting, value, message", [
+    ("workers", "0", 'invalid workers "0": must be a whole number from 1 to 64'),
+    ("workers", "many", 'invalid workers "many": must be a whole number from 1 to 64'),
+    ("lease_ttl", "1s", 'invalid lease ttl "1s": must be a duration of at least 3s, '
+                        "such as 15s"),
+    ("max_workflow_depth", "0", 'invalid max workflow depth "0": must be a whole number '
+                                "from 1 to 1000"),
+])
+def test_bad_workers_lease_ttl_or_depth_is_a_config_error(tmp_path, setting, value, message):
+    config = load_config({setting: value}, {}, cwd=tmp_path)
+    prop = {"workers": "worker_count", "lease_ttl": "lease_ttl_seconds",
+            "max_workflow_depth": "max_depth"}[setting]
+    with pytest.raises(ConfigError) as caught:
+        getattr(config, prop)
+    assert str(caught.value) == message

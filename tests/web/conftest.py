@@ -5,6 +5,8 @@ from __future__ import annotations
 import falcon.testing
 import pytest
 
+from tests.helpers.database import bound_database
+
 from actors.engine import Engine
 from mantle.daemon.readiness import Readiness
 from mantle.metrics import Metrics
@@ -35,3 +37,10 @@ def app(engine, db, readiness):
 @pytest.fixture
 def client(app) -> falcon.testing.TestClient:
     return falcon.testing.TestClient(app)
+
+
+@pytest.fixture
+def sqlite_url(tmp_path):
+    """A migrated SQLite database, bound in the test process too."""
+    with bound_database(f"sqlite:///{tmp_path / 'mantle.db'}", migrate=True) as database:
+        yield f"sqlite:///{database.database}"

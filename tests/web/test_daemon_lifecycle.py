@@ -14,7 +14,6 @@ import uuid
 import pytest
 
 from mantle import db as mantle_db
-from mantle.db import migrations
 from mantle.db.models import StepExecution, WorkflowExecution
 from tests.web.support import Daemon, apply_yaml, cli, free_port, wait_until
 
@@ -30,18 +29,6 @@ HELLO = """
     name: hello
     steps: [{name: greet, action: core/log, params: {message: hi}}]
 """
-
-
-@pytest.fixture
-def sqlite_url(tmp_path):
-    """A migrated SQLite database, bound in the test process too."""
-    url = f"sqlite:///{tmp_path / 'mantle.db'}"
-    database = mantle_db.connect(url)
-    migrations.migrate(database)
-    mantle_db.bind(database)
-    yield url
-    database.close()
-    mantle_db.database_proxy.initialize(None)
 
 
 def _rows(execution_id: str) -> dict[str, tuple[str, int]]:

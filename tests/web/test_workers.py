@@ -1,0 +1,130 @@
+"""``mantle serve --workers N`` (SPEC 13.7): pre-forked workers on one port, supervised by a
+parent that restarts them, relays SIGTERM, and speaks to systemd once for all."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from collections import Counter
+
+from mantle.db.models import Node, StepExecution, WorkflowExecution
+from tests.web.support import Daemon, apply_yaml, wait_until
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as handle:
+            return [int(child) for child in handle.read().split()]
+    except OSError:
+        return []
+
+
+class _Systemd:
+    """A NOTIFY_SOCKET that keeps every message it gets."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.sock.settimeout(0.1)
+        self.messages: list[str] = []
+
+    def read(self) -> list[str]:
+        while True:
+            try:
+                self.messages.append(self.sock.recv(256).decode())
+            except (TimeoutError, BlockingIOError):
+                return self.messages
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_workers_serve_one_port_as_separate_nodes_and_tell_systemd_once(tmp_path, sqlite_url):
+    apply_yaml("""
+        name: hello
+        steps: [{name: say, action: core/log, params: {message: hi}}]
+    """)
+    systemd = _Systemd(str(tmp_path / "notify.sock"))
+    daemon = Daemon(tmp_path, sqlite_url, args=("--workers", "3"),
+                    env={"NOTIFY_SOCKET": systemd.path, "WATCHDOG_USEC": "400000"})
+    daemon.start()
+    try:
+        workers = wait_until(lambda: len(_children(daemon.process.pid)) == 3
+                             and _children(daemon.process.pid), timeout=30)
+        wait_until(lambda: "READY=1" in systemd.read(), timeout=30)
+        wait_until(lambda: systemd.read().count("WATCHDOG=1") >= 3, timeout=10)
+        nodes = {row.pid: row.kind for row in Node.select()}
+        assert all(nodes.get(pid) == "worker" for pid in workers), nodes
+        ids = [daemon.post("/api/v1/run/hello", {}).json["execution_id"] for _ in range(12)]
+        for execution_id in ids:
+            daemon.wait_for_status(execution_id, ("completed",))
+    finally:
+        assert daemon.stop() == 0
+    messages = systemd.read()
+    systemd.close()
+    assert messages.count("READY=1") == 1
+    assert messages.count("STOPPING=1") == 1
+    assert all(not os.path.exists(f"/proc/{pid}") or _zombie(pid) for pid in workers)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_a_worker_that_dies_is_restarted_and_its_executions_go_on(tmp_path, sqlite_url):
+    apply_yaml("""
+        name: napping
+        steps:
+          - {name: nap, action: core/sleep, params: {duration: 2s}}
+          - {name: after, action: core/log, depends_on: [nap], params: {message: done}}
+    """)
+    daemon = Daemon(tmp_path, sqlite_url, args=("--workers", "2")).start()
+    try:
+        before = wait_until(lambda: len(_children(daemon.process.pid)) == 2
+                            and _children(daemon.process.pid), timeout=30)
+        ids = [daemon.post("/api/v1/run/napping", {}).json["execution_id"] for _ in range(10)]
+        wait_until(lambda: StepExecution.select().where(
+            StepExecution.execution_id.in_(ids), StepExecution.status == "running"
+        ).count() == len(ids))
+        owners = Counter(WorkflowExecution.get_by_id(i).owner for i in ids)
+        victim_node = owners.most_common(1)[0][0]
+        victim = Node.get_by_id(victim_node).pid
+        os.kill(victim, signal.SIGKILL)
+        daemon.wait_for_log("worker exited", pid=victim)
+        wait_until(lambda: len(_children(daemon.process.pid)) == 2
+                   and victim not in _children(daemon.process.pid), timeout=30)
+        for execution_id in ids:
+            daemon.wait_for_status(execution_id, ("completed",), timeout=30)
+        after = _children(daemon.process.pid)
+    finally:
+        assert daemon.stop() == 0
+    assert len(set(after) - set(before)) == 1
+    assert victim_node not in {WorkflowExecution.get_by_id(i).owner for i in ids}
+
+
+def test_sigterm_to_the_parent_stops_every_worker_gracefully(tmp_path, sqlite_url):
+    apply_yaml("""
+        name: short
+        steps: [{name: nap, action: core/sleep, params: {duration: 1s}}]
+    """)
+    daemon = Daemon(tmp_path, sqlite_url, args=("--workers", "2",
+                                                "--shutdown-timeout", "10s")).start()
+    workers = wait_until(lambda: len(_children(daemon.process.pid)) == 2
+                         and _children(daemon.process.pid), timeout=30)
+    execution_id = daemon.post("/api/v1/run/short", {}).json["execution_id"]
+    wait_until(lambda: StepExecution.select().where(
+        StepExecution.execution_id == execution_id, StepExecution.status == "running").exists())
+    started = time.monotonic()
+    daemon.send(signal.SIGTERM)
+    assert daemon.wait(30) == 0
+    assert time.monotonic() - started < 10
+    assert WorkflowExecution.get_by_id(execution_id).status == "completed"  # it had time
+    assert daemon.messages().count("server stopped") == 3  # two workers and the parent
+    assert all(_zombie(pid) for pid in workers)
