@@ -19,7 +19,7 @@ from mantle.workflow import Workflow, workflow_from_definition
 from mantle.workflow.diff import Change, diff_definitions
 
 __all__ = ["ApplyResult", "Plan", "content_hash", "apply_definition", "plan_definition",
-           "rollback", "current_definition"]
+           "rollback", "current_definition", "self_calls"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -38,6 +38,15 @@ class Plan:
     new_version: int
     unchanged: bool
     changes: tuple[Change, ...]
+
+
+def self_calls(workflow: Workflow) -> list[str]:
+    """Names of the steps (and hook steps) that run ``workflow`` itself through
+    ``workflow/run`` with a literal name: ``apply`` warns about them (SPEC 13.3)."""
+    hooks = workflow.hooks
+    steps = [*workflow.steps, *hooks.on_success, *hooks.on_failure, *hooks.on_finish]
+    return [step.name for step in steps if step.action == "workflow/run"
+            and isinstance(step.params, dict) and step.params.get("workflow") == workflow.name]
 
 
 def content_hash(raw: bytes) -> str:

@@ -61,6 +61,10 @@ def apply(args, context: Context) -> int:
     context.config  # noqa: B018
     raw, workflow = _load(args.file)
     context.database()
+    for step in definitions.self_calls(workflow):
+        print(f'Warning: step "{step}" runs workflow "{workflow.name}" itself; each level '
+              f"nests one deeper until engine.max_workflow_depth "
+              f"({context.config.max_depth}) fails it", file=sys.stderr)
     result = definitions.apply_definition(raw, workflow)
     if result.created:
         print(f"Applied {result.name} version {result.version}")

@@ -154,6 +154,21 @@ def test_apply_stores_version_one_then_reports_no_changes(cli):
     assert plan.stdout == "No changes — daily-report is at version 1\n"
 
 
+def test_apply_warns_but_applies_a_workflow_that_runs_itself(cli):
+    """SPEC 13.3: a direct self-call only nests until the depth limit; apply says so."""
+    cli.write("nest.yaml", """\
+        name: nest
+        steps:
+          - {name: down, action: workflow/run, params: {workflow: nest}}
+          - {name: other, action: workflow/run, params: {workflow: elsewhere}}
+    """)
+    result = cli("apply", "nest.yaml")
+    assert (result.returncode, result.stdout) == (0, "Applied nest version 1\n")
+    assert result.stderr == ('Warning: step "down" runs workflow "nest" itself; each level '
+                             "nests one deeper until engine.max_workflow_depth (10) fails "
+                             "it\n")
+
+
 def test_plan_lists_changed_added_and_removed_leaves(cli):
     cli.write("report.yaml", REPORT_V1)
     cli("apply", "report.yaml")
