@@ -34,6 +34,11 @@ class Client:
         return conn
 
     def request(self, method: str, path: str, body=None) -> tuple[int, dict]:
+        status, payload, _ = self.exchange(method, path, body)
+        return status, payload
+
+    def exchange(self, method: str, path: str, body=None) -> tuple[int, dict, str | None]:
+        """(status, JSON body, the answering node from ``X-Mantle-Node``)."""
         data = None if body is None else json.dumps(body)
         for attempt in (1, 2):
             conn = self._conn()
@@ -42,7 +47,8 @@ class Client:
                              headers={"Content-Type": "application/json"})
                 resp = conn.getresponse()
                 payload = resp.read()
-                return resp.status, json.loads(payload) if payload else {}
+                return (resp.status, json.loads(payload) if payload else {},
+                        resp.getheader("X-Mantle-Node"))
             except (http.client.HTTPException, OSError):
                 conn.close()
                 self._local.conn = None
@@ -97,10 +103,12 @@ def _children(pid: int) -> list[int]:
 class Daemon:
     """`mantle init`, `apply` of the bench workflows, then `mantle serve` on a free port."""
 
-    def __init__(self, workflows: dict[str, str], database_url: str | None = None):
+    def __init__(self, workflows: dict[str, str], database_url: str | None = None,
+                 workers: int = 1):
         self.dir = tempfile.mkdtemp(prefix="mantle-bench-")
         self.database_url = database_url or f"sqlite:///{self.dir}/mantle.db"
         self.workflows = workflows
+        self.workers = workers
         self.proc: subprocess.Popen | None = None
         self.client: Client | None = None
         self.pool = None  # workloads.client_pool() sets it
@@ -122,7 +130,8 @@ class Daemon:
             self._mantle("apply", path)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mantle", "serve", "--api-address", "127.0.0.1:0",
-             "--database-url", self.database_url, "--log-level", "info"],
+             "--database-url", self.database_url, "--log-level", "info",
+             "--workers", str(self.workers)],
             cwd=self.dir, env=self._env(), stdout=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 30
         port = None
@@ -139,6 +148,29 @@ class Daemon:
         threading.Thread(target=self._drain, daemon=True).start()
         self.client = Client(port)
         return self
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) used so far by the daemon and its worker processes."""
+        tick = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for pid in [self.proc.pid] + _children(self.proc.pid):
+            try:
+                with open(f"/proc/{pid}/stat") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+            except (OSError, IndexError, ValueError):
+                pass
+        return total / tick
+
+    def owners(self, ids) -> dict[str, str]:
+        """execution id -> owning node, read from the SQLite file (benchmarks only)."""
+        import sqlite3
+
+        path = self.database_url[len("sqlite:///"):]
+        with sqlite3.connect(path) as conn:
+            rows = conn.execute("SELECT id, owner FROM workflow_executions").fetchall()
+        wanted = set(ids)
+        return {i: owner for i, owner in rows if i in wanted}
 
     def _drain(self) -> None:
         for _ in self.proc.stdout:

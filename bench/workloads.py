@@ -93,13 +93,15 @@ def _unsuccessful(daemon: Daemon, workflow: str, ids) -> int:
 
 
 def throughput_workload(daemon: Daemon, workflow: str, n: int, steps: int) -> dict:
+    cpu = daemon.cpu_seconds()
     sent = _trigger_all(daemon, workflow, n)
     _wait_final(daemon, workflow, timeout=120)
+    cpu = daemon.cpu_seconds() - cpu
     done = _completed(daemon, workflow, sent)
     wall = max(done.values()) - min(sent.values())
     latencies = [done[i] - sent[i] for i in done]  # the newest 1000 when n > 1000
     return {"n": n, "completed": _unsuccessful(daemon, workflow, sent) == 0,
-            "wall_s": round(wall, 3),
+            "wall_s": round(wall, 3), "cpu_ms_per_exec": round(cpu * 1000 / n, 3),
             "exec_per_s": round(n / wall, 1), "steps_per_s": round(n * steps / wall, 1),
             "lat_p50_ms": round(percentile(latencies, 50) * 1000, 2),
             "lat_p99_ms": round(percentile(latencies, 99) * 1000, 2)}
@@ -127,22 +129,31 @@ def cancel_workload(daemon: Daemon, workflow: str, n: int) -> dict:
         time.sleep(0.02)
     time.sleep(0.2)  # as the floor does: let the last steps begin their sleep
 
+    owners = daemon.owners(ids) if daemon.workers > 1 else {}
+
     def cancel(execution_id):
         sent = time.time()
-        status, _ = daemon.client.request("POST", f"/api/v1/cancel/{execution_id}")
-        return execution_id, sent, status
+        status, _, node = daemon.client.exchange("POST", f"/api/v1/cancel/{execution_id}")
+        return execution_id, sent, status, node
 
-    cancels = {i: sent for i, sent, status in client_pool(daemon).map(cancel, ids)
-               if status == 200}
+    cancels = {i: (sent, node) for i, sent, status, node
+               in client_pool(daemon).map(cancel, ids) if status == 200}
     _wait_final(daemon, workflow, timeout=30)
     # The step's completed_at is written when its interrupted attempt is checkpointed
     # (server clock, same machine): no client polling sits in the measured path.
-    latencies = []
-    for execution_id, sent in cancels.items():
+    latencies, elsewhere = [], []
+    for execution_id, (sent, node) in cancels.items():
         _, detail = daemon.client.request("GET", f"/api/v1/executions/{execution_id}")
         step = detail["steps"][0]
         if detail["status"] == "cancelled" and step["status"] == "cancelled":
-            latencies.append(_epoch(step["completed_at"]) - sent)
-    return {"n": n, "all_cancelled": len(latencies) == n,
-            "cancel_p50_ms": round(percentile(latencies, 50) * 1000, 2),
-            "cancel_p99_ms": round(percentile(latencies, 99) * 1000, 2)}
+            latency = _epoch(step["completed_at"]) - sent
+            latencies.append(latency)
+            if owners and node != owners.get(execution_id):
+                elsewhere.append(latency)  # sent to a worker that did not own it
+    result = {"n": n, "all_cancelled": len(latencies) == n,
+              "cancel_p50_ms": round(percentile(latencies, 50) * 1000, 2),
+              "cancel_p99_ms": round(percentile(latencies, 99) * 1000, 2)}
+    if elsewhere:
+        result.update(non_owner=len(elsewhere),
+                      non_owner_p99_ms=round(percentile(elsewhere, 99) * 1000, 2))
+    return result

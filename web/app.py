@@ -42,6 +42,17 @@ def routes(engine, metrics: Metrics, readiness) -> list[tuple[str, object]]:
     ]
 
 
+class NodeHeader:
+    """``X-Mantle-Node``: the node (process) that answered, so an operator or a benchmark can
+    tell ``serve --workers`` and several daemons apart (docs/api.md)."""
+
+    def __init__(self, node_id: str):
+        self._node_id = node_id
+
+    def process_response(self, req, resp, resource, req_succeeded) -> None:
+        resp.set_header("X-Mantle-Node", self._node_id)
+
+
 def create_app(engine, metrics: Metrics, database, readiness) -> falcon.App:
     """The WSGI app.
 
@@ -54,6 +65,7 @@ def create_app(engine, metrics: Metrics, database, readiness) -> falcon.App:
     router = CompiledRouter()
     labels = RouteLabels(router)
     app = falcon.App(router=router, middleware=[
+        NodeHeader(engine.runner),
         RequestMetrics(metrics, labels),  # first, so it also times refused requests
         BodyLimit(),
         Authentication(database, labels),
