@@ -365,3 +365,37 @@ def test_exactly_one_child_per_parent_step_attempt_across_a_crash(bound, backend
     steps = {step["name"]: step for step in detail["steps"]}
     assert steps["child"]["output"]["execution_id"] == children[0].id
     assert steps["after"]["output"] == {"message": "completed"}
+
+
+def test_idempotency_keys_and_limits_hold_across_nodes(bound, backend, tmp_path):
+    """SPEC 13.7: limits (4.9) and idempotency keys are global, whichever node a request
+    reaches."""
+    apply_yaml("""
+        name: one-at-a-time
+        max_parallel_executions: 1
+        steps: [{name: nap, action: core/sleep, params: {duration: 300ms}}]
+    """)
+    cluster = Cluster(backend, tmp_path, bound).start()
+    try:
+        targets = cluster.daemons * (12 // len(cluster.daemons))
+        with ThreadPoolExecutor(12) as pool:
+            same_key = list(pool.map(lambda d: d.post(
+                "/api/v1/run/one-at-a-time", {}, headers={"Idempotency-Key": "only-once"}),
+                targets))
+        assert {reply.status for reply in same_key} <= {200, 202}
+        assert len({reply.json["execution_id"] for reply in same_key}) == 1
+        with ThreadPoolExecutor(8) as pool:
+            ids = [reply.json["execution_id"] for reply in pool.map(
+                lambda _: cluster.any().post("/api/v1/run/one-at-a-time", {}), range(8))]
+        most, deadline = 0, time.monotonic() + 60
+        while time.monotonic() < deadline:
+            statuses = Counter(row.status for row in WorkflowExecution.select().where(
+                WorkflowExecution.workflow_name == "one-at-a-time"))
+            most = max(most, statuses["running"])
+            if statuses["completed"] == len(ids) + 1:
+                break
+            time.sleep(0.05)
+    finally:
+        cluster.stop()
+    assert statuses["completed"] == len(ids) + 1, statuses
+    assert most == 1

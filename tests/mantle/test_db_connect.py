@@ -121,6 +121,33 @@ def test_postgres_url_is_decoded_and_its_parameters_passed_through(pg_cluster):
         pg_cluster.execute('DROP ROLE "us@er:x"')
 
 
+@pytest.mark.postgres
+def test_postgres_connections_notice_dead_peers_and_never_wait_forever(pg_cluster):
+    """SPEC 13.7: connect timeout 5 s, TCP keepalives, tcp_user_timeout 10 s, statement
+    timeout 30 s; a session idle inside a transaction ends after 15 s (a paused node)."""
+    database = db.connect(pg_cluster.url)
+    try:
+        settings = database.execute_sql(
+            "SELECT current_setting('statement_timeout'), "
+            "current_setting('idle_in_transaction_session_timeout')").fetchone()
+        info = database.connection().info.get_parameters()
+    finally:
+        database.close()
+    assert settings == ("30s", "15s")
+    assert (info["connect_timeout"], info["keepalives"], info["tcp_user_timeout"]) == (
+        "5", "1", "10000")
+
+
+def test_a_url_may_set_its_own_postgres_timeouts():
+    from mantle.db.connect import _postgres_database  # builds, connects nothing
+
+    database = _postgres_database(
+        "postgresql://u@h/db?connect_timeout=2&options=-c%20statement_timeout%3D5000")
+    assert database.connect_params["connect_timeout"] == "2"
+    assert "statement_timeout=5000" in database.connect_params["options"]
+    assert database.connect_params["options"].count("statement_timeout") == 1
+
+
 def _pragmas(database) -> dict:
     return {name: database.execute_sql(f"PRAGMA {name}").fetchone()[0]
             for name in ("journal_mode", "busy_timeout", "synchronous", "foreign_keys")}
