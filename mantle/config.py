@@ -30,10 +30,21 @@ _SETTINGS: dict[str, tuple[str, str, str]] = {
     "plugins_dir": ("plugins.dir", "MANTLE_PLUGINS_DIR", ".mantle/plugins"),
     "server": ("", "MANTLE_SERVER", ""),
     "api_key": ("", "MANTLE_API_KEY", ""),
+    # The REST API in production (docs/configuration.md; parsed by web.settings).
+    "api_rate_limit": ("api.rate_limit", "MANTLE_API_RATE_LIMIT", "0"),
+    "api_rate_burst": ("api.rate_burst", "MANTLE_API_RATE_BURST", ""),
+    "api_max_event_streams": ("api.max_event_streams", "MANTLE_API_MAX_EVENT_STREAMS", "100"),
+    "api_auth_audit_interval": ("api.auth_audit_interval", "MANTLE_API_AUTH_AUDIT_INTERVAL",
+                                "60s"),
+    "metrics_require_key": ("metrics.require_key", "MANTLE_METRICS_REQUIRE_KEY", "false"),
+    "webhook_drop_headers": ("webhooks.drop_headers", "MANTLE_WEBHOOK_DROP_HEADERS", ""),
 }
 DEFAULTS = {name: default for name, (_, _, default) in _SETTINGS.items()}
-_FILE_SECTIONS = {"database": {"url"}, "api": {"address"}, "log": {"level"},
-                  "server": {"shutdown_timeout"}, "plugins": {"dir"}, "env": None}
+_FILE_SECTIONS = {"database": {"url"}, "log": {"level"},
+                  "server": {"shutdown_timeout"}, "plugins": {"dir"}, "env": None,
+                  "api": {"address", "rate_limit", "rate_burst", "max_event_streams",
+                          "auth_audit_interval"},
+                  "metrics": {"require_key"}, "webhooks": {"drop_headers"}}
 _ADDRESS = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[^:\[\]]*):(?P<port>\d{1,5})$")
 
 
@@ -48,6 +59,12 @@ class Config:
     plugins_dir: str
     server: str
     api_key: str
+    api_rate_limit: str
+    api_rate_burst: str
+    api_max_event_streams: str
+    api_auth_audit_interval: str
+    metrics_require_key: str
+    webhook_drop_headers: str
     env: Mapping[str, str]
     explicit: frozenset[str]
 
@@ -142,7 +159,10 @@ def _read_file(named: str | None, cwd) -> tuple[dict[str, Any], dict[str, Any]]:
             continue
         for key, value in body.items():
             if key in allowed:
-                values[f"{section}.{key}"] = value
+                # A YAML list (webhooks.drop_headers) is kept as the comma list the
+                # environment variable takes.
+                values[f"{section}.{key}"] = (",".join(map(str, value))
+                                              if isinstance(value, list) else value)
             else:
                 log.warning("unknown config key", extra={"key": f"{section}.{key}"})
     env = document.get("env") or {}

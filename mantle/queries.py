@@ -1,26 +1,46 @@
-"""Read-side queries shared by the CLI and the REST API (SPEC 6.2, 7.4).
+"""Read-side queries shared by the CLI and the REST API (SPEC 6.2, 7.4, 13.8).
 
 Each returns the API shape (RFC 3339 strings, ``null``s as None) so both front ends show the
-same data; ``raw=True`` variants keep datetimes for the CLI's own formatting.
+same data; ``raw=True`` variants keep datetimes for the CLI's own formatting. The API shape
+bounds step outputs (``OUTPUT_LIMIT``); ``step_output`` gives one whole.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as dt
 import functools
 import json
 import uuid
 
+from peewee import Cast
+
 from mantle.db import database_proxy, is_sqlite, unwrap
 from mantle.db.fields import storable, utcnow
 from mantle.db.models import StepExecution, WorkflowDefinition, WorkflowExecution
-from mantle.errors import ExecutionNotFound
+from mantle.errors import ExecutionNotFound, InvalidInput, MantleError
 from mantle.timefmt import rfc3339
 from mantle.workflow import Workflow, workflow_from_definition
 
-__all__ = ["execution_detail", "list_executions", "is_uuid", "workflow_version_model"]
+__all__ = ["execution_detail", "list_executions", "list_page", "step_output", "is_uuid",
+           "workflow_version_model", "InvalidCursor", "StepNotFound", "OUTPUT_LIMIT"]
 
 _FINAL = ("completed", "failed", "cancelled")
+# A step output whose JSON is larger than this many bytes is shown in the API's detail as
+# ``{"truncated": true, "size": <bytes>}`` (SPEC 13.8).
+OUTPUT_LIMIT = 64 * 1024
+
+
+class InvalidCursor(InvalidInput):
+    def __init__(self) -> None:
+        super().__init__("invalid cursor")
+
+
+class StepNotFound(MantleError):
+    def __init__(self, step: str):
+        super().__init__(f'step "{step}" not found')
+        self.step = step
 
 
 def is_uuid(text: str) -> bool:
@@ -55,6 +75,54 @@ def _summary(row: WorkflowExecution, raw: bool) -> dict:
 def list_executions(workflow: str | None = None, status: str | None = None,
                     since: float | None = None, limit: int = 20, raw: bool = False) -> list:
     """Newest first; ``since`` in seconds before now."""
+    return _page(workflow, status, since, limit, raw, None)
+
+
+def list_page(workflow: str | None = None, status: str | None = None,
+              since: float | None = None, limit: int = 20,
+              cursor: str | None = None) -> tuple[list[dict], str | None]:
+    """One page of the API's list and the cursor of the next one (None on the last page).
+
+    Keyset pagination on the list's order (``started_at``, ``id``, newest first): a page
+    continues strictly after the last row of the one before, so rows inserted meanwhile
+    never make a page repeat or skip a row that existed when the walk began.
+    """
+    after = None if cursor is None else _decode_cursor(cursor)
+    rows = _page(workflow, status, since, limit + 1, False, after)
+    if len(rows) <= limit:
+        return rows, None
+    rows = rows[:limit]
+    last = rows[-1]["id"]
+    # The page shows milliseconds; the position needs the stored microseconds.
+    row = (WorkflowExecution.select(WorkflowExecution.started_at)
+           .where(WorkflowExecution.id == last).first())
+    if row is not None:
+        started = row.started_at
+    else:  # deleted meanwhile (retention): its shown time is the best left
+        started = dt.datetime.fromisoformat(rows[-1]["started_at"].rstrip("Z"))
+    return rows, _encode_cursor(started, last)
+
+
+def _encode_cursor(started: dt.datetime, execution_id: str) -> str:
+    position = [started.isoformat(timespec="microseconds"), execution_id]
+    text = json.dumps(position, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(text).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
+    """(started_at, id) of the row a page continues after; InvalidCursor for anything else."""
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        started, execution_id = json.loads(text)
+        when = dt.datetime.fromisoformat(started)
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError, RecursionError):
+        raise InvalidCursor() from None
+    if when.tzinfo is not None or not is_uuid(execution_id):
+        raise InvalidCursor()
+    return when, execution_id
+
+
+def _page(workflow, status, since, limit: int, raw: bool, after) -> list[dict]:
     if workflow is not None and not storable(workflow):
         return []  # no workflow has that name
     query = WorkflowExecution.select(
@@ -66,6 +134,11 @@ def list_executions(workflow: str | None = None, status: str | None = None,
         query = query.where(WorkflowExecution.status == status)
     if since is not None:
         query = query.where(WorkflowExecution.started_at >= utcnow() - dt.timedelta(seconds=since))
+    if after is not None:
+        started, execution_id = after
+        query = query.where((WorkflowExecution.started_at < started)
+                            | ((WorkflowExecution.started_at == started)
+                               & (WorkflowExecution.id < execution_id)))
     query = query.order_by(WorkflowExecution.started_at.desc(), WorkflowExecution.id.desc())
     query = query.limit(limit)
     database = unwrap(database_proxy)
@@ -111,11 +184,53 @@ def execution_detail(execution_id: str, raw: bool = False) -> dict:
     detail["inputs"] = row.inputs or {}
     detail["error"] = row.error if row.status == "failed" else None
     model = workflow_version_model(row.workflow_name, row.version)
-    rows = list(StepExecution.select().where(StepExecution.execution_id == execution_id)
-                .order_by(StepExecution.id))
+    rows = _step_rows(execution_id)
     detail["steps"] = _steps(model, rows, row.status, raw)
     detail["hooks"] = _hooks(rows, raw)
     return detail
+
+
+def _step_rows(execution_id: str, name: str | None = None) -> list[StepExecution]:
+    """Attempt rows in insertion order, with ``output_text``: the stored JSON text, so that
+    an output too large to show is never parsed."""
+    S = StepExecution
+    query = S.select(S.id, S.step_name, S.attempt, S.status, S.is_hook, S.hook_block, S.error,
+                     S.started_at, S.completed_at, Cast(S.output, "TEXT").alias("output_text")
+                     ).where(S.execution_id == execution_id)
+    if name is not None:
+        query = query.where(S.step_name == name)
+    return list(query.order_by(S.id))
+
+
+def _output(text: str | None, raw: bool):
+    """The stored output: whole for the CLI (``raw``), else bounded to OUTPUT_LIMIT bytes."""
+    if text is None:
+        return None
+    if not raw:
+        size = len(text.encode("utf-8"))
+        if size > OUTPUT_LIMIT:
+            return {"truncated": True, "size": size}
+    return json.loads(text)
+
+
+def step_output(execution_id: str, step: str):
+    """The whole stored output of the latest attempt of ``step`` (a main step, else a hook
+    step of that name); None when it has none. ExecutionNotFound / StepNotFound."""
+    if not is_uuid(execution_id):
+        raise ExecutionNotFound(execution_id)
+    row = (WorkflowExecution.select(WorkflowExecution.workflow_name, WorkflowExecution.version)
+           .where(WorkflowExecution.id == execution_id).first())
+    if row is None:
+        raise ExecutionNotFound(execution_id)
+    model = workflow_version_model(row.workflow_name, row.version)
+    hook = step not in {spec.name for spec in model.steps}
+    hooks = model.hooks.on_success + model.hooks.on_failure + model.hooks.on_finish
+    if hook and step not in {spec.name for spec in hooks}:
+        raise StepNotFound(step)
+    latest = _latest(_step_rows(execution_id, step), is_hook=hook).get(step)
+    if latest is None or latest.status == "skipped":
+        return None
+    return _output(latest.output_text, raw=True)
 
 
 def _latest(rows, is_hook: bool) -> dict[str, StepExecution]:
@@ -137,7 +252,7 @@ def _step_doc(row: StepExecution | None, name: str, execution_status: str, raw: 
     return {"name": name, "status": row.status, "attempt": row.attempt,
             "started_at": when(row.started_at), "completed_at": when(row.completed_at),
             "error": row.error if row.status == "failed" else None,
-            "output": None if row.status == "skipped" else row.output}
+            "output": None if row.status == "skipped" else _output(row.output_text, raw)}
 
 
 def _steps(model: Workflow, rows, execution_status: str, raw: bool) -> list[dict]:

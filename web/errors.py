@@ -19,6 +19,8 @@ from actors.supervisor import ShuttingDown
 from mantle.db import unwrap
 from mantle.errors import (DatabaseUnavailable, ExecutionFinished, ExecutionNotFound,
                            InvalidInput, MantleError, VersionNotFound, WorkflowNotFound)
+from mantle.queries import StepNotFound
+from mantle.retries import NotFailed, StillRunning, UnknownStep
 from mantle.store import LimitReached
 
 __all__ = ["ApiError", "install", "BODY_LIMIT", "OUTAGE_ERRORS", "reset_connection",
@@ -40,7 +42,11 @@ _STATUS_FOR: tuple[tuple[type[MantleError], int], ...] = (
     (WorkflowNotFound, 404),
     (VersionNotFound, 404),
     (ExecutionNotFound, 404),
+    (StepNotFound, 404),
     (ExecutionFinished, 409),
+    (StillRunning, 409),
+    (NotFailed, 409),
+    (UnknownStep, 400),
     (LimitReached, 429),
     (InvalidInput, 400),
     (ShuttingDown, 503),
@@ -94,7 +100,8 @@ def install(app: falcon.App, database) -> None:
     def mantle_error(req, resp, ex: MantleError, params):
         for kind, status in _STATUS_FOR:
             if isinstance(ex, kind):
-                extra = {"status": ex.status} if isinstance(ex, ExecutionFinished) else {}
+                extra = ({"status": ex.status}
+                         if isinstance(ex, (ExecutionFinished, StillRunning, NotFailed)) else {})
                 _respond(resp, status, {"error": str(ex), **extra})
                 return
         unexpected(req, resp, ex, params)

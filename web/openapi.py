@@ -1,4 +1,4 @@
-"""The OpenAPI 3.1 document served at ``/api/v1/openapi.json`` (SPEC 7.5).
+"""The OpenAPI 3.1 document served at ``/api/v1/openapi.json`` (SPEC 7.5, 13.8).
 
 ``tests/web/test_openapi.py`` keeps it true: every route and method of the app is documented
 and nothing else, every status code the tests provoke is listed for its operation, and every
@@ -47,7 +47,9 @@ def _schemas() -> dict:
     step = {"name": {"type": "string"}, "status": {"type": "string", "enum": _STEP_STATUSES},
             "attempt": {"type": "integer", "minimum": 0}, "started_at": _time(True),
             "completed_at": _time(True), "error": {"type": ["string", "null"]},
-            "output": {"description": "connector output; null if none or skipped"}}
+            "output": {"description": "connector output; null if none or skipped; "
+                                      '{"truncated": true, "size": <bytes>} when its JSON '
+                                      "is over 64 KiB (GET .../steps/{step}/output has it)"}}
     summary = {"id": {"type": "string", "format": "uuid"}, "workflow": {"type": "string"},
                "version": {"type": "integer", "minimum": 1},
                "status": {"type": "string", "enum": _EXECUTION_STATUSES},
@@ -63,8 +65,22 @@ def _schemas() -> dict:
                        "description": "values of declared inputs; null is the same as none"},
             "version": {"type": ["integer", "null"], "minimum": 1,
                         "description": "version to run; default (or null): the current one. "
-                                       "Written as an integer: 2.0 is refused"}},
+                                       "A number with a zero fraction (2.0) is that integer"}},
             "description": "optional; other fields are ignored"},
+        "RetryRequest": {"type": "object", "properties": {
+            "from_step": {"type": ["string", "null"],
+                          "description": "main step to retry from; default (or null): the "
+                                         "first that failed without continue_on_error"}},
+            "description": "optional; other fields are ignored"},
+        "RetryAccepted": _obj(["execution_id", "workflow", "version", "from_step", "reused"], {
+            "execution_id": {"type": "string", "format": "uuid"},
+            "workflow": {"type": "string"}, "version": {"type": "integer", "minimum": 1},
+            "from_step": {"type": "string", "description": "the retry point"},
+            "reused": {"type": "array", "items": {"type": "string"},
+                       "description": "steps whose results were copied, not run again"}}),
+        "RetryConflict": _obj(["error", "status"], {
+            "error": {"type": "string"},
+            "status": {"type": "string", "enum": _EXECUTION_STATUSES}}),
         "RunAccepted": _obj(["execution_id", "workflow", "version"], {
             "execution_id": {"type": "string", "format": "uuid"},
             "workflow": {"type": "string"}, "version": {"type": "integer", "minimum": 1}}),
@@ -72,8 +88,11 @@ def _schemas() -> dict:
             "execution_id": {"type": "string", "format": "uuid"},
             "status": {"type": "string", "enum": ["cancelled"]}}),
         "ExecutionSummary": _obj(summary_fields, summary),
-        "ExecutionList": _obj(["executions"], {
-            "executions": {"type": "array", "items": _ref("ExecutionSummary")}}),
+        "ExecutionList": _obj(["executions", "next_cursor"], {
+            "executions": {"type": "array", "items": _ref("ExecutionSummary")},
+            "next_cursor": {"type": ["string", "null"],
+                            "description": "pass as ?cursor= for the next page; null on the "
+                                           "last page"}}),
         "Step": _obj(list(step), step),
         "HookStep": _obj([*step, "block"], {**step, "block": {
             "type": "string", "enum": ["on_success", "on_failure", "on_finish"]}}),
@@ -123,8 +142,13 @@ def _common_responses() -> dict:
     not_allowed = _error('"method not allowed"')
     not_allowed["headers"] = {"Allow": {"schema": {"type": "string"},
                                         "description": "the methods the path implements"}}
+    limited = _error('"rate limit exceeded" (api.rate_limit)')
+    limited["headers"] = {"Retry-After": {"schema": {"type": "string"},
+                                          "description": "seconds until a request is allowed"}}
     return {
         "Unauthorized": unauthorized,
+        "RateLimited": limited,
+        "Forbidden": _error('API key role "<role>" cannot <METHOD> <route>'),
         "NotFound": _error('no such route: "not found"'),
         "MethodNotAllowed": not_allowed,
         "TooLarge": _error('"request body too large (limit 1048576 bytes)"'),
@@ -135,12 +159,17 @@ def _common_responses() -> dict:
 
 def _operation(operation_id: str, summary: str, responses: dict, *, protected: bool = True,
                database: bool = True, parameters: list | None = None,
-               request_body: dict | None = None) -> dict:
+               request_body: dict | None = None, operator: bool = False) -> dict:
+    """``protected``: needs a key while keys exist (401) and is rate limited (429);
+    ``operator``: refused to a ``viewer`` key (403)."""
     responses = dict(responses)
     responses["413"] = {"$ref": "#/components/responses/TooLarge"}
     responses["500"] = {"$ref": "#/components/responses/Internal"}
     if protected:
         responses["401"] = {"$ref": "#/components/responses/Unauthorized"}
+        responses.setdefault("429", {"$ref": "#/components/responses/RateLimited"})
+    if operator:
+        responses.setdefault("403", {"$ref": "#/components/responses/Forbidden"})
     if database:
         responses.setdefault("503", {"$ref": "#/components/responses/Unavailable"})
     operation = {"operationId": operation_id, "summary": summary,
@@ -164,25 +193,48 @@ def _query(name: str, description: str, schema: dict | None = None) -> dict:
             "schema": schema or {"type": "string"}, "description": description}
 
 
+_LAST_EVENT_ID = {"name": "Last-Event-ID", "in": "header", "required": False,
+                  "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
+                  "description": "resume after this event id (EventSource sends it when it "
+                                 "reconnects)"}
+_TIMEOUT = {"name": "timeout", "in": "query", "required": False,
+            "schema": {"type": "string", "pattern": SINCE_PATTERN.replace("[1-9][0-9]*d|", "")},
+            "description": "end the stream after this duration (up to 24h; default: never "
+                           "for /api/v1/events, at execution.finished for one execution)"}
+_STREAM = {"description": "text/event-stream: events with id, event and data (JSON)",
+           "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+
 _IDEMPOTENCY = {"name": "Idempotency-Key", "in": "header", "required": False,
                 "schema": {"type": "string", "minLength": 1, "maxLength": 255},
                 "description": "a repeat for the same workflow answers 200 with the original "
                                "execution's body"}
 
 
-def _links(field: str) -> dict:
+def _links(field: str, step: bool = False) -> dict:
     """OpenAPI links from a response carrying an execution id to what can be done with it
-    (stateful API tests follow them: run -> detail -> cancel)."""
+    (stateful API tests follow them: run -> detail -> cancel -> retry, events, outputs)."""
     value = f"$response.body#/{field}"
-    return {"GetExecution": {"operationId": "getExecution", "parameters": {"id": value},
-                             "description": "the execution's detail"},
-            "CancelExecution": {"operationId": "cancelExecution",
+    links = {"GetExecution": {"operationId": "getExecution", "parameters": {"id": value},
+                              "description": "the execution's detail"},
+             "CancelExecution": {"operationId": "cancelExecution",
+                                 "parameters": {"execution": value},
+                                 "description": "cancel the execution"},
+             "RetryExecution": {"operationId": "retryExecution",
                                 "parameters": {"execution": value},
-                                "description": "cancel the execution"}}
+                                "description": "retry the execution once it failed"},
+             "GetExecutionEvents": {"operationId": "getExecutionEvents",
+                                    "parameters": {"id": value, "timeout": "1s"},
+                                    "description": "the execution's events"}}
+    if step:
+        links["GetStepOutput"] = {
+            "operationId": "getStepOutput",
+            "parameters": {"id": value, "step": "$response.body#/steps/0/name"},
+            "description": "the whole output of the first step"}
+    return links
 
 
-def _linked(response: dict, field: str) -> dict:
-    return {**response, "links": _links(field)}
+def _linked(response: dict, field: str, step: bool = False) -> dict:
+    return {**response, "links": _links(field, step)}
 
 
 def _paths() -> dict:
@@ -193,7 +245,11 @@ def _paths() -> dict:
                        "execution_id"),
         "202": _linked(_json("RunAccepted", "accepted; the execution runs afterwards"),
                        "execution_id"),
-        "429": _error("over max_parallel_executions with on_limit: reject")}
+        "429": {**_error("over max_parallel_executions with on_limit: reject, or the rate "
+                         "limit"),
+                "headers": {"Retry-After": {"schema": {"type": "string"},
+                                            "description": "with the rate limit: seconds "
+                                                           "until a request is allowed"}}}}
     return {
         "/api/v1/run/{workflow}": {"post": _operation(
             "runWorkflow", "Start an execution of a workflow", {
@@ -201,7 +257,7 @@ def _paths() -> dict:
                 "400": _error("bad JSON, body, inputs, version or Idempotency-Key"),
                 "404": _error('workflow "<name>" not found / workflow "<name>" version <n> '
                               "not found")},
-            parameters=[workflow, _IDEMPOTENCY],
+            parameters=[workflow, _IDEMPOTENCY], operator=True,
             request_body={"required": False,
                           "description": "optional: an empty or blank body is {}",
                           "content": {"application/json": {"schema": _ref("RunRequest")}}})},
@@ -210,23 +266,63 @@ def _paths() -> dict:
                 "200": _linked(_json("CancelResult", "cancelled"), "execution_id"),
                 "404": _error('execution "<id>" not found'),
                 "409": _json("CancelConflict", "already final; status is the actual one")},
-            parameters=[_path_param("execution", "execution id")])},
+            parameters=[_path_param("execution", "execution id")], operator=True)},
+        "/api/v1/retry/{execution}": {"post": _operation(
+            "retryExecution", "Retry a failed execution from a step (a new execution)", {
+                "202": {**_json("RetryAccepted", "the new execution, accepted"),
+                        "links": {key: value for key, value in _links("execution_id").items()
+                                  if key != "RetryExecution"}},
+                "400": _error('bad JSON or body; step "<s>" not found in workflow "<w>"'),
+                "404": _error('execution "<id>" not found'),
+                "409": _json("RetryConflict", "execution <id> is still <status> / execution "
+                                              "<id> is not in a failed state (status: "
+                                              "<status>)."),
+                "429": run_responses["429"]},
+            parameters=[_path_param("execution", "execution id")], operator=True,
+            request_body={"required": False,
+                          "description": "optional: an empty or blank body is {}",
+                          "content": {"application/json": {"schema": _ref("RetryRequest")}}})},
         "/api/v1/executions": {"get": _operation(
             "listExecutions", "List executions, newest first", {
                 "200": _json("ExecutionList", "executions"),
-                "400": _error("bad status, since or limit")},
+                "400": _error("bad status, since, limit or cursor")},
             parameters=[_query("workflow", "workflow name"),
                         _query("status", "execution status",
                                {"type": "string", "enum": _EXECUTION_STATUSES}),
                         _query("since", "positive duration (90s, 1h30m) or <n>d",
                                {"type": "string", "pattern": SINCE_PATTERN}),
                         _query("limit", "1 to 1000, default 20",
-                               {"type": "integer", "minimum": 1, "maximum": 1000})])},
+                               {"type": "integer", "minimum": 1, "maximum": 1000}),
+                        _query("cursor", "next_cursor of the page before")])},
         "/api/v1/executions/{id}": {"get": _operation(
             "getExecution", "One execution with its steps and hooks", {
-                "200": _linked(_json("ExecutionDetail", "the execution"), "id"),
+                "200": _linked(_json("ExecutionDetail", "the execution"), "id", step=True),
                 "404": _error('execution "<id>" not found')},
             parameters=[_path_param("id", "execution id")])},
+        "/api/v1/executions/{id}/steps/{step}/output": {"get": _operation(
+            "getStepOutput", "The whole stored output of a step's latest attempt", {
+                "200": {"description": "the output (any JSON value; null when none)",
+                        "content": {"application/json": {"schema": {}}}},
+                "404": _error('execution "<id>" not found / step "<step>" not found')},
+            parameters=[_path_param("id", "execution id"),
+                        _path_param("step", "main step name (else a hook step's)")])},
+        "/api/v1/executions/{id}/events": {"get": _operation(
+            "getExecutionEvents", "One execution's events: its history, then live, until "
+                                  "execution.finished", {
+                "200": _STREAM,
+                "400": _error("bad Last-Event-ID or timeout"),
+                "404": _error('execution "<id>" not found'),
+                "503": _error('"too many event streams (limit <n>)" or "database '
+                              'unavailable"')},
+            parameters=[_path_param("id", "execution id"), _LAST_EVENT_ID, _TIMEOUT])},
+        "/api/v1/events": {"get": _operation(
+            "getEvents", "Events of every execution (or one workflow's), live", {
+                "200": _STREAM,
+                "400": _error("bad Last-Event-ID or timeout"),
+                "503": _error('"too many event streams (limit <n>)" or "database '
+                              'unavailable"')},
+            parameters=[_query("workflow", "only this workflow's executions"),
+                        _LAST_EVENT_ID, _TIMEOUT])},
         "/api/v1/workflows": {"get": _operation(
             "listWorkflows", "Workflows by name", {"200": _json("WorkflowList", "workflows")})},
         "/api/v1/workflows/{name}": {"get": _operation(
@@ -254,20 +350,27 @@ def _paths() -> dict:
             "triggerWebhook", "Webhook trigger: run the owning workflow's current version", {
                 **run_responses,
                 "400": _error("bad Idempotency-Key"),
-                "403": _error('"invalid or missing webhook signature"'),
+                "403": _error('"invalid or missing webhook signature", a timestamp too old '
+                              "or missing, or the key's role"),
                 "404": _error('"no webhook registered for path"')},
             parameters=[_path_param("path", "the rest of the registered path"), _IDEMPOTENCY,
                         {"name": "X-Hub-Signature-256", "in": "header", "required": False,
                          "schema": {"type": "string"},
-                         "description": "sha256=<hex HMAC-SHA256 of the raw body>, needed "
-                                        "when the trigger has a secret (or X-Signature-256)"}],
-            request_body={"required": False, "description": "JSON becomes trigger.payload; "
+                         "description": "sha256=<hex HMAC-SHA256 of the raw body, or of "
+                                        "<timestamp>.<body> with X-Webhook-Timestamp>, needed "
+                                        "when the trigger has a secret (or X-Signature-256)"},
+                        {"name": "X-Webhook-Timestamp", "in": "header", "required": False,
+                         "schema": {"type": "string"},
+                         "description": "Unix time in seconds, signed with the body; refused "
+                                        "beyond the trigger's max_age (default 5m)"}],
+            operator=True, request_body={"required": False, "description": "JSON becomes trigger.payload; "
                           "other text is passed as a string; empty is null",
                           "content": {"*/*": {"schema": {}}}})},
         "/metrics": {"get": _operation(
             "getMetrics", "Prometheus metrics", {"200": {
                 "description": "text exposition format 0.0.4",
-                "content": {"text/plain": {"schema": {"type": "string"}}}}},
+                "content": {"text/plain": {"schema": {"type": "string"}}}},
+                "401": {"$ref": "#/components/responses/Unauthorized"}},
             protected=False, database=False)},
         "/healthz": {"get": _operation("getHealth", "Liveness", {"200": _json("Health", "alive")},
                                        protected=False, database=False)},
@@ -286,7 +389,9 @@ def _document() -> dict:
         "info": {"title": "mantle", "version": "1",
                  "description": "REST API of mantle serve. Errors are JSON {\"error\": ...}. "
                                 "Any path answers 405 (MethodNotAllowed) for a method it does "
-                                "not implement; unknown paths answer 404 (NotFound)."},
+                                "not implement; unknown paths answer 404 (NotFound). Keys have "
+                                "a role: viewer (every GET), operator (also run, cancel, retry "
+                                "and webhooks), admin (everything)."},
         "components": {
             "schemas": _schemas(),
             "responses": _common_responses(),

@@ -31,6 +31,8 @@ def serve(args, context: Context) -> int:
         logging.getLogger(noisy).setLevel(logging.INFO)
     timeout = config.shutdown_timeout_seconds
     config.address()  # a bad address is a configuration error: before touching the database
+    from web.settings import ApiSettings
+    ApiSettings.from_config(config)  # the API's settings too
     database = context.database(require_head=False)
     from mantle.daemon import Daemon
 

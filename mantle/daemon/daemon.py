@@ -68,6 +68,7 @@ class Daemon:
         self._notifier = Notifier()
         self._hurry = threading.Event()
         self._engine = None
+        self._api = None  # web.app.ApiRuntime
         self._http: HttpServer | None = None
         self._scheduler = None
         self._watchdog: Watchdog | None = None
@@ -99,7 +100,8 @@ class Daemon:
     def _start(self) -> None:
         from actors.engine import Engine
         from actors.scheduler import Scheduler
-        from web.app import create_app
+        from web.app import ApiRuntime, create_app
+        from web.settings import ApiSettings
 
         try:
             migrations.migrate(self._database)
@@ -110,8 +112,12 @@ class Daemon:
         metrics = Metrics()
         self._engine = Engine(self._database, metrics=metrics, plugins_dir=config.plugins_dir,
                               env=config.env, resume_orphans=True).start()
-        app = create_app(self._engine, metrics, self._database, self._readiness)
-        self._http = HttpServer(app, config.api_address, self._threads)
+        settings = ApiSettings.from_config(config)
+        self._api = ApiRuntime(self._database, settings)
+        app = create_app(self._engine, metrics, self._database, self._readiness, self._api)
+        # Event streams hold a worker each while open: they get workers of their own.
+        self._http = HttpServer(app, config.api_address, self._threads,
+                                streams=settings.max_event_streams)
         try:
             address = self._http.bind()
         except Exception:
@@ -137,6 +143,7 @@ class Daemon:
         self._readiness.mark_stopping()
         self._scheduler.stop()
         self._http.close_listener()
+        self._api.close()  # event streams end, so that requests in flight can finish
         self._http.wait_idle(deadline, self._hurry)
         left = 0.0 if self._hurry.is_set() else max(0.0, deadline - time.monotonic())
         self._engine.shutdown(timeout=left)

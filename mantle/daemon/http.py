@@ -57,10 +57,14 @@ def _bind(address: str) -> socket.socket:
 
 
 class HttpServer:
-    def __init__(self, app, address: str, threads: int = 8):
+    """``threads`` workers for the API plus one per allowed event stream (``streams``), which
+    holds its worker while open; the connection limit leaves room for both."""
+
+    def __init__(self, app, address: str, threads: int = 8, streams: int = 0):
         self._app = app
         self._address = address
         self._threads = threads
+        self._streams = streams
         self._server = None
         self._thread: threading.Thread | None = None
 
@@ -68,8 +72,13 @@ class HttpServer:
         """Bind and start serving; return the bound ``host:port``. Raises ListenError."""
         sock = _bind(self._address)
         self._server = waitress.create_server(
-            self._app, sockets=[sock], threads=self._threads, ident="mantle",
-            max_request_body_size=MAX_BODY_BYTES, clear_untrusted_proxy_headers=False)
+            self._app, sockets=[sock], threads=self._threads + self._streams, ident="mantle",
+            max_request_body_size=MAX_BODY_BYTES, clear_untrusted_proxy_headers=False,
+            connection_limit=1000 + self._streams,
+            # Send what a response writes at once (an event stream writes small pieces),
+            # and keep reading a connection while its request runs, so that a stream sees
+            # its client leave (waitress.client_disconnected).
+            send_bytes=1, channel_request_lookahead=1)
         self._thread = threading.Thread(target=self._server.run, name="mantle-http",
                                         daemon=True)
         self._thread.start()
