@@ -75,10 +75,10 @@ class HttpServer:
             self._app, sockets=[sock], threads=self._threads + self._streams, ident="mantle",
             max_request_body_size=MAX_BODY_BYTES, clear_untrusted_proxy_headers=False,
             connection_limit=1000 + self._streams,
-            # Send what a response writes at once (an event stream writes small pieces),
-            # and keep reading a connection while its request runs, so that a stream sees
-            # its client leave (waitress.client_disconnected).
-            send_bytes=1, channel_request_lookahead=1)
+            # Keep reading a connection while its request runs, so that an event stream
+            # sees its client leave (waitress.client_disconnected). Small writes (events)
+            # are sent at once: waitress's send_bytes is 1 by default.
+            channel_request_lookahead=1)
         self._thread = threading.Thread(target=self._server.run, name="mantle-http",
                                         daemon=True)
         self._thread.start()
