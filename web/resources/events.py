@@ -113,7 +113,7 @@ class _Waiter:
 
     def next(self) -> tuple[list[events.Event], bool]:
         """(events, whether a keep-alive comment is due)."""
-        wait = 1.0
+        wait = max(0.0, min(1.0, self._quiet_since + KEEPALIVE - time.monotonic()))
         if self._deadline is not None:
             wait = max(0.0, min(wait, self._deadline - time.monotonic()))
         got = self.subscription.get(wait)
