@@ -83,6 +83,12 @@ class Sse:
         return got
 
     def close(self) -> None:
+        """Hang up; a thread blocked reading this stream returns at once (shut down first:
+        closing the response would wait for that thread's read)."""
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:  # already closed by the server
+            pass
         self.response.close()
         self._conn.close()
         self._sock.close()
