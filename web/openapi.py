@@ -13,6 +13,8 @@ from __future__ import annotations
 import copy
 import functools
 
+from mantle.queries import CURSOR_PATTERN
+
 __all__ = ["document", "OPEN_PATHS", "SINCE_PATTERN"]
 
 # Paths that never need an API key.
@@ -115,6 +117,17 @@ def _schemas() -> dict:
         "VersionList": _obj(["name", "current_version", "versions"], {
             "name": {"type": "string"}, "current_version": {"type": "integer", "minimum": 1},
             "versions": {"type": "array", "items": _ref("VersionSummary")}}),
+        "Event": _obj(["id", "event", "data"], {
+            "id": {"type": "string", "pattern": "^[0-9]+$",
+                   "description": "increasing along a stream; send it back as Last-Event-ID"},
+            "event": {"type": "string", "enum": ["execution.started", "step.started",
+                                                 "step.finished", "step.retrying",
+                                                 "execution.finished"]},
+            "data": {"type": "string", "contentMediaType": "application/json",
+                     "description": "JSON: execution_id, workflow, time; version "
+                                    "(execution.started); step, attempt (main steps) or block "
+                                    "(hooks); status (step.finished, execution.finished); "
+                                    "error (failed and retrying steps, failed executions)"}}),
         "Health": _obj(["status"], {"status": {"type": "string", "enum": ["ok"]}}),
         "Readiness": _obj(["status"], {
             "status": {"type": "string", "enum": ["ok", "unavailable"]},
@@ -201,8 +214,9 @@ _TIMEOUT = {"name": "timeout", "in": "query", "required": False,
             "schema": {"type": "string", "pattern": SINCE_PATTERN.replace("[1-9][0-9]*d|", "")},
             "description": "end the stream after this duration (up to 24h; default: never "
                            "for /api/v1/events, at execution.finished for one execution)"}
-_STREAM = {"description": "text/event-stream: events with id, event and data (JSON)",
-           "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+_STREAM = {"description": "text/event-stream: each event has an id (increasing), an event "
+                          "type and data (a JSON object); comment lines keep the stream alive",
+           "content": {"text/event-stream": {"schema": _ref("Event")}}}
 
 _IDEMPOTENCY = {"name": "Idempotency-Key", "in": "header", "required": False,
                 "schema": {"type": "string", "minLength": 1, "maxLength": 255},
@@ -210,9 +224,28 @@ _IDEMPOTENCY = {"name": "Idempotency-Key", "in": "header", "required": False,
                                "execution's body"}
 
 
-def _links(field: str, step: bool = False) -> dict:
+def _workflow_links() -> dict:
+    """Links from a response naming a workflow (and version) to what can be read about it."""
+    name, version = "$response.body#/workflow", "$response.body#/version"
+    return {"GetWorkflow": {"operationId": "getWorkflow", "parameters": {"name": name},
+                            "description": "the workflow's current version"},
+            "ListVersions": {"operationId": "listVersions", "parameters": {"name": name},
+                             "description": "the workflow's versions"},
+            "GetVersion": {"operationId": "getVersion",
+                           "parameters": {"name": name, "version": version},
+                           "description": "the version that runs"},
+            "ListExecutions": {"operationId": "listExecutions",
+                               "parameters": {"workflow": name},
+                               "description": "the workflow's executions"},
+            "GetEvents": {"operationId": "getEvents",
+                          "parameters": {"workflow": name, "timeout": "1s"},
+                          "description": "the workflow's events for a second"}}
+
+
+def _links(field: str, step: bool = False, workflow: bool = True) -> dict:
     """OpenAPI links from a response carrying an execution id to what can be done with it
-    (stateful API tests follow them: run -> detail -> cancel -> retry, events, outputs)."""
+    (stateful API tests follow them: run -> detail -> cancel -> retry, events, outputs, and
+    the workflow it runs)."""
     value = f"$response.body#/{field}"
     links = {"GetExecution": {"operationId": "getExecution", "parameters": {"id": value},
                               "description": "the execution's detail"},
@@ -225,6 +258,8 @@ def _links(field: str, step: bool = False) -> dict:
              "GetExecutionEvents": {"operationId": "getExecutionEvents",
                                     "parameters": {"id": value, "timeout": "1s"},
                                     "description": "the execution's events"}}
+    if workflow:
+        links.update(_workflow_links())
     if step:
         links["GetStepOutput"] = {
             "operationId": "getStepOutput",
@@ -233,8 +268,8 @@ def _links(field: str, step: bool = False) -> dict:
     return links
 
 
-def _linked(response: dict, field: str, step: bool = False) -> dict:
-    return {**response, "links": _links(field, step)}
+def _linked(response: dict, field: str, step: bool = False, workflow: bool = True) -> dict:
+    return {**response, "links": _links(field, step, workflow)}
 
 
 def _paths() -> dict:
@@ -263,7 +298,8 @@ def _paths() -> dict:
                           "content": {"application/json": {"schema": _ref("RunRequest")}}})},
         "/api/v1/cancel/{execution}": {"post": _operation(
             "cancelExecution", "Cancel a pending or running execution", {
-                "200": _linked(_json("CancelResult", "cancelled"), "execution_id"),
+                "200": _linked(_json("CancelResult", "cancelled"), "execution_id",
+                               workflow=False),
                 "404": _error('execution "<id>" not found'),
                 "409": _json("CancelConflict", "already final; status is the actual one")},
             parameters=[_path_param("execution", "execution id")], operator=True)},
@@ -293,7 +329,9 @@ def _paths() -> dict:
                                {"type": "string", "pattern": SINCE_PATTERN}),
                         _query("limit", "1 to 1000, default 20",
                                {"type": "integer", "minimum": 1, "maximum": 1000}),
-                        _query("cursor", "next_cursor of the page before")])},
+                        _query("cursor", "next_cursor of the page before",
+                               {"type": "string",
+                                "pattern": f"^{CURSOR_PATTERN.pattern}$"})])},
         "/api/v1/executions/{id}": {"get": _operation(
             "getExecution", "One execution with its steps and hooks", {
                 "200": _linked(_json("ExecutionDetail", "the execution"), "id", step=True),

@@ -102,17 +102,22 @@ def test_pages_never_repeat_or_skip_an_execution_under_concurrent_inserts(api):
 
 def test_a_bad_cursor_is_400_invalid_cursor(api):
     _insert(T0)
-    import base64
-
-    def encoded(value) -> str:
-        return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
-
-    for cursor in ("x", "%%%", encoded({"a": 1}), encoded(["2026-03-18T09:00:00", "nope"]),
-                   encoded(["yesterday", str(uuid.uuid4())]),
-                   encoded(["2026-03-18T09:00:00+02:00", str(uuid.uuid4())]),
-                   encoded([1, 2, 3]), "", base64.urlsafe_b64encode(b"\xff\xfe").decode()):
+    some = str(uuid.uuid4())
+    for cursor in ("x", "%25%25", "", f"20260318T090000.412Z_{some}",
+                   f"20261301T000000.000000Z_{some}", f"20260318T240000.000000Z_{some}",
+                   f"20260318T090000.000000Z_{some.upper()}", f"20260318T090000.000000_{some}",
+                   "20260318T090000.000000Z_nope", f"00000318T090000.000000Z_{some}"):
         reply = api.get(f"/api/v1/executions?cursor={cursor}")
         assert (reply.status, reply.json) == (400, {"error": "invalid cursor"}), cursor
+
+
+def test_any_well_formed_position_is_a_cursor(api):
+    older, newer = _insert(dt.datetime(2026, 3, 1)), _insert(dt.datetime(2026, 3, 5))
+    # 31 February 2026 is 3 March: after the newer execution (newest first): the older only.
+    reply = api.get(f"/api/v1/executions?cursor=20260231T000000.000000Z_{uuid.uuid4()}")
+    assert reply.status == 200
+    assert [row["id"] for row in reply.json["executions"]] == [older]
+    assert newer
 
 
 def test_a_step_output_over_64_kib_is_truncated_in_the_detail_and_served_whole(api, engine):
