@@ -15,6 +15,7 @@ commits one writer at a time, in id order, so holes there are never waited for.
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import threading
 import time
@@ -24,11 +25,17 @@ from mantle.db import is_postgres
 from mantle.errors import MantleError
 from web.errors import OUTAGE_ERRORS, reset_connection
 
-__all__ = ["EventHub", "Subscription", "TooManyStreams"]
+__all__ = ["EventHub", "Subscription", "TooManyStreams", "wire"]
 
 log = logging.getLogger("mantle.http")
 
 _BATCH = 1000
+
+
+def wire(event: events.Event) -> bytes:
+    """The event as the stream sends it (``id``, ``event``, ``data`` lines, a blank line)."""
+    data = json.dumps(event.data, separators=(",", ":"), ensure_ascii=False)
+    return f"id: {event.id}\nevent: {event.kind}\ndata: {data}\n\n".encode()
 
 
 class TooManyStreams(MantleError):
@@ -63,15 +70,16 @@ class Subscription:
             return event.execution_id == self.execution_id
         return self.workflow is None or event.workflow == self.workflow
 
-    def push(self, batch: list[events.Event]) -> None:
-        """Called by the poller thread."""
-        wanted = [event for event in batch if self.wants(event)]
+    def push(self, batch: list[tuple[events.Event, bytes]]) -> None:
+        """Called by the poller thread with (event, its ``wire`` form), formatted once for
+        every stream."""
+        wanted = [item for item in batch if self.wants(item[0])]
         if wanted:
             with self._ready:
                 self._queue.extend(wanted)
                 self._ready.notify()
 
-    def get(self, timeout: float) -> list[events.Event]:
+    def get(self, timeout: float) -> list[tuple[events.Event, bytes]]:
         """The events queued so far, waiting up to ``timeout`` for one (stream thread)."""
         with self._ready:
             if not self._queue and not self.closed:
@@ -177,7 +185,7 @@ class EventHub:
         more to read at once."""
         rows = events.rows_after(passed, _BATCH)
         ready = self._ready(rows, passed)
-        batch = self._translator.feed(ready)
+        batch = [(event, wire(event)) for event in self._translator.feed(ready)]
         with self._lock:
             if ready:
                 self._passed = ready[-1].id

@@ -35,6 +35,10 @@ class Sse:
         self.comments: list[str] = []
         self.ended = False
 
+    @property
+    def socket(self) -> socket.socket:
+        return self._sock
+
     def json(self):
         return json.loads(self.response.read())
 

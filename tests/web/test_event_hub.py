@@ -29,10 +29,11 @@ def _started(execution_id: str, attempt: int) -> int:
 
 
 def _collect(subscription, count: int, timeout: float = 10.0) -> list:
+    """Up to ``count`` events handed to ``subscription`` within ``timeout``."""
     got = []
     deadline = time.monotonic() + timeout
     while len(got) < count and time.monotonic() < deadline:
-        got += subscription.get(0.1)
+        got += [event for event, _ in subscription.get(0.1)]
     return got
 
 
@@ -123,7 +124,7 @@ def test_many_streams_share_one_poll_and_each_gets_what_it_asked_for(hub, db):
     _started(second, 1)
     assert all(len(_collect(s, 1)) == 1 for s in mine + theirs)
     assert {e.execution_id for e in _collect(everything, 2)} == {first, second}
-    assert [e.execution_id for s in mine for e in s.get(0)] == []
+    assert [event.execution_id for s in mine for event, _ in s.get(0)] == []
     for subscription in mine + theirs:
         subscription.close()
     assert events.open_streams == 10

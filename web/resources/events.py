@@ -10,7 +10,6 @@ away, and writes a comment line every 15 s.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 
@@ -19,7 +18,7 @@ from mantle.db.models import WorkflowExecution
 from mantle.durations import parse_duration
 from mantle.errors import ExecutionNotFound
 from web.errors import ApiError
-from web.events import EventHub, Subscription, TooManyStreams
+from web.events import EventHub, Subscription, TooManyStreams, wire
 from web.parsing import query_params
 
 __all__ = ["ExecutionEvents", "AllEvents", "format_event", "KEEPALIVE", "EVENT_STREAM"]
@@ -34,8 +33,7 @@ _MAX_TIMEOUT = 86400.0
 
 
 def format_event(event: events.Event) -> bytes:
-    data = json.dumps(event.data, separators=(",", ":"), ensure_ascii=False)
-    return f"id: {event.id}\nevent: {event.kind}\ndata: {data}\n\n".encode()
+    return wire(event)
 
 
 def _last_event_id(req) -> int:
@@ -111,8 +109,8 @@ class _Waiter:
         expired = self._deadline is not None and time.monotonic() >= self._deadline
         return expired or self.subscription.closed or self._gone()
 
-    def next(self) -> tuple[list[events.Event], bool]:
-        """(events, whether a keep-alive comment is due)."""
+    def next(self) -> tuple[list[tuple[events.Event, bytes]], bool]:
+        """((event, wire form) pairs, whether a keep-alive comment is due)."""
         wait = max(0.0, min(1.0, self._quiet_since + KEEPALIVE - time.monotonic()))
         if self._deadline is not None:
             wait = max(0.0, min(wait, self._deadline - time.monotonic()))
@@ -149,22 +147,24 @@ class ExecutionEvents:
     def _stream(self, execution_id: str, workflow: str, after: int, waiter: _Waiter):
         upto = waiter.subscription.upto
         history, ended = events.execution_history(execution_id, workflow, after, upto)
-        last = after
-        for event in history:
-            yield format_event(event)
-            last = event.id
+        last = history[-1].id if history else after
+        # The history in one write; with none, a comment: headers and a first byte, so that
+        # clients see the stream is live.
+        yield b"".join(map(format_event, history)) or b": stream open\n\n"
         if ended:
             return
-        if not history:
-            yield b": stream open\n\n"  # headers and a first byte: clients see it is live
         while not waiter.over():
             got, keepalive = waiter.next()
-            for event in got:
+            chunk, ended = [], False
+            for event, text in got:  # one write for what arrived together
                 if event.id > last:
-                    yield format_event(event)
+                    chunk.append(text)
                     last = event.id
-                if event.kind == "execution.finished":
-                    return
+                ended = ended or event.kind == "execution.finished"
+            if chunk:
+                yield b"".join(chunk)
+            if ended:
+                return
             if keepalive:
                 yield b": keep-alive\n\n"
                 finished = self._finished_without_event(execution_id, workflow, last)
@@ -217,10 +217,13 @@ class AllEvents:
         yield b": stream open\n\n"  # headers and a first byte, so clients see it is live
         while not waiter.over():
             got, keepalive = waiter.next()
-            for event in got:
+            chunk = []
+            for event, text in got:  # one write for what arrived together
                 if event.id > last:
-                    yield format_event(event)
+                    chunk.append(text)
                     last = event.id
+            if chunk:
+                yield b"".join(chunk)
             if keepalive:
                 yield b": keep-alive\n\n"
 
