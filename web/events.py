@@ -21,7 +21,7 @@ import threading
 import time
 
 from mantle import events
-from mantle.db import is_postgres
+from mantle.db import is_postgres, unwrap
 from mantle.errors import MantleError
 from web.errors import OUTAGE_ERRORS, reset_connection
 
@@ -118,6 +118,20 @@ class EventHub:
     @property
     def open_streams(self) -> int:
         return len(self._subscriptions)
+
+    @property
+    def database(self):
+        return self._database
+
+    def idle_connection(self) -> None:
+        """Close the calling (stream) thread's database connection: the thread waits for a
+        long time and may never read again; the next query on it reconnects."""
+        try:
+            database = unwrap(self._database)
+            if not database.in_transaction():
+                database.close()
+        except Exception:  # nothing to close, or a broken connection: forget it
+            pass
 
     def subscribe(self, execution_id: str | None = None,
                   workflow: str | None = None) -> Subscription:

@@ -308,3 +308,31 @@ def test_mantle_logs_follow_of_an_unknown_execution_is_an_error(tmp_path, db, mi
     code, lines, stderr = _Lines(_mantle(tmp_path, migrated_db_url, "logs", "-f",
                                          missing)).finish()
     assert (code, lines, stderr) == (1, [], f'Error: execution "{missing}" not found\n')
+
+
+def test_open_streams_hand_their_database_connections_back(backend, engine, db, workflows):
+    if backend != "postgres":
+        pytest.skip("SQLite connections are file handles, not server sessions")
+
+    def sessions() -> int:
+        return db.execute_sql("SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                              "current_database()").fetchone()[0]
+
+    done = engine.run("other", {}).execution_id
+    assert engine.wait(done, timeout=10) == "completed"
+    with served(engine, db, ApiSettings(max_event_streams=20), threads=2) as api:
+        running = _held_run(api, workflows)
+        before = sessions()
+        streams = [open_stream(api.url, f"/api/v1/executions/{running}/events")
+                   for _ in range(8)]
+        streams += [open_stream(api.url, "/api/v1/events", {"Last-Event-ID": "1"})
+                    for _ in range(8)]
+        try:
+            for stream in streams[:8]:
+                assert stream.next(10).event == "execution.started"
+            # 16 open streams have read history; the poller holds one session of its own.
+            assert sessions() - before <= 2
+        finally:
+            workflows.release("/hold")
+            for stream in streams:
+                stream.close()

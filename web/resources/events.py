@@ -5,7 +5,9 @@ A stream is a WSGI body iterated by one waitress worker thread; ``mantle serve``
 worker per allowed stream (``api.max_event_streams``) to the API's own, so open streams never
 take a worker the API needs, and refuses streams beyond the limit with 503. While idle a stream
 waits on its subscription (a condition), waking every second to notice a client that went
-away, and writes a comment line every 15 s.
+away, and writes a comment line every 15 s. It hands its thread's database connection back
+after each read, so a hundred open streams do not hold a hundred PostgreSQL connections. A
+database outage ends a stream (clients resume with ``Last-Event-ID``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from mantle import events, queries
 from mantle.db.models import WorkflowExecution
 from mantle.durations import parse_duration
 from mantle.errors import ExecutionNotFound
-from web.errors import ApiError
+from web.errors import OUTAGE_ERRORS, ApiError, reset_connection
 from web.events import EventHub, Subscription, TooManyStreams, wire
 from web.parsing import query_params
 
@@ -145,8 +147,15 @@ class ExecutionEvents:
         _respond(resp, _Body(self._stream(id, row.workflow_name, after, waiter), subscription))
 
     def _stream(self, execution_id: str, workflow: str, after: int, waiter: _Waiter):
+        try:
+            yield from self._events(execution_id, workflow, after, waiter)
+        except OUTAGE_ERRORS:  # the client resumes with Last-Event-ID once it is back
+            reset_connection(self._hub.database)
+
+    def _events(self, execution_id: str, workflow: str, after: int, waiter: _Waiter):
         upto = waiter.subscription.upto
         history, ended = events.execution_history(execution_id, workflow, after, upto)
+        self._hub.idle_connection()
         last = history[-1].id if history else after
         # The history in one write; with none, a comment: headers and a first byte, so that
         # clients see the stream is live.
@@ -167,29 +176,30 @@ class ExecutionEvents:
                 return
             if keepalive:
                 yield b": keep-alive\n\n"
-                finished = self._finished_without_event(execution_id, workflow, last)
-                if finished is not None:
-                    yield format_event(finished)
+                rest = self._ended_meanwhile(execution_id, workflow, last)
+                self._hub.idle_connection()
+                if rest:
+                    yield b"".join(map(format_event, rest))
                     return
 
     @staticmethod
-    def _finished_without_event(execution_id: str, workflow: str, last: int):
-        """A final execution whose finish the poller never delivered (it ended before
-        migration 005, or rows were written after its finish): the finish, from storage."""
+    def _ended_meanwhile(execution_id: str, workflow: str, last: int) -> list[events.Event]:
+        """For a stream idle for a while: if the execution has ended without the poller
+        delivering its finish (it ended before migration 005, or rows were written after its
+        finish), the events after ``last`` from storage, the finish last; else nothing."""
         status, error = (WorkflowExecution.select(WorkflowExecution.status,
                                                   WorkflowExecution.error)
                          .where(WorkflowExecution.id == execution_id).tuples().first()
                          or (None, None))
         if status not in events.FINAL:
-            return None
+            return []
         rest, ended = events.execution_history(execution_id, workflow, last, None)
-        finish = [event for event in rest if event.kind == "execution.finished"]
-        if finish:
-            return finish[-1]
+        if ended:
+            return rest
         position = max(last, 2 * events.last_execution_row(execution_id)) + 1
-        return events.Event(position, "execution.finished", execution_id, workflow,
-                            {"execution_id": execution_id, "workflow": workflow,
-                             "status": status, "error": error, "time": None})
+        return rest + [events.Event(position, "execution.finished", execution_id, workflow,
+                                    {"execution_id": execution_id, "workflow": workflow,
+                                     "status": status, "error": error, "time": None})]
 
 
 class AllEvents:
@@ -209,11 +219,18 @@ class AllEvents:
         _respond(resp, _Body(self._stream(after, workflow, waiter), subscription))
 
     def _stream(self, after: int, workflow: str | None, waiter: _Waiter):
+        try:
+            yield from self._events(after, workflow, waiter)
+        except OUTAGE_ERRORS:  # the client resumes with Last-Event-ID once it is back
+            reset_connection(self._hub.database)
+
+    def _events(self, after: int, workflow: str | None, waiter: _Waiter):
         last = after
         if after:
             for event in self._history(after, waiter.subscription.upto, workflow):
                 yield format_event(event)
                 last = event.id
+            self._hub.idle_connection()
         yield b": stream open\n\n"  # headers and a first byte, so clients see it is live
         while not waiter.over():
             got, keepalive = waiter.next()
