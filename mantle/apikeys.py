@@ -1,7 +1,9 @@
-"""API keys (SPEC 6.3, 7.1): created and revoked by the CLI, checked by the REST API.
+"""API keys (SPEC 6.3, 7.1, 13.8): created and revoked by the CLI, checked by the REST API.
 
 A key is ``mk_`` + 64 hex digits; only its SHA-256 (hex) is stored, with a short prefix for
-people to tell keys apart. The API requires a key while at least one active key exists.
+people to tell keys apart. Each key has a role (``admin``, ``operator``, ``viewer``) and may
+expire. The API requires a key while at least one key is not revoked: an expired key is refused
+like a wrong one, but it does not open the API again when it was the last one.
 """
 
 from __future__ import annotations
@@ -17,16 +19,24 @@ import weakref
 from mantle.db import audit, database_proxy, unwrap, write_transaction
 from mantle.db.fields import utcnow
 from mantle.db.models import ApiKey
+from mantle.durations import parse_since
 from mantle.errors import InvalidInput, MantleError
+from mantle.timefmt import rfc3339
 
 __all__ = ["ActiveKey", "KeyNotFound", "KeyExists", "create_key", "list_keys", "revoke_key",
-           "active_keys", "match_key", "touch_key", "hash_key", "TOUCH_EVERY"]
+           "active_keys", "match_key", "touch_key", "hash_key", "parse_expiry", "TOUCH_EVERY",
+           "ROLES"]
+
+# Weakest first: each role may do what the ones before it may (SPEC 13.8).
+ROLES = ("viewer", "operator", "admin")
 
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # ``last_used_at`` is rewritten at most this often per key, so that authenticated traffic does
 # not turn every API request into a database write.
 TOUCH_EVERY = dt.timedelta(seconds=30)
 _ACTIVE_SQL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# An expiry further away than this (about 1000 years) is refused rather than overflowing.
+_MAX_EXPIRY = 1000 * 365 * 86400.0
 
 
 class KeyExists(MantleError):
@@ -44,22 +54,51 @@ class ActiveKey:
     name: str
     key_hash: str
     last_used_at: dt.datetime | None
+    role: str = "admin"
+    expires_at: dt.datetime | None = None
+
+    def expired(self, now: dt.datetime) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
 
 
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
-def create_key(name: str, actor: str = "cli") -> str:
-    """Store a new key named ``name`` and return its text (shown once, never stored)."""
+def parse_expiry(text: str) -> float:
+    """``--expires``: a positive duration (SPEC 2.3) or ``<n>d``, in seconds."""
+    try:
+        seconds = parse_since(text)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < _MAX_EXPIRY:
+        raise InvalidInput(f'invalid --expires value "{text}": must be a positive duration '
+                           "such as 12h or 30d")
+    return seconds
+
+
+def create_key(name: str, actor: str = "cli", role: str = "admin",
+               expires_in: float | None = None) -> str:
+    """Store a new key named ``name`` and return its text (shown once, never stored).
+
+    ``expires_in``: seconds from now after which the key is refused (None: never).
+    """
     if not _NAME.fullmatch(name or ""):
         raise InvalidInput(f'invalid key name "{name}"')
+    if role not in ROLES:
+        raise InvalidInput(f'invalid role "{role}": must be one of admin, operator, viewer')
     key = "mk_" + secrets.token_hex(32)
+    now = utcnow()
+    expires_at = None if expires_in is None else now + dt.timedelta(seconds=expires_in)
     with write_transaction():
         if ApiKey.get_or_none(ApiKey.name == name) is not None:
             raise KeyExists(name)
-        ApiKey.create(name=name, prefix=key[:9], key_hash=hash_key(key), created_at=utcnow())
-        audit.record_audit(actor, "apikey.created", "api_key", name)
+        ApiKey.create(name=name, prefix=key[:9], key_hash=hash_key(key), created_at=now,
+                      role=role, expires_at=expires_at)
+        metadata = {"role": role}
+        if expires_at is not None:
+            metadata["expires_at"] = rfc3339(expires_at)
+        audit.record_audit(actor, "apikey.created", "api_key", name, metadata)
     return key
 
 
@@ -82,7 +121,8 @@ def revoke_key(name: str, actor: str = "cli") -> int:
 
 
 def active_keys() -> list[ActiveKey]:
-    """The keys that open the API now (read per request, so changes apply at once).
+    """The keys not revoked, expired ones included (read per request, so changes apply at
+    once). While this is not empty the API requires a key; the caller refuses expired ones.
 
     This runs before every API request, so its SQL is built once per database: building it
     with peewee each time cost several times what the database spends answering it.
@@ -90,13 +130,15 @@ def active_keys() -> list[ActiveKey]:
     database = unwrap(database_proxy)
     statement = _ACTIVE_SQL.get(database)
     if statement is None:
-        query = (ApiKey.select(ApiKey.name, ApiKey.key_hash, ApiKey.last_used_at)
+        query = (ApiKey.select(ApiKey.name, ApiKey.key_hash, ApiKey.last_used_at, ApiKey.role,
+                               ApiKey.expires_at)
                  .where(ApiKey.revoked_at.is_null()))
         sql, params = query.sql()
         statement = _ACTIVE_SQL[database] = (sql, tuple(params))
     convert = ApiKey.last_used_at.python_value
-    return [ActiveKey(name, key_hash, convert(last_used))
-            for name, key_hash, last_used in database.execute_sql(*statement).fetchall()]
+    return [ActiveKey(name, key_hash, convert(last_used), role, convert(expires))
+            for name, key_hash, last_used, role, expires
+            in database.execute_sql(*statement).fetchall()]
 
 
 def match_key(presented: str, keys: list[ActiveKey]) -> ActiveKey | None:

@@ -38,13 +38,24 @@ _SETTINGS: dict[str, tuple[str, str, str]] = {
                                  ""),
     "retention_audit_days": ("retention.audit_days", "MANTLE_RETENTION_AUDIT_DAYS", ""),
     "retention_interval": ("retention.interval", "MANTLE_RETENTION_INTERVAL", "24h"),
+    # The REST API in production (docs/configuration.md; parsed by web.settings).
+    "api_rate_limit": ("api.rate_limit", "MANTLE_API_RATE_LIMIT", "0"),
+    "api_rate_burst": ("api.rate_burst", "MANTLE_API_RATE_BURST", ""),
+    "api_max_event_streams": ("api.max_event_streams", "MANTLE_API_MAX_EVENT_STREAMS", "100"),
+    "api_auth_audit_interval": ("api.auth_audit_interval", "MANTLE_API_AUTH_AUDIT_INTERVAL",
+                                "60s"),
+    "metrics_require_key": ("metrics.require_key", "MANTLE_METRICS_REQUIRE_KEY", "false"),
+    "webhook_drop_headers": ("webhooks.drop_headers", "MANTLE_WEBHOOK_DROP_HEADERS", ""),
 }
 DEFAULTS = {name: default for name, (_, _, default) in _SETTINGS.items()}
-_FILE_SECTIONS = {"database": {"url"}, "api": {"address"}, "log": {"level"},
+_FILE_SECTIONS = {"database": {"url"}, "log": {"level"},
                   "server": {"shutdown_timeout", "workers"}, "plugins": {"dir"},
                   "engine": {"lease_ttl", "max_workflow_depth"}, "env": None,
                   "encryption": {"key"},
-                  "retention": {"execution_days", "audit_days", "interval"}}
+                  "retention": {"execution_days", "audit_days", "interval"},
+                  "api": {"address", "rate_limit", "rate_burst", "max_event_streams",
+                          "auth_audit_interval"},
+                  "metrics": {"require_key"}, "webhooks": {"drop_headers"}}
 _ADDRESS = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[^:\[\]]*):(?P<port>\d{1,5})$")
 
 
@@ -66,6 +77,12 @@ class Config:
     retention_execution_days: str  # "" = no retention (13.4)
     retention_audit_days: str
     retention_interval: str
+    api_rate_limit: str
+    api_rate_burst: str
+    api_max_event_streams: str
+    api_auth_audit_interval: str
+    metrics_require_key: str
+    webhook_drop_headers: str
     env: Mapping[str, str]
     explicit: frozenset[str]
 
@@ -189,7 +206,10 @@ def _read_file(named: str | None, cwd) -> tuple[dict[str, Any], dict[str, Any]]:
             continue
         for key, value in body.items():
             if key in allowed:
-                values[f"{section}.{key}"] = value
+                # A YAML list (webhooks.drop_headers) is kept as the comma list the
+                # environment variable takes.
+                values[f"{section}.{key}"] = (",".join(map(str, value))
+                                              if isinstance(value, list) else value)
             else:
                 log.warning("unknown config key", extra={"key": f"{section}.{key}"})
     env = document.get("env") or {}

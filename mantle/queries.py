@@ -1,7 +1,8 @@
-"""Read-side queries shared by the CLI and the REST API (SPEC 6.2, 7.4).
+"""Read-side queries shared by the CLI and the REST API (SPEC 6.2, 7.4, 13.8).
 
 Each returns the API shape (RFC 3339 strings, ``null``s as None) so both front ends show the
-same data; ``raw=True`` variants keep datetimes for the CLI's own formatting.
+same data; ``raw=True`` variants keep datetimes for the CLI's own formatting. The API shape
+bounds step outputs (``OUTPUT_LIMIT``); ``step_output`` gives one whole.
 """
 
 from __future__ import annotations
@@ -9,18 +10,43 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
+import re
 import uuid
+
+from peewee import Cast
 
 from mantle.db import database_proxy, is_sqlite, unwrap
 from mantle.db.fields import storable, utcnow
 from mantle.db.models import StepExecution, WorkflowDefinition, WorkflowExecution
-from mantle.errors import ExecutionNotFound
+from mantle.errors import ExecutionNotFound, InvalidInput, MantleError
 from mantle.timefmt import rfc3339
 from mantle.workflow import Workflow, workflow_from_definition
 
-__all__ = ["execution_detail", "list_executions", "is_uuid", "workflow_version_model"]
+__all__ = ["execution_detail", "list_executions", "list_page", "step_output", "is_uuid",
+           "workflow_version_model", "InvalidCursor", "StepNotFound", "OUTPUT_LIMIT",
+           "CURSOR_PATTERN"]
 
 _FINAL = ("completed", "failed", "cancelled")
+# A step output whose JSON is larger than this many bytes is shown in the API's detail as
+# ``{"truncated": true, "size": <bytes>}`` (SPEC 13.8).
+OUTPUT_LIMIT = 64 * 1024
+
+
+# What ``next_cursor`` looks like (the OpenAPI document gives the same pattern).
+CURSOR_PATTERN = re.compile(
+    r"([1-9][0-9]{3})(0[1-9]|1[0-2])(0[1-9]|[12][0-9]|3[01])T([01][0-9]|2[0-3])([0-5][0-9])"
+    r"([0-5][0-9])\.([0-9]{6})Z_([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
+
+
+class InvalidCursor(InvalidInput):
+    def __init__(self) -> None:
+        super().__init__("invalid cursor")
+
+
+class StepNotFound(MantleError):
+    def __init__(self, step: str):
+        super().__init__(f'step "{step}" not found')
+        self.step = step
 
 
 def is_uuid(text: str) -> bool:
@@ -55,6 +81,55 @@ def _summary(row: WorkflowExecution, raw: bool) -> dict:
 def list_executions(workflow: str | None = None, status: str | None = None,
                     since: float | None = None, limit: int = 20, raw: bool = False) -> list:
     """Newest first; ``since`` in seconds before now."""
+    return _page(workflow, status, since, limit, raw, None)
+
+
+def list_page(workflow: str | None = None, status: str | None = None,
+              since: float | None = None, limit: int = 20,
+              cursor: str | None = None) -> tuple[list[dict], str | None]:
+    """One page of the API's list and the cursor of the next one (None on the last page).
+
+    Keyset pagination on the list's order (``started_at``, ``id``, newest first): a page
+    continues strictly after the last row of the one before, so rows inserted meanwhile
+    never make a page repeat or skip a row that existed when the walk began.
+    """
+    after = None if cursor is None else _decode_cursor(cursor)
+    rows = _page(workflow, status, since, limit + 1, False, after)
+    if len(rows) <= limit:
+        return rows, None
+    rows = rows[:limit]
+    last = rows[-1]["id"]
+    # The page shows milliseconds; the position needs the stored microseconds.
+    row = (WorkflowExecution.select(WorkflowExecution.started_at)
+           .where(WorkflowExecution.id == last).first())
+    if row is not None:
+        started = row.started_at
+    else:  # deleted meanwhile (retention): its shown time is the best left
+        started = dt.datetime.fromisoformat(rows[-1]["started_at"].rstrip("Z"))
+    return rows, _encode_cursor(started, last)
+
+
+def _encode_cursor(started: dt.datetime, execution_id: str) -> str:
+    return f"{started.strftime('%Y%m%dT%H%M%S.%f')}Z_{execution_id}"
+
+
+def _decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
+    """(started_at, id) of the row a page continues after; InvalidCursor for anything else.
+
+    A cursor is a position in the list's order, ``<started_at, ISO 8601 basic, UTC>_<id>``
+    (``20260318T090000.412345Z_5c0f8a52-...``): any such position is a valid place to
+    continue from, so a day past its month's end counts on into the next month.
+    """
+    match = CURSOR_PATTERN.fullmatch(cursor)
+    if match is None:
+        raise InvalidCursor()
+    year, month, day, hour, minute, second, micro, execution_id = match.groups()
+    started = (dt.datetime(int(year), int(month), 1, int(hour), int(minute), int(second),
+                           int(micro)) + dt.timedelta(days=int(day) - 1))
+    return started, execution_id
+
+
+def _page(workflow, status, since, limit: int, raw: bool, after) -> list[dict]:
     if workflow is not None and not storable(workflow):
         return []  # no workflow has that name
     query = WorkflowExecution.select(
@@ -66,6 +141,11 @@ def list_executions(workflow: str | None = None, status: str | None = None,
         query = query.where(WorkflowExecution.status == status)
     if since is not None:
         query = query.where(WorkflowExecution.started_at >= utcnow() - dt.timedelta(seconds=since))
+    if after is not None:
+        started, execution_id = after
+        query = query.where((WorkflowExecution.started_at < started)
+                            | ((WorkflowExecution.started_at == started)
+                               & (WorkflowExecution.id < execution_id)))
     query = query.order_by(WorkflowExecution.started_at.desc(), WorkflowExecution.id.desc())
     query = query.limit(limit)
     database = unwrap(database_proxy)
@@ -111,11 +191,53 @@ def execution_detail(execution_id: str, raw: bool = False) -> dict:
     detail["inputs"] = row.inputs or {}
     detail["error"] = row.error if row.status == "failed" else None
     model = workflow_version_model(row.workflow_name, row.version)
-    rows = list(StepExecution.select().where(StepExecution.execution_id == execution_id)
-                .order_by(StepExecution.id))
+    rows = _step_rows(execution_id)
     detail["steps"] = _steps(model, rows, row.status, raw)
     detail["hooks"] = _hooks(rows, raw)
     return detail
+
+
+def _step_rows(execution_id: str, name: str | None = None) -> list[StepExecution]:
+    """Attempt rows in insertion order, with ``output_text``: the stored JSON text, so that
+    an output too large to show is never parsed."""
+    S = StepExecution
+    query = S.select(S.id, S.step_name, S.attempt, S.status, S.is_hook, S.hook_block, S.error,
+                     S.started_at, S.completed_at, Cast(S.output, "TEXT").alias("output_text")
+                     ).where(S.execution_id == execution_id)
+    if name is not None:
+        query = query.where(S.step_name == name)
+    return list(query.order_by(S.id))
+
+
+def _output(text: str | None, raw: bool):
+    """The stored output: whole for the CLI (``raw``), else bounded to OUTPUT_LIMIT bytes."""
+    if text is None:
+        return None
+    if not raw:
+        size = len(text.encode("utf-8"))
+        if size > OUTPUT_LIMIT:
+            return {"truncated": True, "size": size}
+    return json.loads(text)
+
+
+def step_output(execution_id: str, step: str):
+    """The whole stored output of the latest attempt of ``step`` (a main step, else a hook
+    step of that name); None when it has none. ExecutionNotFound / StepNotFound."""
+    if not is_uuid(execution_id):
+        raise ExecutionNotFound(execution_id)
+    row = (WorkflowExecution.select(WorkflowExecution.workflow_name, WorkflowExecution.version)
+           .where(WorkflowExecution.id == execution_id).first())
+    if row is None:
+        raise ExecutionNotFound(execution_id)
+    model = workflow_version_model(row.workflow_name, row.version)
+    hook = step not in {spec.name for spec in model.steps}
+    hooks = model.hooks.on_success + model.hooks.on_failure + model.hooks.on_finish
+    if hook and step not in {spec.name for spec in hooks}:
+        raise StepNotFound(step)
+    latest = _latest(_step_rows(execution_id, step), is_hook=hook).get(step)
+    if latest is None or latest.status == "skipped":
+        return None
+    return _output(latest.output_text, raw=True)
 
 
 def _latest(rows, is_hook: bool) -> dict[str, StepExecution]:
@@ -137,7 +259,7 @@ def _step_doc(row: StepExecution | None, name: str, execution_status: str, raw: 
     return {"name": name, "status": row.status, "attempt": row.attempt,
             "started_at": when(row.started_at), "completed_at": when(row.completed_at),
             "error": row.error if row.status == "failed" else None,
-            "output": None if row.status == "skipped" else row.output}
+            "output": None if row.status == "skipped" else _output(row.output_text, raw)}
 
 
 def _steps(model: Workflow, rows, execution_status: str, raw: bool) -> list[dict]:

@@ -17,6 +17,8 @@ from mantle.db import OUTAGE_ERRORS, reset_connection
 from mantle.errors import (EngineSaturated, ExecutionFinished, ExecutionNotFound,
                            InvalidInput, JournalStopped, LimitReached, MantleError,
                            ShuttingDown, VersionNotFound, WorkflowNotFound)
+from mantle.queries import StepNotFound
+from mantle.retries import NotFailed, StillRunning, UnknownStep
 
 __all__ = ["ApiError", "install", "BODY_LIMIT", "OUTAGE_ERRORS", "reset_connection",
            "NOT_FOUND", "METHOD_NOT_ALLOWED", "TOO_LARGE", "UNAVAILABLE", "INTERNAL"]
@@ -34,7 +36,11 @@ _STATUS_FOR: tuple[tuple[type[MantleError], int], ...] = (
     (WorkflowNotFound, 404),
     (VersionNotFound, 404),
     (ExecutionNotFound, 404),
+    (StepNotFound, 404),
     (ExecutionFinished, 409),
+    (StillRunning, 409),
+    (NotFailed, 409),
+    (UnknownStep, 400),
     (LimitReached, 429),
     (InvalidInput, 400),
     (ShuttingDown, 503),
@@ -78,7 +84,8 @@ def install(app: falcon.App, database) -> None:
     def mantle_error(req, resp, ex: MantleError, params):
         for kind, status in _STATUS_FOR:
             if isinstance(ex, kind):
-                extra = {"status": ex.status} if isinstance(ex, ExecutionFinished) else {}
+                extra = ({"status": ex.status}
+                         if isinstance(ex, (ExecutionFinished, StillRunning, NotFailed)) else {})
                 _respond(resp, status, {"error": str(ex), **extra})
                 return
         unexpected(req, resp, ex, params)

@@ -1,4 +1,7 @@
-"""Middleware: HTTP metrics and request logs, the body limit, API-key authentication."""
+"""Middleware: HTTP metrics and request logs, the body limit, the method check.
+
+API keys are ``web.auth``, the rate limit ``web.ratelimit``.
+"""
 
 from __future__ import annotations
 
@@ -8,24 +11,14 @@ import time
 
 import falcon
 
-from mantle import apikeys
-from mantle.db import audit
 from mantle.metrics import Metrics
-from web.errors import (BODY_LIMIT, METHOD_NOT_ALLOWED, OUTAGE_ERRORS, TOO_LARGE, ApiError,
-                        reset_connection)
+from web.errors import BODY_LIMIT, METHOD_NOT_ALLOWED, TOO_LARGE, ApiError
 
-__all__ = ["RouteLabels", "RequestMetrics", "BodyLimit", "Authentication", "MethodCheck",
-           "allowed_methods", "PROTECTED"]
+__all__ = ["RouteLabels", "RequestMetrics", "BodyLimit", "MethodCheck", "allowed_methods"]
 
 log = logging.getLogger("mantle.http")
 
-# Paths that need a key while an active one exists (SPEC 7.1); probes and metrics stay open.
-PROTECTED = ("/api/v1", "/hooks")
 _CONVERTER = re.compile(r"\{(\w+):[^}]*\}")
-
-
-def _protected(path: str) -> bool:
-    return any(path == prefix or path.startswith(prefix + "/") for prefix in PROTECTED)
 
 
 class RouteLabels:
@@ -77,59 +70,6 @@ class BodyLimit:
     def process_request(self, req, resp) -> None:
         if req.content_length is not None and req.content_length > BODY_LIMIT:
             raise ApiError(413, TOO_LARGE)
-
-
-class Authentication:
-    """Bearer API keys on ``/api/v1`` and ``/hooks`` while an active key exists (SPEC 7.1).
-
-    Keys are read from the database on every request, so a running daemon sees ``mantle keys
-    create``/``revoke`` at once. Sets ``req.context.actor`` (``api`` or ``apikey:<name>``) for
-    the audit trail. Each refusal is audited as ``auth.failed``.
-    """
-
-    def __init__(self, database, labels: RouteLabels):
-        self._database = database
-        self._labels = labels
-
-    def process_request(self, req, resp) -> None:
-        req.context.actor = "api"
-        if not _protected(req.path):
-            return
-        keys = self._active_keys()
-        if not keys:
-            return
-        header = (req.get_header("Authorization") or "").strip()
-        if not header:
-            self._refuse(req, "missing Authorization header")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer":
-            self._refuse(req, "Authorization header must use Bearer scheme")
-        key = apikeys.match_key(token.strip(), keys)
-        if key is None:
-            self._refuse(req, "invalid API key")
-        req.context.actor = f"apikey:{key.name}"
-        try:
-            apikeys.touch_key(key)
-        except OUTAGE_ERRORS:  # bookkeeping only: the request itself may still succeed
-            reset_connection(self._database)
-
-    def _active_keys(self) -> list[apikeys.ActiveKey]:
-        # This is the first query of most requests: a connection left dead by an earlier
-        # outage fails once here, and a fresh one decides.
-        try:
-            return apikeys.active_keys()
-        except OUTAGE_ERRORS:
-            reset_connection(self._database)
-            return apikeys.active_keys()
-
-    def _refuse(self, req, message: str):
-        try:
-            audit.record_audit("api", "auth.failed", "http_request", self._labels(req),
-                               {"error": message, "method": req.method,
-                                "remote_addr": req.remote_addr})
-        except OUTAGE_ERRORS:
-            reset_connection(self._database)
-        raise ApiError(401, message, headers={"WWW-Authenticate": "Bearer"})
 
 
 def allowed_methods(resource) -> list[str]:

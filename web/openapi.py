@@ -1,4 +1,4 @@
-"""The OpenAPI 3.1 document served at ``/api/v1/openapi.json`` (SPEC 7.5).
+"""The OpenAPI 3.1 document served at ``/api/v1/openapi.json`` (SPEC 7.5, 13.8).
 
 ``tests/web/test_openapi.py`` keeps it true: every route and method of the app is documented
 and nothing else, every status code the tests provoke is listed for its operation, and every
@@ -13,6 +13,10 @@ from __future__ import annotations
 import copy
 import functools
 
+from mantle.queries import CURSOR_PATTERN
+from web.openapi_components import (EXECUTION_STATUSES, common_responses, error,
+                                    json_response as _json, ref, schemas)
+
 __all__ = ["document", "OPEN_PATHS", "SINCE_PATTERN"]
 
 # Paths that never need an API key.
@@ -26,121 +30,19 @@ _UNIT = "(?:ns|us|\u00b5s|\u03bcs|ms|s|m|h)"
 SINCE_PATTERN = (rf"^(?:[1-9][0-9]*d|\+?(?:{_NUMBER}{_UNIT})*{_NON_ZERO}{_UNIT}"
                  rf"(?:{_NUMBER}{_UNIT})*)$")
 
-_STEP_STATUSES = ["pending", "running", "completed", "failed", "skipped", "cancelled"]
-_EXECUTION_STATUSES = ["pending", "running", "completed", "failed", "cancelled"]
-
-
-def _ref(name: str) -> dict:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def _obj(required: list[str], properties: dict, additional=False) -> dict:
-    return {"type": "object", "required": required, "properties": properties,
-            "additionalProperties": additional}
-
-
-def _time(nullable: bool = False) -> dict:
-    return {"type": ["string", "null"] if nullable else "string", "format": "date-time"}
-
-
-def _schemas() -> dict:
-    step = {"name": {"type": "string"}, "status": {"type": "string", "enum": _STEP_STATUSES},
-            "attempt": {"type": "integer", "minimum": 0}, "started_at": _time(True),
-            "completed_at": _time(True), "error": {"type": ["string", "null"]},
-            "output": {"description": "connector output; null if none or skipped"}}
-    summary = {"id": {"type": "string", "format": "uuid"}, "workflow": {"type": "string"},
-               "version": {"type": "integer", "minimum": 1},
-               "status": {"type": "string", "enum": _EXECUTION_STATUSES},
-               "started_at": _time(), "completed_at": _time(True)}
-    summary_fields = list(summary)
-    return {
-        "Error": _obj(["error"], {"error": {"type": "string"}}),
-        "CancelConflict": _obj(["error", "status"], {
-            "error": {"type": "string"},
-            "status": {"type": "string", "enum": ["completed", "failed", "cancelled"]}}),
-        "RunRequest": {"type": "object", "properties": {
-            "inputs": {"type": ["object", "null"],
-                       "description": "values of declared inputs; null is the same as none"},
-            "version": {"type": ["integer", "null"], "minimum": 1,
-                        "description": "version to run; default (or null): the current one. "
-                                       "Written as an integer: 2.0 is refused"}},
-            "description": "optional; other fields are ignored"},
-        "RunAccepted": _obj(["execution_id", "workflow", "version"], {
-            "execution_id": {"type": "string", "format": "uuid"},
-            "workflow": {"type": "string"}, "version": {"type": "integer", "minimum": 1}}),
-        "CancelResult": _obj(["execution_id", "status"], {
-            "execution_id": {"type": "string", "format": "uuid"},
-            "status": {"type": "string", "enum": ["cancelled"]}}),
-        "ExecutionSummary": _obj(summary_fields, summary),
-        "ExecutionList": _obj(["executions"], {
-            "executions": {"type": "array", "items": _ref("ExecutionSummary")}}),
-        "Step": _obj(list(step), step),
-        "HookStep": _obj([*step, "block"], {**step, "block": {
-            "type": "string", "enum": ["on_success", "on_failure", "on_finish"]}}),
-        "ExecutionDetail": _obj([*summary_fields, "inputs", "error", "steps", "hooks"], {
-            **summary, "inputs": {"type": "object"}, "error": {"type": ["string", "null"]},
-            "steps": {"type": "array", "items": _ref("Step")},
-            "hooks": {"type": "array", "items": _ref("HookStep")}}),
-        "WorkflowSummary": _obj(["name", "latest_version", "created_at", "updated_at"], {
-            "name": {"type": "string"}, "latest_version": {"type": "integer", "minimum": 1},
-            "created_at": _time(), "updated_at": _time()}),
-        "WorkflowList": _obj(["workflows"], {
-            "workflows": {"type": "array", "items": _ref("WorkflowSummary")}}),
-        "WorkflowVersion": _obj(["name", "version", "definition"], {
-            "name": {"type": "string"}, "version": {"type": "integer", "minimum": 1},
-            "definition": {"type": "object", "description": "the version as JSON"}}),
-        "VersionSummary": _obj(["version", "content_hash", "created_at"], {
-            "version": {"type": "integer", "minimum": 1},
-            "content_hash": {"type": "string", "description": "SHA-256 hex of the YAML"},
-            "created_at": _time()}),
-        "VersionList": _obj(["name", "current_version", "versions"], {
-            "name": {"type": "string"}, "current_version": {"type": "integer", "minimum": 1},
-            "versions": {"type": "array", "items": _ref("VersionSummary")}}),
-        "Health": _obj(["status"], {"status": {"type": "string", "enum": ["ok"]}}),
-        "Readiness": _obj(["status"], {
-            "status": {"type": "string", "enum": ["ok", "unavailable"]},
-            "details": {"type": "object", "additionalProperties": {"type": "string"},
-                        "description": 'e.g. {"database": "unreachable"}, '
-                                       '{"migrations": "pending"}, {"server": "starting"}, '
-                                       '{"server": "shutting down"}'}}),
-    }
-
-
-def _json(schema: str, description: str) -> dict:
-    return {"description": description,
-            "content": {"application/json": {"schema": _ref(schema)}}}
-
-
-def _error(description: str) -> dict:
-    return _json("Error", description)
-
-
-def _common_responses() -> dict:
-    unauthorized = _error('no valid key while keys exist: "missing Authorization header", '
-                          '"Authorization header must use Bearer scheme" or "invalid API key"')
-    unauthorized["headers"] = {"WWW-Authenticate": {"schema": {"type": "string",
-                                                               "enum": ["Bearer"]}}}
-    not_allowed = _error('"method not allowed"')
-    not_allowed["headers"] = {"Allow": {"schema": {"type": "string"},
-                                        "description": "the methods the path implements"}}
-    return {
-        "Unauthorized": unauthorized,
-        "NotFound": _error('no such route: "not found"'),
-        "MethodNotAllowed": not_allowed,
-        "TooLarge": _error('"request body too large (limit 1048576 bytes)"'),
-        "Unavailable": _error('"database unavailable" (or "server is shutting down")'),
-        "Internal": _error('"internal server error"; the traceback is logged'),
-    }
-
-
 def _operation(operation_id: str, summary: str, responses: dict, *, protected: bool = True,
                database: bool = True, parameters: list | None = None,
-               request_body: dict | None = None) -> dict:
+               request_body: dict | None = None, operator: bool = False) -> dict:
+    """``protected``: needs a key while keys exist (401) and is rate limited (429);
+    ``operator``: refused to a ``viewer`` key (403)."""
     responses = dict(responses)
     responses["413"] = {"$ref": "#/components/responses/TooLarge"}
     responses["500"] = {"$ref": "#/components/responses/Internal"}
     if protected:
         responses["401"] = {"$ref": "#/components/responses/Unauthorized"}
+        responses.setdefault("429", {"$ref": "#/components/responses/RateLimited"})
+    if operator:
+        responses.setdefault("403", {"$ref": "#/components/responses/Forbidden"})
     if database:
         responses.setdefault("503", {"$ref": "#/components/responses/Unavailable"})
     operation = {"operationId": operation_id, "summary": summary,
@@ -164,25 +66,70 @@ def _query(name: str, description: str, schema: dict | None = None) -> dict:
             "schema": schema or {"type": "string"}, "description": description}
 
 
+_LAST_EVENT_ID = {"name": "Last-Event-ID", "in": "header", "required": False,
+                  "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
+                  "description": "resume after this event id (EventSource sends it when it "
+                                 "reconnects)"}
+_TIMEOUT = {"name": "timeout", "in": "query", "required": False,
+            "schema": {"type": "string", "pattern": SINCE_PATTERN.replace("[1-9][0-9]*d|", "")},
+            "description": "end the stream after this duration (up to 24h; default: never "
+                           "for /api/v1/events, at execution.finished for one execution)"}
+_STREAM = {"description": "text/event-stream: each event has an id (increasing), an event "
+                          "type and data (a JSON object); comment lines keep the stream alive",
+           "content": {"text/event-stream": {"schema": ref("Event")}}}
+
 _IDEMPOTENCY = {"name": "Idempotency-Key", "in": "header", "required": False,
                 "schema": {"type": "string", "minLength": 1, "maxLength": 255},
                 "description": "a repeat for the same workflow answers 200 with the original "
                                "execution's body"}
 
 
-def _links(field: str) -> dict:
+def _workflow_links() -> dict:
+    """Links from a response naming a workflow (and version) to what can be read about it."""
+    name, version = "$response.body#/workflow", "$response.body#/version"
+    return {"GetWorkflow": {"operationId": "getWorkflow", "parameters": {"name": name},
+                            "description": "the workflow's current version"},
+            "ListVersions": {"operationId": "listVersions", "parameters": {"name": name},
+                             "description": "the workflow's versions"},
+            "GetVersion": {"operationId": "getVersion",
+                           "parameters": {"name": name, "version": version},
+                           "description": "the version that runs"},
+            "ListExecutions": {"operationId": "listExecutions",
+                               "parameters": {"workflow": name},
+                               "description": "the workflow's executions"},
+            "GetEvents": {"operationId": "getEvents",
+                          "parameters": {"workflow": name, "timeout": "1s"},
+                          "description": "the workflow's events for a second"}}
+
+
+def _links(field: str, step: bool = False, workflow: bool = True) -> dict:
     """OpenAPI links from a response carrying an execution id to what can be done with it
-    (stateful API tests follow them: run -> detail -> cancel)."""
+    (stateful API tests follow them: run -> detail -> cancel -> retry, events, outputs, and
+    the workflow it runs)."""
     value = f"$response.body#/{field}"
-    return {"GetExecution": {"operationId": "getExecution", "parameters": {"id": value},
-                             "description": "the execution's detail"},
-            "CancelExecution": {"operationId": "cancelExecution",
+    links = {"GetExecution": {"operationId": "getExecution", "parameters": {"id": value},
+                              "description": "the execution's detail"},
+             "CancelExecution": {"operationId": "cancelExecution",
+                                 "parameters": {"execution": value},
+                                 "description": "cancel the execution"},
+             "RetryExecution": {"operationId": "retryExecution",
                                 "parameters": {"execution": value},
-                                "description": "cancel the execution"}}
+                                "description": "retry the execution once it failed"},
+             "GetExecutionEvents": {"operationId": "getExecutionEvents",
+                                    "parameters": {"id": value, "timeout": "1s"},
+                                    "description": "the execution's events"}}
+    if workflow:
+        links.update(_workflow_links())
+    if step:
+        links["GetStepOutput"] = {
+            "operationId": "getStepOutput",
+            "parameters": {"id": value, "step": "$response.body#/steps/0/name"},
+            "description": "the whole output of the first step"}
+    return links
 
 
-def _linked(response: dict, field: str) -> dict:
-    return {**response, "links": _links(field)}
+def _linked(response: dict, field: str, step: bool = False, workflow: bool = True) -> dict:
+    return {**response, "links": _links(field, step, workflow)}
 
 
 def _paths() -> dict:
@@ -193,55 +140,102 @@ def _paths() -> dict:
                        "execution_id"),
         "202": _linked(_json("RunAccepted", "accepted; the execution runs afterwards"),
                        "execution_id"),
-        "429": _error("over max_parallel_executions with on_limit: reject")}
+        "429": {**error("over max_parallel_executions with on_limit: reject, or the rate "
+                         "limit"),
+                "headers": {"Retry-After": {"schema": {"type": "string"},
+                                            "description": "with the rate limit: seconds "
+                                                           "until a request is allowed"}}}}
     return {
         "/api/v1/run/{workflow}": {"post": _operation(
             "runWorkflow", "Start an execution of a workflow", {
                 **run_responses,
-                "400": _error("bad JSON, body, inputs, version or Idempotency-Key"),
-                "404": _error('workflow "<name>" not found / workflow "<name>" version <n> '
+                "400": error("bad JSON, body, inputs, version or Idempotency-Key"),
+                "404": error('workflow "<name>" not found / workflow "<name>" version <n> '
                               "not found")},
-            parameters=[workflow, _IDEMPOTENCY],
+            parameters=[workflow, _IDEMPOTENCY], operator=True,
             request_body={"required": False,
                           "description": "optional: an empty or blank body is {}",
-                          "content": {"application/json": {"schema": _ref("RunRequest")}}})},
+                          "content": {"application/json": {"schema": ref("RunRequest")}}})},
         "/api/v1/cancel/{execution}": {"post": _operation(
             "cancelExecution", "Cancel a pending or running execution", {
-                "200": _linked(_json("CancelResult", "cancelled"), "execution_id"),
-                "404": _error('execution "<id>" not found'),
+                "200": _linked(_json("CancelResult", "cancelled"), "execution_id",
+                               workflow=False),
+                "404": error('execution "<id>" not found'),
                 "409": _json("CancelConflict", "already final; status is the actual one")},
-            parameters=[_path_param("execution", "execution id")])},
+            parameters=[_path_param("execution", "execution id")], operator=True)},
+        "/api/v1/retry/{execution}": {"post": _operation(
+            "retryExecution", "Retry a failed execution from a step (a new execution)", {
+                "202": {**_json("RetryAccepted", "the new execution, accepted"),
+                        "links": {key: value for key, value in _links("execution_id").items()
+                                  if key != "RetryExecution"}},
+                "400": error('bad JSON or body; step "<s>" not found in workflow "<w>"'),
+                "404": error('execution "<id>" not found'),
+                "409": _json("RetryConflict", "execution <id> is still <status> / execution "
+                                              "<id> is not in a failed state (status: "
+                                              "<status>)."),
+                "429": run_responses["429"]},
+            parameters=[_path_param("execution", "execution id")], operator=True,
+            request_body={"required": False,
+                          "description": "optional: an empty or blank body is {}",
+                          "content": {"application/json": {"schema": ref("RetryRequest")}}})},
         "/api/v1/executions": {"get": _operation(
             "listExecutions", "List executions, newest first", {
                 "200": _json("ExecutionList", "executions"),
-                "400": _error("bad status, since or limit")},
+                "400": error("bad status, since, limit or cursor")},
             parameters=[_query("workflow", "workflow name"),
                         _query("status", "execution status",
-                               {"type": "string", "enum": _EXECUTION_STATUSES}),
+                               {"type": "string", "enum": EXECUTION_STATUSES}),
                         _query("since", "positive duration (90s, 1h30m) or <n>d",
                                {"type": "string", "pattern": SINCE_PATTERN}),
                         _query("limit", "1 to 1000, default 20",
-                               {"type": "integer", "minimum": 1, "maximum": 1000})])},
+                               {"type": "integer", "minimum": 1, "maximum": 1000}),
+                        _query("cursor", "next_cursor of the page before",
+                               {"type": "string",
+                                "pattern": f"^{CURSOR_PATTERN.pattern}$"})])},
         "/api/v1/executions/{id}": {"get": _operation(
             "getExecution", "One execution with its steps and hooks", {
-                "200": _linked(_json("ExecutionDetail", "the execution"), "id"),
-                "404": _error('execution "<id>" not found')},
+                "200": _linked(_json("ExecutionDetail", "the execution"), "id", step=True),
+                "404": error('execution "<id>" not found')},
             parameters=[_path_param("id", "execution id")])},
+        "/api/v1/executions/{id}/steps/{step}/output": {"get": _operation(
+            "getStepOutput", "The whole stored output of a step's latest attempt", {
+                "200": {"description": "the output (any JSON value; null when none)",
+                        "content": {"application/json": {"schema": {}}}},
+                "404": error('execution "<id>" not found / step "<step>" not found')},
+            parameters=[_path_param("id", "execution id"),
+                        _path_param("step", "main step name (else a hook step's)")])},
+        "/api/v1/executions/{id}/events": {"get": _operation(
+            "getExecutionEvents", "One execution's events: its history, then live, until "
+                                  "execution.finished", {
+                "200": _STREAM,
+                "400": error("bad Last-Event-ID or timeout"),
+                "404": error('execution "<id>" not found'),
+                "503": error('"too many event streams (limit <n>)" or "database '
+                              'unavailable"')},
+            parameters=[_path_param("id", "execution id"), _LAST_EVENT_ID, _TIMEOUT])},
+        "/api/v1/events": {"get": _operation(
+            "getEvents", "Events of every execution (or one workflow's), live", {
+                "200": _STREAM,
+                "400": error("bad Last-Event-ID or timeout"),
+                "503": error('"too many event streams (limit <n>)" or "database '
+                              'unavailable"')},
+            parameters=[_query("workflow", "only this workflow's executions"),
+                        _LAST_EVENT_ID, _TIMEOUT])},
         "/api/v1/workflows": {"get": _operation(
             "listWorkflows", "Workflows by name", {"200": _json("WorkflowList", "workflows")})},
         "/api/v1/workflows/{name}": {"get": _operation(
             "getWorkflow", "The current version of a workflow", {
                 "200": _json("WorkflowVersion", "current version"),
-                "404": _error('workflow "<name>" not found')}, parameters=[name])},
+                "404": error('workflow "<name>" not found')}, parameters=[name])},
         "/api/v1/workflows/{name}/versions": {"get": _operation(
             "listVersions", "Versions of a workflow, newest first", {
                 "200": _json("VersionList", "versions"),
-                "404": _error('workflow "<name>" not found')}, parameters=[name])},
+                "404": error('workflow "<name>" not found')}, parameters=[name])},
         "/api/v1/workflows/{name}/versions/{version}": {"get": _operation(
             "getVersion", "One version of a workflow", {
                 "200": _json("WorkflowVersion", "the version"),
-                "400": _error('"invalid version number"'),
-                "404": _error('workflow "<name>" not found / workflow "<name>" version <n> '
+                "400": error('"invalid version number"'),
+                "404": error('workflow "<name>" not found / workflow "<name>" version <n> '
                               "not found")},
             parameters=[name, {"name": "version", "in": "path", "required": True,
                                "schema": {"type": "integer", "minimum": 1},
@@ -253,21 +247,28 @@ def _paths() -> dict:
         "/hooks/{path}": {"post": _operation(
             "triggerWebhook", "Webhook trigger: run the owning workflow's current version", {
                 **run_responses,
-                "400": _error("bad Idempotency-Key"),
-                "403": _error('"invalid or missing webhook signature"'),
-                "404": _error('"no webhook registered for path"')},
+                "400": error("bad Idempotency-Key"),
+                "403": error('"invalid or missing webhook signature", a timestamp too old '
+                              "or missing, or the key's role"),
+                "404": error('"no webhook registered for path"')},
             parameters=[_path_param("path", "the rest of the registered path"), _IDEMPOTENCY,
                         {"name": "X-Hub-Signature-256", "in": "header", "required": False,
                          "schema": {"type": "string"},
-                         "description": "sha256=<hex HMAC-SHA256 of the raw body>, needed "
-                                        "when the trigger has a secret (or X-Signature-256)"}],
-            request_body={"required": False, "description": "JSON becomes trigger.payload; "
+                         "description": "sha256=<hex HMAC-SHA256 of the raw body, or of "
+                                        "<timestamp>.<body> with X-Webhook-Timestamp>, needed "
+                                        "when the trigger has a secret (or X-Signature-256)"},
+                        {"name": "X-Webhook-Timestamp", "in": "header", "required": False,
+                         "schema": {"type": "string"},
+                         "description": "Unix time in seconds, signed with the body; refused "
+                                        "beyond the trigger's max_age (default 5m)"}],
+            operator=True, request_body={"required": False, "description": "JSON becomes trigger.payload; "
                           "other text is passed as a string; empty is null",
                           "content": {"*/*": {"schema": {}}}})},
         "/metrics": {"get": _operation(
             "getMetrics", "Prometheus metrics", {"200": {
                 "description": "text exposition format 0.0.4",
-                "content": {"text/plain": {"schema": {"type": "string"}}}}},
+                "content": {"text/plain": {"schema": {"type": "string"}}}},
+                "401": {"$ref": "#/components/responses/Unauthorized"}},
             protected=False, database=False)},
         "/healthz": {"get": _operation("getHealth", "Liveness", {"200": _json("Health", "alive")},
                                        protected=False, database=False)},
@@ -286,10 +287,12 @@ def _document() -> dict:
         "info": {"title": "mantle", "version": "1",
                  "description": "REST API of mantle serve. Errors are JSON {\"error\": ...}. "
                                 "Any path answers 405 (MethodNotAllowed) for a method it does "
-                                "not implement; unknown paths answer 404 (NotFound)."},
+                                "not implement; unknown paths answer 404 (NotFound). Keys have "
+                                "a role: viewer (every GET), operator (also run, cancel, retry "
+                                "and webhooks), admin (everything)."},
         "components": {
-            "schemas": _schemas(),
-            "responses": _common_responses(),
+            "schemas": schemas(),
+            "responses": common_responses(),
             "securitySchemes": {"bearerAuth": {
                 "type": "http", "scheme": "bearer",
                 "description": "required on /api/v1 and /hooks while an active key exists"}},

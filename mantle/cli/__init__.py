@@ -41,7 +41,7 @@ def _commands() -> dict[str, Callable]:
 # Options whose value may start with "-" (a bad --since such as -5m must reach the command,
 # which explains what it wants, instead of argparse reading it as an unknown option).
 _VALUE_OPTIONS = frozenset({"--since", "--limit", "--to-version", "--execution-days",
-                            "--audit-days"})
+                            "--audit-days", "--expires"})
 
 
 def _attach_dash_values(argv: list[str]) -> list[str]:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 import re
 import signal
@@ -23,11 +24,13 @@ from mantle.durations import format_seconds, parse_since
 from mantle.errors import (ExecutionNotFound, InvalidInput, MantleError, WorkflowNotFound)
 from mantle.timefmt import rfc3339_seconds, table_time
 
-__all__ = ["run", "cancel", "logs", "status", "retry", "parse_inputs", "drive"]
+__all__ = ["run", "cancel", "logs", "status", "retry", "parse_inputs", "drive",
+           "print_followed"]
 
 _STATUSES = ("pending", "running", "completed", "failed", "cancelled")
 _FINAL = ("completed", "failed", "cancelled")
 _STEP_ORDER = ("pending", "running", "completed", "failed", "skipped", "cancelled")
+_STEP_FINAL = ("completed", "failed", "skipped", "cancelled")
 _INT = re.compile(r"-?[0-9]+")
 # Plain decimal notation only: float() would also take "nan", "inf", "1_000" and spaces.
 _FLOAT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
@@ -280,7 +283,48 @@ def cancel(args, context: Context) -> int:
     return 0
 
 
+def print_followed(step: dict, printed: set[str]) -> None:
+    """A followed step's line, once: ``  <name>: <status>``, or ``  <name> (hook): <status>``
+    for a hook step (``block`` set), as ``mantle run`` prints them (SPEC 13.1.2)."""
+    hook = step.get("block") is not None
+    key = ("hook:" if hook else "step:") + step["step"]
+    if key in printed:
+        return
+    printed.add(key)
+    label = f"{step['step']} (hook)" if hook else step["step"]
+    print(f"  {label}: {step['status']}", flush=True)
+
+
+def _follow(args, context: Context) -> int:
+    """``logs -f <id>`` on the database: poll the detail, print steps as they finish (main
+    steps in completion order, then hooks), and the final line once the execution ends."""
+    config = context.config
+    if args.server or config.server:
+        return remote.follow(args, config)
+    context.database()
+    printed: set[str] = set()
+    settled = _settled_status(args.execution_id)
+    while True:
+        detail = queries.execution_detail(args.execution_id, raw=True)
+        final = detail["status"] in _FINAL and settled() is not None
+        done = [step for step in detail["steps"] if step["status"] in _STEP_FINAL
+                and (final or step["completed_at"] is not None)]
+        done.sort(key=lambda step: step["completed_at"] or dt.datetime.max)
+        hooks = [hook for hook in detail["hooks"] if hook["status"] in _STEP_FINAL]
+        for step in done + hooks:
+            print_followed({"step": step["name"], "status": step["status"],
+                            "block": step.get("block")}, printed)
+        if final:
+            print(f"Execution {detail['id']}: {detail['status']}")
+            return _exit_for(detail)
+        time.sleep(0.2)
+
+
 def logs(args, context: Context) -> int:
+    if args.follow:
+        if not args.execution_id:
+            raise InvalidInput("--follow needs an execution id")
+        return _follow(args, context)
     if args.execution_id:
         context.database()
         if wants_json(args):

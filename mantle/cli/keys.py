@@ -1,15 +1,18 @@
-"""``mantle keys create|list|revoke`` (SPEC 6.3)."""
+"""``mantle keys create|list|revoke`` (SPEC 6.3, 13.8)."""
 
 from __future__ import annotations
 
 from mantle import apikeys
 from mantle.cli.context import Context
 from mantle.cli.output import print_json, wants_json
+from mantle.db.fields import utcnow
 from mantle.timefmt import rfc3339, table_time
 
 __all__ = ["keys"]
 
-_ROW = "%-20s %-10s %-20s %-20s %s"
+# SPEC 6.3's columns with ROLE after PREFIX and EXPIRES after CREATED (13.8); STATUS is
+# ``active``, ``expired`` or ``revoked``.
+_ROW = "%-20s %-10s %-8s %-20s %-20s %-20s %s"
 
 
 def keys(args, context: Context) -> int:
@@ -18,12 +21,21 @@ def keys(args, context: Context) -> int:
 
 
 def _create(args) -> int:
-    key = apikeys.create_key(args.name, actor="cli")
+    expires_in = None if args.expires is None else apikeys.parse_expiry(args.expires)
+    key = apikeys.create_key(args.name, actor="cli", role=args.role, expires_in=expires_in)
     print(f"API Key: {key}")
     print()
     print("Save this key — it cannot be retrieved again.")
     print(f"Key prefix for reference: {key[:9]}")
     return 0
+
+
+def _status(row, now) -> str:
+    if row.revoked_at:
+        return "revoked"
+    if row.expires_at is not None and now >= row.expires_at:
+        return "expired"
+    return "active"
 
 
 def _list(args) -> int:
@@ -37,11 +49,13 @@ def _list(args) -> int:
     if not rows:
         print("(no API keys)")
         return 0
-    print(_ROW % ("NAME", "PREFIX", "CREATED", "LAST USED", "STATUS"))
+    now = utcnow()
+    print(_ROW % ("NAME", "PREFIX", "ROLE", "CREATED", "EXPIRES", "LAST USED", "STATUS"))
     for row in rows:
         last_used = table_time(row.last_used_at) if row.last_used_at else "never"
-        status = "revoked" if row.revoked_at else "active"
-        print(_ROW % (row.name, row.prefix, table_time(row.created_at), last_used, status))
+        expires = table_time(row.expires_at) if row.expires_at else "never"
+        print(_ROW % (row.name, row.prefix, row.role, table_time(row.created_at), expires,
+                      last_used, _status(row, now)))
     return 0
 
 

@@ -74,17 +74,21 @@ def build_parser() -> argparse.ArgumentParser:
     _client_options(cancel)
     logs = add("logs", "list executions, or show one")
     logs.add_argument("execution_id", nargs="?")
+    logs.add_argument("-f", "--follow", action="store_true",
+                      help="print step lines as they finish until the execution ends")
     logs.add_argument("--workflow", default=None)
     logs.add_argument("--status", default=None)
     logs.add_argument("--since", default=None)
     logs.add_argument("--limit", default=None)
     output_option(logs)
+    _client_options(logs)  # used by --follow: the server's event stream
     status = add("status", "summarise an execution")
     status.add_argument("execution_id")
     output_option(status)
     retry = add("retry", "re-run a failed execution")
     retry.add_argument("execution_id")
     retry.add_argument("--from-step", default=None, metavar="NAME")
+    _client_options(retry)
 
     _daemon_commands(add, common)
     _maintenance_commands(add, common)
@@ -123,7 +127,12 @@ def _daemon_commands(add, common) -> None:
     _plugins_dir(serve)
 
     keys = _actions(add("keys", "manage API keys"), "keys_command", common)
-    keys("create", "create an API key and print it once").add_argument("name")
+    create = keys("create", "create an API key and print it once")
+    create.add_argument("name")
+    create.add_argument("--role", default="admin", metavar="ROLE",
+                        help="admin (default), operator or viewer")
+    create.add_argument("--expires", default=None, metavar="DURATION",
+                        help="refuse the key after this long, e.g. 12h or 30d")
     output_option(keys("list", "list API keys"))
     keys("revoke", "revoke an API key").add_argument("name")
 

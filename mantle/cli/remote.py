@@ -1,7 +1,9 @@
-"""``run`` and ``cancel`` through a running ``mantle serve`` (``--server`` / MANTLE_SERVER)."""
+"""``run``, ``cancel``, ``retry`` and ``logs -f`` through a running ``mantle serve``
+(``--server`` / MANTLE_SERVER)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
 import urllib.error
@@ -13,7 +15,11 @@ from mantle.cli.progress import LiveLines
 from mantle.config import Config
 from mantle.errors import MantleError
 
-__all__ = ["run", "cancel", "ApiClient"]
+__all__ = ["run", "cancel", "retry", "follow", "ApiClient", "ServerUnreachable"]
+
+_FINAL = ("completed", "failed", "cancelled")
+# How long ``logs -f --server`` keeps reconnecting to a server that went away (a restart).
+_RECONNECT_FOR = 60.0
 
 # After the server shows a final status, how long step rows may take to settle (as in-process).
 _SETTLE_GRACE = 5.0
@@ -128,6 +134,23 @@ def _busy(detail: dict) -> bool:
                for step in detail["steps"] + detail.get("hooks", []))
 
 
+def _wait(client: ApiClient, execution_id: str) -> tuple[dict, bool]:
+    """Poll the detail until the execution is final; the first SIGINT/SIGTERM cancels it.
+    (final detail, whether a signal arrived)."""
+    from mantle.cli.executions import _Signals
+
+    interrupted = False
+    with _Signals() as signals:
+        while True:
+            detail = _check(*client.request("GET", f"/api/v1/executions/{execution_id}"))
+            if detail["status"] in _FINAL:
+                return detail, interrupted
+            if signals.caught.is_set() and not interrupted:
+                interrupted = True
+                client.request("POST", f"/api/v1/cancel/{execution_id}")
+            time.sleep(0.2)
+
+
 def cancel(args, config: Config) -> int:
     client = _client(args, config)
     # Quoted, so any text reaches the server as the id (and gets its "not found").
@@ -141,4 +164,98 @@ def cancel(args, config: Config) -> int:
     return 0
 
 
+def _seconds(step: dict) -> float | None:
+    if step["started_at"] is None or step["completed_at"] is None:
+        return None
+    started, completed = (dt.datetime.fromisoformat(step[key].replace("Z", "+00:00"))
+                          for key in ("started_at", "completed_at"))
+    return (completed - started).total_seconds()
 
+
+def retry(args, config: Config) -> int:
+    """``mantle retry --server``: ``POST /api/v1/retry/{execution}``, then wait as ``run``."""
+    from mantle.cli.executions import _exit_for
+    from mantle.cli.retry import step_lines
+    from mantle.retries import NotFailed
+
+    client = _client(args, config)
+    execution = urllib.parse.quote(args.execution_id, safe="")
+    body = {} if args.from_step is None else {"from_step": args.from_step}
+    status, payload = client.request("POST", f"/api/v1/retry/{execution}", body)
+    if status == 409 and "status" in payload:  # the CLI words every status alike (6.2)
+        raise NotFailed(args.execution_id, payload["status"])
+    accepted = _check(status, payload)
+    print(f'Retrying execution {args.execution_id} from step "{accepted["from_step"]}"...',
+          flush=True)
+    detail, interrupted = _wait(client, accepted["execution_id"])
+    print(f"Execution {accepted['execution_id']}: {detail['status']}")
+    for line in step_lines(set(accepted.get("reused", ())), _seconds)(detail):
+        print(line)
+    return 130 if interrupted else _exit_for(detail)
+
+
+def _events(client: ApiClient, path: str, last_id: str | None):
+    """(event, data, id) of a Server-Sent Events stream until it ends (urllib)."""
+    req = urllib.request.Request(client.base + path, headers={"Accept": "text/event-stream"})
+    if client.api_key:
+        req.add_header("Authorization", f"Bearer {client.api_key}")
+    if last_id:
+        req.add_header("Last-Event-ID", last_id)
+    try:
+        response = urllib.request.urlopen(req, timeout=60)  # keep-alives come every 15 s
+    except urllib.error.HTTPError as exc:
+        try:
+            payload = json.loads(exc.read() or b"{}")
+        except ValueError:
+            payload = {}
+        _check(exc.code, payload)
+        raise
+    except (urllib.error.URLError, OSError) as exc:
+        raise ServerUnreachable(client.base, str(getattr(exc, "reason", exc))) from exc
+    with response:
+        fields: dict[str, str] = {}
+        for raw in response:
+            line = raw.decode("utf-8").rstrip("\r\n")
+            if not line:
+                if "event" in fields:
+                    yield fields["event"], json.loads(fields.get("data") or "{}"), fields.get("id")
+                fields = {}
+            elif not line.startswith(":"):
+                name, _, value = line.partition(":")
+                fields[name] = value[1:] if value.startswith(" ") else value
+
+
+def follow(args, config: Config) -> int:
+    """``mantle logs -f --server``: the execution's event stream, as step lines (13.1.2);
+    reconnects with ``Last-Event-ID`` when the connection drops."""
+    from mantle.cli.executions import _exit_for, print_followed
+
+    client = _client(args, config)
+    execution = urllib.parse.quote(args.execution_id, safe="")
+    printed: set[str] = set()
+    last_id = None
+    connected = time.monotonic()
+    while True:
+        try:
+            for kind, data, event_id in _events(client, f"/api/v1/executions/{execution}/events",
+                                                last_id):
+                last_id, connected = event_id or last_id, time.monotonic()
+                if kind == "step.finished":
+                    print_followed(data, printed)
+                elif kind == "execution.finished":
+                    detail = _check(*client.request("GET", f"/api/v1/executions/{execution}"))
+                    return _exit_for(_ended(detail, printed))
+            connected = time.monotonic()  # ended without the finish: the server is stopping
+        except ServerUnreachable:
+            if last_id is None or time.monotonic() - connected > _RECONNECT_FOR:
+                raise
+        time.sleep(1.0)
+
+
+def _ended(detail: dict, printed: set[str]) -> dict:
+    from mantle.cli.executions import print_followed
+
+    for step in detail["steps"]:  # steps that never ran print nothing on the stream
+        print_followed({"step": step["name"], "status": step["status"]}, printed)
+    print(f"Execution {detail['id']}: {detail['status']}")
+    return detail

@@ -37,6 +37,8 @@ def serve(args, context: Context) -> int:
     if config.encryption_key:  # and a malformed key (a missing one only matters when used)
         from mantle.credentials import parse_key
         parse_key(config.encryption_key)
+    from web.settings import ApiSettings
+    ApiSettings.from_config(config)  # the API's settings too
     workers = config.worker_count
     threads = args.threads or DEFAULT_THREADS
     if workers > 1:

@@ -79,6 +79,7 @@ class Daemon:
         self._notifier = Notifier()
         self._hurry = threading.Event()
         self._engine = None
+        self._api = None  # web.app.ApiRuntime
         self._http: HttpServer | None = None
         self._scheduler = None
         self._retention = None
@@ -125,7 +126,8 @@ class Daemon:
     def _start(self) -> None:
         from actors.engine import Engine
         from mantle.services.scheduler import Scheduler
-        from web.app import create_app
+        from web.app import ApiRuntime, create_app
+        from web.settings import ApiSettings
 
         try:
             migrations.migrate(self._database)
@@ -140,8 +142,12 @@ class Daemon:
                               lease_ttl=config.lease_ttl_seconds,
                               max_depth=config.max_depth).start()
         self._readiness.watch(self._engine.problem)
-        app = create_app(self._engine, metrics, self._database, self._readiness)
-        self._http = HttpServer(app, config.api_address, self._threads)
+        settings = ApiSettings.from_config(config)
+        self._api = ApiRuntime(self._database, settings)
+        app = create_app(self._engine, metrics, self._database, self._readiness, self._api)
+        # Event streams hold a worker each while open: they get workers of their own.
+        self._http = HttpServer(app, config.api_address, self._threads,
+                                streams=settings.max_event_streams)
         try:
             address = self._http.bind(self._listener)
         except Exception:
@@ -181,6 +187,7 @@ class Daemon:
         if self._retention is not None:
             self._retention.stop()
         self._http.close_listener()
+        self._api.close()  # event streams end, so that requests in flight can finish
         self._http.wait_idle(deadline, self._hurry)
         left = 0.0 if self._hurry.is_set() else max(0.0, deadline - time.monotonic())
         self._engine.shutdown(timeout=left)

@@ -72,10 +72,14 @@ def _bind(address: str, reuse_port: bool = False) -> socket.socket:
 
 
 class HttpServer:
-    def __init__(self, app, address: str, threads: int = 8):
+    """``threads`` workers for the API plus one per allowed event stream (``streams``), which
+    holds its worker while open; the connection limit leaves room for both."""
+
+    def __init__(self, app, address: str, threads: int = 8, streams: int = 0):
         self._app = app
         self._address = address
         self._threads = threads
+        self._streams = streams
         self._server = None
         self._thread: threading.Thread | None = None
 
@@ -84,8 +88,13 @@ class HttpServer:
         serving; return the bound ``host:port``. Raises ListenError."""
         sock = sock if sock is not None else _bind(self._address)
         self._server = waitress.create_server(
-            self._app, sockets=[sock], threads=self._threads, ident="mantle",
-            max_request_body_size=MAX_BODY_BYTES, clear_untrusted_proxy_headers=False)
+            self._app, sockets=[sock], threads=self._threads + self._streams, ident="mantle",
+            max_request_body_size=MAX_BODY_BYTES, clear_untrusted_proxy_headers=False,
+            connection_limit=1000 + self._streams,
+            # Keep reading a connection while its request runs, so that an event stream
+            # sees its client leave (waitress.client_disconnected). Small writes (events)
+            # are sent at once: waitress's send_bytes is 1 by default.
+            channel_request_lookahead=1)
         self._thread = threading.Thread(target=self._server.run, name="mantle-http",
                                         daemon=True)
         self._thread.start()

@@ -136,7 +136,11 @@ class StepExecution(BaseModel):
 
 
 class AuditEvent(BaseModel):
-    """Append-only record of who did what (SPEC 9.3)."""
+    """Append-only record of who did what (SPEC 9.3), and the event log of executions
+    (``mantle.events``). Migration 005 adds an expression index on the execution id (the
+    ``resource_id`` of ``workflow_execution`` rows, the ``execution_id`` of the metadata
+    otherwise) and a trigger on ``workflow_executions`` that appends ``execution.finished``
+    rows; neither is expressible here, and queries spell the index's expression themselves."""
 
     id = peewee.BigAutoField()
     timestamp = UtcDateTimeField(index=True)

@@ -82,7 +82,8 @@ def _step(step: dict, hook_block: str | None) -> Step:
 
 def _trigger(trigger: dict) -> Trigger:
     return Trigger(type=_text(trigger["type"]), schedule=_text(trigger.get("schedule")),
-                   path=_text(trigger.get("path")), secret=_text(trigger.get("secret")))
+                   path=_text(trigger.get("path")), secret=_text(trigger.get("secret")),
+                   max_age=_text(trigger.get("max_age")))
 
 
 def _hooks(hooks: dict) -> Hooks:

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import Any
 
-__all__ = ["Change", "diff_definitions", "leaves", "render_leaf"]
+__all__ = ["Change", "diff_definitions", "leaves", "render_leaf", "SECRET_SHOWN"]
+
+# A webhook secret's value is never printed (SPEC 13.1.1): its line says only that it changed.
+SECRET_SHOWN = "(changed)"
+_SECRET = re.compile(r"triggers\[[0-9]+\]\.secret")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -19,6 +24,8 @@ class Change:
     new: Any = None
 
     def render(self) -> str:
+        if _SECRET.fullmatch(self.path):
+            return f"  {self.kind} {self.path}: {SECRET_SHOWN}"
         if self.kind == "~":
             return f"  ~ {self.path}: {render_leaf(self.old)} → {render_leaf(self.new)}"
         value = self.new if self.kind == "+" else self.old

@@ -51,12 +51,14 @@ class Step:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Trigger:
-    """``type`` is ``cron`` (with ``schedule``) or ``webhook`` (with ``path``, maybe ``secret``)."""
+    """``type`` is ``cron`` (with ``schedule``) or ``webhook`` (with ``path``, maybe ``secret``
+    and ``max_age``, the oldest signed timestamp accepted, as written)."""
 
     type: str
     schedule: str | None = None
     path: str | None = None
     secret: str | None = None
+    max_age: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

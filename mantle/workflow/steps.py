@@ -17,8 +17,9 @@ HOOK_BLOCKS = ("on_success", "on_failure", "on_finish")
 BACKOFFS = ("fixed", "exponential")
 
 
-def check_duration(reader: FieldReader, container: dict, key: str, path: Path) -> None:
-    """Rules 12 and 13 for a timeout field."""
+def check_duration(reader: FieldReader, container: dict, key: str, path: Path,
+                   label: str = "timeout") -> None:
+    """Rules 12 and 13 for a timeout field (and a webhook's ``max_age``: ``label``)."""
     text = reader.string(container, key, path)
     if not isinstance(text, str):
         return
@@ -28,7 +29,7 @@ def check_duration(reader: FieldReader, container: dict, key: str, path: Path) -
         reader.collector.add(12, path, f'invalid duration: "{text}"')
         return
     if seconds <= 0:
-        reader.collector.add(13, path, "timeout must be a positive duration")
+        reader.collector.add(13, path, f"{label} must be a positive duration")
 
 
 class StepChecker:

@@ -108,6 +108,8 @@ def _triggers(reader: FieldReader, data: dict) -> None:
         schedule = reader.string(trigger, "schedule", path + ("schedule",))
         hook_path = reader.string(trigger, "path", path + ("path",))
         reader.string(trigger, "secret", path + ("secret",))
+        # Replay protection of signed webhooks (docs/workflows.md): checked like a timeout.
+        check_duration(reader, trigger, "max_age", path + ("max_age",), label="max_age")
         if kind is WRONG:
             continue
         if not kind:

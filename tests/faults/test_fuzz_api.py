@@ -4,9 +4,14 @@ serves at ``/api/v1/openapi.json``, on both databases.
 - Stateless: every operation with schema-valid (positive) and schema-invalid (negative) data.
   Path parameters are often the names, webhook paths and execution ids that exist, so
   requests also get past the 404s to the code behind them.
-- Stateful: scenarios follow the document's links (run -> detail -> cancel, webhook -> detail
-  and cancel, cancel -> detail), so an execution is read and cancelled right after the API
+- Stateful: scenarios follow the document's links (run -> detail -> cancel -> retry, events,
+  step outputs, the workflow's versions and executions; webhook -> the same; cancel ->
+  detail), so an execution is read, streamed, cancelled and retried right after the API
   accepted it.
+
+Event streams end at ``execution.finished`` or at their ``timeout``; the fuzzer's requests to
+them always carry a short one (``short_streams``), since a stream without one is meant to stay
+open.
 
 Each response passes every schemathesis check (no 5xx; status code, content type, headers and
 body as documented; negative data refused; a created execution readable at once) except those
@@ -38,6 +43,7 @@ from schemathesis.errors import FailureGroup
 from schemathesis.specs.openapi.checks import (negative_data_rejection,
                                                  positive_data_acceptance)
 
+from mantle.durations import parse_duration
 from tests.web.support import Daemon, apply_yaml
 
 EXAMPLES = int(os.environ.get("MANTLE_FUZZ_EXAMPLES", "40"))
@@ -57,6 +63,9 @@ WORKFLOWS = ("""
     on_limit: reject
     steps: [{name: nap, action: core/sleep, params: {duration: 20s}}]
 """, """
+    name: broken
+    steps: [{name: boom, action: core/fail}]
+""", """
     name: hooked
     triggers:
       - {type: webhook, path: /hooks/fuzz}
@@ -70,13 +79,18 @@ WORKFLOWS = ("""
 EXCLUDED = {
     # The document cannot list a workflow's declared inputs (each workflow has its own), so a
     # schema-valid "inputs" object for an existing workflow is mostly refused with SPEC 7.2's
-    # 400 'unknown input "<k>"' / 'input "<k>" must be a <type>'. And "version": 2.0 is an
-    # integer to JSON Schema, but the API refuses it ('"version" must be a positive integer',
-    # as tests/web/test_api_runs.py requires); the document's description says so.
+    # 400 'unknown input "<k>"' / 'input "<k>" must be a <type>'.
     "POST /api/v1/run/{workflow}": [positive_data_acceptance],
+    # Likewise a schema-valid "from_step" is rarely a step of the execution's workflow: 400
+    # 'step "<s>" not found in workflow "<w>"' (SPEC 13.8, mantle retry's words).
+    "POST /api/v1/retry/{execution}": [positive_data_acceptance],
 }
+# Operations that stream until their ``timeout``, and the one the fuzzer gives them.
+STREAMS = ("/api/v1/events", "/api/v1/executions/{id}/events")
+STREAM_TIMEOUT = "300ms"
 
-# Path parameters that exist only together (a version of a workflow).
+# Path parameters that exist only together (a version of a workflow; the fixture adds a step
+# of an execution).
 EXISTING_TOGETHER = {
     "/api/v1/workflows/{name}/versions/{version}": {"name": "quick", "version": 1}}
 
@@ -153,11 +167,12 @@ def api(bound, tmp_path):
     daemon = Daemon(tmp_path, bound, args=("--shutdown-timeout", "1s")).start()
     try:
         ids = [daemon.post(f"/api/v1/run/{name}", {}).json["execution_id"]
-               for name in ("quick", "slow", "slow", "limited")]
+               for name in ("quick", "broken", "slow", "slow", "limited")]
         daemon.wait_for_status(ids[0])
-        existing = {"workflow": ["slow", "quick", "limited", "hooked"],
+        daemon.wait_for_status(ids[1])
+        existing = {"workflow": ["slow", "quick", "broken", "limited", "hooked"],
                     "name": ["quick", "hooked"], "path": ["fuzz", "signed"],
-                    "id": ids[:3], "execution": ids[:3]}
+                    "id": ids[:4], "execution": ids[:4], "step": ["say", "boom", "nap"]}
         # Loaded from the fetched JSON rather than with ``from_url``, which would leave out the
         # operation that serves the document itself.
         document = daemon.get("/api/v1/openapi.json").json
@@ -180,9 +195,32 @@ def api(bound, tmp_path):
                 for name in path_parameters for value in existing.get(name, ())),
                 path_parameters])
 
-        yield daemon, schema
+        @schema.hook("map_query")
+        def short_streams(ctx, query):
+            """Event streams: a short ``timeout`` unless the case made it invalid."""
+            if ctx.operation is None or ctx.operation.path not in STREAMS:
+                return query
+            if query is None:
+                return {"timeout": STREAM_TIMEOUT}
+            if isinstance(query, dict) and _stream_timeout_ok(query.get("timeout")):
+                return {**query, "timeout": STREAM_TIMEOUT}
+            return query
+
+        together = {**EXISTING_TOGETHER, "/api/v1/executions/{id}/steps/{step}/output": {
+            "id": ids[0], "step": "say"}}
+        yield daemon, schema, together
     finally:
         daemon.stop()
+
+
+def _stream_timeout_ok(value) -> bool:
+    """Absent, or a duration the server accepts (it would stream that long)."""
+    if value is None:
+        return True
+    try:
+        return isinstance(value, str) and parse_duration(value) > 0
+    except ValueError:
+        return False
 
 
 def _faults(daemon) -> list[str]:
@@ -196,22 +234,22 @@ def _operations(schema) -> list:
     return [result.ok() for result in schema.get_all_operations()]
 
 
-def _strategy(operation, mode: GenerationMode):
+def _strategy(operation, mode: GenerationMode, together: dict):
     strategy = operation.as_strategy(generation_mode=mode)
-    if mode is GenerationMode.POSITIVE and operation.path in EXISTING_TOGETHER:
+    if mode is GenerationMode.POSITIVE and operation.path in together:
         # Only in positive mode: fixing every path parameter could undo what a negative case
         # made invalid (the ``sometimes_existing`` hook replaces one string at a time).
         strategy = st.one_of(strategy, operation.as_strategy(
-            generation_mode=mode, path_parameters=EXISTING_TOGETHER[operation.path]))
+            generation_mode=mode, path_parameters=together[operation.path]))
     return strategy
 
 
-def _fuzz_operation(operation, mode: GenerationMode, tally: Tally) -> None:
+def _fuzz_operation(operation, mode: GenerationMode, tally: Tally, together: dict) -> None:
     row = f"{operation.label} {mode.value}"
 
     @hypothesis.settings(max_examples=EXAMPLES, phases=[Phase.explicit, Phase.generate],
                          **SETTINGS)
-    @hypothesis.given(case=_strategy(operation, mode))
+    @hypothesis.given(case=_strategy(operation, mode, together))
     def fuzz(case):
         response = case.call()
         tally.check(row, case, response, lambda: case.validate_response(
@@ -224,12 +262,12 @@ def _fuzz_operation(operation, mode: GenerationMode, tally: Tally) -> None:
 
 
 def test_every_operation_answers_as_documented_to_generated_requests(api, backend, capsys):
-    daemon, schema = api
+    daemon, schema, together = api
     tally = Tally()
     operations = _operations(schema)
     for operation in operations:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-            _fuzz_operation(operation, mode, tally)
+            _fuzz_operation(operation, mode, tally, together)
     with capsys.disabled():
         print("\n" + tally.table(f"stateless fuzzing [{backend}], {EXAMPLES} per row"))
     assert tally.failures == [], "\n".join(tally.failures[:20])
@@ -240,10 +278,15 @@ def test_every_operation_answers_as_documented_to_generated_requests(api, backen
 
 def _follow(linked: dict, case, response) -> None:
     path = case.path_parameters or {}
-    if response.status_code == 202:
+    label = case.operation.label
+    if response.status_code == 202 and "retry" in label:
+        if path.get("execution") in linked["accepted"]:
+            linked["retried"].add(path["execution"])
+        linked["accepted"].add(response.json()["execution_id"])
+    elif response.status_code == 202:
         linked["accepted"].add(response.json()["execution_id"])
     elif response.status_code == 200 and path.get("id") in linked["accepted"]:
-        linked["read"].add(path["id"])
+        linked["streamed" if "events" in label else "read"].add(path["id"])
     elif response.status_code == 200 and path.get("execution") in linked["accepted"]:
         linked["cancelled"].add(path["execution"])
 
@@ -274,7 +317,7 @@ def _state_machine(schema, tally: Tally):
 
 def test_scenarios_following_run_detail_cancel_links_answer_as_documented(api, backend,
                                                                          capsys):
-    daemon, schema = api
+    daemon, schema, _ = api
     tally = Tally()
     machine = _state_machine(schema, tally)
     restarts = 0
@@ -297,9 +340,17 @@ def test_scenarios_following_run_detail_cancel_links_answer_as_documented(api, b
     with capsys.disabled():
         print("\n" + tally.table(f"stateful fuzzing [{backend}], {tally.scenarios} scenarios of "
                                  f"up to {STEPS} steps, {restarts} restarts"))
-        print("accepted {accepted}, then read {read}, then cancelled {cancelled}".format(
-            **{key: len(tally.linked[key]) for key in ("accepted", "read", "cancelled")}))
+        print("accepted {accepted}, then read {read}, streamed {streamed}, cancelled "
+              "{cancelled}, retried {retried}".format(**{
+                  key: len(tally.linked[key])
+                  for key in ("accepted", "read", "streamed", "cancelled", "retried")}))
     assert tally.failures == [], "\n".join(tally.failures[:20])
     assert _faults(daemon) == []
     # The links were followed: executions accepted in a scenario were read and cancelled in it.
     assert tally.linked["read"] and tally.linked["cancelled"], dict(tally.linked)
+    # Every operation on an execution's state is reached through the links (the probes,
+    # /metrics and the document itself have no state: the stateless run covers them).
+    reached = {row.rpartition(" ")[0] for row in tally.cases}
+    assert {"POST /api/v1/run/{workflow}", "GET /api/v1/executions/{id}",
+            "POST /api/v1/cancel/{execution}", "POST /api/v1/retry/{execution}",
+            "GET /api/v1/executions/{id}/events"} <= reached, reached

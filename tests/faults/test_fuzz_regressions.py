@@ -106,7 +106,7 @@ def test_names_and_paths_with_nul_are_not_found(daemon):
 
 def test_list_filtered_by_a_workflow_name_with_nul_is_empty(daemon):
     reply = daemon.get("/api/v1/executions?workflow=quick%00")
-    assert (reply.status, reply.json) == (200, {"executions": []})
+    assert (reply.status, reply.json) == (200, {"executions": [], "next_cursor": None})
 
 
 def test_since_with_more_days_than_a_float_holds_filters_nothing(daemon):

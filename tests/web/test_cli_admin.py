@@ -63,12 +63,13 @@ def test_keys_list_and_revoke(mantle):
     mantle("keys", "create", "second")
     code, out, _ = mantle("keys", "list")
     lines = out.splitlines()
-    assert lines[0] == "%-20s %-10s %-20s %-20s %s" % ("NAME", "PREFIX", "CREATED",
-                                                       "LAST USED", "STATUS")
+    row = "%-20s %-10s %-8s %-20s %-20s %-20s %s"  # SPEC 6.3 plus ROLE and EXPIRES (13.8)
+    assert lines[0] == row % ("NAME", "PREFIX", "ROLE", "CREATED", "EXPIRES", "LAST USED",
+                              "STATUS")
     first = ApiKey.get(ApiKey.name == "first")
     created = first.created_at.strftime("%Y-%m-%d %H:%M:%S")
-    assert lines[1] == "%-20s %-10s %-20s %-20s %s" % ("first", first.prefix, created,
-                                                       "never", "active")
+    assert lines[1] == row % ("first", first.prefix, "admin", created, "never", "never",
+                              "active")
     assert mantle("keys", "revoke", "first") == (0, 'Revoked key "first"\n', "")
     assert mantle("keys", "list")[1].splitlines()[1].endswith(" revoked")
     assert mantle("keys", "revoke", "second") == (0, 'Revoked key "second"\nNo active keys '

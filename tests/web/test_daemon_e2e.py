@@ -220,7 +220,7 @@ def test_idempotency_cancel_and_the_reject_limit_over_http(daemon):
     assert (conflict.status, conflict.json) == (409, {
         "error": f"execution {execution_id} is already cancelled", "status": "cancelled"})
     running = daemon.get("/api/v1/executions?status=running&workflow=slow").json
-    assert running == {"executions": []}
+    assert running == {"executions": [], "next_cursor": None}
 
 
 def test_workflow_endpoints_over_http(daemon):
@@ -287,8 +287,8 @@ def test_api_keys_created_and_revoked_by_the_cli_apply_without_a_restart(daemon)
                                AuditEvent.resource_id == accepted.json["execution_id"])
         assert audit.actor == "apikey:e2e"
         listed = cli(daemon.cwd, daemon.database_url, "keys", "list")
-        assert re.search(r"^e2e +mk_[0-9a-f]{6} +\S+ \S+ +\S+ \S+ +active$", listed.stdout,
-                         re.M), listed.stdout
+        assert re.search(r"^e2e +mk_[0-9a-f]{6} +admin +\S+ \S+ +never +\S+ \S+ +active$",
+                         listed.stdout, re.M), listed.stdout
         # The CLI client with --api-key (and without: refused).
         ran = cli(daemon.cwd, daemon.database_url, "run", "daily-report", "--server",
                   daemon.url, "--api-key", key)

@@ -2,7 +2,8 @@
 
 Every ``$ curl ...`` line of README.md and docs/api.md that talks to ``127.0.0.1:8080`` or
 ``localhost:8080`` runs (with the daemon's real port) after the shell lines just before it
-in the same block (``body=...``, ``sig=...``), on the workflows of ``examples/``.
+in the same block (``body=...``, ``sig=...``, ``until ...; done``), on the workflows of
+``examples/``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def _examples(name: str) -> list[list[str]]:
             command = line[2:].split("  #")[0].strip()
             if command.startswith("curl") and _HOST.search(command):
                 snippets.append([*setup, command])
-            elif re.match(r"^\w+=", command):
+            elif re.match(r"^(\w+=|until )", command):
                 setup.append(command)
     return snippets
 
@@ -66,7 +67,7 @@ def daemon(tmp_path_factory):
 @pytest.mark.parametrize("name,snippet", SNIPPETS,
                          ids=[f"{name}:{snippet[-1][:60]}" for name, snippet in SNIPPETS])
 def test_a_documented_curl_example_works(name, snippet, daemon):
-    for tool in ("curl", "openssl"):
+    for tool in ("curl", "openssl", "jq"):
         if tool in " ".join(snippet) and shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed")
     script = "\n".join(_HOST.sub(f"127.0.0.1:{daemon.port}", line) for line in snippet)
@@ -75,7 +76,9 @@ def test_a_documented_curl_example_works(name, snippet, daemon):
     assert result.returncode == 0, result.stderr
     if "-X POST" in snippet[-1]:
         body = json.loads(result.stdout)
-        assert set(body) == {"execution_id", "workflow", "version"}, result.stdout
+        # The run body (and, for a retry, the retry point and the reused steps).
+        assert {"execution_id", "workflow", "version"} <= set(body), result.stdout
+        assert set(body) - {"execution_id", "workflow", "version"} <= {"from_step", "reused"}
         detail = daemon.wait_for_status(body["execution_id"])
         # The first step of each example runs locally (later ones may call the internet).
         assert detail["steps"][0]["status"] == "completed", detail

@@ -18,9 +18,10 @@ import pytest
 
 from mantle import apikeys, db as mantle_db
 from mantle.daemon.readiness import Readiness
-from web.app import create_app, routes
+from web.app import ApiRuntime, create_app, routes
 from web.middleware import allowed_methods
 from web.openapi import document
+from web.settings import ApiSettings
 from tests.web.support import apply_yaml, gone_database
 
 DOC = document()
@@ -37,6 +38,10 @@ OPEN = """
     name: open
     triggers: [{type: webhook, path: /hooks/open}]
     steps: [{name: a, action: core/log, params: {message: x}}]
+"""
+BROKEN = """
+    name: broken
+    steps: [{name: boom, action: core/fail}]
 """
 BIG = b"{" + b" " * (1024 * 1024) + b"}"
 
@@ -137,6 +142,9 @@ class Recorder:
             validate(json.loads(reply.text), content["application/json"]["schema"])
         elif "text/plain" in content:
             assert reply.headers["content-type"].startswith("text/plain")
+        elif "text/event-stream" in content:
+            assert reply.headers["content-type"] == "text/event-stream"
+            assert reply.text.startswith((":", "id: "))
 
 
 def test_every_route_and_method_of_the_app_is_documented_and_nothing_else(engine, readiness):
@@ -151,6 +159,7 @@ def test_every_documented_status_code_is_what_the_app_answers(client, engine, db
                                                                backend, tmp_path):
     apply_yaml(WORKFLOW)
     apply_yaml(OPEN)
+    apply_yaml(BROKEN)
     check = Recorder(client)
     signature = "sha256=" + hmac.new(b"s", b"{}", "sha256").hexdigest()
 
@@ -176,6 +185,21 @@ def test_every_documented_status_code_is_what_the_app_answers(client, engine, db
     check("GET", f"/api/v1/executions/{running}", 200)
     check("GET", f"/api/v1/executions/{hook.json['execution_id']}", 200)
     check("GET", "/api/v1/executions/nope", 404)
+    hooked = hook.json["execution_id"]
+    check("GET", f"/api/v1/executions/{hooked}/steps/a/output", 200)
+    check("GET", f"/api/v1/executions/{hooked}/steps/nope/output", 404)
+    check("GET", f"/api/v1/executions/{hooked}/events", 200)
+    check("GET", f"/api/v1/executions/{hooked}/events", 400, headers={"Last-Event-ID": "x"})
+    check("GET", "/api/v1/executions/nope/events", 404)
+    check("GET", "/api/v1/events?timeout=50ms", 200)
+    check("GET", "/api/v1/events?timeout=0s", 400)
+    # --- retry ---
+    failed = check("POST", "/api/v1/run/broken", 202).json["execution_id"]
+    engine.wait(failed, timeout=10)
+    check("POST", f"/api/v1/retry/{failed}", 202, json={"from_step": "boom"})
+    check("POST", f"/api/v1/retry/{failed}", 400, json={"from_step": "nope"})
+    check("POST", f"/api/v1/retry/{running}", 409)
+    check("POST", "/api/v1/retry/nope", 404)
     # --- cancel ---
     check("POST", f"/api/v1/cancel/{running}", 200)
     check("POST", f"/api/v1/cancel/{running}", 409)
@@ -207,7 +231,11 @@ def test_every_documented_status_code_is_what_the_app_answers(client, engine, db
     check("GET", "/no/such/route", 404)
     samples = {"/api/v1/run/{workflow}": "/api/v1/run/wf",
                "/api/v1/cancel/{execution}": f"/api/v1/cancel/{running}",
+               "/api/v1/retry/{execution}": f"/api/v1/retry/{failed}",
                "/api/v1/executions/{id}": f"/api/v1/executions/{running}",
+               "/api/v1/executions/{id}/steps/{step}/output":
+                   f"/api/v1/executions/{hooked}/steps/a/output",
+               "/api/v1/executions/{id}/events": f"/api/v1/executions/{hooked}/events",
                "/api/v1/workflows/{name}": "/api/v1/workflows/wf",
                "/api/v1/workflows/{name}/versions": "/api/v1/workflows/wf/versions",
                "/api/v1/workflows/{name}/versions/{version}": "/api/v1/workflows/wf/versions/1",
@@ -218,9 +246,30 @@ def test_every_documented_status_code_is_what_the_app_answers(client, engine, db
         check(method.upper(), path, 413, body=BIG)
     apikeys.create_key("probe")
     for template, method, path in operations:
-        if "401" in DOC["paths"][template][method]["responses"]:
+        if "401" in DOC["paths"][template][method]["responses"] and template != "/metrics":
             check(method.upper(), path, 401)
+    # A viewer key may GET only; /metrics behind a key with metrics.require_key.
+    viewer = {"Authorization": "Bearer " + apikeys.create_key("viewer", role="viewer")}
+    for template, method, path in operations:
+        if "403" in DOC["paths"][template][method]["responses"]:
+            check(method.upper(), path, 403, headers=viewer)
+    guarded = Recorder(falcon.testing.TestClient(create_app(
+        engine, engine.metrics, db, readiness_ok(db),
+        ApiRuntime(db, ApiSettings(metrics_require_key=True)))))
+    guarded("GET", "/metrics", 401)
+    guarded("GET", "/metrics", 200, headers=viewer)
     apikeys.revoke_key("probe")
+    apikeys.revoke_key("viewer")
+    # The rate limit: one request per address, then 429 everywhere it applies.
+    limited = Recorder(falcon.testing.TestClient(create_app(
+        engine, engine.metrics, db, readiness_ok(db),
+        ApiRuntime(db, ApiSettings(rate_limit=0.001, rate_burst=1)))))
+    limited("GET", "/api/v1/workflows", 200)
+    for template, method, path in operations:
+        if "429" in DOC["paths"][template][method]["responses"]:
+            reply = limited(method.upper(), path, 429, body="{}" if method == "post" else None)
+            assert int(reply.headers["retry-after"]) >= 1
+    check.seen |= guarded.seen | limited.seen
 
     # --- 503: the database goes away ---
     gone = gone_database(backend, request, tmp_path)
@@ -238,6 +287,12 @@ def test_every_documented_status_code_is_what_the_app_answers(client, engine, db
                   for method, operation in item.items() for code in operation["responses"]
                   if code != "500"}
     assert documented - (check.seen | outage.seen) == set()
+
+
+def readiness_ok(db) -> Readiness:
+    ready = Readiness(db)
+    ready.mark_ready()
+    return ready
 
 
 def test_the_shared_500_response_is_what_an_unexpected_fault_answers(app):

@@ -1,3 +1,3 @@
 """One module per URL family of the REST API (SPEC 7)."""
 
-__all__ = ["executions", "hooks", "runs", "system", "workflows"]
+__all__ = ["events", "executions", "hooks", "runs", "system", "workflows"]

@@ -1,4 +1,5 @@
-"""``GET /api/v1/executions`` and ``GET /api/v1/executions/{id}`` (SPEC 7.4)."""
+"""``GET /api/v1/executions`` (paged), ``GET /api/v1/executions/{id}`` and
+``GET /api/v1/executions/{id}/steps/{step}/output`` (SPEC 7.4, 13.8)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from mantle.durations import parse_since
 from web.errors import ApiError
 from web.parsing import query_params
 
-__all__ = ["ExecutionCollection", "ExecutionItem", "list_filters"]
+__all__ = ["ExecutionCollection", "ExecutionItem", "StepOutput", "list_filters"]
 
 _STATUSES = ("pending", "running", "completed", "failed", "cancelled")
 # A ``since`` reaching back beyond year 1 cannot be computed; it filters nothing anyway.
@@ -42,10 +43,19 @@ def list_filters(params: dict[str, str]) -> dict:
 
 class ExecutionCollection:
     def on_get(self, req, resp) -> None:
-        filters = list_filters(query_params(req))
-        resp.media = {"executions": queries.list_executions(**filters)}
+        params = query_params(req)
+        filters = list_filters(params)
+        rows, cursor = queries.list_page(**filters, cursor=params.get("cursor"))
+        resp.media = {"executions": rows, "next_cursor": cursor}
 
 
 class ExecutionItem:
     def on_get(self, req, resp, id: str) -> None:  # noqa: A002 - the route's field name
         resp.media = queries.execution_detail(id)
+
+
+class StepOutput:
+    """The whole stored output of one step, which the detail shows truncated above 64 KiB."""
+
+    def on_get(self, req, resp, id: str, step: str) -> None:  # noqa: A002
+        resp.media = queries.step_output(id, step)

@@ -1,5 +1,5 @@
-"""Commands to the engine: ``POST /api/v1/run/{workflow}`` and ``/api/v1/cancel/{execution}``
-(SPEC 7.2, 7.3)."""
+"""Commands to the engine: ``POST /api/v1/run/{workflow}``, ``/api/v1/cancel/{execution}`` and
+``/api/v1/retry/{execution}`` (SPEC 7.2, 7.3, 13.8)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import falcon
 
 from mantle import queries
 from mantle.errors import ExecutionNotFound
+from mantle.retries import plan_retry
 from web.errors import UNAVAILABLE, ApiError
 from web.parsing import json_object_body
 
-__all__ = ["RunResource", "CancelResource", "accept_run", "idempotency_key", "MANUAL",
-           "ENGINE_TIMEOUT"]
+__all__ = ["RunResource", "CancelResource", "RetryResource", "accept_run", "idempotency_key",
+           "MANUAL", "ENGINE_TIMEOUT"]
 
 MANUAL = {"type": "manual", "payload": None}
 # How long a request waits for the engine to create an execution (one journal commit).
@@ -43,9 +44,13 @@ def accept_run(engine, resp: falcon.Response, workflow: str, inputs: dict | None
 
 
 def _version(body: dict) -> int | None:
+    """A positive integer; written with a fraction of zero too (``2.0``), since JSON (and the
+    OpenAPI document's ``integer``) does not tell the two apart (issue 15)."""
     version = body.get("version")
     if version is None:
         return None
+    if isinstance(version, float) and version.is_integer():
+        version = int(version)
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ApiError(400, '"version" must be a positive integer')
     return version
@@ -82,3 +87,25 @@ class CancelResource:
             raise ApiError(503, UNAVAILABLE)
         self._engine.cancel(execution, req.context.actor, timeout=ENGINE_TIMEOUT)
         resp.media = {"execution_id": execution, "status": "cancelled"}
+
+
+class RetryResource:
+    """A new execution of a failed one, from a step (``mantle.retries`` holds the rules)."""
+
+    def __init__(self, engine):
+        self._engine = engine
+
+    def on_post(self, req, resp, execution: str) -> None:
+        body = json_object_body(req)
+        from_step = body.get("from_step")
+        if from_step is not None and not isinstance(from_step, str):
+            raise ApiError(400, '"from_step" must be a string')
+        plan = plan_retry(execution, from_step)
+        if not self._engine.journal.healthy:
+            raise ApiError(503, UNAVAILABLE)
+        result = self._engine.run(plan.workflow, plan.inputs, version=plan.version,
+                                  trigger=plan.trigger, actor=req.context.actor,
+                                  retry_of=plan.original_id, from_step=plan.from_step,
+                                  reuse=plan.reuse, timeout=ENGINE_TIMEOUT)
+        resp.status = 202
+        resp.media = {**result.body(), "from_step": plan.from_step, "reused": plan.reused}

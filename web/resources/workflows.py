@@ -1,4 +1,4 @@
-"""``GET /api/v1/workflows`` and its versions (SPEC 7.5)."""
+"""``GET /api/v1/workflows`` and its versions (SPEC 7.5, 13.1.1: secrets never served)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,23 @@ from mantle.errors import VersionNotFound, WorkflowNotFound
 from mantle.timefmt import rfc3339
 from web.errors import ApiError
 
-__all__ = ["WorkflowCollection", "WorkflowItem", "VersionCollection", "VersionItem"]
+__all__ = ["WorkflowCollection", "WorkflowItem", "VersionCollection", "VersionItem",
+           "redacted", "REDACTED"]
+
+REDACTED = "********"
+
+
+def redacted(definition: dict) -> dict:
+    """The definition with every ``triggers[].secret`` replaced by ``********`` (the key is
+    kept, so a client sees that a secret is set; an empty one shows as it is, since it
+    hides nothing); the stored document is not changed."""
+    triggers = definition.get("triggers") if isinstance(definition, dict) else None
+    if not isinstance(triggers, list):
+        return definition
+    shown = [{**trigger, "secret": REDACTED}
+             if isinstance(trigger, dict) and trigger.get("secret") not in (None, "")
+             else trigger for trigger in triggers]
+    return {**definition, "triggers": shown}
 
 
 def _pointer(name: str) -> Workflow:
@@ -40,7 +56,8 @@ class WorkflowItem:
     def on_get(self, req, resp, name: str) -> None:
         pointer = _pointer(name)
         row = _definition(name, pointer.current_version)
-        resp.media = {"name": name, "version": row.version, "definition": row.definition}
+        resp.media = {"name": name, "version": row.version,
+                      "definition": redacted(row.definition)}
 
 
 class VersionCollection:
@@ -66,4 +83,5 @@ class VersionItem:
         if number > MAX_INTEGER:  # would overflow the integer column; cannot exist anyway
             raise VersionNotFound(name, number)
         row = _definition(name, number)
-        resp.media = {"name": name, "version": row.version, "definition": row.definition}
+        resp.media = {"name": name, "version": row.version,
+                      "definition": redacted(row.definition)}

@@ -1,0 +1,253 @@
+"""Access control of the REST API (issue 15 items 4-7; SPEC 13.8): refusals audited in bulk,
+key roles and expiry, ``/metrics`` behind a key when configured, rate limits.
+
+Over a real socket (``tests.web.served``, or a ``mantle serve`` subprocess where the setting
+comes from its configuration) and the real command line, on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+
+import pytest
+
+from mantle import apikeys
+from mantle.db.fields import utcnow
+from mantle.db.models import ApiKey, AuditEvent
+from tests.web.served import served
+from tests.web.support import Daemon, apply_yaml, cli, wait_until
+from web.settings import ApiSettings
+
+NAP = """
+    name: nap
+    triggers: [{type: webhook, path: /hooks/nap}]
+    steps: [{name: a, action: core/sleep, params: {duration: 20s}}]
+"""
+BROKEN = """
+    name: broken
+    steps: [{name: boom, action: core/fail}]
+"""
+
+
+def _bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _refusal_rows() -> list[AuditEvent]:
+    return list(AuditEvent.select().where(AuditEvent.action == "auth.failed")
+                .order_by(AuditEvent.id))
+
+
+def test_a_flood_of_refused_requests_writes_one_audit_row_per_route_and_interval(
+        tmp_path, db, migrated_db_url):
+    apikeys.create_key("ci")
+    daemon = Daemon(tmp_path, migrated_db_url,
+                    env={"MANTLE_API_AUTH_AUDIT_INTERVAL": "1s"}).start()
+    try:
+        started = time.monotonic()
+        for index in range(200):
+            reply = daemon.get("/api/v1/executions",
+                               headers=_bearer("mk_wrong") if index % 2 else None)
+            assert reply.status == 401
+        took = time.monotonic() - started
+        # The first refusal is written at once, the rest summed into one row a second.
+        wait_until(lambda: sum(row.metadata["count"] for row in _refusal_rows()) == 200,
+                   timeout=15, message="the refusals were never all counted")
+    finally:
+        daemon.stop()
+    rows = _refusal_rows()
+    assert 2 <= len(rows) <= 3 + took
+    first = rows[0]
+    assert (first.actor, first.resource_type, first.resource_id) == (
+        "api", "http_request", "/api/v1/executions")
+    assert first.metadata["count"] == 1
+    assert first.metadata["error"] == "missing Authorization header"
+    total_errors: dict[str, int] = {}
+    for row in rows:
+        for error, count in row.metadata["errors"].items():
+            total_errors[error] = total_errors.get(error, 0) + count
+        assert set(row.metadata["addresses"]) == {"127.0.0.1"}
+        assert row.metadata["first_at"] <= row.metadata["last_at"]
+    assert total_errors == {"missing Authorization header": 100, "invalid API key": 100}
+
+
+@pytest.fixture
+def api(engine, db):
+    apply_yaml(NAP)
+    apply_yaml(BROKEN)
+    with served(engine, db) as server:
+        yield server
+
+
+def test_a_viewer_may_only_get_an_operator_also_runs_and_an_admin_does_everything(api,
+                                                                                 engine):
+    viewer = _bearer(apikeys.create_key("watcher", role="viewer"))
+    operator = _bearer(apikeys.create_key("deployer", role="operator"))
+    admin = _bearer(apikeys.create_key("root"))
+    for path in ("/api/v1/executions", "/api/v1/workflows/nap", "/api/v1/openapi.json"):
+        assert api.get(path, headers=viewer).status == 200, path
+    for path, route in (("/api/v1/run/nap", "/api/v1/run/{workflow}"),
+                        ("/api/v1/cancel/x", "/api/v1/cancel/{execution}"),
+                        ("/api/v1/retry/x", "/api/v1/retry/{execution}"),
+                        ("/hooks/nap", "/hooks/{path}")):
+        reply = api.post(path, body=b"{}", headers=viewer)
+        assert (reply.status, reply.json) == (403, {
+            "error": f'API key role "viewer" cannot POST {route}'}), path
+    # Unknown paths and missing methods stay 404 and 405 whatever the role.
+    assert api.post("/api/v1/nothing", body=b"", headers=viewer).status == 404
+    assert api.request("DELETE", "/api/v1/executions", headers=viewer).status == 405
+    run = api.post("/api/v1/run/nap", {}, headers=operator)
+    assert run.status == 202
+    assert api.post("/hooks/nap", body=b"{}", headers=operator).status == 202
+    assert api.post(f"/api/v1/cancel/{run.json['execution_id']}", {},
+                    headers=operator).status == 200
+    failed = api.post("/api/v1/run/broken", {}, headers=admin).json["execution_id"]
+    assert engine.wait(failed, timeout=10) == "failed"
+    assert api.post(f"/api/v1/retry/{failed}", {}, headers=operator).status == 202
+    assert api.get("/api/v1/executions", headers=admin).status == 200
+    for row in api.get("/api/v1/executions", headers=admin).json["executions"]:
+        if row["status"] in ("pending", "running"):
+            api.post(f"/api/v1/cancel/{row['id']}", {}, headers=admin)
+
+
+def test_an_expired_key_is_refused_like_a_wrong_one_and_keeps_the_api_closed(api):
+    key = apikeys.create_key("short", expires_in=0.5)
+    wait_until(lambda: api.get("/api/v1/executions", headers=_bearer(key)).status == 401,
+               timeout=10, message="the key never expired")
+    reply = api.get("/api/v1/executions", headers=_bearer(key))
+    assert (reply.status, reply.json) == (401, {"error": "invalid API key"})
+    assert reply.headers["www-authenticate"] == "Bearer"
+    # The only key expired, but the API does not open up again.
+    reply = api.get("/api/v1/executions")
+    assert (reply.status, reply.json) == (401, {"error": "missing Authorization header"})
+
+
+def test_keys_create_takes_a_role_and_an_expiry_and_keys_list_shows_them(tmp_path, db,
+                                                                        migrated_db_url):
+    def mantle(*args):
+        result = cli(tmp_path, migrated_db_url, "keys", *args)
+        return result.returncode, result.stdout, result.stderr
+
+    code, out, err = mantle("create", "ci", "--role", "viewer", "--expires", "30d")
+    assert (code, err) == (0, "")
+    assert out.splitlines()[0].startswith("API Key: mk_")
+    row = ApiKey.get(ApiKey.name == "ci")
+    assert row.role == "viewer"
+    assert abs(row.expires_at - (utcnow() + dt.timedelta(days=30))) < dt.timedelta(minutes=1)
+    assert mantle("create", "ops", "--role", "operator", "--expires", "1h30m")[0] == 0
+    assert mantle("create", "boss")[0] == 0
+    assert ApiKey.get(ApiKey.name == "boss").role == "admin"
+    assert ApiKey.get(ApiKey.name == "boss").expires_at is None
+    audit = AuditEvent.get(AuditEvent.action == "apikey.created", AuditEvent.resource_id == "ci")
+    assert audit.metadata["role"] == "viewer" and audit.metadata["expires_at"].endswith("Z")
+    ApiKey.update(expires_at=utcnow() - dt.timedelta(seconds=1)).where(
+        ApiKey.name == "ops").execute()
+    code, out, _ = mantle("list")
+    line = "%-20s %-10s %-8s %-20s %-20s %-20s %s"
+    table = {row.name: row for row in ApiKey.select()}
+
+    def shown(name, role, status):
+        key = table[name]
+        expires = key.expires_at.strftime("%Y-%m-%d %H:%M:%S") if key.expires_at else "never"
+        return line % (name, key.prefix, role, key.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+                       expires, "never", status)
+
+    assert out.splitlines() == [
+        line % ("NAME", "PREFIX", "ROLE", "CREATED", "EXPIRES", "LAST USED", "STATUS"),
+        shown("ci", "viewer", "active"), shown("ops", "operator", "expired"),
+        shown("boss", "admin", "active")]
+    for args, message in (
+            (("--role", "root"), 'invalid role "root": must be one of admin, operator, viewer'),
+            (("--expires", "soon"), 'invalid --expires value "soon": must be a positive '
+                                    "duration such as 12h or 30d"),
+            (("--expires", "0"), 'invalid --expires value "0": must be a positive duration '
+                                 "such as 12h or 30d"),
+            (("--expires", "-5m"), 'invalid --expires value "-5m": must be a positive '
+                                   "duration such as 12h or 30d")):
+        assert mantle("create", "x", *args) == (1, "", f"Error: {message}\n"), args
+    assert not ApiKey.select().where(ApiKey.name == "x").exists()
+
+
+class _daemon:
+    """``with _daemon(cwd, url, env) as daemon``: a started ``mantle serve``, stopped after."""
+
+    def __init__(self, cwd, url, env):
+        self.daemon = Daemon(cwd, url, env=env)
+
+    def __enter__(self) -> Daemon:
+        return self.daemon.start()
+
+    def __exit__(self, *exc) -> None:
+        self.daemon.stop()
+
+
+def test_metrics_needs_a_key_only_when_configured_and_probes_stay_open(tmp_path, db,
+                                                                      migrated_db_url):
+    key = apikeys.create_key("scraper", role="viewer")
+    with _daemon(tmp_path, migrated_db_url, {}) as daemon:
+        assert daemon.get("/metrics").status == 200  # default: Prometheus convention
+    with _daemon(tmp_path, migrated_db_url, {"MANTLE_METRICS_REQUIRE_KEY": "true"}) as daemon:
+        reply = daemon.get("/metrics")
+        assert (reply.status, reply.json) == (401, {"error": "missing Authorization header"})
+        reply = daemon.get("/metrics", headers=_bearer(key))
+        assert reply.status == 200 and b"mantle_http_requests_total" in reply.body
+        for path in ("/healthz", "/readyz"):
+            assert daemon.get(path).status == 200, path
+
+
+def test_the_rate_limit_answers_429_with_retry_after_per_address_and_per_key(
+        tmp_path, db, migrated_db_url):
+    env = {"MANTLE_API_RATE_LIMIT": "0.2", "MANTLE_API_RATE_BURST": "3"}
+    with _daemon(tmp_path, migrated_db_url, env) as daemon:
+        # Without keys: one bucket per client address.
+        assert [daemon.get("/api/v1/workflows").status for _ in range(3)] == [200] * 3
+        reply = daemon.get("/api/v1/executions")
+        assert (reply.status, reply.json) == (429, {"error": "rate limit exceeded"})
+        assert 1 <= int(reply.headers["retry-after"]) <= 5
+        assert daemon.post("/hooks/any", body=b"{}").status == 429
+        for path in ("/healthz", "/readyz", "/metrics"):  # never limited
+            assert daemon.get(path).status == 200, path
+        # With keys: one bucket per key, whatever the address.
+        first, second = apikeys.create_key("first"), apikeys.create_key("second")
+        statuses = [daemon.get("/api/v1/workflows", headers=_bearer(first)).status
+                    for _ in range(4)]
+        assert statuses == [200, 200, 200, 429]
+        assert daemon.get("/api/v1/workflows", headers=_bearer(second)).status == 200
+
+
+def test_without_a_configured_rate_limit_no_request_is_refused(api):
+    statuses = {api.get("/api/v1/workflows").status for _ in range(60)}
+    assert statuses == {200}
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"MANTLE_API_RATE_LIMIT": "fast"}, 'invalid api.rate_limit "fast": must be a number >= 0'),
+    ({"MANTLE_API_RATE_LIMIT": "5", "MANTLE_API_RATE_BURST": "0.5"},
+     'invalid api.rate_burst "0.5": must be at least 1 when api.rate_limit is set'),
+    ({"MANTLE_API_MAX_EVENT_STREAMS": "-1"},
+     'invalid api.max_event_streams "-1": must be an integer from 0 to 10000'),
+    ({"MANTLE_METRICS_REQUIRE_KEY": "maybe"},
+     'invalid metrics.require_key "maybe": must be true or false'),
+    ({"MANTLE_API_AUTH_AUDIT_INTERVAL": "0s"},
+     'invalid api.auth_audit_interval "0s": must be a positive duration'),
+])
+def test_serve_refuses_bad_api_settings_before_touching_the_database(tmp_path, env, message):
+    result = cli(tmp_path, "sqlite:///never-created.db", "serve", env=env, timeout=30)
+    assert (result.returncode, result.stderr.splitlines()[-1]) == (1, f"Error: {message}")
+    assert not (tmp_path / "never-created.db").exists()
+
+
+def test_api_settings_come_from_mantle_yaml_too(tmp_path):
+    from mantle.config import load_config
+
+    (tmp_path / "mantle.yaml").write_text(
+        "api:\n  rate_limit: 2.5\n  rate_burst: 10\n  max_event_streams: 7\n"
+        "metrics:\n  require_key: true\nwebhooks:\n  drop_headers: [X-One, x-two]\n")
+    settings = ApiSettings.from_config(load_config({}, {}, cwd=tmp_path))
+    assert (settings.rate_limit, settings.rate_burst, settings.max_event_streams,
+            settings.metrics_require_key) == (2.5, 10.0, 7, True)
+    assert {"x-one", "x-two", "cookie", "authorization"} <= settings.dropped_headers
+    default = ApiSettings.from_config(load_config({}, {}, cwd=tmp_path / "nowhere"))
+    assert (default.rate_limit, default.max_event_streams, default.metrics_require_key,
+            default.auth_audit_interval) == (0.0, 100, False, 60.0)

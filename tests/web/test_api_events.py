@@ -1,0 +1,338 @@
+"""Server-Sent Events (issue 15 item 11; SPEC 13.8, 13.1.2): history then live, resumption
+with ``Last-Event-ID``, the stream of every execution, keep-alive comments, the stream limit,
+streams of executions another process runs, ``mantle logs -f`` in-process and through a
+server.
+
+Over a real socket (``tests.web.served`` or a ``mantle serve`` subprocess), on SQLite and
+PostgreSQL. A local HTTP server holds a step until the test releases it, so "live" is a fact
+the test arranges, not a race it hopes to win.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+
+from tests.web.served import served
+from tests.web.sse import open_stream
+from tests.web.support import REPO, Daemon, apply_yaml, wait_until
+from web.resources import events as event_resources
+from web.settings import ApiSettings
+
+HELD = """
+    name: held
+    steps:
+      - {{name: first, action: core/log, params: {{message: hi}}}}
+      - name: wait
+        action: http/request
+        depends_on: [first]
+        params: {{url: "{url}"}}
+      - {{name: last, action: core/log, depends_on: [wait], params: {{message: bye}}}}
+    hooks:
+      on_success: [{{name: notify, action: core/log, params: {{message: done}}}}]
+"""
+RETRIED = """
+    name: retried
+    steps:
+      - name: call
+        action: http/request
+        retry: {{max_attempts: 2}}
+        params: {{url: "{url}"}}
+"""
+OTHER = """
+    name: other
+    steps: [{name: only, action: core/log, params: {message: x}}]
+"""
+
+
+@pytest.fixture
+def workflows(http_target, db):
+    http_target.route("/hold", hold=True, body='{"ok": true}')
+    http_target.route("/down", status=503)
+    apply_yaml(HELD.format(url=http_target.url("/hold")))
+    apply_yaml(RETRIED.format(url=http_target.url("/down")))
+    apply_yaml(OTHER)
+    return http_target
+
+
+@pytest.fixture
+def api(engine, db, workflows):
+    with served(engine, db) as server:
+        yield server
+
+
+def _kinds(events) -> list[tuple[str, str | None]]:
+    return [(event.event, event.data.get("step")) for event in events]
+
+
+def _held_run(api, target) -> str:
+    """An execution of ``held`` whose ``wait`` step is running (held by the target)."""
+    execution_id = api.post("/api/v1/run/held", {}).json["execution_id"]
+    target.wait_for_hits("/hold", 1, timeout=10)
+    return execution_id
+
+
+def test_an_execution_stream_replays_history_then_goes_live_and_ends_after_it_finishes(
+        api, workflows):
+    execution_id = _held_run(api, workflows)
+    with open_stream(api.url, f"/api/v1/executions/{execution_id}/events") as stream:
+        assert stream.status == 200
+        assert stream.headers["content-type"] == "text/event-stream"
+        assert stream.headers["cache-control"] == "no-cache"
+        history = [stream.next(10) for _ in range(4)]
+        assert _kinds(history) == [("execution.started", None), ("step.started", "first"),
+                                   ("step.finished", "first"), ("step.started", "wait")]
+        workflows.release("/hold")  # from here on, events happen while the stream is open
+        live = stream.rest(20)
+        assert stream.ended
+    assert _kinds(live) == [("step.finished", "wait"), ("step.started", "last"),
+                            ("step.finished", "last"), ("step.started", "notify"),
+                            ("step.finished", "notify"), ("execution.finished", None)]
+    events = history + live
+    ids = [event.id for event in events]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert all(event.data["execution_id"] == execution_id for event in events)
+    assert all(event.data["workflow"] == "held" for event in events)
+    assert all(event.data["time"].endswith("Z") for event in events)
+    assert history[0].data["version"] == 1
+    assert history[2].data == {**history[2].data, "attempt": 1, "status": "completed"}
+    assert live[4].data["block"] == "on_success" and live[4].data["status"] == "completed"
+    assert live[-1].data == {**live[-1].data, "status": "completed", "error": None}
+
+
+def test_a_failed_attempt_that_is_retried_is_step_retrying(api, workflows):
+    execution_id = api.post("/api/v1/run/retried", {}).json["execution_id"]
+    with open_stream(api.url, f"/api/v1/executions/{execution_id}/events") as stream:
+        events = stream.rest(30)
+    assert _kinds(events) == [("execution.started", None), ("step.started", "call"),
+                              ("step.retrying", "call"), ("step.started", "call"),
+                              ("step.finished", "call"), ("execution.finished", None)]
+    error = f"http/request: GET {workflows.url('/down')} returned 503"
+    assert events[2].data == {**events[2].data, "attempt": 1, "error": error}
+    assert "status" not in events[2].data
+    assert events[3].data["attempt"] == 2
+    assert events[4].data == {**events[4].data, "attempt": 2, "status": "failed",
+                              "error": error}
+    assert events[5].data == {**events[5].data, "status": "failed",
+                              "error": f'step "call" failed: {error}'}
+
+
+def test_last_event_id_resumes_after_that_event_without_loss(api, workflows):
+    execution_id = _held_run(api, workflows)
+    path = f"/api/v1/executions/{execution_id}/events"
+    # Read two events, leave; the execution moves on meanwhile; come back after the second.
+    with open_stream(api.url, path) as stream:
+        seen = [stream.next(10), stream.next(10)]
+    workflows.release("/hold")
+    with open_stream(api.url, path, {"Last-Event-ID": str(seen[-1].id)}) as stream:
+        resumed = stream.rest(20)
+    with open_stream(api.url, path) as stream:
+        everything = stream.rest(20)
+    assert seen + resumed == everything
+    assert len(everything) == 10
+    # From any event of the finished execution: exactly the ones after it.
+    for index, event in enumerate(everything):
+        with open_stream(api.url, path, {"Last-Event-ID": str(event.id)}) as stream:
+            assert stream.rest(10) == everything[index + 1:], event
+    # An id beyond the end: the stream is over at once.
+    with open_stream(api.url, path, {"Last-Event-ID": str(everything[-1].id + 1000)}) as stream:
+        assert stream.rest(10) == []
+
+
+def test_the_stream_of_all_executions_is_live_filtered_by_workflow_and_resumable(api, engine):
+    with open_stream(api.url, "/api/v1/events?workflow=other") as only_other, \
+            open_stream(api.url, "/api/v1/events") as everything:
+        assert only_other.status == everything.status == 200
+        first = api.post("/api/v1/run/other", {}).json["execution_id"]
+        retried = api.post("/api/v1/run/retried", {}).json["execution_id"]
+        second = api.post("/api/v1/run/other", {}).json["execution_id"]
+        for execution_id in (first, retried, second):
+            engine.wait(execution_id, timeout=20)
+        got = only_other.until("execution.finished") + only_other.until("execution.finished")
+        assert {event.data["workflow"] for event in got} == {"other"}
+        assert [event.data["execution_id"] for event in got
+                if event.event == "execution.finished"] == [first, second]
+        seen = []
+        while {e.data["execution_id"] for e in seen if e.event == "execution.finished"} != {
+                first, retried, second}:
+            seen.append(everything.next(20))
+    ids = [event.id for event in seen]
+    assert ids == sorted(ids)
+    # Resuming the all-executions stream from its third event replays the rest, then ends at
+    # the timeout.
+    with open_stream(api.url, "/api/v1/events?timeout=500ms",
+                     {"Last-Event-ID": str(seen[2].id)}) as stream:
+        again = stream.rest(10)
+    assert again[:len(seen) - 3] == seen[3:]
+
+
+def test_an_idle_stream_sends_a_comment_every_keep_alive_interval(api, monkeypatch):
+    monkeypatch.setattr(event_resources, "KEEPALIVE", 0.3)  # 15 s in production
+    with open_stream(api.url, "/api/v1/events?timeout=2s") as stream:
+        assert stream.rest(10) == []
+    assert stream.comments[0] == "stream open"
+    assert stream.comments.count("keep-alive") >= 3
+
+
+def test_bad_stream_requests_are_refused(api):
+    for path, headers, status, message in (
+            ("/api/v1/executions/nope/events", {}, 404, 'execution "nope" not found'),
+            (f"/api/v1/executions/{uuid.uuid4()}/events", {}, 404, None),
+            ("/api/v1/events", {"Last-Event-ID": "abc"}, 400,
+             "invalid Last-Event-ID header: must be an event id"),
+            ("/api/v1/events?timeout=soon", {}, 400,
+             "invalid timeout parameter: must be a positive duration such as 30s")):
+        reply = api.get(path, headers=headers)
+        assert reply.status == status, path
+        if message:
+            assert reply.json == {"error": message}
+
+
+def test_streams_beyond_the_limit_are_refused_and_a_departed_client_frees_its_slot(
+        engine, db, workflows):
+    with served(engine, db, ApiSettings(max_event_streams=1)) as api:
+        first = open_stream(api.url, "/api/v1/events")
+        assert first.status == 200
+        refused = api.get("/api/v1/events")
+        assert (refused.status, refused.json) == (503, {
+            "error": "too many event streams (limit 1)"})
+        assert refused.headers["retry-after"] == "5"
+        assert api.get("/api/v1/workflows").status == 200  # the API itself is not affected
+        first.close()
+        wait_until(lambda: api.runtime.hub.open_streams == 0, timeout=10,
+                   message="the departed client's stream kept its slot")
+        with open_stream(api.url, "/api/v1/events?timeout=100ms") as again:
+            assert again.status == 200
+
+
+def test_an_execution_run_by_another_process_is_streamed_from_the_database(
+        tmp_path, engine, db, migrated_db_url, workflows):
+    daemon = Daemon(tmp_path, migrated_db_url).start()
+    try:
+        # This test process owns the execution; the daemon only reads what it stores.
+        execution_id = engine.run("held", {}).execution_id
+        workflows.wait_for_hits("/hold", 1, timeout=10)
+        with open_stream(daemon.url, f"/api/v1/executions/{execution_id}/events") as stream:
+            assert stream.next(10).event == "execution.started"
+            workflows.release("/hold")
+            events = stream.rest(20)
+        assert _kinds(events)[-1] == ("execution.finished", None)
+        assert [kind for kind, _ in _kinds(events)].count("step.finished") == 4
+    finally:
+        daemon.stop()
+
+
+def test_stopping_the_daemon_ends_open_streams(tmp_path, db, migrated_db_url):
+    daemon = Daemon(tmp_path, migrated_db_url, args=("--shutdown-timeout", "20s")).start()
+    stream = open_stream(daemon.url, "/api/v1/events")
+    try:
+        assert stream.status == 200
+        started = time.monotonic()
+        daemon.send(signal.SIGTERM)
+        assert stream.rest(10) == []
+        assert daemon.wait(10) == 0
+        assert time.monotonic() - started < 10  # not held until the shutdown timeout
+    finally:
+        stream.close()
+        daemon.stop()
+
+
+def _mantle(cwd, database_url: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "mantle", *args, "--database-url",
+                             database_url], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO),
+                                 "HOME": str(cwd)})
+
+
+class _Lines:
+    """A subprocess's stdout lines, read on a thread, awaited with deadlines."""
+
+    def __init__(self, process: subprocess.Popen):
+        self.lines: list[str] = []
+        self._process = process
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        for line in self._process.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for(self, line: str, timeout: float = 20.0) -> None:
+        wait_until(lambda: line in self.lines, timeout=timeout,
+                   message=f"never printed {line!r}: {self.lines}")
+
+    def finish(self, timeout: float = 30.0) -> tuple[int, list[str], str]:
+        code = self._process.wait(timeout)
+        self._thread.join(5)
+        return code, self.lines, self._process.stderr.read()
+
+
+@pytest.mark.parametrize("through", ["database", "server"])
+def test_mantle_logs_follow_prints_steps_as_they_finish_and_exits_at_the_end(
+        through, tmp_path, engine, db, migrated_db_url, workflows):
+    daemon = Daemon(tmp_path, migrated_db_url).start() if through == "server" else None
+    try:
+        execution_id = engine.run("held", {}).execution_id
+        workflows.wait_for_hits("/hold", 1, timeout=10)
+        extra = ("--server", daemon.url) if daemon else ()
+        follower = _Lines(_mantle(tmp_path, migrated_db_url, "logs", "-f", execution_id,
+                                  *extra))
+        follower.wait_for("  first: completed")  # printed while the execution still runs
+        assert len(follower.lines) == 1
+        workflows.release("/hold")
+        code, lines, stderr = follower.finish()
+        assert (code, stderr) == (0, "")
+        assert lines == ["  first: completed", "  wait: completed", "  last: completed",
+                         "  notify (hook): completed", f"Execution {execution_id}: completed"]
+        # A failed one: the same lines, exit 1 and the error, as ``mantle run``.
+        failed = engine.run("retried", {}).execution_id
+        code, lines, stderr = _Lines(_mantle(tmp_path, migrated_db_url, "logs", "-f", failed,
+                                             *extra)).finish()
+        assert code == 1
+        assert lines == ["  call: failed", f"Execution {failed}: failed"]
+        assert stderr.startswith('Error: step "call" failed: http/request: GET ')
+    finally:
+        if daemon:
+            daemon.stop()
+
+
+def test_mantle_logs_follow_of_an_unknown_execution_is_an_error(tmp_path, db, migrated_db_url):
+    missing = str(uuid.uuid4())
+    code, lines, stderr = _Lines(_mantle(tmp_path, migrated_db_url, "logs", "-f",
+                                         missing)).finish()
+    assert (code, lines, stderr) == (1, [], f'Error: execution "{missing}" not found\n')
+
+
+def test_open_streams_hand_their_database_connections_back(backend, engine, db, workflows):
+    if backend != "postgres":
+        pytest.skip("SQLite connections are file handles, not server sessions")
+
+    def sessions() -> int:
+        return db.execute_sql("SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                              "current_database()").fetchone()[0]
+
+    done = engine.run("other", {}).execution_id
+    assert engine.wait(done, timeout=10) == "completed"
+    with served(engine, db, ApiSettings(max_event_streams=20), threads=2) as api:
+        running = _held_run(api, workflows)
+        before = sessions()
+        streams = [open_stream(api.url, f"/api/v1/executions/{running}/events")
+                   for _ in range(8)]
+        streams += [open_stream(api.url, "/api/v1/events", {"Last-Event-ID": "1"})
+                    for _ in range(8)]
+        try:
+            for stream in streams[:8]:
+                assert stream.next(10).event == "execution.started"
+            # 16 open streams have read history; the poller holds one session of its own.
+            assert sessions() - before <= 2
+        finally:
+            workflows.release("/hold")
+            for stream in streams:
+                stream.close()
