@@ -8,7 +8,6 @@ bounds step outputs (``OUTPUT_LIMIT``); ``step_output`` gives one whole.
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import json
 import re
 import uuid
@@ -17,10 +16,11 @@ from peewee import Cast
 
 from mantle.db import database_proxy, is_sqlite, unwrap
 from mantle.db.fields import storable, utcnow
-from mantle.db.models import StepExecution, WorkflowDefinition, WorkflowExecution
+from mantle.db.models import StepExecution, WorkflowExecution
 from mantle.errors import ExecutionNotFound, InvalidInput, MantleError
+from mantle.store.versions import model_of
 from mantle.timefmt import rfc3339
-from mantle.workflow import Workflow, workflow_from_definition
+from mantle.workflow import Workflow
 
 __all__ = ["execution_detail", "list_executions", "list_page", "step_output", "is_uuid",
            "workflow_version_model", "InvalidCursor", "StepNotFound", "OUTPUT_LIMIT",
@@ -56,26 +56,17 @@ def is_uuid(text: str) -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=256)
-def _model(workflow: str, version: int, content_hash: str) -> Workflow:
-    row = WorkflowDefinition.get(WorkflowDefinition.workflow_name == workflow,
-                                 WorkflowDefinition.version == version)
-    return workflow_from_definition(row.definition)
-
-
 def workflow_version_model(workflow: str, version: int) -> Workflow:
-    """The model of a stored version (cached; versions are immutable)."""
-    digest = (WorkflowDefinition.select(WorkflowDefinition.content_hash)
-              .where(WorkflowDefinition.workflow_name == workflow,
-                     WorkflowDefinition.version == version).scalar())
-    return _model(workflow, version, digest or "")
+    """The model of a stored version (the process's one cache, ``mantle.store.versions``)."""
+    return model_of(workflow, version)
 
 
 def _summary(row: WorkflowExecution, raw: bool) -> dict:
     when = (lambda v: v) if raw else rfc3339
     return {"id": row.id, "workflow": row.workflow_name, "version": row.version,
             "status": row.status, "started_at": when(row.started_at),
-            "completed_at": when(row.completed_at)}
+            "completed_at": when(row.completed_at),
+            "parent_execution_id": row.parent_execution_id, "parent_step": row.parent_step}
 
 
 def list_executions(workflow: str | None = None, status: str | None = None,
@@ -134,7 +125,8 @@ def _page(workflow, status, since, limit: int, raw: bool, after) -> list[dict]:
         return []  # no workflow has that name
     query = WorkflowExecution.select(
         WorkflowExecution.id, WorkflowExecution.workflow_name, WorkflowExecution.version,
-        WorkflowExecution.status, WorkflowExecution.started_at, WorkflowExecution.completed_at)
+        WorkflowExecution.status, WorkflowExecution.started_at, WorkflowExecution.completed_at,
+        WorkflowExecution.parent_execution_id, WorkflowExecution.parent_step)
     if workflow is not None:
         query = query.where(WorkflowExecution.workflow_name == workflow)
     if status is not None:
@@ -165,14 +157,16 @@ def _sqlite_page(database, query) -> list[dict]:
     sql, params = query.sql()
     rows = database.execute_sql(
         "SELECT json_group_array(json_array(id, workflow_name, version, status, started_at, "
-        f"completed_at)) FROM ({sql})", params).fetchone()[0]
+        f"completed_at, parent_execution_id, parent_step)) FROM ({sql})",
+        params).fetchone()[0]
     found = json.loads(rows)
     # An aggregate's input order is not promised on this SQLite version: sort again, on the
     # stored microseconds as the query did.
     found.sort(key=lambda row: (row[4], row[0]), reverse=True)
     return [{"id": i, "workflow": w, "version": v, "status": st,
-             "started_at": _stored_time(started), "completed_at": _stored_time(completed)}
-            for i, w, v, st, started, completed in found]
+             "started_at": _stored_time(started), "completed_at": _stored_time(completed),
+             "parent_execution_id": parent, "parent_step": parent_step}
+            for i, w, v, st, started, completed, parent, parent_step in found]
 
 
 def _stored_time(text: str | None) -> str | None:
@@ -194,7 +188,19 @@ def execution_detail(execution_id: str, raw: bool = False) -> dict:
     rows = _step_rows(execution_id)
     detail["steps"] = _steps(model, rows, row.status, raw)
     detail["hooks"] = _hooks(rows, raw)
+    detail["children"] = _children(execution_id)
     return detail
+
+
+def _children(execution_id: str) -> list[dict]:
+    """The sub-workflow executions this one started (SPEC 13.3), oldest first."""
+    return [{"id": child.id, "workflow": child.workflow_name, "status": child.status,
+             "parent_step": child.parent_step}
+            for child in WorkflowExecution.select(
+                WorkflowExecution.id, WorkflowExecution.workflow_name,
+                WorkflowExecution.status, WorkflowExecution.parent_step)
+            .where(WorkflowExecution.parent_execution_id == execution_id)
+            .order_by(WorkflowExecution.started_at, WorkflowExecution.id)]
 
 
 def _step_rows(execution_id: str, name: str | None = None) -> list[StepExecution]:

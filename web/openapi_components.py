@@ -33,8 +33,16 @@ def schemas() -> dict:
     summary = {"id": {"type": "string", "format": "uuid"}, "workflow": {"type": "string"},
                "version": {"type": "integer", "minimum": 1},
                "status": {"type": "string", "enum": EXECUTION_STATUSES},
-               "started_at": _time(), "completed_at": _time(True)}
+               "started_at": _time(), "completed_at": _time(True),
+               "parent_execution_id": {"type": ["string", "null"], "format": "uuid",
+                                       "description": "the execution whose workflow/run step "
+                                                      "started this one (sub-workflows)"},
+               "parent_step": {"type": ["string", "null"],
+                               "description": "that workflow/run step's name"}}
     summary_fields = list(summary)
+    child = {"id": {"type": "string", "format": "uuid"}, "workflow": {"type": "string"},
+             "status": {"type": "string", "enum": EXECUTION_STATUSES},
+             "parent_step": {"type": "string"}}
     return {
         "Error": _obj(["error"], {"error": {"type": "string"}}),
         "CancelConflict": _obj(["error", "status"], {
@@ -76,10 +84,14 @@ def schemas() -> dict:
         "Step": _obj(list(step), step),
         "HookStep": _obj([*step, "block"], {**step, "block": {
             "type": "string", "enum": ["on_success", "on_failure", "on_finish"]}}),
-        "ExecutionDetail": _obj([*summary_fields, "inputs", "error", "steps", "hooks"], {
+        "ExecutionDetail": _obj([*summary_fields, "inputs", "error", "steps", "hooks",
+                                 "children"], {
             **summary, "inputs": {"type": "object"}, "error": {"type": ["string", "null"]},
             "steps": {"type": "array", "items": ref("Step")},
-            "hooks": {"type": "array", "items": ref("HookStep")}}),
+            "hooks": {"type": "array", "items": ref("HookStep")},
+            "children": {"type": "array", "items": _obj(list(child), child),
+                         "description": "the sub-workflow executions this one started, "
+                                        "oldest first"}}),
         "WorkflowSummary": _obj(["name", "latest_version", "created_at", "updated_at"], {
             "name": {"type": "string"}, "latest_version": {"type": "integer", "minimum": 1},
             "created_at": _time(), "updated_at": _time()}),

@@ -335,8 +335,7 @@ def logs(args, context: Context) -> int:
             print(line)
         print()
         print("Steps:")
-        for step in detail["steps"]:
-            _print_step(step, step["name"])
+        _print_steps(detail, "")
         if detail["hooks"]:
             print()
             print("Hooks:")
@@ -409,12 +408,27 @@ def _step_timing(step: dict) -> str:
     return f" ({text})"
 
 
-def _print_step(step: dict, label: str) -> None:
-    print("  %-20s %s" % (label, step["status"] + _step_timing(step)))
+def _print_steps(detail: dict, indent: str, depth: int = 1) -> None:
+    """A detail's main steps, each followed by the sub-workflow executions it started
+    (SPEC 13.3), indented four more with their own steps, down to the deepest."""
+    children: dict[str, list[dict]] = {}
+    for child in detail.get("children", ()):
+        children.setdefault(child["parent_step"], []).append(child)
+    for step in detail["steps"]:
+        _print_step(step, step["name"], indent)
+        for child in children.get(step["name"], ()):
+            print(f"{indent}    {child['workflow']} {child['id']}: {child['status']}")
+            if depth < 100:  # a tree deeper than engine.max_workflow_depth allows: cut short
+                _print_steps(queries.execution_detail(child["id"], raw=True), indent + "    ",
+                             depth + 1)
+
+
+def _print_step(step: dict, label: str, indent: str = "") -> None:
+    print(f"{indent}  %-20s %s" % (label, step["status"] + _step_timing(step)))
     if step["status"] == "failed":
-        print(f"    error: {step['error'] or ''}")
+        print(f"{indent}    error: {step['error'] or ''}")
     if tokens := usage_line(step):  # AI steps (SPEC 13.6)
-        print(tokens)
+        print(indent + tokens)
 
 
 def status(args, context: Context) -> int:

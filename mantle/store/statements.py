@@ -141,8 +141,10 @@ class Batch:
     One statement per row is what bounded the engine: every statement is a round trip on
     PostgreSQL, and on both databases a moment without the GIL that the journal thread then
     queues to get back. ``executemany`` pipelines the rows on PostgreSQL (psycopg) and steps
-    them in one call on SQLite. Order: execution rows before step rows (foreign key), final
-    statuses, then audit rows, which nothing reads back.
+    them in one call on SQLite. Order: execution rows before step rows (foreign key), then
+    the audit rows, then final statuses last, so that the ``execution.finished`` audit row
+    the database adds for a final status (migration 005) comes after every audit row of the
+    steps that led to it: event streams read the audit trail in id order.
     """
 
     def __init__(self, sql: Statements):
@@ -161,6 +163,9 @@ class Batch:
         if self.steps:
             self._many(sql.upsert_step, self.steps)
             self.steps = []
+        if self.audits:
+            self._many(sql.insert_audit, self.audits)
+            self.audits = []
         if self.finishes:
             finishes, self.finishes = self.finishes, []
             self._many(sql.finish_execution, [params for params, _, _ in finishes])
@@ -178,9 +183,6 @@ class Batch:
         sql = self._sql
         with (sql.db.connection().pipeline() if not sql.sqlite else contextlib.nullcontext()):
             self.flush()
-            if self.audits:
-                self._many(sql.insert_audit, self.audits)
-                self.audits = []
 
     def _many(self, statement: str, rows: list[tuple]) -> None:
         cursor = self._sql.db.cursor()

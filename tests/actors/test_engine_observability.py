@@ -79,6 +79,8 @@ def test_audit_trail_records_execution_and_step_events(engine):
          {"execution_id": execution_id, "hook_block": "on_failure"}),
         ("engine", "hook.step.completed", "hook_step_execution", "h",
          {"execution_id": execution_id, "hook_block": "on_failure"}),
+        ("engine", "execution.finished", "workflow_execution", execution_id,
+         {"workflow": "audited", "status": "failed", "error": 'step "b" failed: nope'}),
     ]
 
 
@@ -186,3 +188,18 @@ def test_idempotency_key_returns_the_original_execution(engine):
     assert again.existing and not first.existing
     assert again.execution_id == first.execution_id
     assert WorkflowExecution.select().count() == 1
+
+
+def test_execution_finished_comes_after_the_last_steps_audit_rows(engine):
+    """The event streams read the audit trail in id order and end at execution.finished:
+    its row must follow the rows of the step whose outcome ended the execution, written in
+    the same transaction."""
+    apply("""
+        name: one-step
+        steps: [{name: only, action: core/log, params: {message: x}}]
+    """)
+    execution_id = run(engine, "one-step")["id"]
+    actions = [e.action for e in AuditEvent.select().order_by(AuditEvent.id)
+               if e.action != "workflow.applied"]
+    assert actions == ["workflow.executed", "step.started", "step.completed",
+                       "execution.finished"], execution_id

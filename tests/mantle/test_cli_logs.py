@@ -8,6 +8,7 @@ fixed values so that every time and duration on screen can be written out in ful
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 import pytest
 
@@ -319,3 +320,45 @@ def test_a_since_reaching_before_year_one_filters_nothing(cli):
     row = insert_execution("alpha", "completed", utcnow().replace(microsecond=0), None)
     result = cli("logs", "--since", "999999999d")
     assert (result.returncode, result.stdout, result.stderr) == (0, table(row), "")
+
+
+def test_logs_shows_sub_workflow_children_indented_under_their_parent_step(cli, engine):
+    """SPEC 13.3: ``mantle logs <id>`` shows the children under the step that started
+    them, with their own steps, one level deeper each."""
+    apply("""
+        name: grandkid
+        steps: [{name: leaf, action: core/log, params: {message: leaf}}]
+    """)
+    apply("""
+        name: kid
+        steps: [{name: inner, action: workflow/run, params: {workflow: grandkid}}]
+    """)
+    apply("""
+        name: top
+        steps:
+          - {name: outer, action: workflow/run, params: {workflow: kid}}
+          - {name: after, action: core/log, depends_on: [outer], params: {message: done}}
+    """)
+    top = run_to_end(engine, "top")
+    kid = WorkflowExecution.get(WorkflowExecution.parent_execution_id == top)
+    grandkid = WorkflowExecution.get(WorkflowExecution.parent_execution_id == kid.id)
+    for execution_id, steps in ((top, {"outer": (0, 1000), "after": (1000, 1010)}),
+                                (kid.id, {"inner": (10, 990)}),
+                                (grandkid.id, {"leaf": (20, 25)})):
+        set_times(execution_id, 0, 1020, **steps)
+    result = cli("logs", top)
+    assert result.stdout.split("Steps:\n", 1)[1] == (
+        "  outer                completed (1.0s)\n"
+        f"    kid {kid.id}: completed\n"
+        "      inner                completed (980ms)\n"
+        f"        grandkid {grandkid.id}: completed\n"
+        "          leaf                 completed (5ms)\n"
+        "  after                completed (10ms)\n")
+    detail = cli("logs", top, "-o", "json")
+    document = json.loads(detail.stdout)
+    assert document["children"] == [{"id": kid.id, "workflow": "kid", "status": "completed",
+                                     "parent_step": "outer"}]
+    assert document["parent_execution_id"] is None
+    listed = json.loads(cli("logs", "-o", "json").stdout)["executions"]
+    assert {(row["id"], row["parent_execution_id"], row["parent_step"]) for row in listed} == {
+        (top, None, None), (kid.id, top, "outer"), (grandkid.id, kid.id, "inner")}
