@@ -151,3 +151,15 @@ def test_children_count_against_their_own_workflows_limit(engine):
         time.sleep(0.02)
     assert [WorkflowExecution.get_by_id(p).status for p in parents] == ["completed"] * 3
     assert most == 1
+
+
+def test_the_greet_twice_example_runs_hello_world_twice_as_children(engine):
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    for name in ("hello-world.yaml", "greet-twice.yaml"):
+        apply((examples / name).read_text())
+    detail = run(engine, "greet-twice", {"who": "you"})
+    assert detail["status"] == "completed", detail
+    assert steps_of(detail)["report"]["output"] == {"message": "Hello, you! / completed"}
+    assert [child.workflow_name for child in _children(detail["id"])] == ["hello-world"] * 2
