@@ -133,12 +133,19 @@ class Supervisor(pykka.ThreadingActor):
         try:
             return handler(self, message)
         except Exception:  # the Supervisor must outlive any one bad message
-            log.exception("supervisor error", extra={"message": type(message).__name__})
+            log.exception("supervisor error", extra={"message_type": type(message).__name__})
             return None
 
     def on_failure(self, exc_type, exc_value, traceback) -> None:
         log.error("engine supervisor stopped", extra={"error": str(exc_value)})
         self._on_death()
+
+    def on_stop(self) -> None:
+        """Stopped by the engine at the end of a shutdown, or by anything else: then the
+        engine cannot work any more and says so (``/readyz``, watchdog, an ERROR line)."""
+        if not self._shutdown:
+            log.error("engine supervisor stopped", extra={"error": "stopped"})
+            self._on_death()
 
     def _write(self, op, event: Callable, failed: Callable | None = None) -> None:
         """Run ``op`` in the journal; tell this actor ``event(result)`` once committed."""

@@ -56,7 +56,8 @@ def test_run_logs_and_status_print_the_apis_execution_documents(mantle):
     execution_id = WorkflowExecution.get().id
     assert detail == queries.execution_detail(execution_id)
     assert set(detail) == {"id", "workflow", "version", "status", "started_at", "completed_at",
-                           "inputs", "error", "steps", "hooks"}
+                           "parent_execution_id", "parent_step", "inputs", "error", "steps",
+                           "hooks", "children"}
     assert (detail["status"], [s["name"] for s in detail["steps"]]) == \
         ("failed", ["first", "second"])
     assert RFC3339.fullmatch(detail["started_at"])
@@ -65,7 +66,8 @@ def test_run_logs_and_status_print_the_apis_execution_documents(mantle):
     listed = document(mantle("logs", "-o", "json", "--workflow", "shapes"))
     assert listed == {"executions": queries.list_executions("shapes")}
     assert listed["executions"][0] == {key: detail[key] for key in (
-        "id", "workflow", "version", "status", "started_at", "completed_at")}
+        "id", "workflow", "version", "status", "started_at", "completed_at",
+        "parent_execution_id", "parent_step")}
 
 
 def test_secrets_keys_audit_and_plugins_lists_have_the_specs_shapes(mantle, tmp_path):

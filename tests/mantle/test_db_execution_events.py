@@ -61,8 +61,7 @@ def test_migrating_005_down_removes_the_trigger_and_up_restores_it(db):
 def test_a_finish_written_before_the_last_steps_rows_is_placed_after_them(db):
     execution_id = _execution()
     now = utcnow()
-    write_step(execution_id, "a", 1, "running", started_at=now, audit_action="step.started",
-               new=True)
+    write_step(execution_id, "a", 1, "running", started_at=now, audit_action="step.started")
     # The engine's last checkpoint and the final status in one transaction: the status
     # update (and so the finish row) comes before the step's audit row.
     with transaction(db):

@@ -31,7 +31,8 @@ def test_the_list_orders_by_microseconds_then_id_and_formats_times_like_the_deta
     assert [row["id"][-1] for row in page] == ["1", "3", "2", "4"]
     assert page[0] == {"id": "00000000-0000-4000-8000-000000000001", "workflow": "w",
                        "version": 1, "status": "running",
-                       "started_at": "2026-03-18T09:00:00.412Z", "completed_at": None}
+                       "started_at": "2026-03-18T09:00:00.412Z", "completed_at": None,
+                       "parent_execution_id": None, "parent_step": None}
     assert page[1]["completed_at"] == "2026-03-18T09:00:02.412Z"
     raw = queries.list_executions(raw=True)  # the CLI's form: the same rows as datetimes
     assert [(r["id"], rfc3339(r["started_at"]), rfc3339(r["completed_at"])) for r in raw] == \

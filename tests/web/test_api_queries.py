@@ -53,7 +53,8 @@ def test_detail_shows_steps_in_start_order_with_outputs_errors_and_hooks(client,
     assert reply.status_code == 200
     detail = reply.json
     assert list(detail) == ["id", "workflow", "version", "status", "started_at",
-                            "completed_at", "inputs", "error", "steps", "hooks"]
+                            "completed_at", "parent_execution_id", "parent_step", "inputs",
+                            "error", "steps", "hooks", "children"]
     assert {k: detail[k] for k in ("id", "workflow", "version", "status", "inputs", "error")} \
         == {"id": execution_id, "workflow": "daily-report", "version": 1,
             "status": "completed", "inputs": {"day": "2026-03-17"}, "error": None}
@@ -103,7 +104,7 @@ def test_list_is_newest_first_and_filters_by_workflow_status_since_and_limit(cli
     everything = client.simulate_get("/api/v1/executions").json["executions"]
     assert [row["id"] for row in everything] == [failed, ids[2], ids[1], ids[0]]
     assert list(everything[0]) == ["id", "workflow", "version", "status", "started_at",
-                                   "completed_at"]
+                                   "completed_at", "parent_execution_id", "parent_step"]
     assert (everything[0]["workflow"], everything[0]["status"]) == ("broken", "failed")
     assert listed("workflow=daily-report") == [ids[2], ids[1], ids[0]]
     assert listed("status=failed") == [failed]

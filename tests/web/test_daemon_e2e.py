@@ -128,7 +128,8 @@ def test_run_answers_202_before_it_runs_then_the_detail_shows_every_step(daemon)
     assert detail["steps"][0]["output"]["duration_ms"] >= 300
     listed = daemon.get("/api/v1/executions?workflow=daily-report&limit=1").json
     assert listed["executions"][0] == {k: detail[k] for k in (
-        "id", "workflow", "version", "status", "started_at", "completed_at")}
+        "id", "workflow", "version", "status", "started_at", "completed_at",
+        "parent_execution_id", "parent_step")}
     assert daemon.wait_for_log("execution finished", execution_id=body["execution_id"])[
         "status"] == "completed"
 
