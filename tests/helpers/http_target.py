@@ -2,8 +2,9 @@
 
 ``HttpTarget`` runs a ``ThreadingHTTPServer`` on a free port in a thread. Routes are set per
 path (query ignored) with ``route(...)``; unknown paths answer 404. Every request is recorded
-(method, target, headers, body) and counted, and tests wait on those counts with a deadline
-instead of sleeping. Example::
+(method, target, headers, body, arrival time) and counted, and tests wait on those counts with
+a deadline instead of sleeping. ``peak(path)`` is the most requests to a path that were being
+answered at once (limits such as a step's ``max_parallel``). Example::
 
     with HttpTarget() as target:
         target.route("/slow", hold=True)              # blocks until target.release("/slow")
@@ -51,6 +52,7 @@ class Received:
     target: str
     headers: list[tuple[str, str]]
     body: bytes
+    at: float = 0.0  # time.monotonic() when the request arrived
 
     @property
     def path(self) -> str:
@@ -74,6 +76,8 @@ class HttpTarget:
     def __init__(self, host: str = "127.0.0.1"):
         self._routes: dict[str, Route] = {}
         self._received: list[Received] = []
+        self._active: dict[str, int] = {}  # path -> requests being answered now
+        self._peak: dict[str, int] = {}  # path -> the most answered at once
         self._changed = threading.Condition()
         self._closed = threading.Event()
         self._server = ThreadingHTTPServer((host, 0), _handler_for(self))
@@ -125,6 +129,16 @@ class HttpTarget:
     def hits(self, path: str) -> int:
         return len(self.requests(path))
 
+    def peak(self, path: str) -> int:
+        """The most requests to ``path`` that were in progress at the same moment (from
+        arrival until the answer starts, or the request fails)."""
+        with self._changed:
+            return self._peak.get(path, 0)
+
+    def in_progress(self, path: str) -> int:
+        with self._changed:
+            return self._active.get(path, 0)
+
     def wait_for_hits(self, path: str, count: int = 1, timeout: float = 5.0) -> None:
         """Block until ``path`` was requested ``count`` times; AssertionError at the deadline."""
         deadline = time.monotonic() + timeout
@@ -153,8 +167,17 @@ class HttpTarget:
     def _record(self, received: Received) -> Route | None:
         with self._changed:
             self._received.append(received)
+            path = received.path
+            self._active[path] = self._active.get(path, 0) + 1
+            self._peak[path] = max(self._peak.get(path, 0), self._active[path])
             self._changed.notify_all()
         return self._routes.get(received.path)
+
+    def _done(self, received: Received) -> bool:
+        with self._changed:
+            self._active[received.path] -= 1
+            self._changed.notify_all()
+        return True
 
     def _wait(self, route: Route) -> None:
         if route.hold:
@@ -177,13 +200,19 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
-        received = Received(self.command, self.path, list(self.headers.items()), body)
+        received = Received(self.command, self.path, list(self.headers.items()), body,
+                            time.monotonic())
         route = self.owner._record(received)
+        answering = False
         try:
             if route is None:
+                answering = self.owner._done(received)
                 self._send(404, [("Content-Type", "text/plain")], b"not found")
                 return
             self.owner._wait(route)
+            # No longer "in progress" before the first byte of the answer leaves: a client
+            # that reacts to the answer at once must not be counted as overlapping this one.
+            answering = self.owner._done(received)
             if route.echo:
                 echo = {"method": received.method, "target": received.target,
                         "headers": received.headers, "body": body.decode("utf-8", "replace")}
@@ -195,6 +224,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(route.status, route.headers, route.body, route)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+        finally:
+            if not answering:
+                self.owner._done(received)
 
     def _send(self, status: int, headers: list[tuple[str, str]], body: bytes,
               route: Route | None = None) -> None:
