@@ -17,6 +17,7 @@ import pytest
 
 from mantle.db.models import StepExecution, WorkflowExecution
 from tests.faults.conftest import dump_database
+from tests.helpers.sampling import RunningSampler
 from tests.web.support import Daemon, apply_yaml, wait_until
 
 FINAL = ("completed", "failed", "cancelled")
@@ -210,4 +211,168 @@ def test_a_write_the_database_refuses_ends_the_execution_failed_and_returns_its_
         assert _steps(detail)["call"]["output"]["body"] == "fine"
         assert daemon.get("/readyz").status == 200
     finally:
+        daemon.stop()
+
+
+# --- 3. queued executions after a crash (13.1.10) -------------------------------------------
+
+QUEUED = """
+    name: one-at-a-time
+    max_parallel_executions: 1
+    on_limit: queue
+    steps:
+      - {{name: work, action: http/request, params: {{url: "{url}?e={{{{ execution.id }}}}"}}}}
+"""
+
+
+def test_queued_executions_left_by_a_sigkill_stay_queued_and_run_one_at_a_time_in_order(
+        bound, tmp_path, http_target):
+    http_target.route("/work", body="done", delay=0.7)
+    apply_yaml(QUEUED.format(url=http_target.url("/work")))
+    daemon = _daemon(tmp_path, bound)
+    ids = [_run(daemon, "one-at-a-time") for _ in range(4)]
+    http_target.wait_for_hits("/work", 1, timeout=20)  # the first one runs
+    _kill(daemon)
+    assert [_status(i) for i in ids] == ["running", "pending", "pending", "pending"]
+
+    current: dict[str, Daemon] = {}
+    with RunningSampler(lambda: current["daemon"].url if "daemon" in current else None,
+                        "one-at-a-time") as sampler:
+        current["daemon"] = again = _daemon(tmp_path, bound)
+        try:
+            details = [again.wait_for_status(i, timeout=40) for i in ids]
+        finally:
+            sampler.stop()
+            again.stop()
+    assert [d["status"] for d in details] == ["completed"] * 4, details
+    assert len(sampler.samples) > 20, sampler.samples
+    assert sampler.over(1) == [], "more than one execution ran at once"
+    assert sampler.running_order() == ids  # promoted first in, first out
+    callers = [r.target.split("e=")[1] for r in http_target.requests("/work")]
+    assert callers == [ids[0]] + ids  # the interrupted first one again, then each in turn
+
+
+# --- 4. the workflow timeout counts from running (13.1.9) ----------------------------------
+
+PATIENT = """
+    name: patient
+    max_parallel_executions: 1
+    on_limit: queue
+    timeout: 3s
+    inputs:
+      pause: {type: string}
+    steps:
+      - {name: nap, action: core/sleep, params: {duration: "{{ inputs.pause }}"}}
+"""
+
+
+def test_a_queued_run_that_waited_longer_than_its_timeout_still_runs_its_steps(
+        bound, tmp_path):
+    apply_yaml(PATIENT)
+    daemon = _daemon(tmp_path, bound)
+    try:
+        first = _run(daemon, "patient", {"pause": "2s"})
+        second = _run(daemon, "patient", {"pause": "2s"})
+        last = _run(daemon, "patient", {"pause": "200ms"})  # waits about 4 s in the queue
+        details = [daemon.wait_for_status(i, timeout=30) for i in (first, second, last)]
+    finally:
+        daemon.stop()
+    assert [d["status"] for d in details] == ["completed"] * 3, details
+    row = WorkflowExecution.get_by_id(last)
+    assert (row.running_since - row.started_at).total_seconds() > 3  # it did wait that long
+
+
+SLOW = "inputs.xs.all(a, inputs.xs.all(b, inputs.xs.all(c, a + b + c >= 0)))"
+LATE = """
+    name: late-start
+    timeout: 300ms
+    inputs:
+      xs: {{description: numbers for the slow conditions}}
+    steps:
+{slow}
+      - {{name: late, action: http/request, if: "1 == 1", params: {{url: "{url}"}}}}
+"""
+
+
+def test_a_step_whose_start_is_in_flight_when_the_workflow_times_out_never_starts(
+        bound, tmp_path, http_target):
+    """Four conditions that evaluate for a full second hold every evaluation thread, so
+    ``late``'s own (instant) condition is still waiting to be evaluated when the 300 ms
+    timeout fires: its start is in flight, and it must not start afterwards."""
+    http_target.route("/late", body="too late")
+    slow = "\n".join(f'      - {{name: slow{n}, action: core/log, if: "{SLOW}", '
+                     f"params: {{message: slow}}}}" for n in range(4))
+    apply_yaml(LATE.format(slow=slow, url=http_target.url("/late")))
+    daemon = _daemon(tmp_path, bound)
+    try:
+        execution_id = _run(daemon, "late-start", {"xs": list(range(100))})
+        detail = daemon.wait_for_status(execution_id, timeout=20)
+    finally:
+        daemon.stop()
+    assert detail["status"] == "failed", detail
+    assert detail["error"] == "workflow timed out after 300ms"
+    assert _steps(detail)["late"]["status"] == "cancelled", detail
+    assert http_target.hits("/late") == 0
+    assert ("late", 1, "running") not in _rows(execution_id)
+
+
+# --- 5. step max_parallel with retries and cancels (13.1.10) -----------------------------
+
+LIMITED = """
+    name: limited
+    steps:
+      - {{name: call, action: http/request, max_parallel: 1, retry: {{max_attempts: 3}},
+         params: {{url: "{url}?e={{{{ execution.id }}}}"}}}}
+"""
+
+
+def test_every_retry_attempt_of_a_max_parallel_step_holds_the_slot(bound, tmp_path,
+                                                                    http_target):
+    http_target.route("/flaky", status=500, body="try again", delay=0.2)
+    apply_yaml(LIMITED.format(url=http_target.url("/flaky")))
+    daemon = _daemon(tmp_path, bound)
+    try:
+        ids = [_run(daemon, "limited") for _ in range(3)]
+        details = [daemon.wait_for_status(i, timeout=40) for i in ids]
+    finally:
+        daemon.stop()
+    assert [(d["status"], _steps(d)["call"]["attempt"]) for d in details] == \
+        [("failed", 3)] * 3, details
+    assert http_target.hits("/flaky") == 9
+    assert http_target.peak("/flaky") == 1  # never two attempts at once, retries included
+
+
+def test_cancelling_an_execution_that_holds_or_waits_for_a_step_slot_lets_the_others_go_on(
+        bound, tmp_path, http_target):
+    http_target.route("/flaky", hold=True, body="held")
+    apply_yaml(LIMITED.format(url=http_target.url("/flaky")))
+    daemon = _daemon(tmp_path, bound)
+
+    def callers() -> list[str]:
+        return [r.target.split("e=")[1] for r in http_target.requests("/flaky")]
+
+    try:
+        ids = [_run(daemon, "limited") for _ in range(4)]
+        http_target.wait_for_hits("/flaky", 1, timeout=20)
+        holder = callers()[0]
+        waiter, *others = [i for i in ids if i != holder]
+        assert all(_rows(i) == [] for i in ids if i != holder)  # waiting for the slot
+        assert daemon.post(f"/api/v1/cancel/{waiter}").status == 200  # waits for the slot
+        daemon.wait_for_status(waiter, ("cancelled",))
+        assert daemon.post(f"/api/v1/cancel/{holder}").status == 200  # holds it
+        http_target.wait_for_hits("/flaky", 2, timeout=10)
+        second = callers()[1]
+        assert second in others  # the cancelled waiter never got it
+        assert daemon.post(f"/api/v1/cancel/{second}").status == 200
+        http_target.wait_for_hits("/flaky", 3, timeout=10)
+        last = callers()[2]
+        assert sorted([second, last]) == sorted(others)
+        http_target.release("/flaky")
+        detail = daemon.wait_for_status(last, timeout=20)
+        assert detail["status"] == "completed", detail
+        for cancelled in (holder, waiter, second):
+            assert daemon.wait_for_status(cancelled)["status"] == "cancelled"
+        assert http_target.hits("/flaky") == 3
+    finally:
+        http_target.release("/flaky")
         daemon.stop()
