@@ -316,6 +316,43 @@ def test_a_step_whose_start_is_in_flight_when_the_workflow_times_out_never_start
     assert ("late", 1, "running") not in _rows(execution_id)
 
 
+GATED = """
+    name: gated
+    timeout: {timeout}
+    steps:
+      - {{name: call, action: http/request, max_parallel: 1,
+         params: {{url: "{url}?e={{{{ execution.id }}}}"}}}}
+"""
+
+
+def test_a_step_waiting_for_its_slot_when_the_workflow_times_out_never_starts(
+        bound, tmp_path, http_target):
+    """Version 1 (timeout 60s) holds the step's only slot; version 2 (timeout 1s) waits for
+    it and times out while waiting. When the slot frees, it must go to the next execution,
+    not to the one that timed out."""
+    http_target.route("/gate", hold=True, body="through")
+    apply_yaml(GATED.format(timeout="60s", url=http_target.url("/gate")))
+    apply_yaml(GATED.format(timeout="1s", url=http_target.url("/gate")))
+    daemon = _daemon(tmp_path, bound)
+    try:
+        holder = _run(daemon, "gated", version=1)
+        http_target.wait_for_hits("/gate", 1, timeout=20)
+        impatient = _run(daemon, "gated")  # version 2
+        detail = daemon.wait_for_status(impatient, timeout=20)
+        assert (detail["status"], detail["error"]) == ("failed", "workflow timed out after 1s")
+        assert _steps(detail)["call"]["status"] == "cancelled"
+        follower = _run(daemon, "gated", version=1)
+        http_target.release("/gate")
+        for execution_id in (holder, follower):
+            assert daemon.wait_for_status(execution_id, timeout=20)["status"] == "completed"
+    finally:
+        http_target.release("/gate")
+        daemon.stop()
+    callers = [r.target.split("e=")[1] for r in http_target.requests("/gate")]
+    assert callers == [holder, follower]  # the timed-out one never called
+    assert ("call", 1, "running") not in _rows(impatient)
+
+
 # --- 5. step max_parallel with retries and cancels (13.1.10) -----------------------------
 
 LIMITED = """
@@ -344,7 +381,9 @@ def test_every_retry_attempt_of_a_max_parallel_step_holds_the_slot(bound, tmp_pa
 
 def test_cancelling_an_execution_that_holds_or_waits_for_a_step_slot_lets_the_others_go_on(
         bound, tmp_path, http_target):
-    http_target.route("/flaky", hold=True, body="held")
+    """Each execution's first attempt fails at once, so the attempts that hold and wait for
+    the slot are retries; the held ones end when the engine closes their connection."""
+    http_target.route("/flaky", hold=True, fail_first=1, body="held")
     apply_yaml(LIMITED.format(url=http_target.url("/flaky")))
     daemon = _daemon(tmp_path, bound)
 
@@ -353,26 +392,27 @@ def test_cancelling_an_execution_that_holds_or_waits_for_a_step_slot_lets_the_ot
 
     try:
         ids = [_run(daemon, "limited") for _ in range(4)]
-        http_target.wait_for_hits("/flaky", 1, timeout=20)
-        holder = callers()[0]
+        http_target.wait_for_hits("/flaky", 5, timeout=20)  # four first attempts, one retry
+        holder = callers()[4]
         waiter, *others = [i for i in ids if i != holder]
-        assert all(_rows(i) == [] for i in ids if i != holder)  # waiting for the slot
+        wait_until(lambda: all(("call", 2, "running") in _rows(i) for i in ids), timeout=10)
         assert daemon.post(f"/api/v1/cancel/{waiter}").status == 200  # waits for the slot
         daemon.wait_for_status(waiter, ("cancelled",))
         assert daemon.post(f"/api/v1/cancel/{holder}").status == 200  # holds it
-        http_target.wait_for_hits("/flaky", 2, timeout=10)
-        second = callers()[1]
-        assert second in others  # the cancelled waiter never got it
+        http_target.wait_for_hits("/flaky", 6, timeout=10)
+        second = callers()[5]
+        assert second in others  # the cancelled waiter never got the slot back
         assert daemon.post(f"/api/v1/cancel/{second}").status == 200
-        http_target.wait_for_hits("/flaky", 3, timeout=10)
-        last = callers()[2]
+        http_target.wait_for_hits("/flaky", 7, timeout=10)
+        last = callers()[6]
         assert sorted([second, last]) == sorted(others)
         http_target.release("/flaky")
         detail = daemon.wait_for_status(last, timeout=20)
-        assert detail["status"] == "completed", detail
+        assert (detail["status"], _steps(detail)["call"]["attempt"]) == ("completed", 2)
         for cancelled in (holder, waiter, second):
             assert daemon.wait_for_status(cancelled)["status"] == "cancelled"
-        assert http_target.hits("/flaky") == 3
+        assert http_target.hits("/flaky") == 7
+        assert http_target.peak("/flaky") == 1  # never two attempts at once
     finally:
         http_target.release("/flaky")
         daemon.stop()

@@ -16,6 +16,8 @@ answered at once (limits such as a step's ``max_parallel``). Example::
 from __future__ import annotations
 
 import json as jsonlib
+import select
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,9 +31,12 @@ __all__ = ["HttpTarget", "Route", "Received"]
 @dataclass
 class Route:
     """How one path answers. ``hold`` blocks before the status line until released (or
-    ``delay`` seconds pass); ``hold_body`` sends the headers first, then blocks.
+    ``delay`` seconds pass, or the client closes the connection); ``hold_body`` sends the
+    headers first, then blocks.
     ``stream`` sends that many bytes chunked, with no Content-Length.
-    ``echo`` answers a JSON description of the request received."""
+    ``echo`` answers a JSON description of the request received. ``fail_first`` answers
+    the first that many requests to each distinct target (path and query) with 500 at once,
+    without holding or delaying them."""
 
     status: int = 200
     body: bytes = b""
@@ -41,6 +46,7 @@ class Route:
     hold_body: bool = False
     stream: int = 0
     echo: bool = False
+    fail_first: int = 0
     gate: threading.Event = field(default_factory=threading.Event)
 
 
@@ -101,7 +107,8 @@ class HttpTarget:
               json: Any = None, content_type: str | None = None,
               headers: list[tuple[str, str]] | None = None, delay: float = 0.0,
               hold: bool = False, hold_body: bool = False, stream: int = 0,
-              redirect_to: str | None = None, echo: bool = False) -> Route:
+              redirect_to: str | None = None, echo: bool = False,
+              fail_first: int = 0) -> Route:
         """Set how ``path`` answers; ``redirect_to`` may be a path or an absolute URL."""
         extra = list(headers or [])
         if json is not None:
@@ -112,7 +119,7 @@ class HttpTarget:
             extra.append(("Content-Type", content_type))
         if redirect_to is not None:
             extra.append(("Location", redirect_to))
-        route = Route(status, body, extra, delay, hold, hold_body, stream, echo)
+        route = Route(status, body, extra, delay, hold, hold_body, stream, echo, fail_first)
         self._routes[path] = route
         return route
 
@@ -173,17 +180,40 @@ class HttpTarget:
             self._changed.notify_all()
         return self._routes.get(received.path)
 
+    def _seen(self, received: Received) -> int:
+        """How many requests to exactly this target (path and query) arrived so far."""
+        with self._changed:
+            return sum(1 for r in self._received if r.target == received.target)
+
     def _done(self, received: Received) -> bool:
         with self._changed:
             self._active[received.path] -= 1
             self._changed.notify_all()
         return True
 
-    def _wait(self, route: Route) -> None:
+    def _wait(self, route: Route, connection: socket.socket) -> None:
+        """Hold or delay a request; a held one ends (ConnectionResetError) as soon as its
+        client closes the connection, so it no longer counts as in progress."""
         if route.hold:
-            route.gate.wait(route.delay or None)
+            until = time.monotonic() + route.delay if route.delay else None
+            while not route.gate.is_set():
+                if until is not None and time.monotonic() >= until:
+                    return
+                # Wakes at once when the client closes; looks at the gate every 10 ms.
+                if _closed_by_client(connection, 0.01):
+                    raise ConnectionResetError("the client closed the connection")
         elif route.delay:
             self._closed.wait(route.delay)
+
+
+def _closed_by_client(connection: socket.socket, wait: float = 0.0) -> bool:
+    """Whether the client has closed (or reset) the connection, waiting up to ``wait``
+    seconds for it; no data is consumed."""
+    try:
+        readable, _, _ = select.select([connection], [], [], wait)
+        return bool(readable) and connection.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
 
 
 def _handler_for(target: HttpTarget) -> type[BaseHTTPRequestHandler]:
@@ -209,11 +239,15 @@ class _Handler(BaseHTTPRequestHandler):
                 answering = self.owner._done(received)
                 self._send(404, [("Content-Type", "text/plain")], b"not found")
                 return
-            self.owner._wait(route)
+            failing = bool(route.fail_first) and self.owner._seen(received) <= route.fail_first
+            if not failing:
+                self.owner._wait(route, self.connection)
             # No longer "in progress" before the first byte of the answer leaves: a client
             # that reacts to the answer at once must not be counted as overlapping this one.
             answering = self.owner._done(received)
-            if route.echo:
+            if failing:
+                self._send(500, [("Content-Type", "text/plain")], b"try again")
+            elif route.echo:
                 echo = {"method": received.method, "target": received.target,
                         "headers": received.headers, "body": body.decode("utf-8", "replace")}
                 self._send(route.status, [("Content-Type", "application/json")],
