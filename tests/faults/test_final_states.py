@@ -244,9 +244,9 @@ def test_queued_executions_left_by_a_sigkill_stay_queued_and_run_one_at_a_time_i
         finally:
             sampler.stop()
             again.stop()
+    assert sampler.over(1) == [], "more than one execution ran at once"
     assert [d["status"] for d in details] == ["completed"] * 4, details
     assert len(sampler.samples) > 20, sampler.samples
-    assert sampler.over(1) == [], "more than one execution ran at once"
     assert sampler.running_order() == ids  # promoted first in, first out
     callers = [r.target.split("e=")[1] for r in http_target.requests("/work")]
     assert callers == [ids[0]] + ids  # the interrupted first one again, then each in turn
@@ -365,18 +365,20 @@ LIMITED = """
 
 def test_every_retry_attempt_of_a_max_parallel_step_holds_the_slot(bound, tmp_path,
                                                                     http_target):
-    http_target.route("/flaky", status=500, body="try again", delay=0.2)
+    """Four executions, 0.5 s per attempt, 1 s back-off: the first retries are due while
+    other executions' first attempts still hold the slot, so they must wait for it."""
+    http_target.route("/flaky", status=500, body="try again", delay=0.5)
     apply_yaml(LIMITED.format(url=http_target.url("/flaky")))
     daemon = _daemon(tmp_path, bound)
     try:
-        ids = [_run(daemon, "limited") for _ in range(3)]
+        ids = [_run(daemon, "limited") for _ in range(4)]
         details = [daemon.wait_for_status(i, timeout=40) for i in ids]
     finally:
         daemon.stop()
-    assert [(d["status"], _steps(d)["call"]["attempt"]) for d in details] == \
-        [("failed", 3)] * 3, details
-    assert http_target.hits("/flaky") == 9
     assert http_target.peak("/flaky") == 1  # never two attempts at once, retries included
+    assert [(d["status"], _steps(d)["call"]["attempt"]) for d in details] == \
+        [("failed", 3)] * 4, details
+    assert http_target.hits("/flaky") == 12
 
 
 def test_cancelling_an_execution_that_holds_or_waits_for_a_step_slot_lets_the_others_go_on(
