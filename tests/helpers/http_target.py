@@ -18,6 +18,7 @@ from __future__ import annotations
 import json as jsonlib
 import select
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -86,7 +87,7 @@ class HttpTarget:
         self._peak: dict[str, int] = {}  # path -> the most answered at once
         self._changed = threading.Condition()
         self._closed = threading.Event()
-        self._server = ThreadingHTTPServer((host, 0), _handler_for(self))
+        self._server = _Server((host, 0), _handler_for(self))
         self._server.daemon_threads = True
         self.host = host
         self.port = self._server.server_address[1]
@@ -214,6 +215,14 @@ def _closed_by_client(connection: socket.socket, wait: float = 0.0) -> bool:
         return bool(readable) and connection.recv(1, socket.MSG_PEEK) == b""
     except OSError:
         return True
+
+
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        """A client that went away (a killed daemon's keep-alive connection) is not an error
+        worth a traceback on stderr; anything else still gets one."""
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            super().handle_error(request, client_address)
 
 
 def _handler_for(target: HttpTarget) -> type[BaseHTTPRequestHandler]:
