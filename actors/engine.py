@@ -28,8 +28,9 @@ __all__ = ["Engine", "RunResult", "STEP_THREADS", "EVALUATION_THREADS"]
 
 # Blocking attempts in flight at once (each holds one thread while it waits on I/O).
 STEP_THREADS = 256
-# ``if``/template/credential evaluations at once: CPU-bound, so a few are enough.
-EVALUATION_THREADS = 4
+# ``if``/template/credential evaluations at once. They are CPU-bound: more threads would not
+# evaluate faster under one interpreter lock, only take it from the cancel path more often.
+EVALUATION_THREADS = 2
 # Attempts waiting for a step thread beyond which new runs are refused (503).
 SATURATED_STEPS = 10_000
 # The most seconds the end of ``shutdown`` takes after the deadline (docs/systemd.md).

@@ -2,8 +2,9 @@
 
 ``HttpTarget`` runs a ``ThreadingHTTPServer`` on a free port in a thread. Routes are set per
 path (query ignored) with ``route(...)``; unknown paths answer 404. Every request is recorded
-(method, target, headers, body) and counted, and tests wait on those counts with a deadline
-instead of sleeping. Example::
+(method, target, headers, body, arrival time) and counted, and tests wait on those counts with
+a deadline instead of sleeping. ``peak(path)`` is the most requests to a path that were being
+answered at once (limits such as a step's ``max_parallel``). Example::
 
     with HttpTarget() as target:
         target.route("/slow", hold=True)              # blocks until target.release("/slow")
@@ -15,6 +16,9 @@ instead of sleeping. Example::
 from __future__ import annotations
 
 import json as jsonlib
+import select
+import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,9 +32,12 @@ __all__ = ["HttpTarget", "Route", "Received"]
 @dataclass
 class Route:
     """How one path answers. ``hold`` blocks before the status line until released (or
-    ``delay`` seconds pass); ``hold_body`` sends the headers first, then blocks.
+    ``delay`` seconds pass, or the client closes the connection); ``hold_body`` sends the
+    headers first, then blocks.
     ``stream`` sends that many bytes chunked, with no Content-Length.
-    ``echo`` answers a JSON description of the request received."""
+    ``echo`` answers a JSON description of the request received. ``fail_first`` answers
+    the first that many requests to each distinct target (path and query) with 500 at once,
+    without holding or delaying them."""
 
     status: int = 200
     body: bytes = b""
@@ -40,6 +47,7 @@ class Route:
     hold_body: bool = False
     stream: int = 0
     echo: bool = False
+    fail_first: int = 0
     gate: threading.Event = field(default_factory=threading.Event)
 
 
@@ -51,6 +59,7 @@ class Received:
     target: str
     headers: list[tuple[str, str]]
     body: bytes
+    at: float = 0.0  # time.monotonic() when the request arrived
 
     @property
     def path(self) -> str:
@@ -74,9 +83,11 @@ class HttpTarget:
     def __init__(self, host: str = "127.0.0.1"):
         self._routes: dict[str, Route] = {}
         self._received: list[Received] = []
+        self._active: dict[str, int] = {}  # path -> requests being answered now
+        self._peak: dict[str, int] = {}  # path -> the most answered at once
         self._changed = threading.Condition()
         self._closed = threading.Event()
-        self._server = ThreadingHTTPServer((host, 0), _handler_for(self))
+        self._server = _Server((host, 0), _handler_for(self))
         self._server.daemon_threads = True
         self.host = host
         self.port = self._server.server_address[1]
@@ -97,7 +108,8 @@ class HttpTarget:
               json: Any = None, content_type: str | None = None,
               headers: list[tuple[str, str]] | None = None, delay: float = 0.0,
               hold: bool = False, hold_body: bool = False, stream: int = 0,
-              redirect_to: str | None = None, echo: bool = False) -> Route:
+              redirect_to: str | None = None, echo: bool = False,
+              fail_first: int = 0) -> Route:
         """Set how ``path`` answers; ``redirect_to`` may be a path or an absolute URL."""
         extra = list(headers or [])
         if json is not None:
@@ -108,7 +120,7 @@ class HttpTarget:
             extra.append(("Content-Type", content_type))
         if redirect_to is not None:
             extra.append(("Location", redirect_to))
-        route = Route(status, body, extra, delay, hold, hold_body, stream, echo)
+        route = Route(status, body, extra, delay, hold, hold_body, stream, echo, fail_first)
         self._routes[path] = route
         return route
 
@@ -124,6 +136,16 @@ class HttpTarget:
 
     def hits(self, path: str) -> int:
         return len(self.requests(path))
+
+    def peak(self, path: str) -> int:
+        """The most requests to ``path`` that were in progress at the same moment (from
+        arrival until the answer starts, or the request fails)."""
+        with self._changed:
+            return self._peak.get(path, 0)
+
+    def in_progress(self, path: str) -> int:
+        with self._changed:
+            return self._active.get(path, 0)
 
     def wait_for_hits(self, path: str, count: int = 1, timeout: float = 5.0) -> None:
         """Block until ``path`` was requested ``count`` times; AssertionError at the deadline."""
@@ -153,14 +175,54 @@ class HttpTarget:
     def _record(self, received: Received) -> Route | None:
         with self._changed:
             self._received.append(received)
+            path = received.path
+            self._active[path] = self._active.get(path, 0) + 1
+            self._peak[path] = max(self._peak.get(path, 0), self._active[path])
             self._changed.notify_all()
         return self._routes.get(received.path)
 
-    def _wait(self, route: Route) -> None:
+    def _seen(self, received: Received) -> int:
+        """How many requests to exactly this target (path and query) arrived so far."""
+        with self._changed:
+            return sum(1 for r in self._received if r.target == received.target)
+
+    def _done(self, received: Received) -> bool:
+        with self._changed:
+            self._active[received.path] -= 1
+            self._changed.notify_all()
+        return True
+
+    def _wait(self, route: Route, connection: socket.socket) -> None:
+        """Hold or delay a request; a held one ends (ConnectionResetError) as soon as its
+        client closes the connection, so it no longer counts as in progress."""
         if route.hold:
-            route.gate.wait(route.delay or None)
+            until = time.monotonic() + route.delay if route.delay else None
+            while not route.gate.is_set():
+                if until is not None and time.monotonic() >= until:
+                    return
+                # Wakes at once when the client closes; looks at the gate every 10 ms.
+                if _closed_by_client(connection, 0.01):
+                    raise ConnectionResetError("the client closed the connection")
         elif route.delay:
             self._closed.wait(route.delay)
+
+
+def _closed_by_client(connection: socket.socket, wait: float = 0.0) -> bool:
+    """Whether the client has closed (or reset) the connection, waiting up to ``wait``
+    seconds for it; no data is consumed."""
+    try:
+        readable, _, _ = select.select([connection], [], [], wait)
+        return bool(readable) and connection.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
+
+
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        """A client that went away (a killed daemon's keep-alive connection) is not an error
+        worth a traceback on stderr; anything else still gets one."""
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            super().handle_error(request, client_address)
 
 
 def _handler_for(target: HttpTarget) -> type[BaseHTTPRequestHandler]:
@@ -177,14 +239,24 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
-        received = Received(self.command, self.path, list(self.headers.items()), body)
+        received = Received(self.command, self.path, list(self.headers.items()), body,
+                            time.monotonic())
         route = self.owner._record(received)
+        answering = False
         try:
             if route is None:
+                answering = self.owner._done(received)
                 self._send(404, [("Content-Type", "text/plain")], b"not found")
                 return
-            self.owner._wait(route)
-            if route.echo:
+            failing = bool(route.fail_first) and self.owner._seen(received) <= route.fail_first
+            if not failing:
+                self.owner._wait(route, self.connection)
+            # No longer "in progress" before the first byte of the answer leaves: a client
+            # that reacts to the answer at once must not be counted as overlapping this one.
+            answering = self.owner._done(received)
+            if failing:
+                self._send(500, [("Content-Type", "text/plain")], b"try again")
+            elif route.echo:
                 echo = {"method": received.method, "target": received.target,
                         "headers": received.headers, "body": body.decode("utf-8", "replace")}
                 self._send(route.status, [("Content-Type", "application/json")],
@@ -195,6 +267,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(route.status, route.headers, route.body, route)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+        finally:
+            if not answering:
+                self.owner._done(received)
 
     def _send(self, status: int, headers: list[tuple[str, str]], body: bytes,
               route: Route | None = None) -> None:
