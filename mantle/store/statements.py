@@ -64,6 +64,7 @@ class Statements:
             f"UPDATE workflow_executions SET status = {p}, error = {p}, completed_at = {p} "
             f"WHERE id = {p} AND status = 'running'")
         self.current_version = f"SELECT current_version FROM workflows WHERE name = {p}"
+        self.bulk = None if self.sqlite else _PostgresBulk()
         self.share_lock = share_lock_sql(database)
         self.local = threading.local()  # .batch: this thread's open batch_scope()
 
@@ -156,27 +157,42 @@ class Batch:
         self.versions: dict[str, int | None] = {}  # current versions read in this batch
 
     def flush(self) -> None:
-        sql = self._sql
+        sql, bulk = self._sql, self._sql.bulk
         if self.executions:
-            self._many(sql.insert_execution_plain, self.executions)
+            if bulk:
+                sql.run(bulk.insert_executions, _columns(self.executions))
+            else:
+                self._many(sql.insert_execution_plain, self.executions)
             self.executions = []
         if self.steps:
-            self._many(sql.upsert_step, self.steps)
+            if bulk:  # one statement may not upsert a row twice: the last write wins
+                rows = {(r[0], r[4], r[1], r[2]): r for r in self.steps}
+                sql.run(bulk.upsert_steps, _columns(list(rows.values())))
+            else:
+                self._many(sql.upsert_step, self.steps)
             self.steps = []
         if self.audits:
-            self._many(sql.insert_audit, self.audits)
+            if bulk:
+                sql.run(bulk.insert_audits, _columns(self.audits))
+            else:
+                self._many(sql.insert_audit, self.audits)
             self.audits = []
         if self.finishes:
             finishes, self.finishes = self.finishes, []
-            self._many(sql.finish_execution, [params for params, _, _ in finishes])
-            ids = [params[3] for params, _, _ in finishes]
-            statuses = dict(sql.rows(
-                f"SELECT id, status FROM workflow_executions WHERE id IN "
-                f"({sql.placeholders(len(ids))})", tuple(ids)))
-            for params, status, pending in finishes:
+            params = [params for params, _, _ in finishes]
+            if bulk:
+                won = {row[0] for row in sql.rows(bulk.finish_executions, _columns(params))}
+            else:
+                self._many(sql.finish_execution, params)
+                ids = [row[3] for row in params]
+                statuses = dict(sql.rows(
+                    f"SELECT id, status FROM workflow_executions WHERE id IN "
+                    f"({sql.placeholders(len(ids))})", tuple(ids)))
                 # Ours if the row now holds what we wrote (a cancel committed first leaves
                 # ``cancelled``, which no finish writes).
-                pending.value = statuses.get(params[3]) == status
+                won = {row[3] for row in params if statuses.get(row[3]) == row[0]}
+            for row, _status, pending in finishes:
+                pending.value = row[3] in won
 
     def close(self) -> None:
         """Write everything held back; on PostgreSQL in one pipeline (one round trip)."""
@@ -190,6 +206,44 @@ class Batch:
             cursor.executemany(statement, rows)
         finally:
             cursor.close()
+
+
+def _columns(rows: list[tuple]) -> tuple[list, ...]:
+    """Rows turned into one list per column (the arrays that ``unnest`` turns back)."""
+    return tuple(list(column) for column in zip(*rows))
+
+
+class _PostgresBulk:
+    """One statement for any number of rows on PostgreSQL: the rows go as one array per
+    column and ``unnest`` makes them rows again. Fixed SQL text (prepared once), one message,
+    and psycopg adapts each column's list in one go instead of a row at a time."""
+
+    insert_audits = (
+        "INSERT INTO audit_events (timestamp, actor, action, resource_type, resource_id, "
+        "metadata) SELECT * FROM unnest(%s::timestamp[], %s::text[], %s::text[], %s::text[], "
+        "%s::text[], %s::text[])")
+    upsert_steps = (
+        "INSERT INTO step_executions (execution_id, step_name, attempt, status, is_hook, "
+        "hook_block, output, error, started_at, completed_at, wait_kind, wait_until) "
+        "SELECT * FROM unnest(%s::text[], %s::text[], %s::int[], %s::text[], %s::bool[], "
+        "%s::text[], %s::text[], %s::text[], %s::timestamp[], %s::timestamp[], %s::text[], "
+        "%s::timestamp[]) "
+        "ON CONFLICT (execution_id, is_hook, step_name, attempt) DO UPDATE SET "
+        "status = excluded.status, output = excluded.output, error = excluded.error, "
+        "started_at = excluded.started_at, completed_at = excluded.completed_at, "
+        "wait_kind = excluded.wait_kind, wait_until = excluded.wait_until")
+    insert_executions = (
+        "INSERT INTO workflow_executions (id, workflow_name, version, status, inputs, trigger, "
+        "started_at, owner, epoch, idempotency_key, retry_of, running_since, "
+        "parent_execution_id, parent_step, depth) SELECT * FROM unnest(%s::text[], "
+        "%s::text[], %s::int[], %s::text[], %s::text[], %s::text[], %s::timestamp[], "
+        "%s::text[], %s::int[], %s::text[], %s::text[], %s::timestamp[], %s::text[], "
+        "%s::text[], %s::int[])")
+    finish_executions = (
+        "UPDATE workflow_executions AS e SET status = u.status, error = u.error, "
+        "completed_at = u.completed_at FROM unnest(%s::text[], %s::text[], %s::timestamp[], "
+        "%s::text[]) AS u(status, error, completed_at, id) "
+        "WHERE e.id = u.id AND e.status = 'running' RETURNING e.id")
 
 
 @contextlib.contextmanager
