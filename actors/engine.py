@@ -16,6 +16,7 @@ import pykka
 from actors import messages as m
 from actors.context import EngineContext, Reply
 from actors.supervisor import RunResult, Supervisor, submit_run
+from mantle.db import release_connection
 from mantle.errors import EngineSaturated, ShuttingDown
 from mantle.metrics import Metrics
 from mantle.services.channel import CancelChannel
@@ -60,14 +61,20 @@ class Engine:
         self.node = NodeLease(database, kind or ("serve" if resume_orphans else "run"),
                               ttl=lease_ttl, on_lapse=self._lapsed)
         self.channel = CancelChannel(database, self.node.id, self._cancel_heard)
+
+        def release() -> None:
+            release_connection(database)
+
         self._ended: dict[str, str] = {}
         self._ended_cond = threading.Condition()
         self._context = EngineContext(
             journal=self.journal, timers=self.timers, metrics=self.metrics, node=self.node,
             channel=self.channel, plugins_dir=plugins_dir, env=dict(env or {}),
             secrets=os.environ if secrets is None else secrets,
-            steps=ThreadPool("mantle-step", step_threads),
-            evaluation=ThreadPool("mantle-eval", EVALUATION_THREADS), max_depth=max_depth)
+            # a pool thread keeps no database connection between tasks (release_connection)
+            steps=ThreadPool("mantle-step", step_threads, after_task=release),
+            evaluation=ThreadPool("mantle-eval", EVALUATION_THREADS, after_task=release),
+            max_depth=max_depth)
         self._supervisor: pykka.ActorRef | None = None
         self._stopping = False
         self._dead = False

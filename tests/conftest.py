@@ -59,7 +59,7 @@ def _pg_migrated_template(pg_cluster) -> str:
     try:
         migrations.migrate(database)
     finally:
-        database.close()  # CREATE DATABASE ... TEMPLATE needs it unused
+        mantle_db.close_all(database)  # CREATE DATABASE ... TEMPLATE needs it unused
     return _MIGRATED_TEMPLATE
 
 
@@ -96,7 +96,7 @@ def migrated_db_url(backend, request, tmp_path) -> str:
     try:
         migrations.migrate(database)
     finally:
-        database.close()
+        mantle_db.close_all(database)
     return url
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import falcon
 from falcon.routing import CompiledRouter
 
+from mantle.db import release_connection
 from mantle.metrics import Metrics
 from web import errors
 from web.auth import Authentication, AuthFailures, RoleCheck
@@ -82,6 +83,18 @@ class NodeHeader:
         resp.set_header("X-Mantle-Node", self._node_id)
 
 
+class ReleaseConnection:
+    """Give the request thread's PostgreSQL connection back to the process's pool when the
+    request is answered, so the pool, not the number of HTTP threads, bounds what one
+    process holds of the server's ``max_connections`` (``release_connection``)."""
+
+    def __init__(self, database):
+        self._database = database
+
+    def process_response(self, req, resp, resource, req_succeeded) -> None:
+        release_connection(self._database)
+
+
 def create_app(engine, metrics: Metrics, database, readiness,
                runtime: ApiRuntime | None = None) -> falcon.App:
     """The WSGI app.
@@ -97,6 +110,7 @@ def create_app(engine, metrics: Metrics, database, readiness,
     router = CompiledRouter()
     labels = RouteLabels(router)
     middleware = [
+        ReleaseConnection(database),  # first, so its process_response runs last
         NodeHeader(engine.runner),
         RequestMetrics(metrics, labels),  # first, so it also times refused requests
         BodyLimit(),

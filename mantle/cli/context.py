@@ -48,7 +48,9 @@ class Context:
 
     def close(self) -> None:
         if self._database is not None:
-            self._database.close()
+            from mantle import db
+
+            db.close_all(self._database)
             self._database = None
 
 

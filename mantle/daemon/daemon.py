@@ -180,6 +180,8 @@ class Daemon:
         (docs/systemd.md has the arithmetic against the unit's TimeoutStopSec).
         """
         log.info("shutting down")
+        if self._watchdog is not None:
+            self._watchdog.shutting_down()
         self._notifier.notify("STOPPING=1")
         self._readiness.mark_stopping()
         self._engine.stop_starting(deadline)

@@ -68,11 +68,17 @@ class Watchdog:
         self._interval = interval
         self._alive = alive
         self._stopping = threading.Event()
+        self._shutting_down = False
         self._thread = threading.Thread(target=self._loop, name="mantle-watchdog", daemon=True)
 
     def start(self) -> Watchdog:
         self._thread.start()
         return self
+
+    def shutting_down(self) -> None:
+        """From now on notify without asking the engine: it is being stopped on purpose, and
+        the shutdown's own deadline (plus its hard exit) bounds how long that takes."""
+        self._shutting_down = True
 
     def stop(self) -> None:
         self._stopping.set()
@@ -84,9 +90,9 @@ class Watchdog:
         was_alive = True
         while True:
             try:
-                alive = self._alive()
+                alive = self._shutting_down or self._alive()
             except Exception:  # the engine is gone (e.g. stopped): not alive
-                alive = False
+                alive = self._shutting_down
             if self._stopping.is_set():
                 return
             if alive:

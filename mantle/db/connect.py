@@ -16,11 +16,12 @@ import urllib.parse
 import peewee
 import psycopg
 import psycopg.conninfo
+from playhouse.pool import PooledPostgresqlDatabase
 
 from mantle.errors import ConfigError, DatabaseUnavailable
 
 __all__ = ["database_proxy", "connect", "bind", "unwrap", "is_sqlite", "is_postgres",
-           "OUTAGE_ERRORS", "is_outage", "reset_connection", "SQLITE_BUSY_TIMEOUT_MS",
+           "OUTAGE_ERRORS", "is_outage", "close_all", "release_connection", "reset_connection", "SQLITE_BUSY_TIMEOUT_MS",
            "PG_CONNECT_TIMEOUT_S", "PG_STATEMENT_TIMEOUT_MS"]
 
 # The CLI and a daemon share one SQLite file: a writer waits this long for the other's lock.
@@ -29,7 +30,13 @@ SQLITE_BUSY_TIMEOUT_MS = 10_000
 PG_CONNECT_TIMEOUT_S = 5
 PG_STATEMENT_TIMEOUT_MS = 30_000
 PG_IDLE_IN_TRANSACTION_MS = 15_000
+# Connections one process holds at most (see _PostgresDatabase), how long a thread waits for
+# one, and the age after which a returned connection is closed rather than reused.
+PG_POOL_SIZE = 24
+PG_POOL_WAIT_S = 30
+PG_POOL_STALE_S = 600
 _PG_CONNECTION_SETTINGS = {
+    "application_name": "mantle",  # pg_stat_activity tells mantle's connections apart
     "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
     "tcp_user_timeout": 10_000,
 }
@@ -44,10 +51,32 @@ def is_outage(exc: BaseException) -> bool:
     return isinstance(exc, OUTAGE_ERRORS)
 
 
+def release_connection(database) -> None:
+    """Give the calling thread's PostgreSQL connection back to the process's pool, unless a
+    transaction is open on it; SQLite connections stay with their thread (they cost no
+    server slot)."""
+    database = unwrap(database)
+    if is_postgres(database) and not database.is_closed() and not database.in_transaction():
+        database.close()
+
+
+def close_all(database) -> None:
+    """Close every connection the process holds on ``database`` (its pool too): at exit, and
+    before a fork, since no connection may cross one."""
+    database = unwrap(database)
+    if isinstance(database, _PostgresDatabase):
+        database.close_all()
+    elif not database.is_closed():
+        database.close()
+
+
 def reset_connection(database) -> None:
     """Drop the calling thread's connection, e.g. after an outage broke it; the next query
     opens a fresh one."""
     database = unwrap(database)
+    if isinstance(database, _PostgresDatabase):
+        database.discard()
+        return
     try:
         database.close()
     except Exception:  # already broken: forget it
@@ -163,8 +192,18 @@ def _sqlite_database(url: str) -> peewee.SqliteDatabase:
                                  lock_type="IMMEDIATE")
 
 
-class _PostgresDatabase(peewee.PostgresqlDatabase):
-    """PostgreSQL whose transactions send their BEGIN together with their first statement.
+class _PostgresDatabase(PooledPostgresqlDatabase):
+    """PostgreSQL from a per-process pool, whose transactions send BEGIN with their first
+    statement.
+
+    Pool: a thread checks a connection out at its first statement and keeps it until it
+    calls ``release_connection`` (the API does so after every request, the step pool after
+    every attempt); the long-lived threads (journal, lease, retention) keep theirs. So a
+    process holds at most ``PG_POOL_SIZE`` connections however many threads it runs, and
+    ``serve --workers N`` needs ``N x PG_POOL_SIZE`` of the server's ``max_connections``,
+    not one per thread. A thread that finds the pool empty waits up to ``PG_POOL_WAIT_S``.
+    A checkout does not probe the connection with a round trip; one the server dropped
+    fails its first statement, which the outage handling resets (``reset_connection``).
 
     Every statement is a round trip, and in a busy daemon every round trip also costs the
     calling thread a wait for the interpreter lock when the answer arrives; for the journal,
@@ -172,6 +211,21 @@ class _PostgresDatabase(peewee.PostgresqlDatabase):
     Here ``begin`` only notes the transaction; the first statement goes out in one pipeline
     with the BEGIN (one round trip), and a transaction that ran nothing sends nothing.
     """
+
+    def discard(self) -> None:
+        """Close the calling thread's connection for good (broken, or stuck in a transaction
+        an outage interrupted) and free its place in the pool."""
+        conn = self._state.conn
+        self._state.reset()
+        self._state.begin_pending = False
+        if conn is not None:
+            with self._pool_lock:
+                self._in_use.pop(self.conn_key(conn), None)
+                self._pool_available.notify()
+            self._close_raw(conn)
+
+    def _is_closed(self, conn):
+        return conn.closed or conn.info.transaction_status == psycopg.pq.TransactionStatus.UNKNOWN
 
     def begin(self, isolation_level=None):
         if isolation_level is not None or self._isolation_level:
@@ -243,7 +297,8 @@ def _postgres_database(url: str) -> peewee.PostgresqlDatabase:
         if setting not in options:
             options = f"{options} -c {setting}={value}".strip()
     params["options"] = options
-    return _PostgresDatabase(dbname, prefer_psycopg3=True, **params)
+    return _PostgresDatabase(dbname, prefer_psycopg3=True, max_connections=PG_POOL_SIZE,
+                             timeout=PG_POOL_WAIT_S, stale_timeout=PG_POOL_STALE_S, **params)
 
 
 def _verify(database: peewee.Database) -> None:

@@ -19,8 +19,10 @@ log = logging.getLogger(__name__)
 
 
 class ThreadPool:
-    def __init__(self, name: str, size: int, idle_seconds: float = 60.0):
+    def __init__(self, name: str, size: int, idle_seconds: float = 60.0,
+                 after_task: Callable[[], None] | None = None):
         self.name = name
+        self._after_task = after_task
         self.size = size
         self._idle_seconds = idle_seconds
         self._tasks: collections.deque[Callable[[], None]] = collections.deque()
@@ -74,3 +76,8 @@ class ThreadPool:
                 task()
             except Exception:  # the task reports its own outcome; this is the backstop
                 log.exception("pool task failed", extra={"pool": self.name})
+            if self._after_task is not None:
+                try:
+                    self._after_task()
+                except Exception:
+                    log.exception("pool cleanup failed", extra={"pool": self.name})

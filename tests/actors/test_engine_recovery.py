@@ -185,4 +185,4 @@ def test_runs_wait_out_another_process_holding_the_sqlite_write_lock(tmp_path):
         holder.stdout.close()
         engine.shutdown(timeout=2)
     assert status == "completed"
-    database.close()
+    mantle_db.close_all(database)

@@ -126,7 +126,7 @@ def bound(migrated_db_url):
     database = mantle_db.connect(migrated_db_url)
     mantle_db.bind(database)
     yield migrated_db_url
-    database.close()
+    mantle_db.close_all(database)
     mantle_db.database_proxy.initialize(None)
 
 

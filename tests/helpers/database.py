@@ -26,5 +26,5 @@ def bound_database(url: str, migrate: bool = False) -> Iterator[peewee.Database]
         yield database
     finally:
         pykka.ActorRegistry.stop_all(block=True, timeout=10)
-        database.close()
+        mantle_db.close_all(database)
         mantle_db.database_proxy.initialize(None)

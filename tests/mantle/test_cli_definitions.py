@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from mantle import __version__
+from mantle import db as mantle_db
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -266,7 +267,7 @@ def test_apply_and_rollback_write_audit_events(cli, migrated_db_url):
         events = [(e.actor, e.action, e.resource_type, e.resource_id, e.metadata)
                   for e in AuditEvent.select().order_by(AuditEvent.id)]
     finally:
-        database.close()
+        mantle_db.close_all(database)
     assert events == [
         ("cli", "workflow.applied", "workflow_definition", "daily-report", {"version": 1}),
         ("cli", "workflow.applied", "workflow_definition", "daily-report", {"version": 2}),

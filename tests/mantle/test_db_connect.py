@@ -9,7 +9,7 @@ import peewee
 import pytest
 
 from mantle import db
-from mantle.db.connect import SQLITE_BUSY_TIMEOUT_MS
+from mantle.db.connect import PG_POOL_SIZE, SQLITE_BUSY_TIMEOUT_MS
 from mantle.errors import ConfigError, DatabaseUnavailable
 from tests.helpers import Background
 
@@ -264,3 +264,26 @@ def test_many_connections_opening_a_new_sqlite_file_at_once_all_succeed(tmp_path
 
         jobs = [Background(open_it) for _ in range(6)]
         assert [(job.join(15).error, job.result) for job in jobs] == [(None, "wal")] * 6
+
+
+def test_postgres_threads_share_a_bounded_pool_and_give_connections_back(pg_cluster):
+    """A released connection is reused by the next thread; a broken one (reset after an
+    outage, even inside a transaction) frees its place instead of leaking it."""
+    database = db.connect(pg_cluster.url)
+    try:
+        first = database.connection()
+        db.release_connection(database)
+        reused = Background(lambda: (database.connection(),
+                                     db.release_connection(database))[0]).join()
+        assert reused.result is first
+        assert database.execute_sql("SELECT current_setting('application_name')").fetchone() \
+            == ("mantle",)
+        database.atomic().__enter__()  # an outage struck inside a transaction
+        database.execute_sql("SELECT 1")
+        db.reset_connection(database)
+        assert database._in_use == {} and not database.in_transaction()
+        for _ in range(PG_POOL_SIZE + 2):  # no place was leaked
+            database.execute_sql("SELECT 1").fetchone()
+            db.reset_connection(database)
+    finally:
+        db.close_all(database)

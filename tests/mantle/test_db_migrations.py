@@ -110,7 +110,7 @@ def test_two_runners_migrating_at_once_apply_each_migration_once(db_url):
             start.wait(5)
             return migrations.migrate(database)
         finally:
-            database.close()
+            db.close_all(database)
 
     first, second = Background(run), Background(run)
     results = [job.join(30) for job in (first, second)]

@@ -238,6 +238,6 @@ def gone_database(backend: str, request, tmp_path):
     if backend == "postgres":
         cluster.drop_database(name)  # terminates the open connection too
     else:
-        database.close()
+        mantle_db.close_all(database)
         shutil.rmtree(folder)  # nothing left to open
     return database

@@ -78,7 +78,7 @@ def daemon(request, tmp_path_factory):
         yield process
     finally:
         code = process.stop()
-        database.close()
+        mantle_db.close_all(database)
         mantle_db.database_proxy.initialize(None)
         if cluster is not None:
             cluster.drop_database(name)

@@ -46,7 +46,7 @@ def test_a_postgres_outage_pauses_checkpoints_and_everything_recovers(cluster, t
         try:
             apply_yaml(PAUSE)
         finally:
-            database.close()
+            mantle_db.close_all(database)
             mantle_db.database_proxy.initialize(None)
         execution_id = daemon.post("/api/v1/run/through-outage", {}).json["execution_id"]
         running = wait_until(lambda: daemon.get(f"/api/v1/executions/{execution_id}").json[

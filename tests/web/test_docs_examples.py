@@ -60,7 +60,7 @@ def daemon(tmp_path_factory):
     process = Daemon(cwd, url).start()
     yield process
     process.stop()
-    database.close()
+    mantle_db.close_all(database)
     mantle_db.database_proxy.initialize(None)
 
 

@@ -66,3 +66,21 @@ def test_the_watchdog_pings_only_while_the_engine_answers(tmp_path):
         except socket.timeout:
             extra = None
         assert extra is None
+
+
+def test_during_shutdown_the_watchdog_pings_without_asking_the_stopping_engine(tmp_path,
+                                                                                caplog):
+    path = str(tmp_path / "watchdog.sock")
+    asked = []
+    with _listen(path) as sock:
+        watchdog = Watchdog(Notifier({"NOTIFY_SOCKET": path}), 0.01,
+                            lambda: asked.append(1) or False)
+        watchdog.shutting_down()
+        watchdog.start()
+        try:
+            assert sock.recv(64) == b"WATCHDOG=1"
+            assert sock.recv(64) == b"WATCHDOG=1"
+        finally:
+            watchdog.stop()
+    assert asked == []
+    assert "engine not responding" not in caplog.text
