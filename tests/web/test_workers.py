@@ -58,9 +58,15 @@ def test_workers_serve_one_port_as_separate_nodes_and_tell_systemd_once(tmp_path
         wait_until(lambda: systemd.read().count("WATCHDOG=1") >= 3, timeout=10)
         nodes = {row.pid: row.kind for row in Node.select()}
         assert all(nodes.get(pid) == "worker" for pid in workers), nodes
-        ids = [daemon.post("/api/v1/run/hello", {}).json["execution_id"] for _ in range(12)]
-        for execution_id in ids:
-            daemon.wait_for_status(execution_id, ("completed",))
+        replies = [daemon.post("/api/v1/run/hello", {}) for _ in range(12)]
+        for reply in replies:
+            daemon.wait_for_status(reply.json["execution_id"], ("completed",))
+        # X-Mantle-Node names the worker that answered: the owner of the run it accepted
+        worker_nodes = {row.id for row in Node.select() if row.pid in workers}
+        for reply in replies:
+            node = reply.headers["x-mantle-node"]
+            assert node in worker_nodes
+            assert WorkflowExecution.get_by_id(reply.json["execution_id"]).owner == node
     finally:
         assert daemon.stop() == 0
     messages = systemd.read()
