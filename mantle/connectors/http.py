@@ -345,10 +345,18 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"not JSON: {name}")
 
 
-@functools.lru_cache(maxsize=1)
+_deadline_timers: Timers | None = None
+_deadline_lock = threading.Lock()
+
+
 def _deadlines() -> Timers:
-    """The process's one thread for request deadlines (started on first use)."""
-    return Timers("mantle-http-deadlines")
+    """The process's one thread for request deadlines, started on first use (under a lock:
+    the first requests of a burst arrive together)."""
+    global _deadline_timers
+    with _deadline_lock:
+        if _deadline_timers is None:
+            _deadline_timers = Timers("mantle-http-deadlines")
+        return _deadline_timers
 
 
 @functools.lru_cache(maxsize=1)

@@ -102,6 +102,10 @@ class HttpServer:
 
     def _in_loop(self, thunk, timeout: float = 5.0) -> None:
         """Run ``thunk`` on the event loop thread (the loop's sockets are not thread-safe)."""
+        trigger = self._server.trigger
+        if trigger._closed or self._thread is None or not self._thread.is_alive():
+            thunk()  # the loop has ended (waitress closes a server whose accept failed)
+            return
         done = threading.Event()
 
         def run():
@@ -110,7 +114,7 @@ class HttpServer:
             finally:
                 done.set()
 
-        self._server.trigger.pull_trigger(run)
+        trigger.pull_trigger(run)
         done.wait(timeout)
 
     def close_listener(self) -> None:
@@ -141,8 +145,26 @@ class HttpServer:
         """Close every connection, end the loop and the worker threads."""
         if self._server is None:
             return
-        self._in_loop(lambda: wasyncore.close_all(self._server._map))
-        self._server.task_dispatcher.shutdown(cancel_pending=True, timeout=2)
+        server = self._server
+        trigger = server.trigger
+
+        def close_connections():
+            for dispatcher in list(server._map.values()):
+                if dispatcher is server:  # its own close() would close the trigger too
+                    wasyncore.dispatcher.close(server)
+                elif dispatcher is not trigger:
+                    dispatcher.close()
+
+        # Connections first, so that a worker still writing to one fails and ends; the
+        # trigger (a pipe the workers write to when they finish) stays open until no worker
+        # is left: closed earlier, its number could be reused by another file.
+        self._in_loop(close_connections)
+        dispatcher = server.task_dispatcher
+        dispatcher.shutdown(cancel_pending=True, timeout=2)
+        if dispatcher.threads:  # a worker stuck past the timeout: leave the pipe open
+            self._in_loop(trigger.del_channel)
+        else:
+            self._in_loop(trigger.close)
         if self._thread is not None:
             self._thread.join(5)
         self._server = None

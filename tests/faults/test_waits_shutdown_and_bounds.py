@@ -152,12 +152,17 @@ def _threads(pid: int) -> int:
     raise AssertionError("no Threads line")
 
 
-def test_300_concurrent_http_steps_keep_the_daemon_under_296_threads(bound, tmp_path,
-                                                                     http_target):
+def test_300_concurrent_http_steps_add_at_most_the_step_pool_to_the_daemons_threads(
+        bound, tmp_path, http_target):
+    # The idle daemon's own threads (API workers, event-stream workers, journal, timers...)
+    # are fixed at start; 300 held HTTP steps may add the step pool's 256 and a few
+    # threads started on first use (actor dispatchers, evaluation, HTTP deadlines), never a
+    # thread (or two) per request.
     http_target.route("/held", hold=True, body="ok")
     apply_yaml(HELD.format(url=http_target.url("/held")))
     daemon = start_daemon(tmp_path, bound)
     try:
+        idle = _threads(daemon.process.pid)
         with ThreadPoolExecutor(8) as pool:
             ids = list(pool.map(lambda _: run(daemon, "many"), range(300)))
         http_target.wait_for_hits("/held", 256, timeout=60)
@@ -165,7 +170,7 @@ def test_300_concurrent_http_steps_keep_the_daemon_under_296_threads(bound, tmp_
         for _ in range(10):  # while the 256 requests are held
             most = max(most, _threads(daemon.process.pid))
             time.sleep(0.05)
-        assert most < 256 + 40, f"{most} threads"
+        assert most - idle <= 256 + 16, f"{most} threads, {idle} before the runs"
         http_target.release("/held")
         wait_until(lambda: WorkflowExecution.select().where(
             WorkflowExecution.status == "completed").count() == 300, timeout=60,
