@@ -44,7 +44,7 @@ def up(database: peewee.Database) -> None:
     run = database.execute_sql
     if _is_postgres(database):
         run(f"CREATE INDEX audit_events_execution ON audit_events ({EXECUTION_KEY_POSTGRES}, id)")
-        run(f"""CREATE FUNCTION mantle_execution_finished() RETURNS trigger
+        run("""CREATE FUNCTION mantle_execution_finished() RETURNS trigger
             LANGUAGE plpgsql AS $$
             BEGIN
                 INSERT INTO audit_events (timestamp, actor, action, resource_type, resource_id,
