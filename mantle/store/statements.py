@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import threading
 
 from mantle.db import database_proxy, is_sqlite, unwrap
@@ -160,20 +161,20 @@ class Batch:
         sql, bulk = self._sql, self._sql.bulk
         if self.executions:
             if bulk:
-                sql.run(bulk.insert_executions, _columns(self.executions))
+                sql.run(bulk.insert_executions, _json_rows(self.executions))
             else:
                 self._many(sql.insert_execution_plain, self.executions)
             self.executions = []
         if self.steps:
             if bulk:  # one statement may not upsert a row twice: the last write wins
                 rows = {(r[0], r[4], r[1], r[2]): r for r in self.steps}
-                sql.run(bulk.upsert_steps, _columns(list(rows.values())))
+                sql.run(bulk.upsert_steps, _json_rows(list(rows.values())))
             else:
                 self._many(sql.upsert_step, self.steps)
             self.steps = []
         if self.audits:
             if bulk:
-                sql.run(bulk.insert_audits, _columns(self.audits))
+                sql.run(bulk.insert_audits, _json_rows(self.audits))
             else:
                 self._many(sql.insert_audit, self.audits)
             self.audits = []
@@ -181,7 +182,7 @@ class Batch:
             finishes, self.finishes = self.finishes, []
             params = [params for params, _, _ in finishes]
             if bulk:
-                won = {row[0] for row in sql.rows(bulk.finish_executions, _columns(params))}
+                won = {row[0] for row in sql.rows(bulk.finish_executions, _json_rows(params))}
             else:
                 self._many(sql.finish_execution, params)
                 ids = [row[3] for row in params]
@@ -208,42 +209,59 @@ class Batch:
             cursor.close()
 
 
-def _columns(rows: list[tuple]) -> tuple[list, ...]:
-    """Rows turned into one list per column (the arrays that ``unnest`` turns back)."""
-    return tuple(list(column) for column in zip(*rows))
+def _json_rows(rows: list[tuple]) -> tuple[str]:
+    """Rows as the one JSON parameter of a ``_PostgresBulk`` statement: ``[{"c0": .., ..}]``,
+    timestamps in ISO form. Encoded by the json module's C code and sent as one text value,
+    where psycopg adapting an array per column cost ~14 us of Python per row (its list
+    dumpers are pure Python; this is ~1.5 us)."""
+    keys = _KEYS[:len(rows[0])]
+    return (json.dumps([dict(zip(keys, row)) for row in rows], default=_iso,
+                       separators=(",", ":")),)
+
+
+def _iso(value):
+    if isinstance(value, dt.datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not a column value")
+
+
+_KEYS = tuple(f"c{i}" for i in range(16))
+
+
+def _recordset(*types: str) -> str:
+    """``json_to_recordset`` over the rows of ``_json_rows``, one typed column per value."""
+    columns = ", ".join(f"c{i} {kind}" for i, kind in enumerate(types))
+    return f"json_to_recordset(%s::json) AS u({columns})"
 
 
 class _PostgresBulk:
-    """One statement for any number of rows on PostgreSQL: the rows go as one array per
-    column and ``unnest`` makes them rows again. Fixed SQL text (prepared once), one message,
-    and psycopg adapts each column's list in one go instead of a row at a time."""
+    """One statement for any number of rows on PostgreSQL: the rows go as one JSON text
+    (``_json_rows``) and ``json_to_recordset`` makes them typed rows again. Fixed SQL text
+    (prepared once), one message, one parameter."""
 
     insert_audits = (
         "INSERT INTO audit_events (timestamp, actor, action, resource_type, resource_id, "
-        "metadata) SELECT * FROM unnest(%s::timestamp[], %s::text[], %s::text[], %s::text[], "
-        "%s::text[], %s::text[])")
+        "metadata) SELECT * FROM " + _recordset("timestamp", "text", "text", "text", "text",
+                                                 "text"))
     upsert_steps = (
         "INSERT INTO step_executions (execution_id, step_name, attempt, status, is_hook, "
         "hook_block, output, error, started_at, completed_at, wait_kind, wait_until) "
-        "SELECT * FROM unnest(%s::text[], %s::text[], %s::int[], %s::text[], %s::bool[], "
-        "%s::text[], %s::text[], %s::text[], %s::timestamp[], %s::timestamp[], %s::text[], "
-        "%s::timestamp[]) "
-        "ON CONFLICT (execution_id, is_hook, step_name, attempt) DO UPDATE SET "
+        "SELECT * FROM " + _recordset("text", "text", "int", "text", "bool", "text", "text",
+                                      "text", "timestamp", "timestamp", "text", "timestamp")
+        + " ON CONFLICT (execution_id, is_hook, step_name, attempt) DO UPDATE SET "
         "status = excluded.status, output = excluded.output, error = excluded.error, "
         "started_at = excluded.started_at, completed_at = excluded.completed_at, "
         "wait_kind = excluded.wait_kind, wait_until = excluded.wait_until")
     insert_executions = (
         "INSERT INTO workflow_executions (id, workflow_name, version, status, inputs, trigger, "
         "started_at, owner, epoch, idempotency_key, retry_of, running_since, "
-        "parent_execution_id, parent_step, depth) SELECT * FROM unnest(%s::text[], "
-        "%s::text[], %s::int[], %s::text[], %s::text[], %s::text[], %s::timestamp[], "
-        "%s::text[], %s::int[], %s::text[], %s::text[], %s::timestamp[], %s::text[], "
-        "%s::text[], %s::int[])")
+        "parent_execution_id, parent_step, depth) SELECT * FROM "
+        + _recordset("text", "text", "int", "text", "text", "text", "timestamp", "text", "int",
+                     "text", "text", "timestamp", "text", "text", "int"))
     finish_executions = (
-        "UPDATE workflow_executions AS e SET status = u.status, error = u.error, "
-        "completed_at = u.completed_at FROM unnest(%s::text[], %s::text[], %s::timestamp[], "
-        "%s::text[]) AS u(status, error, completed_at, id) "
-        "WHERE e.id = u.id AND e.status = 'running' RETURNING e.id")
+        "UPDATE workflow_executions AS e SET status = u.c0, error = u.c1, "
+        "completed_at = u.c2 FROM " + _recordset("text", "text", "timestamp", "text")
+        + " WHERE e.id = u.c3 AND e.status = 'running' RETURNING e.id")
 
 
 @contextlib.contextmanager
