@@ -14,6 +14,8 @@ import hashlib
 import hmac
 import re
 import secrets
+import threading
+import time
 import weakref
 
 from mantle.db import audit, database_proxy, unwrap, write_transaction
@@ -24,7 +26,7 @@ from mantle.errors import InvalidInput, MantleError
 from mantle.timefmt import rfc3339
 
 __all__ = ["ActiveKey", "KeyNotFound", "KeyExists", "create_key", "list_keys", "revoke_key",
-           "active_keys", "match_key", "touch_key", "hash_key", "parse_expiry", "TOUCH_EVERY",
+           "active_keys", "current_keys", "KEYS_FRESH_FOR", "match_key", "touch_key", "hash_key", "parse_expiry", "TOUCH_EVERY",
            "ROLES"]
 
 # Weakest first: each role may do what the ones before it may (SPEC 13.8).
@@ -34,6 +36,9 @@ _NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # ``last_used_at`` is rewritten at most this often per key, so that authenticated traffic does
 # not turn every API request into a database write.
 TOUCH_EVERY = dt.timedelta(seconds=30)
+# How long the API uses the keys it read before reading them again (``current_keys``): the
+# longest a key created or revoked by another process (``mantle keys``) waits to apply.
+KEYS_FRESH_FOR = 1.0
 _ACTIVE_SQL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # An expiry further away than this (about 1000 years) is refused rather than overflowing.
 _MAX_EXPIRY = 1000 * 365 * 86400.0
@@ -49,7 +54,7 @@ class KeyNotFound(MantleError):
         super().__init__(f'API key "{name}" not found')
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class ActiveKey:
     name: str
     key_hash: str
@@ -99,6 +104,7 @@ def create_key(name: str, actor: str = "cli", role: str = "admin",
         if expires_at is not None:
             metadata["expires_at"] = rfc3339(expires_at)
         audit.record_audit(actor, "apikey.created", "api_key", name, metadata)
+    _forget_keys()
     return key
 
 
@@ -117,12 +123,52 @@ def revoke_key(name: str, actor: str = "cli") -> int:
         if row.revoked_at is None:
             ApiKey.update(revoked_at=utcnow()).where(ApiKey.id == row.id).execute()
             audit.record_audit(actor, "apikey.revoked", "api_key", name)
-        return ApiKey.select().where(ApiKey.revoked_at.is_null()).count()
+        remaining = ApiKey.select().where(ApiKey.revoked_at.is_null()).count()
+    _forget_keys()
+    return remaining
+
+
+class _KeyCache:
+    """The active keys of each database as this process last read them, and when."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.read: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.changes = 0  # local changes so far: a read that raced one is not kept
+
+
+_CACHE = _KeyCache()
+
+
+def current_keys() -> list[ActiveKey]:
+    """``active_keys`` as read at most ``KEYS_FRESH_FOR`` ago, for the API's every request.
+
+    Reading them per request was a database round trip per request: on PostgreSQL a fifth of
+    the daemon's CPU under W1 (bench/README.md). A change made in this process (``create_key``,
+    ``revoke_key``) applies at once; one made by another process (``mantle keys`` next to a
+    running daemon, another node) within ``KEYS_FRESH_FOR``."""
+    database = unwrap(database_proxy)
+    now = time.monotonic()
+    with _CACHE.lock:
+        cached, changes = _CACHE.read.get(database), _CACHE.changes
+    if cached is not None and now - cached[0] < KEYS_FRESH_FOR:
+        return cached[1]
+    keys = active_keys()
+    with _CACHE.lock:
+        if _CACHE.changes == changes:
+            _CACHE.read[database] = (now, keys)
+    return keys
+
+
+def _forget_keys() -> None:
+    with _CACHE.lock:
+        _CACHE.read.clear()
+        _CACHE.changes += 1
 
 
 def active_keys() -> list[ActiveKey]:
-    """The keys not revoked, expired ones included (read per request, so changes apply at
-    once). While this is not empty the API requires a key; the caller refuses expired ones.
+    """The keys not revoked, expired ones included, as the database holds them now. While
+    this is not empty the API requires a key; the caller refuses expired ones.
 
     This runs before every API request, so its SQL is built once per database: building it
     with peewee each time cost several times what the database spends answering it.
@@ -158,3 +204,4 @@ def touch_key(key: ActiveKey, now: dt.datetime | None = None) -> None:
     if key.last_used_at is not None and now - key.last_used_at < TOUCH_EVERY:
         return
     ApiKey.update(last_used_at=now).where(ApiKey.name == key.name).execute()
+    key.last_used_at = now  # the cached key (``current_keys``) knows it was just recorded

@@ -53,8 +53,8 @@ class Authentication:
     """Bearer API keys on ``/api/v1`` and ``/hooks`` (and ``/metrics`` when asked) while a key
     that is not revoked exists.
 
-    Keys are read from the database on every request, so a running daemon sees ``mantle keys
-    create``/``revoke`` at once. Sets ``req.context.actor`` (``api`` or ``apikey:<name>``) for
+    Keys are read through ``apikeys.current_keys``: a running daemon sees ``mantle keys
+    create``/``revoke`` within ``apikeys.KEYS_FRESH_FOR`` (1 s). Sets ``req.context.actor`` (``api`` or ``apikey:<name>``) for
     the audit trail and ``req.context.key`` (the ``ActiveKey`` or None) for the rate limit.
     """
 
@@ -93,10 +93,10 @@ class Authentication:
         # This is the first query of most requests: a connection left dead by an earlier
         # outage fails once here, and a fresh one decides.
         try:
-            return apikeys.active_keys()
+            return apikeys.current_keys()
         except OUTAGE_ERRORS:
             reset_connection(self._database)
-            return apikeys.active_keys()
+            return apikeys.current_keys()
 
     def _refuse(self, req, message: str):
         self._failures.record(self._labels(req), req.method, req.remote_addr, message)

@@ -19,7 +19,7 @@ import pytest
 
 from tests.faults.conftest import dump_database
 from tests.helpers.http_target import HttpTarget
-from tests.web.support import Daemon, apply_yaml, cli
+from tests.web.support import Daemon, apply_yaml, cli, wait_until_keys_apply
 
 SECRET = "s3cr3t-Zq8vN2kLw7pX4rT9"
 PLUGIN = """\
@@ -83,6 +83,7 @@ def test_a_credential_never_reaches_logs_database_or_api_and_keys_are_hashed(
             listing = daemon.get("/api/v1/executions?limit=1000")
             created = cli(tmp_path, bound, "keys", "create", "ci")
             key = re.search(r"API Key: (mk_[0-9a-f]{64})", created.stdout).group(1)
+            wait_until_keys_apply(daemon)
             authed = daemon.get(f"/api/v1/executions/{detail['id']}",
                                 headers={"Authorization": f"Bearer {key}"})
             refused = daemon.get("/api/v1/executions", headers={"Authorization": "Bearer nope"})

@@ -8,7 +8,7 @@ import time
 from mantle import definitions
 from mantle.workflow import load_workflow
 
-__all__ = ["apply_yaml", "wait_until"]
+__all__ = ["apply_yaml", "wait_until", "wait_until_keys_apply"]
 
 
 def apply_yaml(text: str) -> str:
@@ -29,3 +29,12 @@ def wait_until(predicate, timeout: float = 15.0, interval: float = 0.02, message
         if time.monotonic() > deadline:
             raise AssertionError(message or f"condition not met within {timeout}s")
         time.sleep(interval)
+
+
+def wait_until_keys_apply(daemon, required: bool = True) -> None:
+    """Wait until a daemon in another process sees the API keys as they now are (it reads
+    them at most ``apikeys.KEYS_FRESH_FOR`` apart): until an unauthenticated request is
+    refused with 401 (``required``) or no longer is."""
+    wait_until(lambda: (daemon.get("/api/v1/workflows").status == 401) == required,
+               timeout=10, interval=0.05,
+               message=f"API keys not {'required' if required else 'dropped'} within 10 s")

@@ -42,3 +42,31 @@ def test_a_stored_key_is_its_sha256_never_the_key():
     assert all(len(key.key_hash) == 64 and key.key_hash != text
                for key, text in zip(keys, presented))
     assert match_key(keys[0].key_hash, keys) is None
+
+
+def test_the_api_reads_keys_at_most_once_a_second_and_sees_this_processes_changes_at_once(db):
+    """``current_keys`` (what every API request checks): a change made by another process
+    (here: a direct UPDATE, as `mantle keys revoke` elsewhere commits) applies within
+    KEYS_FRESH_FOR, not on the next request; ``create_key``/``revoke_key`` in this process
+    apply at once, and a key's recorded use is remembered by the cached key."""
+    import datetime as dt
+
+    from mantle import apikeys
+    from mantle.db.models import ApiKey
+    from tests.helpers.waiting import wait_until
+
+    assert apikeys.current_keys() == []
+    apikeys.create_key("local")
+    assert [k.name for k in apikeys.current_keys()] == ["local"]  # at once
+    seen = time.monotonic()
+    ApiKey.update(revoked_at=dt.datetime(2026, 1, 1)).where(ApiKey.name == "local").execute()
+    still = [k.name for k in apikeys.current_keys()]
+    if time.monotonic() - seen < apikeys.KEYS_FRESH_FOR:  # read within the window: cached
+        assert still == ["local"]
+    wait_until(lambda: apikeys.current_keys() == [], timeout=apikeys.KEYS_FRESH_FOR + 5)
+    apikeys.create_key("other")
+    key = apikeys.current_keys()[0]
+    apikeys.touch_key(key)
+    assert apikeys.current_keys()[0].last_used_at is not None
+    apikeys.revoke_key("other")
+    assert apikeys.current_keys() == []  # at once

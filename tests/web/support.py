@@ -21,10 +21,11 @@ from pathlib import Path
 
 from mantle import db as mantle_db
 from mantle.db import migrations
-from tests.helpers.waiting import apply_yaml, wait_until  # noqa: F401 - re-exported
+from tests.helpers.waiting import (apply_yaml, wait_until,  # noqa: F401 - re-exported
+                                   wait_until_keys_apply)
 
-__all__ = ["REPO", "apply_yaml", "wait_until", "Reply", "call", "Daemon", "cli", "free_port",
-           "gone_database"]
+__all__ = ["REPO", "apply_yaml", "wait_until", "wait_until_keys_apply", "Reply", "call",
+           "Daemon", "cli", "free_port", "gone_database"]
 
 REPO = Path(__file__).resolve().parents[2]
 

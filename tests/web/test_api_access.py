@@ -16,7 +16,7 @@ from mantle import apikeys
 from mantle.db.fields import utcnow
 from mantle.db.models import ApiKey, AuditEvent
 from tests.web.served import served
-from tests.web.support import Daemon, apply_yaml, cli, wait_until
+from tests.web.support import Daemon, apply_yaml, cli, wait_until, wait_until_keys_apply
 from web.settings import ApiSettings
 
 NAP = """
@@ -210,6 +210,7 @@ def test_the_rate_limit_answers_429_with_retry_after_per_address_and_per_key(
             assert daemon.get(path).status == 200, path
         # With keys: one bucket per key, whatever the address.
         first, second = apikeys.create_key("first"), apikeys.create_key("second")
+        wait_until_keys_apply(daemon)
         statuses = [daemon.get("/api/v1/workflows", headers=_bearer(first)).status
                     for _ in range(4)]
         assert statuses == [200, 200, 200, 429]

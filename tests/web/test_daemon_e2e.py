@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mantle import db as mantle_db
 from mantle.db.models import ApiKey, AuditEvent, Node, WorkflowExecution
 from tests.conftest import BACKENDS
-from tests.web.support import Daemon, apply_yaml, cli, wait_until
+from tests.web.support import Daemon, apply_yaml, cli, wait_until, wait_until_keys_apply
 
 REPORT = """
     name: daily-report
@@ -263,6 +263,7 @@ def test_api_keys_created_and_revoked_by_the_cli_apply_without_a_restart(daemon)
     assert created.returncode == 0, created.stderr
     key = re.search(r"API Key: (mk_[0-9a-f]{64})", created.stdout).group(1)
     try:
+        wait_until_keys_apply(daemon)  # a daemon reads the keys at most 1 s apart
         refused = daemon.post("/api/v1/run/daily-report", {})
         assert (refused.status, refused.json) == (401, {"error": "missing Authorization header"})
         assert refused.headers["www-authenticate"] == "Bearer"
@@ -302,6 +303,7 @@ def test_api_keys_created_and_revoked_by_the_cli_apply_without_a_restart(daemon)
         revoked = cli(daemon.cwd, daemon.database_url, "keys", "revoke", "e2e")
     assert revoked.stdout.endswith(
         "No active keys remain — the API no longer requires authentication.\n")
+    wait_until_keys_apply(daemon, required=False)
     assert daemon.get("/api/v1/executions?limit=1").status == 200
 
 
