@@ -10,7 +10,7 @@ invocation on the same machine; the table printed at the end shows each figure, 
 pass/fail. `--smoke` runs tiny sizes, checks nothing but that every workload completes, and is
 what CI runs.
 
-    python bench/run.py                 # full run, median of 3 (several minutes)
+    python bench/run.py                 # full run, median of 3 (about 2 minutes)
     python bench/run.py --smoke         # seconds; no targets
 """
 
