@@ -26,8 +26,8 @@ from mantle.errors import InvalidInput, MantleError
 from mantle.timefmt import rfc3339
 
 __all__ = ["ActiveKey", "KeyNotFound", "KeyExists", "create_key", "list_keys", "revoke_key",
-           "active_keys", "current_keys", "KEYS_FRESH_FOR", "match_key", "touch_key", "hash_key", "parse_expiry", "TOUCH_EVERY",
-           "ROLES"]
+           "active_keys", "current_keys", "KEYS_FRESH_FOR", "match_key", "touch_key", "hash_key",
+           "parse_expiry", "TOUCH_EVERY", "ROLES"]
 
 # Weakest first: each role may do what the ones before it may (SPEC 13.8).
 ROLES = ("viewer", "operator", "admin")
@@ -170,8 +170,9 @@ def active_keys() -> list[ActiveKey]:
     """The keys not revoked, expired ones included, as the database holds them now. While
     this is not empty the API requires a key; the caller refuses expired ones.
 
-    This runs before every API request, so its SQL is built once per database: building it
-    with peewee each time cost several times what the database spends answering it.
+    The API runs it at least once a second (``current_keys``), so its SQL is built once per
+    database: building it with peewee each time cost several times what the database spends
+    answering it.
     """
     database = unwrap(database_proxy)
     statement = _ACTIVE_SQL.get(database)

@@ -54,8 +54,9 @@ class Authentication:
     that is not revoked exists.
 
     Keys are read through ``apikeys.current_keys``: a running daemon sees ``mantle keys
-    create``/``revoke`` within ``apikeys.KEYS_FRESH_FOR`` (1 s). Sets ``req.context.actor`` (``api`` or ``apikey:<name>``) for
-    the audit trail and ``req.context.key`` (the ``ActiveKey`` or None) for the rate limit.
+    create``/``revoke`` within ``apikeys.KEYS_FRESH_FOR`` (1 s). Sets ``req.context.actor``
+    (``api`` or ``apikey:<name>``) for the audit trail and ``req.context.key`` (the
+    ``ActiveKey`` or None) for the rate limit.
     """
 
     def __init__(self, database, labels, failures: AuthFailures, metrics_require_key: bool):
@@ -90,8 +91,8 @@ class Authentication:
             reset_connection(self._database)
 
     def _active_keys(self) -> list[apikeys.ActiveKey]:
-        # This is the first query of most requests: a connection left dead by an earlier
-        # outage fails once here, and a fresh one decides.
+        # When the keys are due to be read again this is the request's first query: a
+        # connection left dead by an earlier outage fails once here, and a fresh one decides.
         try:
             return apikeys.current_keys()
         except OUTAGE_ERRORS:
