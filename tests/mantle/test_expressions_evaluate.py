@@ -14,6 +14,7 @@ from mantle.expressions import (
     evaluate,
     evaluate_condition,
 )
+from tests.helpers.waiting import wait_until
 
 
 @pytest.fixture
@@ -230,3 +231,33 @@ def test_an_evaluation_that_runs_past_its_time_limit_fails_instead_of_hanging(ac
             evaluate_condition(expr, activation)
         assert time.monotonic() - started < MAX_EVALUATION_SECONDS + 2.0
     assert evaluate("inputs.xs.map(x, x + 1).size()", activation) == 3000  # still fine
+
+
+def test_a_long_evaluation_shortens_the_gil_switch_interval_until_it_ends(activation):
+    """The daemon runs with CPython's 5 ms switch interval; while an evaluation is CPU-bound
+    past its first yield, other threads (a cancel's hand-offs) get the GIL every 0.5 ms."""
+    from mantle.expressions.evaluation import CONTENDED_SWITCH_INTERVAL
+
+    activation["inputs"]["xs"] = list(range(3000))
+    slow = "inputs.xs.map(x, inputs.xs.map(y, x + y)).size() > 0"
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(0.005)
+    try:
+        errors = []
+
+        def evaluate_slowly():
+            try:
+                evaluate_condition(slow, activation)
+            except ExpressionError as error:
+                errors.append(error)
+
+        thread = threading.Thread(target=evaluate_slowly)
+        thread.start()
+        wait_until(lambda: sys.getswitchinterval() == CONTENDED_SWITCH_INTERVAL, timeout=1.0)
+        thread.join(timeout=5)
+        assert [str(e) for e in errors] == ["evaluation took longer than 1s"]
+        assert sys.getswitchinterval() == 0.005  # restored when it ended
+        assert evaluate("inputs.xs.size()", activation) == 3000  # short: unchanged
+        assert sys.getswitchinterval() == 0.005
+    finally:
+        sys.setswitchinterval(before)
