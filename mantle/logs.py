@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import queue
@@ -20,11 +21,17 @@ _LEVEL_NAMES = {logging.DEBUG: "DEBUG", logging.INFO: "INFO", logging.WARNING: "
 _CONTEXT = ("workflow", "execution_id", "step")
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message", "asctime"}
+# A record's attributes start with those LogRecord.__init__ sets; ``extra`` comes after them.
+_FIRST_EXTRA = len(vars(logging.LogRecord("", 0, "", 0, "", None, None)))
 _GATHER = 0.005  # seconds the log writer lets lines gather between writes
 # Lines waiting to be written beyond which new ones are dropped (and counted) instead of
 # growing the queue without bound when stdout cannot keep up (issue 11.9).
 MAX_QUEUED_LINES = 100_000
-_encode = json.JSONEncoder(default=str, ensure_ascii=False, separators=(",", ":")).encode
+# The json module's C encoder, made once: ``json.dumps`` with options builds an encoder per
+# call. Compact, non-ASCII kept, ``str()`` of anything JSON has no type for. Without the
+# circular-reference check (it would share state between threads): log fields are flat.
+_encode_chunks = json.encoder.c_make_encoder(
+    None, str, json.encoder.encode_basestring, None, ":", ",", False, False, True)
 
 
 class JsonFormatter(logging.Formatter):
@@ -56,12 +63,12 @@ class JsonFormatter(logging.Formatter):
         for key in _CONTEXT:
             if key in fields:
                 line[key] = fields[key]
-        for key, value in fields.items():
+        for key, value in itertools.islice(fields.items(), _FIRST_EXTRA, None):
             if key not in _STANDARD and key not in line and not key.startswith("_"):
                 line[key] = value
         if record.exc_info and "error" not in line:
             line["error"] = self.formatException(record.exc_info)
-        return _encode(line)
+        return "".join(_encode_chunks(line, 0))
 
 
 class BackgroundStreamHandler(logging.Handler):

@@ -30,6 +30,7 @@ class RouteLabels:
 
     def __init__(self, router):
         self._router = router
+        self._labels: dict[str, str] = {}  # template -> label; as many as there are routes
 
     def __call__(self, req: falcon.Request) -> str:
         template = req.uri_template
@@ -38,7 +39,10 @@ class RouteLabels:
             template = found[3] if found else None
         if template is None:
             return "unmatched"
-        return _CONVERTER.sub(r"{\1}", template)
+        label = self._labels.get(template)
+        if label is None:
+            label = self._labels[template] = _CONVERTER.sub(r"{\1}", template)
+        return label
 
 
 class RequestMetrics:
@@ -47,6 +51,9 @@ class RequestMetrics:
     def __init__(self, metrics: Metrics, labels: RouteLabels):
         self._metrics = metrics
         self._labels = labels
+        # Each label set's counter and histogram, looked up once: ``labels()`` validates and
+        # locks on every call, twice per request. Bounded: methods x routes x statuses.
+        self._series: dict[tuple[str, str, int], tuple] = {}
 
     def process_request(self, req, resp) -> None:
         req.context.started = time.perf_counter()
@@ -55,8 +62,14 @@ class RequestMetrics:
         elapsed = time.perf_counter() - req.context.get("started", time.perf_counter())
         route = self._labels(req)
         status = falcon.http_status_to_code(resp.status)
-        self._metrics.http_requests.labels(req.method, route, str(status)).inc()
-        self._metrics.http_duration.labels(req.method, route).observe(elapsed)
+        key = (req.method, route, status)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = (
+                self._metrics.http_requests.labels(req.method, route, str(status)),
+                self._metrics.http_duration.labels(req.method, route))
+        series[0].inc()
+        series[1].observe(elapsed)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("http request", extra={"method": req.method, "route": route,
                                               "status": status,

@@ -48,7 +48,12 @@ def to_utc_naive(value: dt.datetime) -> dt.datetime:
 
 def dump_json(value) -> str:
     """Compact JSON, non-ASCII kept as is (what the JSON columns store)."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return _dump(value)
+
+
+# One encoder for every call (``json.dumps`` with options builds one per call); ``encode``
+# keeps no state between calls, so threads may share it.
+_dump = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 class UtcDateTimeField(peewee.DateTimeField):

@@ -54,6 +54,23 @@ def test_non_ascii_and_non_json_values_are_written_as_text(lines):
     assert line["msg"] == "héllo ✓" and line["when"] == str(object)
 
 
+def test_extra_fields_follow_in_the_order_given_with_nested_values_and_the_error(lines):
+    """Only ``extra`` is written after the context: none of LogRecord's own attributes, nor
+    private ``_`` keys; an exception becomes ``error`` unless the line names one."""
+    log = logging.getLogger("mantle.engine")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        log.exception("step failed", extra={"zeta": 1, "alpha": {"b": [1, 2.5, None]},
+                                            "_private": True, "workflow": "w"})
+        log.error("step failed", exc_info=True, extra={"error": "given"})
+    first, second = lines()
+    assert list(first) == ["time", "level", "msg", "workflow", "zeta", "alpha", "error"]
+    assert first["alpha"] == {"b": [1, 2.5, None]}
+    assert first["error"].startswith("Traceback") and "ValueError: boom" in first["error"]
+    assert second["error"] == "given"
+
+
 def test_the_background_handler_writes_every_line_in_order_and_flush_waits_for_them():
     stream = io.StringIO()
     handler = BackgroundStreamHandler(stream)
