@@ -19,17 +19,18 @@ _LEVEL_NAMES = {logging.DEBUG: "DEBUG", logging.INFO: "INFO", logging.WARNING: "
                 logging.ERROR: "ERROR", logging.CRITICAL: "ERROR"}
 # Context keys first, in this order; anything else passed through ``extra`` follows.
 _CONTEXT = ("workflow", "execution_id", "step")
-_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
-    "message", "asctime"}
+_RECORD_ATTRIBUTES = vars(logging.LogRecord("", 0, "", 0, "", None, None))
+_STANDARD = frozenset(_RECORD_ATTRIBUTES) | {"message", "asctime"}
 # A record's attributes start with those LogRecord.__init__ sets; ``extra`` comes after them.
-_FIRST_EXTRA = len(vars(logging.LogRecord("", 0, "", 0, "", None, None)))
+_FIRST_EXTRA = len(_RECORD_ATTRIBUTES)
 _GATHER = 0.005  # seconds the log writer lets lines gather between writes
 # Lines waiting to be written beyond which new ones are dropped (and counted) instead of
 # growing the queue without bound when stdout cannot keep up (issue 11.9).
 MAX_QUEUED_LINES = 100_000
 # The json module's C encoder, made once: ``json.dumps`` with options builds an encoder per
 # call. Compact, non-ASCII kept, ``str()`` of anything JSON has no type for. Without the
-# circular-reference check (it would share state between threads): log fields are flat.
+# circular-reference check (it would share state between threads): no log field
+# refers to itself.
 _encode_chunks = json.encoder.c_make_encoder(
     None, str, json.encoder.encode_basestring, None, ":", ",", False, False, True)
 

@@ -52,7 +52,7 @@ class RequestMetrics:
         self._metrics = metrics
         self._labels = labels
         # Each label set's counter and histogram, looked up once: ``labels()`` validates and
-        # locks on every call, twice per request. Bounded: methods x routes x statuses.
+        # locks on every call, twice per request. As many as the counter has label sets.
         self._series: dict[tuple[str, str, int], tuple] = {}
 
     def process_request(self, req, resp) -> None:
