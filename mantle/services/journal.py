@@ -157,17 +157,21 @@ class Journal:
                     self._ready.wait()
                 if not self._queue:
                     break
-                batch = [self._queue.popleft()
-                         for _ in range(min(len(self._queue), _MAX_BATCH))]
+                batch = self._take(_MAX_BATCH)
             self._write(batch)
         self._fail_rest()
         self._db.close()
+
+    def _take(self, limit: int) -> list[_Entry]:
+        """Up to ``limit`` queued entries, oldest first (call holding ``_ready``)."""
+        queue = self._queue
+        return [queue.popleft() for _ in range(min(len(queue), limit))]
 
     def _write(self, batch: list[_Entry]) -> None:
         delay = _BACKOFF_START
         while True:
             try:
-                results = self._commit(batch)
+                results = self._commit(batch, top_up=True)
                 break
             except Exception as exc:
                 if not is_outage(exc):
@@ -190,10 +194,21 @@ class Journal:
         else:
             self._callback(entry.done, result)
 
-    def _commit(self, batch: list[_Entry]) -> list[Any]:
+    def _commit(self, batch: list[_Entry], top_up: bool = False) -> list[Any]:
+        """Run ``batch`` in one transaction; its results, in order.
+
+        ``top_up``: once the transaction has begun, ``batch`` (extended in place) takes in
+        what was queued meanwhile. Beginning can mean waiting for the database's write lock
+        (another ``serve`` worker's transaction, up to its commit); the operations that queued
+        up during that wait then share this transaction instead of each process paying a turn
+        of the lock for a few of them (``serve --workers 2`` spent 45 % of its time waiting
+        for its turn, which is what kept it from using the second core)."""
         self._commit_started = time.monotonic()
         try:
             with transaction(self._db), batch_scope(self._db):
+                if top_up and len(batch) < _MAX_BATCH:
+                    with self._ready:
+                        batch.extend(self._take(_MAX_BATCH - len(batch)))
                 fences = {entry.fence for entry in batch if entry.fence is not None}
                 refused = refused_fences(fences) if fences else ()
                 return [_REFUSED if entry.fence in refused else entry.op() for entry in batch]

@@ -9,8 +9,10 @@ import threading
 import peewee
 import pytest
 
+from mantle.db import transaction
 from mantle.errors import JournalStopped
 from mantle.services.journal import Journal
+from tests.helpers.waiting import wait_until
 
 
 @pytest.fixture
@@ -66,6 +68,42 @@ def test_a_failing_operation_does_not_sink_its_batch(sqlite_file):
         assert len(failures) == 1 and isinstance(failures[0], peewee.IntegrityError)
     finally:
         journal.stop()
+
+
+def test_operations_queued_while_it_waits_for_the_write_lock_join_that_transaction(
+        sqlite_file):
+    """Beginning waits while another writer (a second ``serve`` worker) has its turn; what is
+    submitted meanwhile is written in the transaction that was waiting, not in a turn of the
+    lock of its own after it."""
+    database, journal = _journal(sqlite_file)
+    other = peewee.SqliteDatabase(str(sqlite_file))
+    events = []
+    finished = threading.Event()
+
+    def submit(value, then=None):
+        def op():
+            events.append(("op", value))
+            return _insert(database, value)()
+
+        def done(_):
+            events.append(("done", value))
+            if then:
+                then()
+
+        journal.submit(op, done)
+
+    try:
+        with transaction(other):  # the other writer's turn
+            submit(1)
+            wait_until(lambda: journal.backlog == 0, message="the journal took the first one")
+            submit(2)
+            submit(3, finished.set)
+        assert finished.wait(5)
+    finally:
+        journal.stop()
+        other.close()
+    assert events == [("op", 1), ("op", 2), ("op", 3),
+                      ("done", 1), ("done", 2), ("done", 3)]
 
 
 def test_writes_are_retried_through_a_lock_outage_and_logged_once(sqlite_file, caplog):
