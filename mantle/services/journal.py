@@ -201,8 +201,8 @@ class Journal:
         what was queued meanwhile. Beginning can mean waiting for the database's write lock
         (another ``serve`` worker's transaction, up to its commit); the operations that queued
         up during that wait then share this transaction instead of each process paying a turn
-        of the lock for a few of them (``serve --workers 2`` spent 45 % of its time waiting
-        for its turn, which is what kept it from using the second core)."""
+        of the lock for a few of them (each of ``serve --workers 2`` spent 45 % of its time
+        waiting for its turn, while the second core was not fully used; bench/README.md)."""
         self._commit_started = time.monotonic()
         try:
             with transaction(self._db), batch_scope(self._db):
