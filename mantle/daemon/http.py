@@ -14,6 +14,7 @@ import time
 
 import waitress
 from waitress import wasyncore
+from waitress.channel import HTTPChannel
 
 from mantle.config import parse_address
 from mantle.errors import MantleError
@@ -71,6 +72,32 @@ def _bind(address: str, reuse_port: bool = False) -> socket.socket:
         raise ListenError(address, reason) from None
 
 
+class _Channel(HTTPChannel):
+    """waitress's connection, without its event loop spinning while a response is written.
+
+    A worker thread writing a response holds the connection's output lock from adding the
+    bytes until they are sent, and sends them itself. waitress's loop meanwhile finds the
+    connection ``writable`` (bytes are waiting, the socket can take them), so ``select``
+    returns at once, the loop cannot take the lock, and it goes round again: 35 rounds per
+    ``POST /run``, a third of the daemon's CPU, and each round takes the interpreter lock
+    from the thread it is waiting for (bench/README.md, item 23). While another thread holds
+    the lock the loop leaves the connection out: that thread sends what it wrote and wakes
+    the loop (``pull_trigger``) whenever it leaves bytes unsent or finishes the request."""
+
+    def writable(self):
+        if self.will_close or self.close_when_flushed:
+            return True
+        if not self.total_outbufs_len:
+            return False
+        if not self.requests:  # no worker writes to it: the loop sends what is left
+            return True
+        lock = self.outbuf_lock
+        if lock.acquire(False):
+            lock.release()
+            return True
+        return False
+
+
 class HttpServer:
     """``threads`` workers for the API plus one per allowed event stream (``streams``), which
     holds its worker while open; the connection limit leaves room for both."""
@@ -95,6 +122,7 @@ class HttpServer:
             # sees its client leave (waitress.client_disconnected). Small writes (events)
             # are sent at once: waitress's send_bytes is 1 by default.
             channel_request_lookahead=1)
+        self._server.channel_class = _Channel
         self._thread = threading.Thread(target=self._server.run, name="mantle-http",
                                         daemon=True)
         self._thread.start()
