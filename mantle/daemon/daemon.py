@@ -85,6 +85,7 @@ class Daemon:
         self._http: HttpServer | None = None
         self._scheduler = None
         self._retention = None
+        self._checkpoints = None  # mantle.services.checkpoints.WalCheckpointer (SQLite)
         self._watchdog: Watchdog | None = None
         self._readiness = Readiness(database)
         self._kind = kind
@@ -127,6 +128,7 @@ class Daemon:
 
     def _start(self) -> None:
         from actors.engine import Engine
+        from mantle.services.checkpoints import WalCheckpointer
         from mantle.services.scheduler import Scheduler
         from web.app import ApiRuntime, create_app
         from web.settings import ApiSettings
@@ -139,6 +141,10 @@ class Daemon:
         config = self._config
         metrics = Metrics()
         self._readiness.start()
+        # Before the engine: its connections leave checkpoints to this thread.
+        self._checkpoints = WalCheckpointer.for_database(self._database)
+        if self._checkpoints is not None:
+            self._checkpoints.start()
         self._engine = Engine(self._database, metrics=metrics, plugins_dir=config.plugins_dir,
                               env=config.env, resume_orphans=True, kind=self._kind,
                               lease_ttl=config.lease_ttl_seconds,
@@ -195,6 +201,8 @@ class Daemon:
         self._http.wait_idle(deadline, self._hurry)
         left = 0.0 if self._hurry.is_set() else max(0.0, deadline - time.monotonic())
         self._engine.shutdown(timeout=left)
+        if self._checkpoints is not None:
+            self._checkpoints.stop()
         self._http.stop()
         self._readiness.stop()
         if self._watchdog is not None:
