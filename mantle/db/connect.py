@@ -208,8 +208,8 @@ class _PostgresDatabase(PooledPostgresqlDatabase):
     Every statement is a round trip, and in a busy daemon every round trip also costs the
     calling thread a wait for the interpreter lock when the answer arrives; for the journal,
     whose transactions are a handful of statements, a separate BEGIN was a fifth of its time.
-    Here ``begin`` only notes the transaction; the first statement goes out in one pipeline
-    with the BEGIN (one round trip), and a transaction that ran nothing sends nothing.
+    Here ``begin`` only notes the transaction; the first statement goes out in one message
+    with the BEGIN (``execute_together``), and a transaction that ran nothing sends nothing.
     """
 
     def discard(self) -> None:
@@ -249,14 +249,21 @@ class _PostgresDatabase(PooledPostgresqlDatabase):
     def _execute_cursor(self, sql, params, **cursor_options):
         if not getattr(self._state, "begin_pending", False):
             return super()._execute_cursor(sql, params, **cursor_options)
-        self._log_query(sql, params)
+        return self.execute_together(sql, params or ())
+
+    def execute_together(self, sql: str, params: tuple = ()) -> psycopg.Cursor:
+        """Run ``sql``, one statement or several separated by ``;``, as one message (the
+        simple query protocol, parameters bound on the client), behind a noted BEGIN if
+        there is one; the cursor is on the last statement's result. One round trip and one
+        wake-up of the calling thread, where a pipeline of the same statements woke it
+        several times, each a wait for the interpreter lock in a busy daemon."""
+        begin = getattr(self._state, "begin_pending", False)
         self._state.begin_pending = False
-        conn = self._state.conn
+        self._log_query(sql, params)
         with peewee.__exception_wrapper__:
-            with conn.pipeline():
-                conn.execute("BEGIN")
-                cursor = conn.cursor()
-                cursor.execute(sql, params or ())
+            cursor = psycopg.ClientCursor(self.connection())
+            cursor.execute("BEGIN; " + sql if begin else sql, params)
+            cursor.set_result(-1)
         return cursor
 
     def commit(self):

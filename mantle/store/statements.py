@@ -137,16 +137,17 @@ class Pending:
 
 class Batch:
     """The writes of one journal transaction that need no answer on the spot, held back and
-    sent as one ``executemany`` per statement when the transaction ends (or earlier, when a
-    statement must see them: ``Statements.flush``).
+    written together when the transaction ends (or earlier, when a statement must see them:
+    ``Statements.flush``).
 
     One statement per row is what bounded the engine: every statement is a round trip on
     PostgreSQL, and on both databases a moment without the GIL that the journal thread then
-    queues to get back. ``executemany`` pipelines the rows on PostgreSQL (psycopg) and steps
-    them in one call on SQLite. Order: execution rows before step rows (foreign key), then
-    the audit rows, then final statuses last, so that the ``execution.finished`` audit row
-    the database adds for a final status (migration 005) comes after every audit row of the
-    steps that led to it: event streams read the audit trail in id order.
+    queues to get back. On PostgreSQL each table's rows go as one ``_PostgresBulk``
+    statement and all of them in one message (one round trip); on SQLite ``executemany``
+    steps each table's rows in one call. Order: execution rows before step rows (foreign
+    key), then the audit rows, then final statuses last, so that the ``execution.finished``
+    audit row the database adds for a final status (migration 005) comes after every audit
+    row of the steps that led to it: event streams read the audit trail in id order.
     """
 
     def __init__(self, sql: Statements):
@@ -158,55 +159,64 @@ class Batch:
         self.versions: dict[str, int | None] = {}  # current versions read in this batch
 
     def flush(self) -> None:
-        sql, bulk = self._sql, self._sql.bulk
-        if self.executions:
-            if bulk:
-                sql.run(bulk.insert_executions, _json_rows(self.executions))
-            else:
-                self._many(sql.insert_execution_plain, self.executions)
-            self.executions = []
-        if self.steps:
-            if bulk:  # one statement may not upsert a row twice: the last write wins
-                rows = {(r[0], r[4], r[1], r[2]): r for r in self.steps}
-                sql.run(bulk.upsert_steps, _json_rows(list(rows.values())))
-            else:
-                self._many(sql.upsert_step, self.steps)
-            self.steps = []
-        if self.audits:
-            if bulk:
-                sql.run(bulk.insert_audits, _json_rows(self.audits))
-            else:
-                self._many(sql.insert_audit, self.audits)
-            self.audits = []
-        if self.finishes:
-            finishes, self.finishes = self.finishes, []
-            params = [params for params, _, _ in finishes]
-            if bulk:
-                won = {row[0] for row in sql.rows(bulk.finish_executions, _json_rows(params))}
-            else:
-                self._many(sql.finish_execution, params)
-                ids = [row[3] for row in params]
-                statuses = dict(sql.rows(
-                    f"SELECT id, status FROM workflow_executions WHERE id IN "
-                    f"({sql.placeholders(len(ids))})", tuple(ids)))
-                # Ours if the row now holds what we wrote (a cancel committed first leaves
-                # ``cancelled``, which no finish writes).
-                won = {row[3] for row in params if statuses.get(row[3]) == row[0]}
-            for row, _status, pending in finishes:
-                pending.value = row[3] in won
+        executions, steps, audits, finishes = (self.executions, self.steps, self.audits,
+                                               self.finishes)
+        self.executions, self.steps, self.audits, self.finishes = [], [], [], []
+        params = [params for params, _, _ in finishes]
+        if self._sql.bulk:
+            won = self._write_together(executions, steps, audits, params)
+        else:
+            won = self._write_each(executions, steps, audits, params)
+        for row, _status, pending in finishes:
+            pending.value = row[3] in won
 
     def close(self) -> None:
-        """Write everything held back; on PostgreSQL in one pipeline (one round trip)."""
-        sql = self._sql
-        with (sql.db.connection().pipeline() if not sql.sqlite else contextlib.nullcontext()):
-            self.flush()
+        """Write everything held back."""
+        self.flush()
 
-    def _many(self, statement: str, rows: list[tuple]) -> None:
-        cursor = self._sql.db.cursor()
+    def _write_together(self, executions, steps, audits, finishes) -> set[str]:
+        """PostgreSQL: one message; the ids of the executions the finishes ended."""
+        sql, bulk = self._sql, self._sql.bulk
+        texts: list[str] = []
+        params: list[str] = []
+        for text, rows in ((bulk.insert_executions, executions),
+                           # one statement may not upsert a row twice: the last write wins
+                           (bulk.upsert_steps,
+                            list({(r[0], r[4], r[1], r[2]): r for r in steps}.values())),
+                           (bulk.insert_audits, audits),
+                           (bulk.finish_executions, finishes)):  # last: its rows are read
+            if rows:
+                texts.append(text)
+                params += _json_rows(rows)
+        if not texts:
+            return set()
+        cursor = sql.db.execute_together("; ".join(texts), tuple(params))
         try:
-            cursor.executemany(statement, rows)
+            return {row[0] for row in cursor.fetchall()} if finishes else set()
         finally:
             cursor.close()
+
+    def _write_each(self, executions, steps, audits, finishes) -> set[str]:
+        """SQLite: ``executemany`` per table; the ids of the executions the finishes ended."""
+        sql = self._sql
+        for statement, rows in ((sql.insert_execution_plain, executions),
+                                (sql.upsert_step, steps), (sql.insert_audit, audits),
+                                (sql.finish_execution, finishes)):
+            if rows:
+                cursor = sql.db.cursor()
+                try:
+                    cursor.executemany(statement, rows)
+                finally:
+                    cursor.close()
+        if not finishes:
+            return set()
+        ids = [row[3] for row in finishes]
+        statuses = dict(sql.rows(
+            f"SELECT id, status FROM workflow_executions WHERE id IN "
+            f"({sql.placeholders(len(ids))})", tuple(ids)))
+        # Ours if the row now holds what we wrote (a cancel committed first leaves
+        # ``cancelled``, which no finish writes).
+        return {row[3] for row in finishes if statuses.get(row[3]) == row[0]}
 
 
 def _json_rows(rows: list[tuple]) -> tuple[str]:
