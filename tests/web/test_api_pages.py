@@ -120,6 +120,26 @@ def test_any_well_formed_position_is_a_cursor(api):
     assert newer
 
 
+BROKEN = """
+    name: broken
+    steps:
+      - {name: boom, action: core/fail}
+      - {name: never, action: core/log, if: "false", params: {message: x}}
+"""
+
+
+def test_a_step_without_output_is_served_as_json_null(api, engine):
+    """SPEC 13.8: "the output (any JSON value; null when none)": a failed step and a skipped
+    one answer the JSON text ``null``, not an empty body (found by the stateful fuzzer)."""
+    apply_yaml(BROKEN)
+    execution_id = api.post("/api/v1/run/broken", {}).json["execution_id"]
+    assert engine.wait(execution_id, timeout=10) == "failed"
+    for step in ("boom", "never"):
+        reply = api.get(f"/api/v1/executions/{execution_id}/steps/{step}/output")
+        assert (reply.status, reply.body, reply.headers["content-type"]) == (
+            200, b"null", "application/json"), step
+
+
 def test_a_step_output_over_64_kib_is_truncated_in_the_detail_and_served_whole(api, engine):
     text = "é" * 40000  # 80 000 bytes of UTF-8
     reply = api.post("/api/v1/run/quick", {"inputs": {"text": text}})

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 
+import falcon
+
 from mantle import queries
 from mantle.durations import parse_since
 from web.errors import ApiError
@@ -58,4 +60,9 @@ class StepOutput:
     """The whole stored output of one step, which the detail shows truncated above 64 KiB."""
 
     def on_get(self, req, resp, id: str, step: str) -> None:  # noqa: A002
-        resp.media = queries.step_output(id, step)
+        output = queries.step_output(id, step)
+        if output is None:  # falcon sends no body at all for ``media = None``
+            resp.text = "null"
+            resp.content_type = falcon.MEDIA_JSON
+        else:
+            resp.media = output
