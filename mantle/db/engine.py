@@ -19,7 +19,7 @@ import peewee
 from mantle.db.connect import database_proxy, is_postgres, is_sqlite, unwrap
 
 __all__ = ["transaction", "write_transaction", "lock_for_update", "claim_rows", "upsert",
-           "migration_lock", "now_sql", "later_sql", "share_lock_sql", "skip_locked_sql"]
+           "sqlite_file", "migration_lock", "now_sql", "later_sql", "share_lock_sql", "skip_locked_sql"]
 
 # Any constant works: it only has to be the same in every mantle process using the database.
 _MIGRATION_LOCK_KEY = 0x6D616E746C65  # "mantle"
@@ -36,6 +36,16 @@ def transaction(database=None):
     if is_sqlite(database):
         return _sqlite_transaction(database)
     return database.atomic()
+
+
+def sqlite_file(database) -> str | None:
+    """The path of a SQLite database's file; None for PostgreSQL, ``:memory:`` and ``file:``
+    URIs (nothing beside them to lock or checkpoint)."""
+    database = unwrap(database)
+    path = database.database if is_sqlite(database) else None
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return None
+    return path
 
 
 class _WriterTurn:
@@ -58,8 +68,8 @@ class _WriterTurn:
 
     @classmethod
     def of(cls, database) -> _WriterTurn | None:
-        path = database.database
-        if not path or path == ":memory:" or path.startswith("file:"):
+        path = sqlite_file(database)
+        if path is None:
             return None
         with cls._lock:
             turn = cls._by_path.get(path)

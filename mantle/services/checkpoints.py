@@ -20,7 +20,8 @@ import logging
 import sqlite3
 import threading
 
-from mantle.db import is_sqlite, unwrap
+from mantle.db import unwrap
+from mantle.db.engine import sqlite_file
 
 __all__ = ["WalCheckpointer", "CHECKPOINT_INTERVAL", "FALLBACK_PAGES"]
 
@@ -47,11 +48,10 @@ class WalCheckpointer:
                      ) -> WalCheckpointer | None:
         """A checkpointer for ``database``; its connections from now on (and the calling
         thread's) checkpoint by themselves only past FALLBACK_PAGES."""
-        database = unwrap(database)
-        path = database.database if is_sqlite(database) else None
-        if not path or path == ":memory:" or path.startswith("file:"):
+        path = sqlite_file(database)
+        if path is None:
             return None
-        database.pragma("wal_autocheckpoint", FALLBACK_PAGES, permanent=True)
+        unwrap(database).pragma("wal_autocheckpoint", FALLBACK_PAGES, permanent=True)
         return cls(path, interval)
 
     def start(self) -> WalCheckpointer:

@@ -162,17 +162,13 @@ class Batch:
         executions, steps, audits, finishes = (self.executions, self.steps, self.audits,
                                                self.finishes)
         self.executions, self.steps, self.audits, self.finishes = [], [], [], []
-        params = [params for params, _, _ in finishes]
+        rows = [row for row, _, _ in finishes]
         if self._sql.bulk:
-            won = self._write_together(executions, steps, audits, params)
+            won = self._write_together(executions, steps, audits, rows)
         else:
-            won = self._write_each(executions, steps, audits, params)
+            won = self._write_each(executions, steps, audits, rows)
         for row, _status, pending in finishes:
             pending.value = row[3] in won
-
-    def close(self) -> None:
-        """Write everything held back."""
-        self.flush()
 
     def _write_together(self, executions, steps, audits, finishes) -> set[str]:
         """PostgreSQL: one message; the ids of the executions the finishes ended."""
@@ -285,6 +281,6 @@ def batch_scope(database):
     batch = sql.local.batch = Batch(sql)
     try:
         yield
-        batch.close()
+        batch.flush()
     finally:
         sql.local.batch = None
