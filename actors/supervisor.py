@@ -255,9 +255,10 @@ class Supervisor(pykka.ThreadingActor):
         now = time.monotonic()
         if now >= self._due["promote"]:
             self._due["promote"] = now + PROMOTE_EVERY
-            me = self._ctx.node_id
+            me, own_only = self._ctx.node_id, not self._takeover
             self._write(lambda: [started for workflow in store.queued_workflows()
-                                 for started in store.promote_queued(workflow, me)],
+                                 for started in store.promote_queued(workflow, me,
+                                                                     own_only=own_only)],
                         lambda promoted: m.Promoted(tuple(promoted)))
         if self._takeover and now >= self._due["takeover"]:
             self._due["takeover"] = now + TAKEOVER_EVERY

@@ -12,11 +12,11 @@ import datetime as dt
 import uuid
 from typing import Any
 
-from peewee import fn
+from peewee import SQL, fn
 
 from mantle.db import is_postgres, lock_for_update
 from mantle.db.fields import dump_json, storable, utcnow
-from mantle.db.models import StepExecution, Workflow, WorkflowExecution
+from mantle.db.models import Node, StepExecution, Workflow, WorkflowExecution
 from mantle.errors import LimitReached, MantleError
 from mantle.states import ExecutionStatus
 from mantle.store.statements import Pending, Statements, storable_text
@@ -241,19 +241,31 @@ def queued_workflows() -> list[str]:
         "SELECT DISTINCT workflow_name FROM workflow_executions WHERE status = 'pending'")]
 
 
-def promote_queued(workflow: str, node: str) -> list[tuple[str, int]]:
+def promote_queued(workflow: str, node: str, *, own_only: bool = False
+                   ) -> list[tuple[str, int]]:
     """Start queued executions of ``workflow`` while slots are free, oldest first across all
     nodes (FIFO, 4.9, 13.1.10): each becomes ``running`` and is owned by ``node`` under a new
     epoch. Returns (id, epoch) of those promoted. The limit is the oldest queued one's
-    version's ``max_parallel_executions``."""
-    Statements.of_bound().flush()
+    version's ``max_parallel_executions``.
+
+    ``own_only`` is for a node that exits once its own executions end and takes nothing over
+    (an in-process ``mantle run``): another node's execution promoted there would be left
+    ``running`` with no owner when it exits, and only a daemon could take it over. It starts
+    only the queued executions it created itself, in their FIFO place among those whose
+    creator is alive to start them (a dead one's wait for a daemon, which promotes any)."""
+    sql = Statements.of_bound()
+    sql.flush()
     lock_for_update(Workflow, Workflow.name == workflow)
 
     def queue(n: int | None):
-        return (WorkflowExecution.select(WorkflowExecution.id, WorkflowExecution.version)
-                .where(WorkflowExecution.workflow_name == workflow,
-                       WorkflowExecution.status == ExecutionStatus.PENDING.value)
-                .order_by(WorkflowExecution.started_at, WorkflowExecution.id).limit(n))
+        query = (WorkflowExecution.select(WorkflowExecution.id, WorkflowExecution.version,
+                                          WorkflowExecution.owner)
+                 .where(WorkflowExecution.workflow_name == workflow,
+                        WorkflowExecution.status == ExecutionStatus.PENDING.value))
+        if own_only:
+            query = (query.join(Node, on=(Node.id == WorkflowExecution.owner))
+                     .where(Node.lease_expires_at >= SQL(sql.now)))
+        return query.order_by(WorkflowExecution.started_at, WorkflowExecution.id).limit(n)
 
     head = list(queue(1))
     if not head:
@@ -263,10 +275,11 @@ def promote_queued(workflow: str, node: str) -> list[tuple[str, int]]:
     free = (limit - _running_count(workflow)) if limit > 0 else None
     if free is not None and free <= 0:
         return []
-    sql = Statements.of_bound()
     p = sql.db.param
     promoted = []
     for row in list(queue(free)):
+        if own_only and row.owner != node:
+            continue
         changed = sql.rows(
             f"UPDATE workflow_executions SET status = 'running', running_since = {sql.now}, "
             f"owner = {p}, epoch = epoch + 1 WHERE id = {p} AND status = 'pending' "

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 
 import pytest
+from peewee import fn
 
-from mantle.db.models import AuditEvent, StepExecution, WorkflowExecution
+from mantle import store
+from mantle.db import transaction
+from mantle.db.fields import utcnow
+from mantle.db.models import AuditEvent, Node, StepExecution, WorkflowExecution
 from mantle.errors import InvalidInput, VersionNotFound, WorkflowNotFound
 from tests.actors.conftest import apply, finish, run, steps_of, wait_until
 
@@ -366,6 +371,44 @@ def test_queue_limit_starts_waiting_executions_in_order(engine):
     assert starts == sorted(starts)
     promoted = AuditEvent.select().where(AuditEvent.action == "execution.promoted").count()
     assert promoted == 2
+
+
+def test_an_in_process_run_starts_only_its_own_queued_executions_in_their_fifo_place(
+        engine, http_target):
+    """A ``mantle run`` process exits once its execution ends and takes nothing over: had it
+    promoted another process's queued execution, that one would stay ``running`` with no
+    owner (found by CI: the next ``mantle run`` in the queue waited forever). It starts its
+    own queued executions only, and not ahead of a live process's older one."""
+    http_target.route("/gate", hold=True, json={"ok": True})
+    apply(f"""
+        name: queued
+        max_parallel_executions: 1
+        steps:
+          - {{name: call, action: http/request, params: {{url: "{http_target.url('/gate')}"}}}}
+    """)
+    first = engine.run("queued").execution_id
+    wait_until(lambda: http_target.hits("/gate") == 1)
+    now = utcnow()
+    Node.create(id="other-run", hostname="elsewhere", pid=1, kind="run", host_key="elsewhere",
+                started_at=now, lease_expires_at=now + dt.timedelta(hours=1))
+    with transaction():  # what another ``mantle run`` process writes for its run
+        other = store.create_execution("queued", {}, None, None, "other-run", "cli", None)
+    assert other.queued
+    own = engine.run("queued").execution_id
+    assert WorkflowExecution.get_by_id(own).status == "pending"
+
+    http_target.release("/gate")
+    assert finish(engine, first)["status"] == "completed"
+    # The older queued execution's process is alive to start it: ours waits behind it.
+    # Once that process is gone (its lease ended), ours goes ahead; its own stays queued
+    # for a daemon, which promotes any node's.
+    before = AuditEvent.select(fn.MAX(AuditEvent.id)).scalar()
+    Node.update(lease_expires_at=now - dt.timedelta(hours=1)).where(
+        Node.id == "other-run").execute()
+    assert finish(engine, own)["status"] == "completed"
+    assert WorkflowExecution.get_by_id(other.execution["id"]).status == "pending"
+    promoted = AuditEvent.get(AuditEvent.action == "execution.promoted")
+    assert (promoted.resource_id, promoted.id > before) == (own, True)
 
 
 def test_step_max_parallel_limits_attempts_across_executions(engine, http_target):
