@@ -363,6 +363,7 @@ def test_readiness_reports_a_sqlite_write_lock_held_elsewhere_and_holds_none_its
             other.execute("ROLLBACK")
         finally:
             other.close()
+            readiness.stop()  # else its thread probes on, logging, through later tests
 
 
 def _lock_idle_daemon(tmp_path):

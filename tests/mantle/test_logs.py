@@ -18,6 +18,10 @@ def lines():
     root = logging.getLogger()
     saved = (list(root.handlers), root.level)
     setup_logging("debug", stream)
+    # Lines logged by this test only, not by a thread another test left winding down (the
+    # handler writes on the thread that logs; records carry no thread id: logThreads off).
+    test_thread = threading.get_ident()
+    root.handlers[0].addFilter(lambda _record: threading.get_ident() == test_thread)
     yield lambda: [json.loads(text) for text in stream.getvalue().splitlines()]
     root.handlers[:] = saved[0]
     root.setLevel(saved[1])
