@@ -91,7 +91,8 @@ def submit_run(ctx: EngineContext, supervisor: pykka.ActorRef, msg: m.RunRequest
             if not created.existing:
                 tell(supervisor, m.Created(msg, created))
 
-    ctx.journal.submit(op, done, lambda exc: _fail(msg.reply, exc))
+    ctx.journal.submit(op, done, lambda exc: _fail(msg.reply, exc),
+                       reads=msg.workflow if msg.version is None else None)
 
 
 class _Slot:

@@ -217,7 +217,7 @@ class _PostgresDatabase(PooledPostgresqlDatabase):
         an outage interrupted) and free its place in the pool."""
         conn = self._state.conn
         self._state.reset()
-        self._state.begin_pending = False
+        self._state.begin_pending = self._state.commit_sent = False
         if conn is not None:
             with self._pool_lock:
                 self._in_use.pop(self.conn_key(conn), None)
@@ -251,28 +251,39 @@ class _PostgresDatabase(PooledPostgresqlDatabase):
             return super()._execute_cursor(sql, params, **cursor_options)
         return self.execute_together(sql, params or ())
 
-    def execute_together(self, sql: str, params: tuple = ()) -> psycopg.Cursor:
+    def execute_together(self, sql: str, params: tuple = (), commit: bool = False
+                         ) -> psycopg.Cursor:
         """Run ``sql``, one statement or several separated by ``;``, as one message (the
         simple query protocol, parameters bound on the client), behind a noted BEGIN if
         there is one; the cursor is on the last statement's result. One round trip and one
         wake-up of the calling thread, where a pipeline of the same statements woke it
-        several times, each a wait for the interpreter lock in a busy daemon."""
+        several times, each a wait for the interpreter lock in a busy daemon.
+
+        ``commit``: the statements end the transaction, and its COMMIT goes with them; the
+        transaction's own ``commit()`` then sends nothing. Should one of them fail, nothing
+        after it runs (the COMMIT neither) and the transaction rolls back as usual."""
         begin = getattr(self._state, "begin_pending", False)
         self._state.begin_pending = False
         self._log_query(sql, params)
+        text = ("BEGIN; " if begin else "") + sql + ("; COMMIT" if commit else "")
         with peewee.__exception_wrapper__:
             cursor = psycopg.ClientCursor(self.connection())
-            cursor.execute("BEGIN; " + sql if begin else sql, params)
-            cursor.set_result(-1)
+            cursor.execute(text, params)
+            cursor.set_result(-2 if commit else -1)
+        self._state.commit_sent = commit
         return cursor
 
     def commit(self):
         if getattr(self._state, "begin_pending", False):
             self._state.begin_pending = False  # nothing was sent: nothing to commit
             return
+        if getattr(self._state, "commit_sent", False):
+            self._state.commit_sent = False  # sent with the transaction's last statements
+            return
         super().commit()
 
     def rollback(self):
+        self._state.commit_sent = False
         if getattr(self._state, "begin_pending", False):
             self._state.begin_pending = False
             return

@@ -45,13 +45,14 @@ SATURATED_BACKLOG = 20_000
 
 
 class _Entry:
-    __slots__ = ("op", "done", "failed", "fence")
+    __slots__ = ("op", "done", "failed", "fence", "reads")
 
-    def __init__(self, op, done, failed, fence):
+    def __init__(self, op, done, failed, fence, reads):
         self.op = op
         self.done = done
         self.failed = failed
         self.fence = fence
+        self.reads = reads
 
 
 # An operation skipped because its fence was refused (its ``failed`` gets LeaseLost).
@@ -70,6 +71,9 @@ class Journal:
     having that epoch (SPEC 13.7): one check per batch for all its fences, inside the
     transaction; an operation whose fence is refused is not run and its ``failed`` receives
     ``LeaseLost``.
+
+    ``reads=workflow``: the operation looks up the workflow's current version (a run); the
+    batch reads it with the fence check, in the same round trip on PostgreSQL.
     """
 
     def __init__(self, database: peewee.Database, on_outage: Callable[[bool], None] | None = None):
@@ -107,13 +111,13 @@ class Journal:
 
     def submit(self, op: Callable[[], Any], done: Callable[[Any], None] | None = None,
                failed: Callable[[BaseException], None] | None = None,
-               fence: tuple[str, int] | None = None) -> None:
+               fence: tuple[str, int] | None = None, reads: str | None = None) -> None:
         with self._ready:
             if self._stopping:
                 if failed is not None:
                     failed(JournalStopped("the journal is stopped"))
                 return
-            self._queue.append(_Entry(op, done, failed, fence))
+            self._queue.append(_Entry(op, done, failed, fence, reads))
             self._ready.notify()
 
     def call(self, op: Callable[[], Any], timeout: float | None = 30.0,
@@ -205,12 +209,13 @@ class Journal:
         waiting for its turn, while the second core was not fully used; bench/README.md)."""
         self._commit_started = time.monotonic()
         try:
-            with transaction(self._db), batch_scope(self._db):
+            with transaction(self._db), batch_scope(self._db, ends_transaction=True):
                 if top_up and len(batch) < _MAX_BATCH:
                     with self._ready:
                         batch.extend(self._take(_MAX_BATCH - len(batch)))
                 fences = {entry.fence for entry in batch if entry.fence is not None}
-                refused = refused_fences(fences) if fences else ()
+                reads = {entry.reads for entry in batch if entry.reads is not None}
+                refused = refused_fences(fences, reads) if fences or reads else ()
                 return [_REFUSED if entry.fence in refused else entry.op() for entry in batch]
         except Exception as exc:
             if is_outage(exc):

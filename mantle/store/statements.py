@@ -158,19 +158,21 @@ class Batch:
         self.audits: list[tuple] = []
         self.versions: dict[str, int | None] = {}  # current versions read in this batch
 
-    def flush(self) -> None:
+    def flush(self, commit: bool = False) -> None:
+        """Write what is held back; ``commit``: these are the transaction's last statements
+        (on PostgreSQL its COMMIT goes in the same message)."""
         executions, steps, audits, finishes = (self.executions, self.steps, self.audits,
                                                self.finishes)
         self.executions, self.steps, self.audits, self.finishes = [], [], [], []
         rows = [row for row, _, _ in finishes]
         if self._sql.bulk:
-            won = self._write_together(executions, steps, audits, rows)
+            won = self._write_together(executions, steps, audits, rows, commit)
         else:
             won = self._write_each(executions, steps, audits, rows)
         for row, _status, pending in finishes:
             pending.value = row[3] in won
 
-    def _write_together(self, executions, steps, audits, finishes) -> set[str]:
+    def _write_together(self, executions, steps, audits, finishes, commit) -> set[str]:
         """PostgreSQL: one message; the ids of the executions the finishes ended."""
         sql, bulk = self._sql, self._sql.bulk
         texts: list[str] = []
@@ -186,7 +188,7 @@ class Batch:
                 params += _json_rows(rows)
         if not texts:
             return set()
-        cursor = sql.db.execute_together("; ".join(texts), tuple(params))
+        cursor = sql.db.execute_together("; ".join(texts), tuple(params), commit=commit)
         try:
             return {row[0] for row in cursor.fetchall()} if finishes else set()
         finally:
@@ -271,9 +273,13 @@ class _PostgresBulk:
 
 
 @contextlib.contextmanager
-def batch_scope(database):
+def batch_scope(database, ends_transaction: bool = False):
     """Inside a transaction: hold back this thread's writes that need no answer (``Batch``)
-    and write them, in bulk, when the block ends without error (before the commit)."""
+    and write them, in bulk, when the block ends without error (before the commit).
+
+    ``ends_transaction``: the block ends a top-level transaction (not a savepoint: peewee
+    cannot tell them apart here), and nothing runs in it after the block; on PostgreSQL its
+    COMMIT then goes with those writes, one round trip fewer (the journal's transactions)."""
     sql = Statements.of(database)
     if sql.batch is not None:  # nested: the outer block writes
         yield
@@ -281,6 +287,6 @@ def batch_scope(database):
     batch = sql.local.batch = Batch(sql)
     try:
         yield
-        batch.flush()
+        batch.flush(commit=ends_transaction)
     finally:
         sql.local.batch = None

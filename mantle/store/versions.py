@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import threading
+from collections.abc import Iterable
 
 from mantle.db import database_proxy, unwrap
 from mantle.db.fields import MAX_INTEGER, storable
@@ -18,7 +19,8 @@ from mantle.store.statements import Statements
 from mantle.workflow import Workflow as WorkflowModel
 from mantle.workflow import workflow_from_definition
 
-__all__ = ["stored_version", "version_of", "model_of"]
+__all__ = ["stored_version", "version_of", "model_of", "current_versions_query",
+           "note_current_versions"]
 
 _SIZE = 512
 _lock = threading.Lock()
@@ -75,6 +77,28 @@ def _current_version(workflow: str) -> int | None:
     if batch is not None:
         batch.versions[workflow] = version
     return version
+
+
+def current_versions_query(workflows: Iterable[str]) -> tuple[str, tuple] | None:
+    """The statement reading the current versions of those of ``workflows`` this batch has
+    not read yet (to be sent with others, its rows given to ``note_current_versions``), or
+    None when there are none or no batch is open."""
+    sql = Statements.of_bound()
+    if sql.batch is None:
+        return None
+    wanted = tuple(sorted({name for name in workflows
+                           if storable(name) and name not in sql.batch.versions}))
+    if not wanted:
+        return None
+    return (f"SELECT name, current_version FROM workflows WHERE name IN "
+            f"({sql.placeholders(len(wanted))})", wanted)
+
+
+def note_current_versions(wanted: tuple, rows: list[tuple]) -> None:
+    """Keep what ``current_versions_query`` read: ``version_of`` asks no more in this batch."""
+    versions = Statements.of_bound().batch.versions
+    versions.update(dict.fromkeys(wanted))
+    versions.update(rows)
 
 
 def version_of(workflow: str, version: int | None

@@ -5,10 +5,20 @@ backslashes, quotes, non-ASCII text and NUL (SPEC 13.1.12)."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import logging
+import sqlite3
+import tempfile
+
+import peewee
+import pytest
+from psycopg import pq
 
 from mantle import store
-from mantle.db import transaction
+from mantle.db import is_postgres, transaction
+from mantle.errors import WorkflowNotFound
+from mantle.store.statements import Statements
 from mantle.db.models import AuditEvent, StepExecution, WorkflowExecution
 from tests.helpers.waiting import apply_yaml
 
@@ -70,3 +80,91 @@ def test_a_batch_stores_exactly_what_single_statements_store(db):
         ("on_failure", 1, True, "on_failure", None, None)]
     assert steps[1][5] == {"text": AWKWARD, "n": 1.5, "none": None}
     assert steps[2][7] == steps[2][8] == WAKE
+
+
+def test_a_batch_reads_its_fences_and_its_runs_current_versions_in_one_message(db, caplog):
+    """The journal starts a transaction with the fence check and the current versions of the
+    workflows its runs create executions of (``refused_fences(fences, workflows)``): on
+    PostgreSQL one statement text, one round trip; on SQLite each read stays where it is
+    needed. Later look-ups in the batch ask the database nothing more."""
+    apply_yaml(TINY)
+    with transaction(db):
+        execution_id = store.create_execution("tiny", {}, None, None, "r1", "api").execution["id"]
+    caplog.set_level(logging.DEBUG, logger="peewee")
+    with transaction(db), store.batch_scope(db):
+        refused = store.refused_fences({(execution_id, 1), (execution_id, 2), ("gone", 1)},
+                                       ["tiny", "absent", "nul\x00"])
+        assert store.version_of("tiny", None)[0] == 1
+        assert isinstance(store.version_of("absent", None), WorkflowNotFound)
+        assert isinstance(store.version_of("nul\x00", None), WorkflowNotFound)
+    assert refused == {(execution_id, 2), ("gone", 1)}
+    sent = [record.msg[0] for record in caplog.records if record.name == "peewee"]
+    reads = [text for text in sent if "epoch" in text or "current_version" in text]
+    if is_postgres(db):
+        assert len(reads) == 1 and "epoch" in reads[0] and "current_version" in reads[0]
+    else:
+        assert [("epoch" in text, "current_version" in text) for text in reads] == [
+            (True, False), (False, True), (False, True)]
+
+
+@contextlib.contextmanager
+def _sent(db):
+    """What this thread's PostgreSQL connection sends while the block runs, as libpq traces
+    it: one ``(message, text)`` per round trip (a simple ``Query``, or an extended-protocol
+    ``Sync``)."""
+    pgconn = db.connection().pgconn
+    messages: list[tuple[str, str]] = []
+    with tempfile.TemporaryFile("w+") as trace:
+        pgconn.trace(trace.fileno())
+        pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
+        try:
+            yield messages
+        finally:
+            pgconn.untrace()
+            trace.seek(0)
+            for line in trace:
+                fields = line.rstrip("\n").split("\t")
+                if fields[0] == "F" and fields[2] in ("Query", "Sync"):
+                    messages.append((fields[2], fields[3].strip() if len(fields) > 3 else ""))
+
+
+def test_a_journal_transaction_on_postgresql_is_two_round_trips(db):
+    """What the journal's transaction of a run plus a running execution's checkpoint sends:
+    BEGIN, the fence check and the workflow's current version in one message; the held-back
+    writes and the COMMIT in another (``batch_scope(..., ends_transaction=True)``)."""
+    if not is_postgres(db):
+        pytest.skip("SQLite statements are calls into the library, not round trips")
+    apply_yaml(TINY)
+    with transaction(db):
+        running = store.create_execution("tiny", {}, None, None, "r1", "api").execution["id"]
+    with _sent(db) as sent:
+        with transaction(db), store.batch_scope(db, ends_transaction=True):
+            assert store.refused_fences({(running, 1)}, ["tiny"]) == set()
+            created = store.create_execution("tiny", {"note": "x"}, None, None, "r1", "api")
+            store.write_step(running, "a", 1, "completed", output={"ok": True},
+                             audit_action="step.completed")
+    assert [(kind, text.startswith('"BEGIN; SELECT id, epoch'), text.endswith('; COMMIT"'))
+            for kind, text in sent] == [("Query", True, False), ("Query", False, True)]
+    assert WorkflowExecution.get_by_id(created.execution["id"]).inputs == {"note": "x"}
+    assert StepExecution.get(StepExecution.execution_id == running).output == {"ok": True}
+
+
+def test_writes_that_carry_the_commit_and_fail_leave_nothing_behind(db):
+    """A held-back write the database refuses (an execution row whose id is taken) fails
+    the message before its COMMIT: the whole transaction rolls back, nothing of it stays, and
+    the connection serves the next transaction."""
+    apply_yaml(TINY)
+    with transaction(db):
+        taken = store.create_execution("tiny", {}, None, None, "r1", "api").execution["id"]
+    before = (WorkflowExecution.select().count(), AuditEvent.select().count())
+    with pytest.raises((peewee.IntegrityError, sqlite3.IntegrityError)):
+        with transaction(db), store.batch_scope(db, ends_transaction=True):
+            store.create_execution("tiny", {}, None, None, "r1", "api")
+            sql = Statements.of(db)
+            row = list(sql.batch.executions[0])
+            row[0] = taken
+            sql.batch.executions.append(tuple(row))
+    assert (WorkflowExecution.select().count(), AuditEvent.select().count()) == before
+    with transaction(db), store.batch_scope(db, ends_transaction=True):
+        store.create_execution("tiny", {}, None, None, "r1", "api")
+    assert WorkflowExecution.select().count() == before[0] + 1
