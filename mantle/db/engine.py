@@ -19,7 +19,8 @@ import peewee
 from mantle.db.connect import database_proxy, is_postgres, is_sqlite, unwrap
 
 __all__ = ["transaction", "write_transaction", "lock_for_update", "claim_rows", "upsert",
-           "sqlite_file", "migration_lock", "now_sql", "later_sql", "share_lock_sql", "skip_locked_sql"]
+           "sqlite_file", "migration_lock", "now_sql", "later_sql", "share_lock_sql",
+           "skip_locked_sql"]
 
 # Any constant works: it only has to be the same in every mantle process using the database.
 _MIGRATION_LOCK_KEY = 0x6D616E746C65  # "mantle"
