@@ -146,12 +146,26 @@ class HttpServer:
         done.wait(timeout)
 
     def close_listener(self) -> None:
-        """Stop accepting connections; open ones keep being served."""
+        """Stop accepting connections; open ones keep being served, and so are those the
+        kernel had already accepted for us (their clients may have sent a request): closing
+        the socket would reset them."""
         if self._server is not None:
-            self._in_loop(lambda: wasyncore.dispatcher.close(self._server))
+            self._in_loop(self._accept_waiting_then_close)
+
+    def _accept_waiting_then_close(self) -> None:
+        server = self._server
+        while server.accepting and len(server._map) < server.adj.connection_limit:
+            open_before = len(server._map)
+            server.handle_accept()  # one connection, or none when none is waiting
+            if len(server._map) == open_before:
+                break
+        wasyncore.dispatcher.close(server)
 
     def wait_idle(self, deadline: float, hurry: threading.Event | None = None) -> bool:
-        """Wait (until the monotonic ``deadline``) for requests in flight to be answered."""
+        """Wait (until the monotonic ``deadline``) for requests in flight to be answered:
+        those being served, and those whose bytes had arrived when this was called."""
+        for _ in range(2):  # the loop's first round may run our thunk before its reads
+            self._in_loop(lambda: None, timeout=max(0.0, min(5.0, deadline - time.monotonic())))
         while time.monotonic() < deadline and not (hurry and hurry.is_set()):
             if self._idle():
                 return True

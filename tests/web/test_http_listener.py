@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
+import socket
+import threading
 import time
 import urllib.request
 
+from waitress import wasyncore
+
 from mantle.daemon.http import HttpServer
+from tests.helpers.waiting import wait_until
 
 _HOLD = 0.3  # how long the test's request keeps a write "in progress"
 
@@ -67,4 +72,86 @@ def test_a_response_larger_than_the_socket_buffer_arrives_whole():
                 received += chunk
         assert bytes(received) == body
     finally:
+        server.stop()
+
+
+class _LoopHold(wasyncore.dispatcher):
+    """Holds waitress's event loop still, once per byte poked into it, until released: the
+    test decides what the loop has done when the server under test looks at it."""
+
+    def __init__(self, server: HttpServer):
+        self._poke, theirs = socket.socketpair()
+        super().__init__(theirs, map=server._server._map)
+        self._trigger = server._server.trigger
+        self._releases = threading.Semaphore(0)
+        self.held = threading.Event()
+
+    def hold(self, times: int) -> None:
+        self._poke.send(b"h" * times)
+
+    def handle_read(self):
+        self.recv(1)  # one byte: still readable for the next round when more were poked
+        self.held.set()
+        self._releases.acquire(timeout=10)
+        self.held.clear()
+
+    def writable(self):
+        return False
+
+    def release_when_the_server_queues_work(self) -> threading.Thread:
+        """Release the hold (once) when HttpServer asks the loop for something new."""
+        stale = {id(thunk) for thunk in list(self._trigger.thunks)}
+
+        def release():
+            try:
+                wait_until(lambda: any(id(thunk) not in stale
+                                       for thunk in list(self._trigger.thunks)), timeout=3)
+            except AssertionError:
+                return  # the server never asked: the test's assertions say so
+            self._releases.release()
+
+        thread = threading.Thread(target=release, daemon=True)
+        thread.start()
+        return thread
+
+    def let_go(self) -> None:
+        self._releases.release(10)
+        self._poke.close()
+
+
+def test_a_request_sent_before_the_listener_closes_counts_as_in_flight_until_answered():
+    """SPEC 10.3 step 2: close the listener, in-flight requests complete. A client whose
+    connection the kernel has accepted and whose request bytes have arrived is in flight,
+    even when waitress's loop has not got round to accepting or reading it: closing the
+    listener must not drop the connection, and draining must wait for the request. The loop
+    is held here so that it has done neither when the listener closes (CI once saw the
+    daemon cut such a request at SIGTERM)."""
+    def app(environ, start_response):
+        body = environ["wsgi.input"].read(int(environ["CONTENT_LENGTH"]))
+        start_response("200 OK", [("Content-Type", "text/plain"),
+                                  ("Content-Length", str(len(body)))])
+        return [body]
+
+    server = HttpServer(app, "127.0.0.1:0", threads=2)
+    host, port = server.bind().rsplit(":", 1)
+    hold = _LoopHold(server)
+    client = None
+    try:
+        hold.hold(2)  # before the listener closes, and in the round that closes it
+        wait_until(hold.held.is_set, timeout=5)
+        client = socket.create_connection((host, int(port)), timeout=10)
+        client.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhe")
+
+        hold.release_when_the_server_queues_work()
+        server.close_listener()
+        hold.release_when_the_server_queues_work()
+        assert not server.wait_idle(time.monotonic() + 0.5), "a request in flight was missed"
+
+        client.sendall(b"llo")
+        assert server.wait_idle(time.monotonic() + 10)
+        assert client.recv(65536).startswith(b"HTTP/1.1 200 ")
+    finally:
+        hold.let_go()
+        if client is not None:
+            client.close()
         server.stop()
