@@ -201,6 +201,9 @@ class Daemon:
         self._http.wait_idle(deadline, self._hurry)
         left = 0.0 if self._hurry.is_set() else max(0.0, deadline - time.monotonic())
         self._engine.shutdown(timeout=left)
+        # Open connections were served while running steps finished (a run got 503); a
+        # request begun on one meanwhile is answered before the connections close.
+        self._http.wait_idle(deadline, self._hurry)
         if self._checkpoints is not None:
             self._checkpoints.stop()
         self._http.stop()

@@ -8,6 +8,7 @@ PostgreSQL, a real SIGKILL or SIGTERM, and a local HTTP server as the steps' tar
 
 from __future__ import annotations
 
+import http.client
 import signal
 import socket
 import time
@@ -68,6 +69,51 @@ def test_after_sigterm_no_step_starts_and_the_next_start_resumes_the_execution(
     assert steps_of(detail)["b"]["output"]["body"] == "b ran"
     assert http_target.hits("/b") == 1
     assert rows(execution_id) == [("a", 1, "completed"), ("b", 1, "completed")]
+
+
+def test_a_request_begun_while_running_steps_finish_after_sigterm_is_answered(
+        bound, tmp_path, http_target):
+    """SIGTERM drains HTTP, then lets running steps finish; open connections are served
+    meanwhile. A request begun on one then (here a slow client's run, after the drain, while
+    ``a`` still sleeps) is answered before the connections close, not cut when ``a`` ends."""
+    http_target.route("/b", body="b ran")
+    apply_yaml(TERM.format(url=http_target.url("/b")))
+    daemon = start_daemon(tmp_path, bound, "--shutdown-timeout", "20s")
+    execution_id = run(daemon, "term")
+    wait_until(lambda: step_status(execution_id, "a") == "running")
+    client = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=10)
+    try:
+        client.request("GET", "/healthz")  # the connection is open, served and idle
+        assert client.getresponse().read()
+        daemon.send(signal.SIGTERM)
+        daemon.wait_for_log("shutting down")
+        # a sleeps about two seconds more: the drain of requests in flight is long over
+        stays_false(lambda: step_status(execution_id, "a") == "completed", 0.5)
+        body = b'{"inputs": {}}'
+        client.sock.sendall(b"POST /api/v1/run/term HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                            b"application/json\r\nContent-Length: "
+                            + str(len(body)).encode() + b"\r\n\r\n" + body[:3])
+        wait_until(lambda: step_status(execution_id, "a") == "completed", timeout=10)
+        stays_false(lambda: _closed_by_peer(client.sock), 1.0)  # the engine has stopped
+        client.sock.sendall(body[3:])
+        assert client.sock.recv(65536).startswith(b"HTTP/1.1 503 ")
+    finally:
+        client.close()
+    assert daemon.wait(30) == 0
+    assert http_target.hits("/b") == 0
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+    finally:
+        sock.settimeout(timeout)
 
 
 # --- 8. durable waits (13.1.11) -------------------------------------------------------------
