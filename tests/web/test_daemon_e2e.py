@@ -274,12 +274,11 @@ def test_api_keys_created_and_revoked_by_the_cli_apply_without_a_restart(daemon)
         assert (wrong.status, wrong.json) == (401, {"error": "invalid API key"})
         for path in ("/healthz", "/readyz", "/metrics"):
             assert daemon.get(path).status == 200
-        failures = [(e.resource_id, e.metadata["error"]) for e in AuditEvent.select().where(
-            AuditEvent.action == "auth.failed").order_by(AuditEvent.id)]
-        assert failures[-3:] == [
+        # Refusals are counted by request threads and written by a background one.
+        wait_until(lambda: _auth_failures()[-3:] == [
             ("/api/v1/run/{workflow}", "missing Authorization header"),
             ("/api/v1/executions", "Authorization header must use Bearer scheme"),
-            ("/hooks/{path}", "invalid API key")]
+            ("/hooks/{path}", "invalid API key")], timeout=10)
         auth = {"Authorization": f"Bearer {key}"}
         accepted = daemon.post("/api/v1/run/daily-report", {}, headers=auth)
         assert accepted.status == 202
@@ -299,12 +298,18 @@ def test_api_keys_created_and_revoked_by_the_cli_apply_without_a_restart(daemon)
                      daemon.url)
         assert (no_key.returncode, no_key.stderr) == \
             (1, "Error: missing Authorization header\n")
-    finally:
+    finally:  # the daemon is shared with the next tests: leave its API open
         revoked = cli(daemon.cwd, daemon.database_url, "keys", "revoke", "e2e")
+        wait_until_keys_apply(daemon, required=False)
     assert revoked.stdout.endswith(
         "No active keys remain — the API no longer requires authentication.\n")
-    wait_until_keys_apply(daemon, required=False)
     assert daemon.get("/api/v1/executions?limit=1").status == 200
+
+
+def _auth_failures() -> list[tuple[str, str]]:
+    """(route, error) of each ``auth.failed`` audit row, oldest first."""
+    return [(event.resource_id, event.metadata["error"]) for event in
+            AuditEvent.select().where(AuditEvent.action == "auth.failed").order_by(AuditEvent.id)]
 
 
 def test_run_and_cancel_with_server_go_through_the_api(daemon):
