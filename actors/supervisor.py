@@ -267,9 +267,16 @@ class Supervisor(pykka.ThreadingActor):
 
             def claim():
                 store.expire_dead_neighbours(node.id, node.host_key, pid_alive)
-                return store.claim_expired(node.id)
+                return store.close_orphaned_steps(), store.claim_expired(node.id)
 
-            self._write(claim, lambda claimed: m.Claimed(tuple(claimed)))
+            def claimed(result):
+                closed, taken = result
+                for execution_id in closed:  # the cancel's owner died before recording it
+                    log.info("steps of a cancelled execution closed",
+                             extra={"execution_id": execution_id})
+                return m.Claimed(tuple(taken))
+
+            self._write(claim, claimed)
         if now >= self._due["backstop"]:
             self._due["backstop"] = now + BACKSTOP_EVERY
             live = list(self._live)

@@ -4,7 +4,8 @@ A node's lease (``nodes.lease_expires_at``, in the database's clock) covers ever
 owns (``workflow_executions.owner``); each execution carries a fencing ``epoch`` that grows
 with every change of owner. The engine's writes for an execution are accepted only under the
 epoch it was started with (``refused_fences``, checked by the journal for each batch); a live
-node takes over the running executions of nodes whose lease expired (``claim_expired``).
+node takes over the running executions of nodes whose lease expired (``claim_expired``) and
+ends the steps they left running in executions cancelled meanwhile (``close_orphaned_steps``).
 Statements that differ between the databases come from ``mantle.db.engine``.
 """
 
@@ -14,12 +15,13 @@ import datetime as dt
 from collections.abc import Callable, Iterable
 
 from mantle.db.engine import skip_locked_sql
+from mantle.db.fields import utcnow
 from mantle.db.models import Node
 from mantle.store.statements import Statements
 from mantle.store.versions import current_versions_query, note_current_versions
 
-__all__ = ["refused_fences", "claim_expired", "expire_dead_neighbours", "cancelled_among",
-           "register_node", "renew_node", "expire_node", "node_channels", "database_now"]
+__all__ = ["refused_fences", "claim_expired", "close_orphaned_steps", "expire_dead_neighbours",
+           "cancelled_among", "register_node", "renew_node", "expire_node", "node_channels", "database_now"]
 
 _CHUNK = 500  # ids per IN (...) list
 
@@ -80,6 +82,33 @@ def claim_expired(node: str, limit: int = 100) -> list[tuple[str, int]]:
         f"WHERE e.status = 'running' AND (n.id IS NULL OR n.lease_expires_at < {sql.now}) "
         f"ORDER BY e.started_at LIMIT {p}{skip_locked_sql(sql.db, 'e')}) "
         "RETURNING id, epoch", (node, limit))]
+
+
+def close_orphaned_steps(limit: int = _CHUNK) -> list[str]:
+    """End ``cancelled`` the steps still pending or running in cancelled executions whose
+    owner's lease has expired; returns those executions' ids.
+
+    A cancel commits ``cancelled`` at once and leaves the running attempts to the owner,
+    which records them when it has interrupted them (SPEC 4.6). An owner that died first
+    never does, and nothing takes a final execution over. A live owner past its lease may
+    still write the attempt afterwards: fenced by its epoch, which this leaves alone, that
+    write lands, which is what it would have been anyway (a result racing a cancel may be
+    stored ``completed``). Found through migration 006's index of active step rows."""
+    sql = Statements.of_bound()
+    p = sql.db.param
+    # CROSS JOIN keeps SQLite's planner on the small index first (PostgreSQL plans it as
+    # any join): by the status of executions it would go through every cancelled one.
+    ids = [row[0] for row in sql.rows(
+        "SELECT DISTINCT s.execution_id FROM step_executions s "
+        "CROSS JOIN workflow_executions e LEFT JOIN nodes n ON n.id = e.owner "
+        "WHERE e.id = s.execution_id AND s.status IN ('pending', 'running') "
+        "AND e.status = 'cancelled' "
+        f"AND (n.id IS NULL OR n.lease_expires_at < {sql.now}) LIMIT {p}", (limit,))]
+    if ids:
+        sql.run(f"UPDATE step_executions SET status = 'cancelled', completed_at = {p} "
+                "WHERE status IN ('pending', 'running') AND execution_id IN "
+                f"({sql.placeholders(len(ids))})", (sql.stamp(utcnow()), *ids))
+    return ids
 
 
 def expire_dead_neighbours(node: str, host_key: str, alive: Callable[[int], bool]) -> int:

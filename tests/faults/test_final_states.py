@@ -17,7 +17,7 @@ from tests.faults.conftest import dump_database
 from tests.faults.support import (hooks_of, kill, no_log_line, rows, run, start_daemon,
                                   status, steps_of)
 from tests.helpers.sampling import RunningSampler
-from tests.web.support import Daemon, apply_yaml, wait_until
+from tests.web.support import Daemon, apply_yaml, cli, wait_until
 
 
 # --- 1. a crash while a hook runs (13.1.8) -------------------------------------------------
@@ -365,3 +365,38 @@ def test_cancelling_an_execution_that_holds_or_waits_for_a_step_slot_lets_the_ot
     finally:
         http_target.release("/flaky")
         daemon.stop()
+
+
+# --- 6. a cancel whose owner is gone (4.6, 13.7) --------------------------------------------
+
+NAPPING = """
+    name: napping
+    steps:
+      - {name: nap, action: core/sleep, params: {duration: 60s}}
+"""
+
+
+def test_a_cancel_committed_after_its_owner_died_still_ends_the_running_step(bound, tmp_path):
+    """A cancel commits ``cancelled`` at once and leaves the running attempts to the owner,
+    which records them ``cancelled`` when it has interrupted them (4.6). When the owner died
+    first (here it is killed, then the execution is cancelled from the CLI before anyone
+    takes it over), nobody would: the execution is final, so nothing takes it over, and its
+    step stayed ``running`` for good. The next daemon ends such steps ``cancelled``."""
+    apply_yaml(NAPPING)
+    owner = start_daemon(tmp_path, bound)
+    execution_id = run(owner, "napping")
+    wait_until(lambda: rows(execution_id) == [("nap", 1, "running")])
+    kill(owner)
+    cancelled = cli(tmp_path, bound, "cancel", execution_id)
+    assert cancelled.stdout == f"Cancelled execution {execution_id}\n", cancelled.stderr
+    assert (status(execution_id), rows(execution_id)) == ("cancelled", [("nap", 1, "running")])
+
+    successor = start_daemon(tmp_path, bound)
+    try:
+        wait_until(lambda: rows(execution_id) == [("nap", 1, "cancelled")], timeout=15)
+        successor.wait_for_log("steps of a cancelled execution closed",
+                               execution_id=execution_id)
+        step = steps_of(successor.get(f"/api/v1/executions/{execution_id}").json)["nap"]
+        assert step["completed_at"] is not None
+    finally:
+        successor.stop()

@@ -46,12 +46,13 @@ def test_an_execution_reaching_a_final_status_gets_one_execution_finished_row(db
 
 
 def test_migrating_005_down_removes_the_trigger_and_up_restores_it(db):
-    assert migrations.migrate_down(db) == "005_execution_events"
+    while migrations.migrate_down(db) != "005_execution_events":  # and those after it
+        pass
     execution_id = _execution()
     WorkflowExecution.update(status="completed", completed_at=utcnow()).where(
         WorkflowExecution.id == execution_id).execute()
     assert _finished_rows(execution_id) == []
-    assert migrations.migrate(db) == ["005_execution_events"]
+    assert migrations.migrate(db)[0] == "005_execution_events"
     second = _execution()
     WorkflowExecution.update(status="completed", completed_at=utcnow()).where(
         WorkflowExecution.id == second).execute()
