@@ -75,6 +75,19 @@ def _wait_final(daemon: Daemon, workflow: str, timeout: float) -> None:
     raise TimeoutError(f"{workflow}: executions still running after {timeout}s")
 
 
+def _step_settled(daemon: Daemon, execution_id: str, deadline: float) -> dict:
+    """The execution's detail once its step is final. A cancel commits the execution's
+    status at once; the owner records the step when it has interrupted it, within 50 ms
+    (SPEC 4.6, 13.7), and that moment is what W4 measures."""
+    while True:
+        _, detail = daemon.client.request("GET", f"/api/v1/executions/{execution_id}")
+        steps = detail["steps"]
+        if (steps and steps[0]["status"] not in ("pending", "running")) \
+                or time.monotonic() > deadline:
+            return detail
+        time.sleep(0.05)
+
+
 def _completed(daemon: Daemon, workflow: str, ids) -> dict[str, float]:
     """{id: completed_at epoch} of the newest 1000 completed executions among ``ids``."""
     _, body = daemon.client.request(
@@ -143,7 +156,7 @@ def cancel_workload(daemon: Daemon, workflow: str, n: int) -> dict:
     # (server clock, same machine): no client polling sits in the measured path.
     latencies, elsewhere = [], []
     for execution_id, (sent, node) in cancels.items():
-        _, detail = daemon.client.request("GET", f"/api/v1/executions/{execution_id}")
+        detail = _step_settled(daemon, execution_id, deadline=time.monotonic() + 5)
         step = detail["steps"][0]
         if detail["status"] == "cancelled" and step["status"] == "cancelled":
             latency = _epoch(step["completed_at"]) - sent
