@@ -133,6 +133,13 @@ class _Tally:
     errors: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     addresses: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
+    def absorb(self, later: "_Tally") -> None:
+        """Add the refusals of ``later``, counted after these, to this tally."""
+        self.count += later.count
+        self.last_at = later.last_at
+        self.errors.update(later.errors)
+        self.addresses.update(later.addresses)
+
     def metadata(self) -> dict:
         return {"count": self.count, "error": self.first_error, "method": self.first_method,
                 "remote_addr": self.first_address, "first_at": rfc3339(self.first_at),
@@ -144,9 +151,10 @@ class AuthFailures:
     """``auth.failed`` audit rows, at most one per route per ``interval`` seconds.
 
     Request threads only count (``record``); the ``mantle-auth-audit`` thread writes. The
-    first refusal after a quiet interval is written at once; the ones after it are summed into
-    the row written when the interval has passed (metadata ``count``, ``errors``,
-    ``addresses``, ``first_at``, ``last_at``). ``close()`` writes what is left.
+    first refusal after a quiet interval is written at once, in a row of its own however late
+    the writer gets to it; the ones after it are summed into the row written when the
+    interval has passed (metadata ``count``, ``errors``, ``addresses``, ``first_at``,
+    ``last_at``). ``close()`` writes what is left.
     """
 
     def __init__(self, database, interval: float = 60.0):
@@ -154,8 +162,9 @@ class AuthFailures:
         self._interval = interval
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
+        self._ready: list[tuple[str, _Tally]] = []  # first refusals, each to be written alone
         self._pending: dict[str, _Tally] = {}
-        self._written: dict[str, float] = {}  # route -> monotonic time of its last row
+        self._written: dict[str, float] = {}  # route -> monotonic time its interval began
         self._thread: threading.Thread | None = None
         self._closed = False
 
@@ -166,7 +175,13 @@ class AuthFailures:
                 return
             tally = self._pending.get(route)
             if tally is None:
-                tally = self._pending[route] = _Tally(now, error, method, address)
+                tally = _Tally(now, error, method, address)
+                began = time.monotonic()
+                if self._written.get(route, -1e18) + self._interval <= began:  # quiet
+                    self._written[route] = began
+                    self._ready.append((route, tally))
+                else:
+                    self._pending[route] = tally
             tally.count += 1
             tally.last_at = now
             tally.errors[error] += 1
@@ -201,37 +216,42 @@ class AuthFailures:
                 if closed:
                     return
                 time.sleep(1.0)  # an outage: keep the counts and try again
-            elif closed and not self._pending:
+            elif closed and not self._pending and not self._ready:
                 return
 
-    def _take_due(self) -> tuple[dict[str, _Tally], float | None]:
-        """(routes to write now, seconds until the next one is due); under the lock."""
+    def _take_due(self) -> tuple[list[tuple[str, _Tally]], float | None]:
+        """(rows to write now, seconds until the next one is due); under the lock."""
         now = time.monotonic()
-        due, wait = {}, None
+        due, wait = self._ready, None
+        self._ready = []
         for route, tally in list(self._pending.items()):
             left = self._written.get(route, -1e18) + self._interval - now
             if left <= 0 or self._closed:
-                due[route] = self._pending.pop(route)
+                due.append((route, self._pending.pop(route)))
                 self._written[route] = now
             else:
                 wait = left if wait is None else min(wait, left)
         return due, wait
 
-    def _put_back(self, due: dict[str, _Tally]) -> None:
+    def _put_back(self, due: list[tuple[str, _Tally]]) -> None:
+        """After an outage: the counts go back to wait for the next row of their route."""
+        back: dict[str, _Tally] = {}
+        for route, tally in due:  # oldest first
+            if route in back:
+                back[route].absorb(tally)
+            else:
+                back[route] = tally
         with self._lock:
-            for route, tally in due.items():
+            for route, tally in back.items():
                 newer = self._pending.get(route)
                 if newer is not None:
-                    tally.count += newer.count
-                    tally.last_at = newer.last_at
-                    tally.errors.update(newer.errors)
-                    tally.addresses.update(newer.addresses)
+                    tally.absorb(newer)
                 self._pending[route] = tally
 
-    def _write(self, due: dict[str, _Tally]) -> bool:
+    def _write(self, due: list[tuple[str, _Tally]]) -> bool:
         try:
             with transaction(self._database):
-                for route, tally in due.items():
+                for route, tally in due:
                     audit.record_audit("api", "auth.failed", "http_request", route,
                                        tally.metadata())
             return True

@@ -7,16 +7,19 @@ comes from its configuration) and the real command line, on SQLite and PostgreSQ
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import time
 
 import pytest
 
 from mantle import apikeys
+from mantle.db.connect import connect, is_postgres
 from mantle.db.fields import utcnow
 from mantle.db.models import ApiKey, AuditEvent
 from tests.web.served import served
 from tests.web.support import Daemon, apply_yaml, cli, wait_until, wait_until_keys_apply
+from web.auth import AuthFailures
 from web.settings import ApiSettings
 
 NAP = """
@@ -70,6 +73,45 @@ def test_a_flood_of_refused_requests_writes_one_audit_row_per_route_and_interval
         assert set(row.metadata["addresses"]) == {"127.0.0.1"}
         assert row.metadata["first_at"] <= row.metadata["last_at"]
     assert total_errors == {"missing Authorization header": 100, "invalid API key": 100}
+
+
+@contextlib.contextmanager
+def _audit_table_held(url: str):
+    """Another session keeps every insert into ``audit_events`` waiting until the block ends
+    (SQLite: the write lock; PostgreSQL: a SHARE lock on the table)."""
+    other = connect(url)
+    try:
+        if is_postgres(other):
+            other.execute_sql("BEGIN")
+            other.execute_sql("LOCK TABLE audit_events IN SHARE MODE")
+        else:
+            other.execute_sql("BEGIN IMMEDIATE")
+        yield
+    finally:
+        other.execute_sql("ROLLBACK")
+        other.close()
+
+
+def test_the_first_refusal_after_a_quiet_interval_gets_a_row_of_its_own_however_late_the_writer(
+        db, migrated_db_url):
+    """docs/api.md: the first refusal after a quiet interval is written at once, the ones
+    after it are summed into the next row. Here the writer is held up (by another route's
+    row, waiting for the table) while a route's first and second refusals come: the first
+    still gets a row of its own (a run with the CPU busy once wrote both in one)."""
+    failures = AuthFailures(db, interval=0.2)
+    try:
+        with _audit_table_held(migrated_db_url):
+            failures.record("/other", "GET", "127.0.0.1", "missing Authorization header")
+            wait_until(lambda: not failures._pending and not getattr(failures, "_ready", ()),
+                       timeout=5)  # the writer took it and waits for the table
+            failures.record("/api/v1/executions", "GET", "127.0.0.1",
+                            "missing Authorization header")
+            failures.record("/api/v1/executions", "GET", "127.0.0.1", "invalid API key")
+    finally:
+        failures.close()
+    rows = [row.metadata for row in _refusal_rows() if row.resource_id == "/api/v1/executions"]
+    assert [(row["count"], row["error"]) for row in rows] == [
+        (1, "missing Authorization header"), (1, "invalid API key")]
 
 
 @pytest.fixture
