@@ -177,7 +177,7 @@ class AuthFailures:
             if tally is None:
                 tally = _Tally(now, error, method, address)
                 began = time.monotonic()
-                if self._written.get(route, -1e18) + self._interval <= began:  # quiet
+                if self._left(route, began) <= 0:  # quiet
                     self._written[route] = began
                     self._ready.append((route, tally))
                 else:
@@ -225,13 +225,17 @@ class AuthFailures:
         due, wait = self._ready, None
         self._ready = []
         for route, tally in list(self._pending.items()):
-            left = self._written.get(route, -1e18) + self._interval - now
+            left = self._left(route, now)
             if left <= 0 or self._closed:
                 due.append((route, self._pending.pop(route)))
                 self._written[route] = now
             else:
                 wait = left if wait is None else min(wait, left)
         return due, wait
+
+    def _left(self, route: str, now: float) -> float:
+        """Seconds until the route's interval is over (<= 0: over, or never begun)."""
+        return self._written.get(route, -1e18) + self._interval - now
 
     def _put_back(self, due: list[tuple[str, _Tally]]) -> None:
         """After an outage: the counts go back to wait for the next row of their route."""

@@ -21,7 +21,8 @@ from mantle.store.statements import Statements
 from mantle.store.versions import current_versions_query, note_current_versions
 
 __all__ = ["refused_fences", "claim_expired", "close_orphaned_steps", "expire_dead_neighbours",
-           "cancelled_among", "register_node", "renew_node", "expire_node", "node_channels", "database_now"]
+           "cancelled_among", "register_node", "renew_node", "expire_node", "node_channels",
+           "database_now"]
 
 _CHUNK = 500  # ids per IN (...) list
 
