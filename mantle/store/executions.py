@@ -17,7 +17,7 @@ from peewee import SQL, fn
 from mantle.db import is_postgres, lock_for_update
 from mantle.db.fields import dump_json, storable, utcnow
 from mantle.db.models import Node, StepExecution, Workflow, WorkflowExecution
-from mantle.errors import LimitReached, MantleError
+from mantle.errors import ExecutionFinished, ExecutionNotFound, LimitReached, MantleError
 from mantle.states import ExecutionStatus
 from mantle.store.statements import Pending, Statements, storable_text
 from mantle.store.versions import stored_version, version_of
@@ -105,6 +105,10 @@ def create_execution(workflow: str, inputs: dict | None, version: int | None, tr
         return Created(error=exc)
     queued = False
     sql = Statements.of_bound()
+    if parent is not None:
+        refused = _parent_gone(sql, parent.execution_id)
+        if refused is not None:
+            return Created(error=refused)
     if model.max_parallel_executions > 0:
         sql.flush()  # the count must see executions created earlier in this batch
         lock_for_update(Workflow, Workflow.name == workflow)
@@ -143,6 +147,23 @@ def create_execution(workflow: str, inputs: dict | None, version: int | None, tr
         sql.audit(actor, "execution.retried", "workflow_execution", execution["id"],
                   {"original_execution_id": retry_of, "from_step": from_step})
     return Created(execution, definition, queued=queued)
+
+
+def _parent_gone(sql: Statements, parent_id: str) -> MantleError | None:
+    """Why a child of ``parent_id`` may not be created: the parent is no longer running.
+
+    A cancel may commit while the parent's owner is creating a child (from another node, or
+    ahead of the creation in this node's journal); the cancel's cascade cannot see a child
+    created after it, so the creation must see the cancel (SPEC 13.3). On PostgreSQL the
+    parent's row stays share-locked until this transaction ends: a cancel committing
+    meanwhile waits for it, and its cascade then finds the child."""
+    rows = sql.rows(f"SELECT status FROM workflow_executions WHERE id = {sql.db.param}"
+                    f"{sql.share_lock}", (parent_id,))
+    if not rows:
+        return ExecutionNotFound(parent_id)
+    if rows[0][0] != ExecutionStatus.RUNNING.value:
+        return ExecutionFinished(parent_id, rows[0][0])
+    return None
 
 
 def _running_count(workflow: str) -> int:

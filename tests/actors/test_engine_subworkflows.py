@@ -3,8 +3,14 @@ shape in CEL, failures, cancel and timeout cascades, the depth limit, the child'
 
 from __future__ import annotations
 
+import threading
 import time
 
+import pytest
+
+from mantle import store
+from mantle.db import transaction
+from mantle.db.connect import connect, is_postgres
 from mantle.db.models import WorkflowExecution
 from tests.actors.conftest import apply, finish, run, steps_of, wait_until
 
@@ -95,6 +101,56 @@ def test_cancelling_the_parent_cancels_its_running_child_within_a_second(engine)
     assert time.monotonic() - started < 1.0
     detail = finish(engine, result.execution_id)
     assert detail["status"] == "cancelled"
+
+
+def _lock_waiters(session) -> int:
+    """Sessions of the cluster now waiting for a lock another session holds."""
+    return session.execute_sql(
+        "SELECT count(DISTINCT pid) FROM pg_locks WHERE NOT granted").fetchone()[0]
+
+
+def test_a_cancel_committed_while_the_child_is_being_created_still_cancels_the_child(
+        engine, db, migrated_db_url):
+    """SPEC 13.3: cancelling a parent cancels its running children. Here the cancel commits
+    from another session while the owner's creation of the child is held up (another
+    session holds the child workflow's row, which its limit check locks); the child was
+    created afterwards, running, with a cancelled parent, and ran on."""
+    if not is_postgres(db):
+        pytest.skip("holds row locks from another session (SQLite: tests/mantle)")
+    apply("""
+        name: sleepy-kid
+        max_parallel_executions: 5
+        steps: [{name: nap, action: core/sleep, params: {duration: 60s}}]
+    """)
+    apply("""
+        name: parent
+        steps: [{name: child, action: workflow/run, params: {workflow: sleepy-kid}}]
+    """)
+    holder, watcher = connect(migrated_db_url), connect(migrated_db_url)
+    cancel = None
+    try:
+        holder.execute_sql("BEGIN")
+        holder.execute_sql("SELECT 1 FROM workflows WHERE name = 'sleepy-kid' FOR UPDATE")
+        parent = engine.run("parent").execution_id
+        wait_until(lambda: _lock_waiters(watcher) == 1)  # the creation waits for the row
+
+        def cancel_elsewhere():
+            with transaction():
+                store.cancel_execution(parent, "api")
+
+        cancel = threading.Thread(target=cancel_elsewhere)
+        cancel.start()
+        # committed, or waiting for the creation to end first
+        wait_until(lambda: not cancel.is_alive() or _lock_waiters(watcher) == 2)
+    finally:
+        holder.execute_sql("ROLLBACK")
+        holder.close()
+        watcher.close()
+        if cancel is not None:
+            cancel.join(10)
+    assert finish(engine, parent)["status"] == "cancelled"
+    wait_until(lambda: all(child.status == "cancelled" for child in _children(parent)),
+               timeout=5)
 
 
 def test_a_step_timeout_of_the_parent_cancels_the_child(engine):
