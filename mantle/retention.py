@@ -6,8 +6,8 @@ a sweep over a large backlog never holds SQLite's write lock, or PostgreSQL row 
 enough to hold up the checkpoints of running executions.
 
 An execution is deleted only when it is final (``completed``, ``failed``, ``cancelled``), its
-``completed_at`` is older than the cutoff, and none of its children is still ``pending`` or
-``running``; its step rows go with it, and so does its idempotency key (a column of its row).
+``completed_at`` is older than the cutoff, none of its children is still ``pending`` or
+``running`` and its parent (if any) is not either; its step rows go with it, and so does its idempotency key (a column of its row).
 Node rows of dead processes (13.7) are pruned too: lease expired over an hour ago (by the
 database's clock on PostgreSQL) and owning no pending or running execution.
 """
@@ -91,15 +91,20 @@ def _cutoff(days: int, now: dt.datetime | None) -> dt.datetime:
 
 
 def _expired_executions(cutoff: dt.datetime):
-    """Final executions completed before ``cutoff`` with no child still pending or running."""
-    child = WorkflowExecution.alias("child")
+    """Final executions completed before ``cutoff`` with no child still pending or running,
+    and no parent still running: a parent awaiting its child's end reads the child's row,
+    however long ago it ended (say, after every node was down for longer than the cutoff)."""
+    child, parent = WorkflowExecution.alias("child"), WorkflowExecution.alias("parent")
     busy_child = (child.select(SQL("1"))
                   .where(child.parent_execution_id == WorkflowExecution.id,
                          child.status.in_(_ACTIVE)))
+    busy_parent = (parent.select(SQL("1"))
+                   .where(parent.id == WorkflowExecution.parent_execution_id,
+                          parent.status.in_(_ACTIVE)))
     return (WorkflowExecution.select(WorkflowExecution.id)
             .where(WorkflowExecution.status.in_(_FINAL),
                    WorkflowExecution.completed_at < cutoff,
-                   ~fn.EXISTS(busy_child)))
+                   ~fn.EXISTS(busy_child), ~fn.EXISTS(busy_parent)))
 
 
 def count(retention: Retention, now: dt.datetime | None = None) -> SweepResult:

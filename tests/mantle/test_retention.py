@@ -1,7 +1,8 @@
 """Retention (SPEC 13.4) on SQLite and PostgreSQL: rows backdated with SQL, then ``mantle
 cleanup`` through the real command line deletes exactly the expired ones (``--dry-run``
-nothing), never pending/running executions or a parent whose child still runs; batches stay
-within 1,000 rows; dead nodes are pruned."""
+nothing), never pending/running executions, a parent whose child still runs or a child whose
+parent still runs (and may yet read its result); batches stay within 1,000 rows; dead nodes
+are pruned."""
 
 from __future__ import annotations
 
@@ -67,6 +68,8 @@ def history(db):
         made["running_child"] = execution("running", None, parent=made["busy_parent"])
         made["done_parent"] = execution("completed", 60)
         made["done_child"] = execution("completed", 50, parent=made["done_parent"])
+        made["waiting_parent"] = execution("running", None)
+        made["awaited_child"] = execution("completed", 50, parent=made["waiting_parent"])
         old_audit = [audit_event(days) for days in (91, 200, 365)]
         new_audit = [audit_event(days) for days in (89, 1)]
     return made, old_audit, new_audit
@@ -85,7 +88,8 @@ def test_cleanup_deletes_exactly_the_expired_executions_and_audit_events(
     # Steps go with their execution; the kept ones keep theirs.
     step_owners = {row.execution_id for row in StepExecution.select()}
     assert step_owners == {made[n] for n in ("recent_completed", "old_running", "busy_parent",
-                                             "running_child")}
+                                             "running_child", "waiting_parent",
+                                             "awaited_child")}
     # The idempotency key went with its execution.
     assert not WorkflowExecution.select().where(
         WorkflowExecution.idempotency_key == "key-1").exists()
