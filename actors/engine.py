@@ -98,13 +98,16 @@ class Engine:
     def run(self, workflow: str, inputs: dict | None = None, *, version: int | None = None,
             trigger: Any = None, actor: str = "cli", idempotency_key: str | None = None,
             timeout: float = 30.0, retry_of: str | None = None, from_step: str | None = None,
-            reuse: tuple = ()) -> RunResult:
+            reuse: tuple = (), claim=None) -> RunResult:
         """Create an execution and start it (or queue it); the row exists on return.
 
         Raises ``pykka.Timeout`` when the row is not written within ``timeout`` (database
         outage); such a run is then never created, so the caller may retry it. Raises
         ShuttingDown once the engine stops starting work, EngineSaturated while its queues
-        are long (issue 11.9: back-pressure instead of growing queues).
+        are long (issue 11.9: back-pressure instead of growing queues). ``claim`` (optional)
+        is called in the transaction that creates the execution: when it returns False the
+        run is not created and AlreadyClaimed is raised; when the run is not created, the
+        claim is not made either.
         """
         supervisor = self._supervisor
         if self._stopping or supervisor is None:
@@ -114,7 +117,7 @@ class Engine:
         reply = Reply()
         submit_run(self._context, supervisor, m.RunRequest(
             workflow, inputs, version, trigger, actor, idempotency_key, reply, retry_of,
-            from_step, tuple(reuse), deadline=time.monotonic() + timeout))
+            from_step, tuple(reuse), deadline=time.monotonic() + timeout, claim=claim))
         return reply.get(timeout=timeout)
 
     def cancel(self, execution_id: str, actor: str = "cli", timeout: float = 30.0) -> str:

@@ -49,6 +49,9 @@ class RunRequest:
     reuse: tuple = ()  # step rows copied from the original by ``mantle retry``
     deadline: float | None = None  # time.monotonic() when the caller stops waiting
     parent: Any = None  # mantle.store.Parent of a sub-workflow's child
+    # Called in the creating transaction; False: another process claimed the run first (a
+    # cron minute), which is then not created and answered AlreadyClaimed.
+    claim: Any = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ from actors import messages as m
 from actors.context import EngineContext, tell
 from actors.execution import ExecutionActor
 from mantle import store
-from mantle.errors import ExecutionFinished, ExecutionNotFound
+from mantle.errors import AlreadyClaimed, ExecutionFinished, ExecutionNotFound
 from mantle.services.channel import local_targets
 from mantle.services.nodes import pid_alive
 
@@ -73,6 +73,8 @@ def submit_run(ctx: EngineContext, supervisor: pykka.ActorRef, msg: m.RunRequest
     def op():
         if msg.deadline is not None and time.monotonic() > msg.deadline - ABANDON_MARGIN:
             return None
+        if msg.claim is not None and not msg.claim():
+            return store.Created(error=AlreadyClaimed())
         created = store.create_execution(
             msg.workflow, msg.inputs, msg.version, msg.trigger, ctx.node_id, msg.actor,
             msg.idempotency_key, retry_of=msg.retry_of, from_step=msg.from_step,

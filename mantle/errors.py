@@ -26,6 +26,7 @@ __all__ = [
     "EngineSaturated",
     "JournalStopped",
     "LeaseLost",
+    "AlreadyClaimed",
 ]
 
 
@@ -149,6 +150,13 @@ class LimitReached(MantleError):
                          "concurrent executions")
         self.workflow = workflow
         self.limit = limit
+
+
+class AlreadyClaimed(MantleError):
+    """A run conditional on a claim (a cron minute) that another process made first."""
+
+    def __init__(self) -> None:
+        super().__init__("already started by another process")
 
 
 class LeaseLost(MantleError):

@@ -2,11 +2,14 @@
 
 Each tick reads the cron trigger rows (so ``apply`` and ``rollback`` take effect at the next
 tick) and fires every trigger whose schedule matches the current UTC minute, if that minute
-began less than ``WINDOW`` seconds ago. Firing first moves the row's ``last_fired_at`` to the
-minute with a compare-and-set, and only the caller that moved it starts the execution: a
-restarted daemon, or a second daemon on the same database, never fires a minute twice. A
-minute that passed while no daemon ran is not caught up; a failed firing (database down,
-limit reached) is not retried.
+began less than ``WINDOW`` seconds ago. A firing moves the row's ``last_fired_at`` to the
+minute with a compare-and-set in the transaction that creates the execution, and only the
+caller that moved it creates one: a restarted daemon, or a second daemon on the same
+database, never fires a minute twice, and a firing that created nothing (the daemon shutting
+down or killed, the database gone for the whole run timeout) claimed nothing either, so the
+next tick here or on another node fires the minute while its window lasts. A minute that
+passed while no daemon ran is not caught up; a firing refused by a ``reject`` limit is not
+retried.
 
 The scheduler is a plain thread, outside the actor system: it uses ``Engine.run`` like any
 other client.
@@ -24,7 +27,7 @@ from croniter import croniter
 from mantle.db import OUTAGE_ERRORS, reset_connection, unwrap
 from mantle.db.fields import utcnow
 from mantle.db.models import WorkflowTrigger
-from mantle.errors import LimitReached, MantleError, ShuttingDown
+from mantle.errors import AlreadyClaimed, LimitReached, MantleError, ShuttingDown
 
 __all__ = ["Scheduler", "WINDOW", "POLL_EVERY"]
 
@@ -89,14 +92,13 @@ class Scheduler:
             return []
         try:
             due = [row for row in self._cron_rows() if self._due(row, minute)]
-            claimed = [row for row in due if self._claim(row, minute)]
         except OUTAGE_ERRORS as exc:
             self._outage(exc)
             return []
         self._in_outage = False
         fired = []
-        for row in claimed:
-            execution_id = self._fire(row)
+        for row in due:
+            execution_id = self._fire(row, minute)
             if execution_id is not None:
                 fired.append(execution_id)
         return fired
@@ -125,15 +127,17 @@ class Scheduler:
             & (WorkflowTrigger.last_fired_at.is_null()
                | (WorkflowTrigger.last_fired_at < minute))).execute())
 
-    def _fire(self, row: WorkflowTrigger) -> str | None:
+    def _fire(self, row: WorkflowTrigger, minute: dt.datetime) -> str | None:
+        """Start the execution of ``minute`` unless another caller did; its id or None."""
         trigger = {"type": "cron", "schedule": row.schedule, "payload": None}
         context = {"workflow": row.workflow_name, "schedule": row.schedule}
         try:
             result = self._engine.run(row.workflow_name, None, trigger=trigger,
-                                      actor="scheduler", timeout=self._run_timeout)
+                                      actor="scheduler", timeout=self._run_timeout,
+                                      claim=lambda: self._claim(row, minute))
         except LimitReached as exc:
             log.warning("cron execution rejected", extra={**context, "error": str(exc)})
-        except ShuttingDown:
+        except (AlreadyClaimed, ShuttingDown):
             pass
         except MantleError as exc:
             log.error("cron firing failed", extra={**context, "error": str(exc)})

@@ -7,9 +7,12 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+import time
 
 import pytest
 
+from actors.engine import Engine
+from mantle.metrics import Metrics
 from mantle.services.scheduler import Scheduler
 from mantle import db as mantle_db
 from mantle.db.models import AuditEvent, WorkflowExecution, WorkflowTrigger
@@ -77,6 +80,25 @@ def test_two_schedulers_ticking_at_once_fire_a_minute_once(engine, db):
         thread.join(10)
     assert sorted(len(fired) for fired in results) == [0, 0, 0, 1]
     assert len(_executions()) == 1
+
+
+def test_a_firing_that_created_nothing_leaves_the_minute_to_the_next_tick(engine, db,
+                                                                          tmp_path):
+    """SPEC 8: exactly one execution per scheduled minute. A daemon that is shutting down
+    (or is killed, or loses the database) as the minute begins creates nothing; its claim
+    on the minute is made in the creating transaction, so it made none either, and another
+    daemon's tick (or its own next one) still fires the minute."""
+    apply_yaml(EVERY_FIVE)
+    stopping = Engine(db, metrics=Metrics(), plugins_dir=str(tmp_path / "plugins")).start()
+    try:
+        stopping.stop_starting(time.monotonic())
+        assert Scheduler(stopping, db).tick(AT + dt.timedelta(seconds=1)) == []
+    finally:
+        stopping.shutdown(timeout=2)
+    assert WorkflowTrigger.get().last_fired_at is None
+    [execution_id] = Scheduler(engine, db).tick(AT + dt.timedelta(seconds=11))
+    assert engine.wait(execution_id, timeout=10) == "completed"
+    assert WorkflowTrigger.get().last_fired_at == AT
 
 
 def test_trigger_changes_from_apply_are_seen_at_the_next_tick(engine, db):
