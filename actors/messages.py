@@ -20,8 +20,8 @@ __all__ = [
     "LeaseLapsed", "OwnersChecked", "Ping", "LiveCount", "ExecutionEnded", "AcquireStepSlot",
     "ReleaseStepSlot", "Shutdown", "StopNow", "AwaitChild", "ChildResult",
     # Execution actor
-    "Begin", "Cancel", "LeaseLost", "StepSlotGranted", "Prepared", "PrepareAgain", "AttemptRowWritten",
-    "RetryRowsWritten", "StepRecorded", "HooksStarted", "ExecutionClosed", "WriteRefused",
+    "Begin", "Cancel", "LeaseLost", "StepSlotGranted", "Prepared", "PrepareAgain",
+    "AttemptRowWritten", "RetryRowsWritten", "StepRecorded", "HooksStarted", "ExecutionClosed", "WriteRefused",
     "WriteFailed", "StepTimedOut", "BackoffEnded", "SleepEnded", "InterruptGraceOver",
     "WorkflowTimedOut", "HooksTimedOut", "AttemptFinished", "ChildCreated", "ChildFinished",
 ]

@@ -7,7 +7,8 @@ enough to hold up the checkpoints of running executions.
 
 An execution is deleted only when it is final (``completed``, ``failed``, ``cancelled``), its
 ``completed_at`` is older than the cutoff, none of its children is still ``pending`` or
-``running`` and its parent (if any) is not either; its step rows go with it, and so does its idempotency key (a column of its row).
+``running`` and its parent (if any) is not either; its step rows go with it, and so does its
+idempotency key (a column of its row).
 Node rows of dead processes (13.7) are pruned too: lease expired over an hour ago (by the
 database's clock on PostgreSQL) and owning no pending or running execution.
 """
