@@ -167,7 +167,10 @@ class Daemon:
                        env=self._env(), stdout=subprocess.DEVNULL)
 
     def _env(self) -> dict:
-        return {**os.environ, "PYTHONPATH": REPO, "MANTLE_LOG_LEVEL": "warn"}
+        # The repository first; a PYTHONPATH already set stays after it (dependencies installed
+        # with ``pip install --target`` on a machine without a package registry).
+        path = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
+        return {**os.environ, "PYTHONPATH": path, "MANTLE_LOG_LEVEL": "warn"}
 
     def __enter__(self) -> Daemon:
         self._mantle("init")
