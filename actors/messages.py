@@ -15,7 +15,7 @@ from typing import Any
 
 __all__ = [
     # Supervisor
-    "RunRequest", "Created", "StartExecution", "SnapshotLoaded", "CancelExecution",
+    "RunRequest", "Created", "StartExecution", "SnapshotLoaded", "StartFailed", "CancelExecution",
     "CancelCommitted", "CancelNotified", "Tick", "Promoted", "Claimed", "CancelsFound",
     "LeaseLapsed", "OwnersChecked", "Ping", "LiveCount", "ExecutionEnded", "AcquireStepSlot",
     "ReleaseStepSlot", "Shutdown", "StopNow", "AwaitChild", "ChildResult",
@@ -105,7 +105,16 @@ class StartExecution:
 @dataclass(frozen=True, slots=True)
 class SnapshotLoaded:
     start: StartExecution
-    snapshot: Any  # (execution, definition, rows) or None
+    snapshot: Any  # (execution, model, rows) or None
+
+
+@dataclass(frozen=True, slots=True)
+class StartFailed:
+    """The snapshot of an execution to start could not be loaded (not an outage)."""
+
+    execution_id: str
+    epoch: int
+    error: BaseException
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ from actors import messages as m
 from actors.context import EngineContext, tell
 from actors.execution import ExecutionActor
 from mantle import store
-from mantle.errors import AlreadyClaimed, ExecutionFinished, ExecutionNotFound
+from mantle.errors import AlreadyClaimed, ExecutionFinished, ExecutionNotFound, JournalStopped
 from mantle.services.channel import local_targets
 from mantle.services.nodes import pid_alive
 
@@ -56,6 +56,11 @@ class RunResult:
     def body(self) -> dict:
         return {"execution_id": self.execution_id, "workflow": self.workflow,
                 "version": self.version}
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception as the short reason of an ``internal error``."""
+    return " ".join((str(exc) or type(exc).__name__).split())[:200]
 
 
 def _fail(reply, exc: BaseException) -> None:
@@ -166,28 +171,68 @@ class Supervisor(pykka.ThreadingActor):
         if created.queued:
             self._due["promote"] = 0.0  # a slot may be free already
             return
-        self._start(created.execution, tuple(msg.request.reuse), resumed=False)
+        self._start(created.execution, created.model, tuple(msg.request.reuse), resumed=False)
 
-    def _start(self, execution: dict, rows, resumed: bool) -> None:
+    def _start(self, execution: dict, model, rows, resumed: bool) -> None:
         if execution["id"] in self._live or self._shutdown:
             return
-        model = store.model_of(execution["workflow"], execution["version"])
-        actor = ExecutionActor.start(self._ctx, self.actor_ref, model, execution)
+        try:
+            actor = ExecutionActor.start(self._ctx, self.actor_ref, model, execution)
+        except Exception as exc:
+            self._unstartable(execution["id"], execution["epoch"], _reason(exc),
+                              execution["workflow"])
+            return
         self._live[execution["id"]] = actor
         self._epochs[execution["id"]] = execution["epoch"]
         actor.tell(m.Begin(execution, tuple(rows), resumed))
 
     def _on_StartExecution(self, msg: m.StartExecution) -> None:
+        ref = self.actor_ref
+
+        def failed(exc: BaseException) -> None:
+            if not isinstance(exc, JournalStopped):  # shutting down: the next owner starts it
+                tell(ref, m.StartFailed(msg.execution_id, msg.epoch, exc))
+
         self._write(lambda: store.execution_snapshot(msg.execution_id),
-                    lambda snapshot: m.SnapshotLoaded(msg, snapshot))
+                    lambda snapshot: m.SnapshotLoaded(msg, snapshot), failed)
 
     def _on_SnapshotLoaded(self, msg: m.SnapshotLoaded) -> None:
-        if msg.snapshot is None:
+        snapshot = msg.snapshot
+        if snapshot is None:
             return
-        execution, _definition, rows = msg.snapshot
+        execution = snapshot.execution
         mine = execution["owner"] == self._ctx.node_id and execution["epoch"] == msg.start.epoch
-        if mine and execution["status"] == "running":
-            self._start(execution, rows, msg.start.resumed)
+        if not mine or execution["status"] != "running":
+            return
+        if snapshot.error is not None:
+            self._unstartable(execution["id"], execution["epoch"], snapshot.error,
+                              execution["workflow"])
+        else:
+            self._start(execution, snapshot.model, snapshot.rows, msg.start.resumed)
+
+    def _on_StartFailed(self, msg: m.StartFailed) -> None:
+        self._unstartable(msg.execution_id, msg.epoch, _reason(msg.error))
+
+    def _unstartable(self, execution_id: str, epoch: int, reason: str,
+                     workflow: str | None = None) -> None:
+        """An execution this node owns but cannot load or start (its version missing or
+        unreadable, its rows not what this code expects) ends ``failed`` with ``internal
+        error: <reason>`` (13.1.12). Left ``running`` under a live owner, nothing would ever
+        take it over, and it would hold its workflow's ``max_parallel_executions`` slot for
+        good. Fenced: only while this node still owns it."""
+        log.error("execution could not be started",
+                  extra={"execution_id": execution_id, "error": reason})
+        ref, metrics = self.actor_ref, self._ctx.metrics
+
+        def done(changed: bool) -> None:
+            if changed:
+                if workflow is not None:
+                    metrics.executions.labels(workflow, "failed").inc()
+                tell(ref, m.ExecutionEnded(execution_id, workflow or "", "failed"))
+
+        self._ctx.journal.submit(
+            lambda: store.fail_execution(execution_id, f"internal error: {reason}"), done,
+            fence=(execution_id, epoch))
 
     # --- cancel ---
 
@@ -398,7 +443,7 @@ def _handlers() -> dict[type, object]:
     s = Supervisor
     return {
         m.Created: s._on_Created, m.StartExecution: s._on_StartExecution,
-        m.SnapshotLoaded: s._on_SnapshotLoaded, m.CancelExecution: s._on_CancelExecution,
+        m.SnapshotLoaded: s._on_SnapshotLoaded, m.StartFailed: s._on_StartFailed, m.CancelExecution: s._on_CancelExecution,
         m.CancelCommitted: s._on_CancelCommitted, m.CancelNotified: s._on_CancelNotified,
         m.ExecutionEnded: s._on_ExecutionEnded, m.Tick: s._on_Tick,
         m.Promoted: s._on_Promoted, m.Claimed: s._on_Claimed,

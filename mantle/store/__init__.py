@@ -11,7 +11,7 @@ can batch them freely. Reads used by the CLI and the REST API live in ``mantle.q
 - ``statements``: the hand-written SQL of the hot writes and the batch scope.
 """
 
-from mantle.store.executions import (MANUAL_TRIGGER, Cancelled, Created, Parent,
+from mantle.store.executions import (MANUAL_TRIGGER, Cancelled, Created, Parent, Snapshot,
                                      cancel_execution, copy_steps, create_execution,
                                      execution_row, execution_snapshot, fail_execution,
                                      final_results,
@@ -25,7 +25,8 @@ from mantle.store.steps import write_progress, write_step
 from mantle.store.versions import model_of, stored_version, version_of
 
 __all__ = [
-    "MANUAL_TRIGGER", "Cancelled", "Created", "Parent", "cancel_execution", "copy_steps",
+    "MANUAL_TRIGGER", "Cancelled", "Created", "Parent", "Snapshot", "cancel_execution",
+    "copy_steps",
     "create_execution", "execution_row", "execution_snapshot", "fail_execution",
     "finish_execution", "final_results", "mark_hooks_started", "promote_queued",
     "queued_workflows", "cancelled_among", "claim_expired", "close_orphaned_steps",

@@ -12,21 +12,23 @@ import datetime as dt
 import uuid
 from typing import Any
 
-from peewee import SQL, fn
+from peewee import SQL, PeeweeException, fn
 
 from mantle.db import is_postgres, lock_for_update
 from mantle.db.fields import dump_json, storable, utcnow
 from mantle.db.models import Node, StepExecution, Workflow, WorkflowExecution
-from mantle.errors import ExecutionFinished, ExecutionNotFound, LimitReached, MantleError
+from mantle.errors import (ExecutionFinished, ExecutionNotFound, LimitReached, MantleError,
+                           VersionNotFound)
 from mantle.states import ExecutionStatus
 from mantle.store.statements import Pending, Statements, storable_text
 from mantle.store.versions import stored_version, version_of
+from mantle.workflow import Workflow as WorkflowModel
 from mantle.workflow import check_inputs
 
 __all__ = ["Created", "Parent", "Cancelled", "create_execution", "finish_execution",
            "fail_execution", "cancel_execution", "promote_queued", "queued_workflows",
            "execution_snapshot", "execution_row", "copy_steps", "mark_hooks_started",
-           "final_results", "MANUAL_TRIGGER"]
+           "final_results", "Snapshot", "MANUAL_TRIGGER"]
 
 _ACTIVE = (ExecutionStatus.PENDING.value, ExecutionStatus.RUNNING.value)
 MANUAL_TRIGGER = {"type": "manual", "payload": None}
@@ -49,7 +51,7 @@ class Created:
     """Outcome of create_execution: the row as a dict, or the error to report."""
 
     execution: dict | None = None
-    definition: dict | None = None
+    model: WorkflowModel | None = None  # of the execution's version, for the engine
     existing: bool = False
     queued: bool = False
     error: MantleError | None = None
@@ -98,7 +100,7 @@ def create_execution(workflow: str, inputs: dict | None, version: int | None, tr
     found = version_of(workflow, version)
     if isinstance(found, MantleError):
         return Created(error=found)
-    version, definition, model = found
+    version, _definition, model = found
     try:
         effective = check_inputs(model, inputs or {})
     except MantleError as exc:
@@ -146,7 +148,7 @@ def create_execution(workflow: str, inputs: dict | None, version: int | None, tr
     if retry_of is not None:
         sql.audit(actor, "execution.retried", "workflow_execution", execution["id"],
                   {"original_execution_id": retry_of, "from_step": from_step})
-    return Created(execution, definition, queued=queued)
+    return Created(execution, model, queued=queued)
 
 
 def _parent_gone(sql: Statements, parent_id: str) -> MantleError | None:
@@ -314,22 +316,42 @@ def promote_queued(workflow: str, node: str, *, own_only: bool = False
     return promoted
 
 
-def execution_snapshot(execution_id: str) -> tuple[dict, dict, list[dict]] | None:
-    """(execution, definition, step rows) for starting or resuming an execution."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What starting or resuming an execution needs; ``error`` says why it cannot start."""
+
+    execution: dict
+    model: WorkflowModel | None
+    rows: list[dict]
+    error: str | None = None
+
+
+def execution_snapshot(execution_id: str) -> Snapshot | None:
+    """The execution, the model of its version and its step rows; None for an unknown id.
+    A version that is missing, or stored in a form this code cannot read (a row edited by
+    hand, a definition from another release), gives a snapshot with ``error`` set."""
     Statements.of_bound().flush()
     execution = WorkflowExecution.get_or_none(WorkflowExecution.id == execution_id)
     if execution is None:
         return None
-    found = stored_version(execution.workflow_name, execution.version)
+    try:
+        found = stored_version(execution.workflow_name, execution.version)
+    except PeeweeException:
+        raise
+    except Exception as exc:  # parsing the stored definition, not the database
+        return Snapshot(execution_row(execution), None, [],
+                        f"cannot read workflow {execution.workflow_name!r} version "
+                        f"{execution.version}: {type(exc).__name__}: {exc}")
     if found is None:
-        return None
+        return Snapshot(execution_row(execution), None, [],
+                        str(VersionNotFound(execution.workflow_name, execution.version)))
     rows = [{"step": r.step_name, "attempt": r.attempt, "status": r.status,
              "hook_block": r.hook_block, "is_hook": r.is_hook, "output": r.output,
              "error": r.error, "started_at": r.started_at, "completed_at": r.completed_at,
              "wait_kind": r.wait_kind, "wait_until": r.wait_until, "progress": r.progress}
             for r in StepExecution.select().where(StepExecution.execution_id == execution_id)
             .order_by(StepExecution.id)]
-    return execution_row(execution), found[0], rows
+    return Snapshot(execution_row(execution), found[1], rows)
 
 
 def final_results(execution_ids: list[str]) -> dict[str, dict]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from actors.engine import Engine
 from mantle import db as mantle_db
 from mantle.db import transaction
-from mantle.db.models import StepExecution, WorkflowExecution
+from mantle.db.models import StepExecution, WorkflowDefinition, WorkflowExecution
 from mantle.metrics import Metrics
 from tests.actors.conftest import apply, finish, steps_of, wait_until
 
@@ -130,6 +130,52 @@ def test_two_daemons_never_resume_the_same_orphan(db):
     rows = StepExecution.select().where(StepExecution.step_name == "nap")
     assert sorted(r.execution_id for r in rows) == sorted(
         f"00000000-0000-4000-8000-00000000000{i}" for i in range(6))
+
+
+def test_an_orphan_that_cannot_be_loaded_ends_failed_instead_of_running_for_good(db):
+    """13.1.12: an execution never stays ``running``. One whose stored version is missing,
+    or whose version or step rows are in a form this code cannot read (edited by hand,
+    written by another release), used to be claimed and then left as it was: running, under
+    a live owner that nothing takes over, holding its slot for good."""
+    apply("""
+        name: fragile
+        steps: [{name: say, action: core/log, params: {message: hi}}]
+    """)
+    WorkflowDefinition.insert(workflow_name="fragile", version=2, raw_yaml="?",
+                              definition={"name": "fragile", "steps": "unreadable"},
+                              content_hash="0" * 64,
+                              created_at=mantle_db.fields.utcnow()).execute()
+    ids = {2: "00000000-0000-4000-8000-000000000002", 3: "00000000-0000-4000-8000-000000000003",
+           1: "00000000-0000-4000-8000-000000000001"}
+    with transaction(db):
+        for version, execution_id in ids.items():
+            WorkflowExecution.create(id=execution_id, workflow_name="fragile", version=version,
+                                     status="running", inputs={},
+                                     trigger={"type": "manual", "payload": None},
+                                     started_at=mantle_db.fields.utcnow(), owner="gone-node")
+        broken_row = "00000000-0000-4000-8000-000000000004"  # a step row that is not JSON
+        WorkflowExecution.create(id=broken_row, workflow_name="fragile", version=1,
+                                 status="running", inputs={},
+                                 trigger={"type": "manual", "payload": None},
+                                 started_at=mantle_db.fields.utcnow(), owner="gone-node")
+        StepExecution.insert(execution=broken_row, step_name="say", attempt=1,
+                             status="completed", started_at=mantle_db.fields.utcnow()).execute()
+        db.execute_sql("UPDATE step_executions SET output = '{broken' WHERE execution_id = "
+                       f"'{broken_row}'")
+    engine = Engine(db, metrics=Metrics(), resume_orphans=True).start()
+    try:
+        assert finish(engine, ids[1])["status"] == "completed"  # the readable one runs
+        wait_until(lambda: all(WorkflowExecution.get_by_id(i).status == "failed"
+                               for i in (ids[2], ids[3], broken_row)), timeout=10)
+    finally:
+        engine.shutdown(timeout=1)
+    assert WorkflowExecution.get_by_id(broken_row).error.startswith(
+        "internal error: Expecting property name enclosed in double quotes")
+    assert WorkflowExecution.get_by_id(ids[2]).error == (
+        "internal error: cannot read workflow 'fragile' version 2: AttributeError: "
+        "'str' object has no attribute 'get'")
+    assert WorkflowExecution.get_by_id(ids[3]).error == (
+        'internal error: workflow "fragile" version 3 not found')
 
 
 def test_two_hundred_dag_executions_complete_in_dependency_order(engine):
