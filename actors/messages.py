@@ -15,15 +15,17 @@ from typing import Any
 
 __all__ = [
     # Supervisor
-    "RunRequest", "Created", "StartExecution", "SnapshotLoaded", "StartFailed", "CancelExecution",
-    "CancelCommitted", "CancelNotified", "Tick", "Promoted", "Claimed", "CancelsFound",
-    "LeaseLapsed", "OwnersChecked", "Ping", "LiveCount", "ExecutionEnded", "AcquireStepSlot",
-    "ReleaseStepSlot", "Shutdown", "StopNow", "AwaitChild", "ChildResult",
+    "RunRequest", "Created", "StartExecution", "SnapshotLoaded", "StartFailed",
+    "CancelExecution", "CancelCommitted", "CancelNotified", "Tick", "Promoted", "Claimed",
+    "OwnedFound", "CancelsFound", "LeaseLapsed", "OwnersChecked", "Ping", "LiveCount",
+    "ExecutionEnded", "AcquireStepSlot", "ReleaseStepSlot", "Shutdown", "StopNow", "AwaitChild",
+    "ChildResult",
     # Execution actor
     "Begin", "Cancel", "LeaseLost", "StepSlotGranted", "Prepared", "PrepareAgain",
-    "AttemptRowWritten", "RetryRowsWritten", "StepRecorded", "HooksStarted", "ExecutionClosed", "WriteRefused",
-    "WriteFailed", "StepTimedOut", "BackoffEnded", "SleepEnded", "InterruptGraceOver",
-    "WorkflowTimedOut", "HooksTimedOut", "AttemptFinished", "ChildCreated", "ChildFinished",
+    "AttemptRowWritten", "RetryRowsWritten", "StepRecorded", "HooksStarted", "ExecutionClosed",
+    "WriteRefused", "WriteFailed", "StepTimedOut", "BackoffEnded", "SleepEnded",
+    "InterruptGraceOver", "WorkflowTimedOut", "HooksTimedOut", "AttemptFinished", "ChildCreated",
+    "ChildFinished",
 ]
 
 
@@ -110,11 +112,12 @@ class SnapshotLoaded:
 
 @dataclass(frozen=True, slots=True)
 class StartFailed:
-    """The snapshot of an execution to start could not be loaded (not an outage)."""
+    """The snapshot of an execution to start could not be loaded (not an outage); ``error``
+    is None when the journal stopped (shutdown) first."""
 
     execution_id: str
     epoch: int
-    error: BaseException
+    error: BaseException | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +147,11 @@ class Promoted:
 @dataclass(frozen=True, slots=True)
 class Claimed:
     claimed: tuple  # (execution id, epoch)
+
+
+@dataclass(frozen=True, slots=True)
+class OwnedFound:
+    owned: tuple  # (execution id, epoch) of the running executions this node owns
 
 
 @dataclass(frozen=True, slots=True)

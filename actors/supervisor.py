@@ -39,6 +39,11 @@ TICK = 0.25
 PROMOTE_EVERY = 0.5
 TAKEOVER_EVERY = 2.0
 BACKSTOP_EVERY = 1.0
+# A node looks for running executions it owns but runs no actor for (a message or an actor
+# lost to a bug) every this many lease periods (30 s by default): they are started again, so
+# such a bug delays an execution instead of leaving it running for good under a live owner,
+# which no other node would take over.
+RECONCILE_LEASES = 2.0
 
 
 class RunResult:
@@ -124,12 +129,15 @@ class Supervisor(pykka.ThreadingActor):
         self._on_death = on_death
         self._takeover = takeover
         self._live: dict[str, pykka.ActorRef] = {}
+        self._starting: set[str] = set()  # snapshots being loaded for a start
         self._epochs: dict[str, int] = {}
         self._cancelling: set[str] = set()
         self._slots: dict[tuple[str, str], _Slot] = {}
         self._awaiting: dict[str, list[tuple[pykka.ActorRef, str, int]]] = {}
         self._shutdown = False
-        self._due = {"promote": 0.0, "takeover": 0.0, "backstop": 0.0}
+        self._reconcile_every = RECONCILE_LEASES * ctx.node.ttl
+        self._due = {"promote": 0.0, "takeover": 0.0, "backstop": 0.0,
+                     "reconcile": time.monotonic() + self._reconcile_every}
 
     def on_start(self) -> None:
         self._after(0.0, m.Tick())
@@ -188,15 +196,18 @@ class Supervisor(pykka.ThreadingActor):
 
     def _on_StartExecution(self, msg: m.StartExecution) -> None:
         ref = self.actor_ref
+        self._starting.add(msg.execution_id)
 
         def failed(exc: BaseException) -> None:
-            if not isinstance(exc, JournalStopped):  # shutting down: the next owner starts it
-                tell(ref, m.StartFailed(msg.execution_id, msg.epoch, exc))
+            # Shutting down (the journal stopped): the next owner starts it.
+            tell(ref, m.StartFailed(msg.execution_id, msg.epoch,
+                                    None if isinstance(exc, JournalStopped) else exc))
 
         self._write(lambda: store.execution_snapshot(msg.execution_id),
                     lambda snapshot: m.SnapshotLoaded(msg, snapshot), failed)
 
     def _on_SnapshotLoaded(self, msg: m.SnapshotLoaded) -> None:
+        self._starting.discard(msg.start.execution_id)
         snapshot = msg.snapshot
         if snapshot is None:
             return
@@ -211,7 +222,9 @@ class Supervisor(pykka.ThreadingActor):
             self._start(execution, snapshot.model, snapshot.rows, msg.start.resumed)
 
     def _on_StartFailed(self, msg: m.StartFailed) -> None:
-        self._unstartable(msg.execution_id, msg.epoch, _reason(msg.error))
+        self._starting.discard(msg.execution_id)
+        if msg.error is not None:
+            self._unstartable(msg.execution_id, msg.epoch, _reason(msg.error))
 
     def _unstartable(self, execution_id: str, epoch: int, reason: str,
                      workflow: str | None = None) -> None:
@@ -324,6 +337,10 @@ class Supervisor(pykka.ThreadingActor):
                 return m.Claimed(tuple(taken))
 
             self._write(claim, claimed)
+        if now >= self._due["reconcile"]:
+            self._due["reconcile"] = now + self._reconcile_every
+            me = self._ctx.node_id
+            self._write(lambda: store.owned_running(me), lambda owned: m.OwnedFound(tuple(owned)))
         if now >= self._due["backstop"]:
             self._due["backstop"] = now + BACKSTOP_EVERY
             live = list(self._live)
@@ -342,6 +359,18 @@ class Supervisor(pykka.ThreadingActor):
         for execution_id, epoch in msg.claimed:
             log.info("execution taken over", extra={"execution_id": execution_id})
             self._on_StartExecution(m.StartExecution(execution_id, epoch, resumed=True))
+
+    def _on_OwnedFound(self, msg: m.OwnedFound) -> None:
+        """Start the running executions this node owns and neither runs nor is starting.
+        One created here is live by now: its ``Created`` was told before this look-up's
+        answer (both come from the journal, in commit order); one promoted or taken over is
+        live or starting, for the same reason."""
+        if self._shutdown:
+            return
+        for execution_id, epoch in msg.owned:
+            if execution_id not in self._live and execution_id not in self._starting:
+                log.warning("execution restarted", extra={"execution_id": execution_id})
+                self._on_StartExecution(m.StartExecution(execution_id, epoch, resumed=True))
 
     def _on_CancelsFound(self, msg: m.CancelsFound) -> None:
         for execution_id in msg.execution_ids:
@@ -443,7 +472,8 @@ def _handlers() -> dict[type, object]:
     s = Supervisor
     return {
         m.Created: s._on_Created, m.StartExecution: s._on_StartExecution,
-        m.SnapshotLoaded: s._on_SnapshotLoaded, m.StartFailed: s._on_StartFailed, m.CancelExecution: s._on_CancelExecution,
+        m.SnapshotLoaded: s._on_SnapshotLoaded, m.StartFailed: s._on_StartFailed,
+        m.OwnedFound: s._on_OwnedFound, m.CancelExecution: s._on_CancelExecution,
         m.CancelCommitted: s._on_CancelCommitted, m.CancelNotified: s._on_CancelNotified,
         m.ExecutionEnded: s._on_ExecutionEnded, m.Tick: s._on_Tick,
         m.Promoted: s._on_Promoted, m.Claimed: s._on_Claimed,

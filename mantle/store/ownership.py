@@ -21,8 +21,8 @@ from mantle.store.statements import Statements
 from mantle.store.versions import current_versions_query, note_current_versions
 
 __all__ = ["refused_fences", "claim_expired", "close_orphaned_steps", "expire_dead_neighbours",
-           "cancelled_among", "register_node", "renew_node", "expire_node", "node_channels",
-           "database_now"]
+           "owned_running", "cancelled_among", "register_node", "renew_node", "expire_node",
+           "node_channels", "database_now"]
 
 _CHUNK = 500  # ids per IN (...) list
 
@@ -72,6 +72,12 @@ def claim_expired(node: str, limit: int = 100) -> list[tuple[str, int]]:
     """Take over running executions whose owner's lease expired (or that have no live owner
     row): each gets ``node`` as owner and a new epoch. Returns (id, epoch) of those claimed.
 
+    Never from ``node`` itself: a node whose own lease ran out (paused, say) still runs those
+    executions, and renews its lease when it runs again; claiming them from itself would
+    only raise their epoch under its own running actors, which would then have their
+    writes refused and stop, leaving the executions running under a live owner with no
+    actor.
+
     One statement on both databases; on PostgreSQL its inner SELECT skips rows another claimer
     or a fenced writer holds (``FOR UPDATE SKIP LOCKED``), so claimers never wait on each
     other and never both win a row."""
@@ -80,9 +86,10 @@ def claim_expired(node: str, limit: int = 100) -> list[tuple[str, int]]:
     return [(row[0], row[1]) for row in sql.rows(
         f"UPDATE workflow_executions SET owner = {p}, epoch = epoch + 1 WHERE id IN ("
         "SELECT e.id FROM workflow_executions e LEFT JOIN nodes n ON n.id = e.owner "
-        f"WHERE e.status = 'running' AND (n.id IS NULL OR n.lease_expires_at < {sql.now}) "
+        f"WHERE e.status = 'running' AND (n.id IS NULL OR (n.lease_expires_at < {sql.now} "
+        f"AND n.id <> {p})) "
         f"ORDER BY e.started_at LIMIT {p}{skip_locked_sql(sql.db, 'e')}) "
-        "RETURNING id, epoch", (node, limit))]
+        "RETURNING id, epoch", (node, node, limit))]
 
 
 def close_orphaned_steps(limit: int = _CHUNK) -> list[str]:
@@ -110,6 +117,15 @@ def close_orphaned_steps(limit: int = _CHUNK) -> list[str]:
                 "WHERE status IN ('pending', 'running') AND execution_id IN "
                 f"({sql.placeholders(len(ids))})", (sql.stamp(utcnow()), *ids))
     return ids
+
+
+def owned_running(node: str) -> list[tuple[str, int]]:
+    """(id, epoch) of the running executions ``node`` owns (the owner's reconciliation)."""
+    sql = Statements.of_bound()
+    p = sql.db.param
+    return [(row[0], row[1]) for row in sql.rows(
+        f"SELECT id, epoch FROM workflow_executions WHERE owner = {p} AND status = 'running'",
+        (node,))]
 
 
 def expire_dead_neighbours(node: str, host_key: str, alive: Callable[[int], bool]) -> int:

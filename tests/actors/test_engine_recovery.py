@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -176,6 +177,43 @@ def test_an_orphan_that_cannot_be_loaded_ends_failed_instead_of_running_for_good
         "'str' object has no attribute 'get'")
     assert WorkflowExecution.get_by_id(ids[3]).error == (
         'internal error: workflow "fragile" version 3 not found')
+
+
+def test_a_running_execution_its_live_owner_runs_no_actor_for_is_started_again(db, caplog):
+    """Exactly one live owner, and it runs the execution: a running row this node owns but
+    has no actor for (its start message or its actor lost to a bug) is found by the owner's
+    reconciliation, every two lease periods, and started again from its checkpoints. No
+    other node takes it over, since its owner is alive; it used to stay running for good."""
+    apply("""
+        name: forgotten
+        steps:
+          - {name: first, action: core/log, params: {message: one}}
+          - {name: second, action: core/log, depends_on: [first], params: {message: two}}
+    """)
+    engine = Engine(db, metrics=Metrics(), resume_orphans=True, lease_ttl=1.0).start()
+    forgotten = "00000000-0000-4000-8000-0000000000f0"
+    try:
+        with transaction(db):  # as this node would have left it: created, first step done
+            WorkflowExecution.create(id=forgotten, workflow_name="forgotten", version=1,
+                                     status="running", inputs={},
+                                     trigger={"type": "manual", "payload": None},
+                                     started_at=mantle_db.fields.utcnow(),
+                                     running_since=mantle_db.fields.utcnow(),
+                                     owner=engine.runner, epoch=1)
+            StepExecution.insert(execution=forgotten, step_name="first", attempt=1,
+                                 status="completed", output={"message": "one"},
+                                 started_at=mantle_db.fields.utcnow(),
+                                 completed_at=mantle_db.fields.utcnow()).execute()
+        with caplog.at_level(logging.WARNING, logger="mantle.engine"):
+            detail = finish(engine, forgotten, timeout=10)
+    finally:
+        engine.shutdown(timeout=1)
+    assert detail["status"] == "completed"
+    assert [(s["name"], s["attempt"]) for s in detail["steps"]] == [("first", 1),
+                                                                     ("second", 1)]
+    assert WorkflowExecution.get_by_id(forgotten).owner == engine.runner  # not taken over
+    [record] = [r for r in caplog.records if r.getMessage() == "execution restarted"]
+    assert record.execution_id == forgotten
 
 
 def test_two_hundred_dag_executions_complete_in_dependency_order(engine):

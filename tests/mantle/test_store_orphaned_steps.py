@@ -4,9 +4,12 @@ case, a real owner killed before a cancel, is in ``tests/faults/test_final_state
 
 from __future__ import annotations
 
+import datetime as dt
+
 from mantle import store
 from mantle.db import transaction
-from mantle.db.models import StepExecution
+from mantle.db.fields import utcnow
+from mantle.db.models import Node, StepExecution
 from tests.helpers.waiting import apply_yaml
 
 TWO = """
@@ -29,6 +32,13 @@ def _execution(owner: str, status: str, step_statuses: dict[str, str]) -> str:
     return execution_id
 
 
+def _lapse(node: str) -> None:
+    """End a node's lease a minute ago (``expire_node`` ends it now, which a claim in the same
+    millisecond would not yet see as past)."""
+    Node.update(lease_expires_at=utcnow() - dt.timedelta(minutes=1)).where(
+        Node.id == node).execute()
+
+
 def _steps(execution_id: str) -> dict[str, tuple[str, bool]]:
     return {row.step_name: (row.status, row.completed_at is not None) for row in
             StepExecution.select().where(StepExecution.execution_id == execution_id)}
@@ -39,7 +49,7 @@ def test_only_the_active_steps_of_cancelled_executions_whose_owner_is_gone_are_e
     with transaction():
         for node in ("dead", "alive"):
             store.register_node(node, "host", 1, "serve", "key", None, 60)
-        store.expire_node("dead")
+        _lapse("dead")
     orphaned = _execution("dead", "cancelled", {"a": "running", "b": "completed"})
     no_owner = _execution("never-registered", "cancelled", {"a": "pending"})
     owner_alive = _execution("alive", "cancelled", {"a": "running"})
@@ -55,3 +65,21 @@ def test_only_the_active_steps_of_cancelled_executions_whose_owner_is_gone_are_e
     assert _steps(running) == {"a": ("running", False)}
     with transaction():
         assert store.close_orphaned_steps() == []
+
+
+def test_a_node_never_takes_over_its_own_executions_when_its_lease_ran_out(db):
+    """SPEC 13.7 takeover is of another node's work. A node whose lease ran out (it was
+    paused) still runs its executions: claiming them from itself raised their epoch under
+    its own actors, whose next write was refused, and they stopped with nobody to run the
+    execution (its owner alive)."""
+    apply_yaml(TWO)
+    with transaction():
+        for node in ("paused", "other"):
+            store.register_node(node, "host", 1, "serve", "key", None, 60)
+        _lapse("paused")
+    mine = _execution("paused", "running", {"a": "running"})
+
+    with transaction():
+        assert store.claim_expired("paused") == []
+    with transaction():
+        assert store.claim_expired("other") == [(mine, 2)]
