@@ -104,9 +104,10 @@ def test_cancelling_the_parent_cancels_its_running_child_within_a_second(engine)
 
 
 def _lock_waiters(session) -> int:
-    """Sessions of the cluster now waiting for a lock another session holds."""
+    """Sessions of this test's database now waiting for a lock another session holds."""
     return session.execute_sql(
-        "SELECT count(DISTINCT pid) FROM pg_locks WHERE NOT granted").fetchone()[0]
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND wait_event_type = 'Lock'").fetchone()[0]
 
 
 def test_a_cancel_committed_while_the_child_is_being_created_still_cancels_the_child(
