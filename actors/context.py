@@ -15,7 +15,13 @@ from mantle.services.nodes import NodeLease
 from mantle.services.pools import ThreadPool
 from mantle.services.timers import Timers
 
-__all__ = ["EngineContext", "Reply", "tell"]
+__all__ = ["EngineContext", "Reply", "tell", "internal_error"]
+
+
+def internal_error(reason: str) -> str:
+    """The ``error`` of an execution ended by an engine or storage failure (13.1.12):
+    ``internal error: <reason>``, the reason on one line and at most 200 characters."""
+    return f"internal error: {' '.join(reason.split())[:200] or 'unknown'}"
 
 
 def tell(ref: pykka.ActorRef, message) -> None:

@@ -23,7 +23,7 @@ import pykka
 from actors import messages as m
 from actors.attempts import Attempts, StepRun
 from actors.children import Children
-from actors.context import EngineContext, tell
+from actors.context import EngineContext, internal_error, tell
 from actors.hooks import HookPhase
 from actors.runtime import PooledActor
 from mantle import store
@@ -420,8 +420,7 @@ class ExecutionActor(Attempts, HookPhase, Children, PooledActor):
             run.cancel_timers()
             self._interrupt(run, "lost")
             self._release_slot(run)
-        short = " ".join(reason.split())[:200] or "unknown"
-        error = f"internal error: {short}"
+        error = internal_error(reason)
         self._write(lambda: store.fail_execution(self._id, error),
                     lambda changed: m.ExecutionClosed("failed", changed))
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import pykka
 
 from actors import messages as m
-from actors.context import EngineContext, tell
+from actors.context import EngineContext, internal_error, tell
 from actors.execution import ExecutionActor
 from mantle import store
 from mantle.errors import AlreadyClaimed, ExecutionFinished, ExecutionNotFound, JournalStopped
@@ -61,11 +61,6 @@ class RunResult:
     def body(self) -> dict:
         return {"execution_id": self.execution_id, "workflow": self.workflow,
                 "version": self.version}
-
-
-def _reason(exc: BaseException) -> str:
-    """An exception as the short reason of an ``internal error``."""
-    return " ".join((str(exc) or type(exc).__name__).split())[:200]
 
 
 def _fail(reply, exc: BaseException) -> None:
@@ -187,7 +182,8 @@ class Supervisor(pykka.ThreadingActor):
         try:
             actor = ExecutionActor.start(self._ctx, self.actor_ref, model, execution)
         except Exception as exc:
-            self._unstartable(execution["id"], execution["epoch"], _reason(exc),
+            self._unstartable(execution["id"], execution["epoch"],
+                              str(exc) or type(exc).__name__,
                               execution["workflow"])
             return
         self._live[execution["id"]] = actor
@@ -224,7 +220,8 @@ class Supervisor(pykka.ThreadingActor):
     def _on_StartFailed(self, msg: m.StartFailed) -> None:
         self._starting.discard(msg.execution_id)
         if msg.error is not None:
-            self._unstartable(msg.execution_id, msg.epoch, _reason(msg.error))
+            self._unstartable(msg.execution_id, msg.epoch,
+                              str(msg.error) or type(msg.error).__name__)
 
     def _unstartable(self, execution_id: str, epoch: int, reason: str,
                      workflow: str | None = None) -> None:
@@ -233,8 +230,9 @@ class Supervisor(pykka.ThreadingActor):
         error: <reason>`` (13.1.12). Left ``running`` under a live owner, nothing would ever
         take it over, and it would hold its workflow's ``max_parallel_executions`` slot for
         good. Fenced: only while this node still owns it."""
+        error = internal_error(reason)
         log.error("execution could not be started",
-                  extra={"execution_id": execution_id, "error": reason})
+                  extra={"execution_id": execution_id, "error": error})
         ref, metrics = self.actor_ref, self._ctx.metrics
 
         def done(changed: bool) -> None:
@@ -244,7 +242,7 @@ class Supervisor(pykka.ThreadingActor):
                 tell(ref, m.ExecutionEnded(execution_id, workflow or "", "failed"))
 
         self._ctx.journal.submit(
-            lambda: store.fail_execution(execution_id, f"internal error: {reason}"), done,
+            lambda: store.fail_execution(execution_id, error), done,
             fence=(execution_id, epoch))
 
     # --- cancel ---
