@@ -123,8 +123,14 @@ class Engine:
     def cancel(self, execution_id: str, actor: str = "cli", timeout: float = 30.0) -> str:
         """Commit ``cancelled``; return the status it had. Raises ExecutionNotFound or
         ExecutionFinished. The owner, wherever it runs, interrupts the execution."""
+        supervisor = self._supervisor  # read once: shutdown may clear it meanwhile
         reply = Reply()
-        self._supervisor.tell(m.CancelExecution(execution_id, actor, reply))
+        try:
+            if supervisor is None:
+                raise pykka.ActorDeadError("the engine is stopped")
+            supervisor.tell(m.CancelExecution(execution_id, actor, reply))
+        except pykka.ActorDeadError:  # stopped: the last requests of a shutdown land here
+            raise ShuttingDown() from None
         return reply.get(timeout=timeout)
 
     def wait(self, execution_id: str, timeout: float | None = None,

@@ -24,7 +24,8 @@ from actors import messages as m
 from actors.context import EngineContext, internal_error, tell
 from actors.execution import ExecutionActor
 from mantle import store
-from mantle.errors import AlreadyClaimed, ExecutionFinished, ExecutionNotFound, JournalStopped
+from mantle.errors import (AlreadyClaimed, ExecutionFinished, ExecutionNotFound, GateClosed,
+                           JournalStopped)
 from mantle.services.channel import local_targets
 from mantle.services.nodes import pid_alive
 
@@ -32,8 +33,11 @@ __all__ = ["Supervisor", "RunResult", "submit_run"]
 
 log = logging.getLogger("mantle.engine")
 
-# A run still in the journal this close to its caller's deadline is dropped, not created: the
-# caller has answered 503 (or is about to) and must be free to retry without a duplicate.
+# A run not committed this close to its caller's deadline is dropped, not created: the caller
+# has answered 503 (or is about to) and must be free to retry without a duplicate. Checked
+# when its operation starts and again just before its transaction commits (the journal's
+# ``gate``); a COMMIT itself lasting longer than this (the database lost mid-commit) is the
+# one case where a run answered 503 may exist (docs/api.md).
 ABANDON_MARGIN = 1.0
 TICK = 0.25
 PROMOTE_EVERY = 0.5
@@ -98,8 +102,17 @@ def submit_run(ctx: EngineContext, supervisor: pykka.ActorRef, msg: m.RunRequest
             if not created.existing:
                 tell(supervisor, m.Created(msg, created))
 
-    ctx.journal.submit(op, done, lambda exc: _fail(msg.reply, exc),
-                       reads=msg.workflow if msg.version is None else None)
+    def failed(exc: BaseException) -> None:
+        _fail(msg.reply, pykka.Timeout("the run was not written in time")
+              if isinstance(exc, GateClosed) else exc)
+
+    def wanted() -> bool:
+        """Commit only while the caller still waits: a run whose caller gave up (answered
+        503) is never created, however long its transaction waited (a row lock)."""
+        return time.monotonic() <= msg.deadline - ABANDON_MARGIN
+
+    ctx.journal.submit(op, done, failed, reads=msg.workflow if msg.version is None else None,
+                       gate=wanted if msg.deadline is not None else None)
 
 
 class _Slot:

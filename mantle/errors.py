@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "MantleError",
+    "GateClosed",
     "InvalidInput",
     "ConfigError",
     "CannotRead",
@@ -140,6 +141,10 @@ class EngineSaturated(MantleError):
 
 class JournalStopped(MantleError):
     """The journal stopped before the operation could be written."""
+
+
+class GateClosed(MantleError):
+    """A journal operation was dropped, not written: its gate closed before the commit."""
 
 
 class LimitReached(MantleError):

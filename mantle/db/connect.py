@@ -21,8 +21,9 @@ from playhouse.pool import PooledPostgresqlDatabase
 from mantle.errors import ConfigError, DatabaseUnavailable
 
 __all__ = ["database_proxy", "connect", "bind", "unwrap", "is_sqlite", "is_postgres",
-           "OUTAGE_ERRORS", "is_outage", "close_all", "release_connection", "reset_connection", "SQLITE_BUSY_TIMEOUT_MS",
-           "PG_CONNECT_TIMEOUT_S", "PG_STATEMENT_TIMEOUT_MS"]
+           "OUTAGE_ERRORS", "is_outage", "close_all", "release_connection", "reset_connection",
+           "SQLITE_BUSY_TIMEOUT_MS", "PG_CONNECT_TIMEOUT_S", "PG_STATEMENT_TIMEOUT_MS",
+           "track_outcomes", "transaction_id", "transaction_outcome"]
 
 # The CLI and a daemon share one SQLite file: a writer waits this long for the other's lock.
 SQLITE_BUSY_TIMEOUT_MS = 10_000
@@ -35,6 +36,8 @@ PG_IDLE_IN_TRANSACTION_MS = 15_000
 PG_POOL_SIZE = 24
 PG_POOL_WAIT_S = 30
 PG_POOL_STALE_S = 600
+# Asked in the message that begins a tracked transaction (``track_outcomes``).
+_XID_SQL = "SELECT txid_current()"
 _PG_CONNECTION_SETTINGS = {
     "application_name": "mantle",  # pg_stat_activity tells mantle's connections apart
     "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
@@ -233,13 +236,40 @@ class _PostgresDatabase(PooledPostgresqlDatabase):
         if self.is_closed():  # connect now, as BEGIN would: connecting resets the state
             self.connect()
         self._state.begin_pending = True
+        self._state.xact = None
+
+    def track_outcomes(self) -> None:
+        """From now on every transaction of the calling thread learns its transaction id
+        (``transaction_id``) before its COMMIT goes out, in the message that begins it (no
+        round trip of its own), so that when a connection breaks while COMMIT is in flight
+        ``transaction_outcome`` can tell whether it committed (the journal's)."""
+        self._state.track_xid = True
+
+    @property
+    def transaction_id(self) -> tuple[int, int] | None:
+        """(transaction id, server process id) of the current or last begun transaction of
+        the calling thread, once its first message was answered, when outcomes are tracked."""
+        return getattr(self._state, "xact", None)
+
+    def _begin_text(self) -> str:
+        """What a noted BEGIN sends: BEGIN, and the transaction id asked for if tracked."""
+        return "BEGIN; " + _XID_SQL if getattr(self._state, "track_xid", False) else "BEGIN"
+
+    def _note_xid(self, cursor: psycopg.Cursor, text: str) -> None:
+        if text.startswith("BEGIN; " + _XID_SQL):
+            cursor.set_result(1)
+            self._state.xact = (cursor.fetchone()[0], cursor.connection.info.backend_pid)
 
     def _send_begin(self) -> None:
         """Send a noted BEGIN on its own (a cursor wanted for statements we do not see)."""
         if getattr(self._state, "begin_pending", False):
             self._state.begin_pending = False
+            text = self._begin_text()
             with peewee.__exception_wrapper__:
-                self._state.conn.execute("BEGIN")
+                cursor = psycopg.ClientCursor(self._state.conn)
+                cursor.execute(text)
+                self._note_xid(cursor, text)
+                cursor.close()
 
     def cursor(self, named_cursor=None):
         cursor = super().cursor(named_cursor)
@@ -262,13 +292,16 @@ class _PostgresDatabase(PooledPostgresqlDatabase):
         ``commit``: the statements end the transaction, and its COMMIT goes with them; the
         transaction's own ``commit()`` then sends nothing. Should one of them fail, nothing
         after it runs (the COMMIT neither) and the transaction rolls back as usual."""
+        if commit and getattr(self._state, "track_xid", False):
+            self._send_begin()  # the transaction id must be known before COMMIT goes out
         begin = getattr(self._state, "begin_pending", False)
         self._state.begin_pending = False
         self._log_query(sql, params)
-        text = ("BEGIN; " if begin else "") + sql + ("; COMMIT" if commit else "")
+        text = (self._begin_text() + "; " if begin else "") + sql + ("; COMMIT" if commit else "")
         with peewee.__exception_wrapper__:
             cursor = psycopg.ClientCursor(self.connection())
             cursor.execute(text, params)
+            self._note_xid(cursor, text)
             cursor.set_result(-2 if commit else -1)
         self._state.commit_sent = commit
         return cursor
@@ -288,6 +321,38 @@ class _PostgresDatabase(PooledPostgresqlDatabase):
             self._state.begin_pending = False
             return
         super().rollback()
+
+
+def track_outcomes(database) -> None:
+    """PostgreSQL: the calling thread's transactions learn their ids before they commit
+    (``_PostgresDatabase.track_outcomes``); nothing on SQLite, whose COMMIT either
+    happens or fails there and then."""
+    database = unwrap(database)
+    if is_postgres(database):
+        database.track_outcomes()
+
+
+def transaction_id(database) -> tuple[int, int] | None:
+    """(transaction id, server process id) of the calling thread's current or last tracked
+    transaction; None when unknown or not tracked."""
+    return getattr(unwrap(database), "transaction_id", None)
+
+
+def transaction_outcome(database, xact: tuple[int, int]) -> str:
+    """Whether the transaction ``xact`` (``transaction_id``) of a connection that broke
+    committed: ``committed``, ``aborted`` or ``in progress``.
+
+    A transaction still in progress had its COMMIT not yet done (it is then done within
+    moments) or never sent (its server process has not yet noticed the broken connection):
+    that process is asked to end, which rolls back a transaction waiting for its client and
+    leaves a commit under way to finish, so the next look finds the outcome."""
+    xid, pid = xact
+    status = database.execute_sql("SELECT txid_status(%s)", (xid,)).fetchone()[0]
+    if status == "in progress":
+        database.execute_sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE pid = %s AND backend_xid = %s::text::xid", (pid, str(xid % 2 ** 32)))
+    return status or "aborted"  # NULL: too old to be known, long since ended
 
 
 def _postgres_database(url: str) -> peewee.PostgresqlDatabase:

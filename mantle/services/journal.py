@@ -26,9 +26,10 @@ from typing import Any
 import peewee
 
 from mantle.db import is_outage, transaction
-from mantle.errors import JournalStopped, LeaseLost
+from mantle.db.connect import track_outcomes, transaction_id, transaction_outcome
+from mantle.errors import GateClosed, JournalStopped, LeaseLost
 from mantle.store import batch_scope, refused_fences
-from mantle.store.statements import Pending
+from mantle.store.statements import Pending, settle
 
 __all__ = ["Journal", "JournalStopped", "SATURATED_BACKLOG"]
 
@@ -45,18 +46,37 @@ SATURATED_BACKLOG = 20_000
 
 
 class _Entry:
-    __slots__ = ("op", "done", "failed", "fence", "reads")
+    __slots__ = ("op", "done", "failed", "fence", "reads", "gate")
 
-    def __init__(self, op, done, failed, fence, reads):
+    def __init__(self, op, done, failed, fence, reads, gate):
         self.op = op
         self.done = done
         self.failed = failed
         self.fence = fence
         self.reads = reads
+        self.gate = gate
 
 
 # An operation skipped because its fence was refused (its ``failed`` gets LeaseLost).
 _REFUSED = object()
+
+
+class _Closed(Exception):
+    """Operations whose ``gate`` closed before their transaction could commit."""
+
+    def __init__(self, entries: list[_Entry]):
+        super().__init__("operations no longer wanted")
+        self.entries = entries
+
+
+class _Uncertain(Exception):
+    """The connection broke while a transaction's COMMIT was in flight (PostgreSQL): whether
+    it committed is asked once the database answers again (``Journal._outcome``)."""
+
+    def __init__(self, xact: tuple[int, int], results: list[Any]):
+        super().__init__("the outcome of a commit is not known")
+        self.xact = xact
+        self.results = results
 
 
 class Journal:
@@ -74,6 +94,12 @@ class Journal:
 
     ``reads=workflow``: the operation looks up the workflow's current version (a run); the
     batch reads it with the fence check, in the same round trip on PostgreSQL.
+
+    ``gate``: asked once the operation ran, just before its transaction commits; False (its
+    caller stopped waiting, say) rolls the transaction back, and the operation is dropped
+    (``failed`` gets GateClosed) while the others are written again. So a caller told "not
+    written" can rely on it even when the operation waited long in the database (a row
+    lock), which a check when the operation starts cannot promise.
     """
 
     def __init__(self, database: peewee.Database, on_outage: Callable[[bool], None] | None = None):
@@ -111,13 +137,14 @@ class Journal:
 
     def submit(self, op: Callable[[], Any], done: Callable[[Any], None] | None = None,
                failed: Callable[[BaseException], None] | None = None,
-               fence: tuple[str, int] | None = None, reads: str | None = None) -> None:
+               fence: tuple[str, int] | None = None, reads: str | None = None,
+               gate: Callable[[], bool] | None = None) -> None:
         with self._ready:
             if self._stopping:
                 if failed is not None:
                     failed(JournalStopped("the journal is stopped"))
                 return
-            self._queue.append(_Entry(op, done, failed, fence, reads))
+            self._queue.append(_Entry(op, done, failed, fence, reads, gate))
             self._ready.notify()
 
     def call(self, op: Callable[[], Any], timeout: float | None = 30.0,
@@ -155,6 +182,7 @@ class Journal:
     # --- journal thread ---
 
     def _run(self) -> None:
+        track_outcomes(self._db)
         while True:
             with self._ready:
                 while not self._queue and not self._stopping:
@@ -171,24 +199,60 @@ class Journal:
         queue = self._queue
         return [queue.popleft() for _ in range(min(len(queue), limit))]
 
-    def _write(self, batch: list[_Entry]) -> None:
+    def _write(self, batch: list[_Entry], uncertain: _Uncertain | None = None) -> None:
+        """Commit ``batch``, waiting out an outage; ``uncertain``: an earlier commit of it
+        whose outcome is not known yet."""
         delay = _BACKOFF_START
         while True:
             try:
-                results = self._commit(batch, top_up=True)
+                results = self._outcome(uncertain) if uncertain is not None else None
+                uncertain = None
+                if results is None:
+                    results = self._commit(batch, top_up=True)
                 break
+            except _Uncertain as exc:
+                uncertain = exc
+                self._outage(exc.__cause__)
+            except _Closed as exc:
+                self._drop(batch, exc.entries)
+                continue
             except Exception as exc:
                 if not is_outage(exc):
                     self._write_one_by_one(batch)
                     return
                 self._outage(exc)
-                if self._abandon.wait(delay):
-                    self._fail(batch, JournalStopped("shut down during a database outage"))
-                    return
-                delay = min(delay * 2, _BACKOFF_MAX)
+            if self._abandon.wait(delay):
+                self._fail(batch, JournalStopped("shut down during a database outage"))
+                return
+            delay = min(delay * 2, _BACKOFF_MAX)
         self._recovered()
         for entry, result in zip(batch, results):
             self._finished(entry, result)
+
+    def _outcome(self, uncertain: _Uncertain) -> list[Any] | None:
+        """The results of the commit ``uncertain`` if it committed, None if it did not (its
+        batch is then written again); raises ``uncertain`` again while it cannot be told.
+
+        Writing a committed batch again would do twice what is not idempotent: a run's
+        execution created a second time, a finish found already written and taken for a
+        cancel that won, audit rows twice."""
+        try:
+            status = transaction_outcome(self._db, uncertain.xact)
+        except Exception as exc:
+            if is_outage(exc):
+                self._reset_connection()
+                raise uncertain from exc
+            raise
+        if status == "in progress":
+            raise uncertain from uncertain.__cause__
+        if status != "committed":
+            return None
+        pending = [result for result in uncertain.results if isinstance(result, Pending)]
+        if pending:
+            settle(self._db, pending)
+        log.info("database commit confirmed after its answer was lost",
+                 extra={"operations": len(uncertain.results)})
+        return uncertain.results
 
     def _finished(self, entry: _Entry, result) -> None:
         if isinstance(result, Pending):
@@ -208,6 +272,7 @@ class Journal:
         of the lock for a few of them (each of ``serve --workers 2`` spent 45 % of its time
         waiting for its turn, while the second core was not fully used; bench/README.md)."""
         self._commit_started = time.monotonic()
+        results = None
         try:
             with transaction(self._db), batch_scope(self._db, ends_transaction=True):
                 if top_up and len(batch) < _MAX_BATCH:
@@ -216,10 +281,22 @@ class Journal:
                 fences = {entry.fence for entry in batch if entry.fence is not None}
                 reads = {entry.reads for entry in batch if entry.reads is not None}
                 refused = refused_fences(fences, reads) if fences or reads else ()
-                return [_REFUSED if entry.fence in refused else entry.op() for entry in batch]
+                results = [_REFUSED if entry.fence in refused else entry.op()
+                           for entry in batch]
+                closed = [entry for entry in batch if entry.gate is not None
+                          and entry.fence not in refused and not entry.gate()]
+                if closed:
+                    results = None  # rolled back: nothing of it committed
+                    raise _Closed(closed)
+            return results
         except Exception as exc:
-            if is_outage(exc):
-                self._reset_connection()
+            if not is_outage(exc):
+                raise
+            # Broken while its last writes and COMMIT were in flight: it may have committed.
+            xact = transaction_id(self._db) if results is not None else None
+            self._reset_connection()
+            if xact is not None:
+                raise _Uncertain(xact, results) from exc
             raise
         finally:
             self._commit_started = None
@@ -229,13 +306,25 @@ class Journal:
             try:
                 result = self._commit([entry])[0]
             except Exception as exc:
+                if isinstance(exc, _Uncertain):  # this one may have committed: ask, go on
+                    self._write([entry], exc)
+                    continue
+                if isinstance(exc, _Closed):
+                    self._drop([entry], [entry])
+                    continue
                 if is_outage(exc):  # the outage began mid-way: retry the rest as a batch
-                    self._write([e for e in batch[batch.index(entry):]])
+                    self._write(batch[batch.index(entry):])
                     return
                 log.exception("database write failed")
                 self._callback(entry.failed, exc)
             else:
                 self._finished(entry, result)
+
+    def _drop(self, batch: list[_Entry], closed: list[_Entry]) -> None:
+        """Take the operations whose gate closed out of ``batch``; tell their callers."""
+        for entry in closed:
+            batch.remove(entry)
+            self._callback(entry.failed, GateClosed("the operation was no longer wanted"))
 
     def _reset_connection(self) -> None:
         try:

@@ -181,7 +181,7 @@ def finish_execution(execution_id: str, status: str, error: str | None) -> bool 
     sql = Statements.of_bound()
     params = (status, storable_text(error), sql.stamp(utcnow()), execution_id)
     if sql.batch is not None:
-        pending = Pending()
+        pending = Pending(execution_id, status)
         sql.batch.finishes.append((params, status, pending))
         return pending
     return bool(sql.run(sql.finish_execution, params))

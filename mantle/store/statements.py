@@ -126,13 +126,35 @@ class Statements:
 
 
 class Pending:
-    """A result known only once the batch is written (``Batch.flush``); the journal hands
-    callbacks the ``value``."""
+    """Whether a final status held back in a batch was the one written (a cancel committed
+    first leaves ``cancelled``): known once the batch is written (``Batch.flush``), or read
+    back (``settle``) when the answer to that write was lost; the journal hands callbacks
+    the ``value``."""
 
-    __slots__ = ("value",)
+    __slots__ = ("execution_id", "status", "value")
 
-    def __init__(self, value=None):
-        self.value = value
+    def __init__(self, execution_id: str, status: str):
+        self.execution_id = execution_id
+        self.status = status
+        self.value: bool | None = None
+
+
+def settle(database, pendings: list[Pending]) -> None:
+    """The values of ``pendings`` whose transaction committed but whose answer was lost,
+    read back: a final status is final, so the row still holds what won."""
+    sql = Statements.of(database)
+    ours = _holding(sql, [(pending.execution_id, pending.status) for pending in pendings])
+    for pending in pendings:
+        pending.value = pending.execution_id in ours
+
+
+def _holding(sql: Statements, rows: list[tuple[str, str]]) -> set[str]:
+    """The ids among (execution id, status) ``rows`` whose execution now has that status."""
+    statuses = dict(sql.rows(
+        f"SELECT id, status FROM workflow_executions WHERE id IN "
+        f"({sql.placeholders(len(rows))})", tuple(row[0] for row in rows)))
+    return {execution_id for execution_id, status in rows
+            if statuses.get(execution_id) == status}
 
 
 class Batch:
@@ -208,13 +230,9 @@ class Batch:
                     cursor.close()
         if not finishes:
             return set()
-        ids = [row[3] for row in finishes]
-        statuses = dict(sql.rows(
-            f"SELECT id, status FROM workflow_executions WHERE id IN "
-            f"({sql.placeholders(len(ids))})", tuple(ids)))
         # Ours if the row now holds what we wrote (a cancel committed first leaves
         # ``cancelled``, which no finish writes).
-        return {row[3] for row in finishes if statuses.get(row[3]) == row[0]}
+        return _holding(sql, [(row[3], row[0]) for row in finishes])
 
 
 def _json_rows(rows: list[tuple]) -> tuple[str]:

@@ -9,10 +9,15 @@ import threading
 import peewee
 import pytest
 
+from mantle import db as mantle_db
+from mantle import store
 from mantle.db import transaction
+from mantle.db.models import WorkflowExecution
 from mantle.errors import JournalStopped
 from mantle.services.journal import Journal
-from tests.helpers.waiting import wait_until
+from tests.helpers.database import bound_database
+from tests.helpers.pgproxy import CommitCutter
+from tests.helpers.waiting import apply_yaml, wait_until
 
 
 @pytest.fixture
@@ -139,3 +144,63 @@ def test_stop_during_an_outage_fails_pending_operations(sqlite_file):
         holder.execute("ROLLBACK")
         holder.close()
     assert len(failures) == 1 and isinstance(failures[0], JournalStopped)
+
+
+# --- a connection that breaks while COMMIT is in flight (PostgreSQL) ---------------------
+
+
+@pytest.mark.parametrize("lose", ["answer", "commit"])
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_a_transaction_whose_commit_outcome_was_lost_is_written_exactly_once(
+        db, migrated_db_url, lose):
+    """The connection breaks while a transaction's COMMIT is in flight: after the COMMIT
+    reached the server (``answer``: it committed, the journal never heard) or before
+    (``commit``: it rolled back). The journal asks the database which, once it answers
+    again: a committed batch is not written a second time (its operations' results are
+    those of the first pass), one that did not commit is."""
+    db.execute_sql("CREATE TABLE t (v INTEGER UNIQUE)")
+    with CommitCutter(migrated_db_url, b"INSERT INTO t", lose=lose) as proxy:
+        database = mantle_db.connect(proxy.url)
+        journal = Journal(database)
+        journal.start()
+        try:
+            proxy.armed.set()
+            inserted = journal.call(lambda: database.execute_sql(
+                "INSERT INTO t (v) VALUES (1)").rowcount, timeout=30)
+            assert proxy.cut.is_set(), "the proxy never saw the COMMIT"
+        finally:
+            journal.stop()
+            mantle_db.close_all(database)
+    assert inserted == 1  # a second pass would have hit the unique constraint
+    assert db.execute_sql("SELECT v FROM t").fetchall() == [(1,)]
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_a_final_status_whose_commit_answer_was_lost_is_reported_as_written(
+        db, migrated_db_url):
+    """``finish_execution`` answers whether its final status was the one written (False: a
+    cancel had committed first). When the answer to the COMMIT that wrote it is lost, the
+    status is read back, not written again: a second pass would find the row final and
+    answer False, and the Execution actor would take its own finish for a cancel."""
+    apply_yaml("""
+        name: w
+        steps: [{name: a, action: core/log, params: {message: hi}}]
+    """)
+    with transaction():
+        created = store.create_execution("w", {}, None, None, "node", "test")
+    execution_id = created.execution["id"]
+    with CommitCutter(migrated_db_url, b"UPDATE workflow_executions", lose="answer") as proxy:
+        with bound_database(proxy.url) as database:
+            journal = Journal(database)
+            journal.start()
+            try:
+                proxy.armed.set()
+                written = journal.call(
+                    lambda: store.finish_execution(execution_id, "completed", None),
+                    timeout=30)
+                assert proxy.cut.is_set(), "the proxy never saw the COMMIT"
+            finally:
+                journal.stop()
+    mantle_db.bind(db)  # bound_database unbound the models
+    assert written is True
+    assert WorkflowExecution.get_by_id(execution_id).status == "completed"

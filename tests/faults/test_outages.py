@@ -50,6 +50,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import parse_qs, urlsplit
 
+import psycopg
 import pytest
 
 from mantle.daemon.readiness import Readiness
@@ -58,6 +59,7 @@ from mantle.db.fields import utcnow
 from mantle.db.models import StepExecution, WorkflowExecution
 from tests.web.support import Daemon, apply_yaml, call, wait_until
 from tests.helpers.database import bound_database
+from tests.helpers.pgproxy import CommitCutter
 from tests.pg import PausableCluster, started_or_skip
 
 EXECUTIONS = int(os.environ.get("MANTLE_OUTAGE_EXECUTIONS", "50"))
@@ -419,3 +421,74 @@ def test_a_run_answered_503_is_not_created_after_the_lock_goes(tmp_path):
     finally:
         lock.end()
         assert daemon.stop() == 0, daemon.output()
+
+
+LIMITED = """
+    name: limited
+    max_parallel_executions: 5
+    on_limit: queue
+    steps: [{name: only, action: core/log, params: {message: hi}}]
+"""
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_a_run_answered_503_is_not_created_after_a_row_lock_goes(bound, tmp_path):
+    """docs/api.md: a run whose request got a 503 is never created afterwards. On PostgreSQL
+    a run can wait inside its transaction, on a row lock (here the workflow's, which every
+    run of a workflow with ``max_parallel_executions`` takes), past the 10 s its caller
+    waits. The run is then rolled back when it would commit (the journal's gate), not
+    created and started after its caller was answered 503, as it was before."""
+    apply_yaml(LIMITED)
+    daemon = Daemon(tmp_path, bound).start(timeout=60)
+    lock = psycopg.connect(bound, autocommit=False)
+    try:
+        lock.execute("SELECT name FROM workflows WHERE name = 'limited' FOR UPDATE")
+        started = time.monotonic()
+        refused = call(daemon.url, "POST", "/api/v1/run/limited", "{}", timeout=30)
+        assert (refused.status, refused.json) == (503, UNAVAILABLE), refused.body
+        assert time.monotonic() - started >= 8  # the engine's wait, not "journal unhealthy"
+        lock.rollback()
+        # The journal is first in, first out: once a later run is written, the earlier one
+        # has been dealt with.
+        later = wait_until(lambda: _accepted(daemon.post("/api/v1/run/limited", {})),
+                           timeout=30)
+        ids = [e.id for e in WorkflowExecution.select()]
+        assert ids == [later.json["execution_id"]], f"a run answered 503 was created: {ids}"
+    finally:
+        lock.close()
+        assert daemon.stop() == 0, daemon.output()
+
+
+@pytest.mark.parametrize("key", [None, "delivery-1"], ids=["no-key", "key"])
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_a_run_whose_commit_answer_is_lost_is_created_once_and_answered_202(
+        bound, tmp_path, key):
+    """SPEC 7.2: one ``POST /run`` creates one execution and answers 202 (200 only for a
+    key already used). The connection breaks after the COMMIT that created the execution
+    reached the server: the journal asks the database whether it committed instead of
+    writing the batch again, which created a second execution (no key) or answered the one
+    request 200 as a repeat and left its execution unstarted for 30 s (key)."""
+    apply_yaml("""
+        name: once
+        steps: [{name: only, action: core/log, params: {message: hi}}]
+    """)
+    with CommitCutter(bound, b"INSERT INTO workflow_executions") as proxy:
+        daemon = Daemon(tmp_path, proxy.url, env={"MANTLE_LEASE_TTL": "3s"}).start(timeout=60)
+        try:
+            proxy.armed.set()
+            reply = call(daemon.url, "POST", "/api/v1/run/once", "{}", timeout=30,
+                         headers={"Idempotency-Key": key} if key else None)
+            assert proxy.cut.is_set(), "the proxy never saw the run's COMMIT"
+            assert reply.status == 202, (reply.status, reply.body)
+            accepted = reply.json["execution_id"]
+            assert daemon.wait_for_status(accepted, timeout=10)["status"] == "completed"
+            daemon.wait_for_log("database commit confirmed after its answer was lost")
+            # A second execution would be started by the owner's reconciliation, every
+            # 2 x the 3 s lease: wait past it.
+            reconciled = time.monotonic() + 8
+            wait_until(lambda: time.monotonic() > reconciled
+                       or WorkflowExecution.select().count() > 1, timeout=15)
+            rows = {e.id: e.status for e in WorkflowExecution.select()}
+            assert rows == {accepted: "completed"}, rows
+        finally:
+            assert daemon.stop() == 0, daemon.output()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 
 import falcon.testing
 from prometheus_client.parser import text_string_to_metric_families
@@ -13,6 +14,7 @@ from mantle.daemon.readiness import Readiness
 from mantle.db import migrations
 from web.app import create_app, routes
 from web.middleware import allowed_methods
+from tests.web.served import served
 from tests.web.support import apply_yaml, gone_database, wait_until
 
 TOO_LARGE = {"error": "request body too large (limit 1048576 bytes)"}
@@ -84,6 +86,26 @@ def test_healthz_is_always_ok_and_readyz_follows_the_server_state(engine, db):
     assert (reply.status_code, reply.json) == \
         (503, {"status": "unavailable", "details": {"server": "shutting down"}})
     assert client.simulate_get("/healthz").status_code == 200
+
+
+def test_a_request_that_lands_after_the_engine_stopped_answers_503_shutting_down(engine, db):
+    """SPEC 10.3: the daemon stops the engine, then serves its open connections once more
+    before it closes them, so a request on a kept-alive connection can land on a stopped
+    engine: a run and a cancel both answer 503 ``server is shutting down`` (a cancel
+    answered 500 before). The same order in-process: the real engine shut down, the real
+    app on a real socket."""
+
+    apply_yaml("""
+        name: w
+        steps: [{name: only, action: core/log, params: {message: hi}}]
+    """)
+    with served(engine, db) as api:
+        engine.shutdown(timeout=0)
+        run = api.post("/api/v1/run/w", {})
+        assert (run.status, run.json) == (503, {"error": "server is shutting down"})
+        cancel = api.post(f"/api/v1/cancel/{uuid.uuid4()}", {})
+        assert (cancel.status, cancel.json) == (503, {"error": "server is shutting down"}), (
+            cancel.status, cancel.body)
 
 
 def test_readyz_reports_pending_migrations(blank_db):

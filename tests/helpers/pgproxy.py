@@ -1,0 +1,123 @@
+"""A TCP proxy in front of PostgreSQL that breaks one connection at a COMMIT.
+
+What a network blip or a server restart does at the worst moment: once ``armed``, the first
+transaction that sent a statement containing ``mark`` has its connection cut at its COMMIT,
+either after the COMMIT reached the server (``lose="answer"``: the server commits, the client
+never hears so) or before (``lose="commit"``: the server never sees it and rolls back).
+Client and server each see the connection close; every other connection is passed through.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import urllib.parse
+
+__all__ = ["CommitCutter"]
+
+_SSL_REQUEST, _GSS_REQUEST = 80877103, 80877104
+
+
+class CommitCutter:
+    def __init__(self, url: str, mark: bytes, lose: str = "answer"):
+        assert lose in ("answer", "commit")
+        parts = urllib.parse.urlsplit(url)
+        self._upstream = (parts.hostname, parts.port)
+        self._mark = mark
+        self._lose = lose
+        self._server = socket.create_server(("127.0.0.1", 0))
+        port = self._server.getsockname()[1]
+        user = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
+        self.url = urllib.parse.urlunsplit(parts._replace(netloc=f"{user}127.0.0.1:{port}"))
+        self.armed = threading.Event()
+        self.cut = threading.Event()
+        self._closing = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def __enter__(self) -> CommitCutter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._closing = True
+        self._server.close()
+
+    def _accept(self) -> None:
+        while not self._closing:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self._upstream)
+            state = {"drop": False}
+            threading.Thread(target=self._down, args=(upstream, client, state),
+                             daemon=True).start()
+            threading.Thread(target=self._up, args=(client, upstream, state),
+                             daemon=True).start()
+
+    @staticmethod
+    def _read(sock: socket.socket, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            if not chunk:
+                raise OSError("closed")
+            data += chunk
+        return data
+
+    @staticmethod
+    def _close(*socks: socket.socket) -> None:
+        for sock in socks:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def _down(self, upstream, client, state) -> None:
+        """Server to client, until either side closes (or the answer is to be lost)."""
+        try:
+            while True:
+                data = upstream.recv(65536)
+                if not data:
+                    break
+                if not state["drop"]:  # dropped: the server's answers are read, not passed
+                    client.sendall(data)
+        except OSError:
+            pass
+        finally:
+            self._close(client, upstream)
+
+    def _up(self, client, upstream, state) -> None:
+        """Client to server, message by message, watching for the marked COMMIT."""
+        try:
+            while True:  # untyped start-up packets: SSL/GSS requests, then the start-up
+                header = self._read(client, 8)
+                length = int.from_bytes(header[:4], "big")
+                code = int.from_bytes(header[4:], "big")
+                upstream.sendall(header + self._read(client, length - 8))
+                if code not in (_SSL_REQUEST, _GSS_REQUEST):
+                    break
+            marked = False
+            while True:
+                kind = self._read(client, 1)
+                size = self._read(client, 4)
+                message = kind + size + self._read(client, int.from_bytes(size, "big") - 4)
+                if kind in (b"Q", b"P", b"B", b"E"):
+                    marked = marked or self._mark in message
+                    commits = b"COMMIT" in message.upper()
+                    if commits and marked and self.armed.is_set() and not self.cut.is_set():
+                        self.cut.set()
+                        if self._lose == "answer":
+                            state["drop"] = True  # the outcome never reaches the client
+                            upstream.sendall(message)
+                            time.sleep(0.3)  # the server commits meanwhile
+                        break
+                    if commits:
+                        marked = False
+                upstream.sendall(message)
+        except OSError:
+            pass
+        self._close(client, upstream)
