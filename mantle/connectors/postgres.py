@@ -14,6 +14,7 @@ helper closes the connection as soon as the statement ends.
 from __future__ import annotations
 
 import threading
+import time
 import urllib.parse
 from typing import Any
 
@@ -31,6 +32,7 @@ __all__ = ["query", "CONNECT_TIMEOUT", "APPLICATION_NAME"]
 CONNECT_TIMEOUT = 10  # seconds, unless the URL sets connect_timeout
 APPLICATION_NAME = "mantle postgres/query"  # unless the URL sets application_name
 _CANCEL_GRACE = 1.0  # how long a cancelled attempt waits for its statement to stop
+_CANCEL_AGAIN = 0.05  # meanwhile, how often it asks the server again
 _NO_URL = "postgres/query: a credential with the connection URL is required"
 
 
@@ -43,9 +45,14 @@ def query(inv: Invocation) -> dict:
     job = _Job(url, sql, values)
     threading.Thread(target=job.run, name="mantle-postgres-query", daemon=True).start()
     if wait_for(job.done, inv.cancel, None) == "cancel":
-        job.cancel()
-        job.done.wait(_CANCEL_GRACE)
-        raise ConnectorInterrupted()
+        # A cancel request travels on a connection of its own and may reach the server
+        # before the statement does, finding nothing to stop: sent again until it stops.
+        deadline = time.monotonic() + _CANCEL_GRACE
+        while True:
+            job.cancel()
+            left = deadline - time.monotonic()
+            if job.done.wait(min(_CANCEL_AGAIN, max(left, 0))) or left <= 0:
+                raise ConnectorInterrupted()
     if job.error is not None:
         raise _hidden(job.error, url)
     return job.output

@@ -1,10 +1,16 @@
-"""A TCP proxy in front of PostgreSQL that breaks one connection at a COMMIT.
+"""TCP proxies in front of PostgreSQL that misbehave at one chosen moment.
 
-What a network blip or a server restart does at the worst moment: once ``armed``, the first
-transaction that sent a statement containing ``mark`` has its connection cut at its COMMIT,
-either after the COMMIT reached the server (``lose="answer"``: the server commits, the client
-never hears so) or before (``lose="commit"``: the server never sees it and rolls back).
-Client and server each see the connection close; every other connection is passed through.
+- ``CommitCutter``: what a network blip or a server restart does at the worst moment. Once
+  ``armed``, the first transaction that sent a statement containing ``mark`` has its
+  connection cut at its COMMIT, either after the COMMIT reached the server (``lose="answer"``:
+  the server commits, the client never hears so) or before (``lose="commit"``: the server
+  never sees it and rolls back). Client and server each see the connection close.
+- ``QueryDelayer``: a slow network on the way to the server. A message containing ``mark``
+  reaches the server ``delay`` seconds after the client sent it (``seen`` is set when it
+  leaves the client); a cancel request sent meanwhile, on a connection of its own, arrives
+  first.
+
+Every other connection and message is passed through as it is.
 """
 
 from __future__ import annotations
@@ -14,28 +20,24 @@ import threading
 import time
 import urllib.parse
 
-__all__ = ["CommitCutter"]
+__all__ = ["CommitCutter", "QueryDelayer"]
 
 _SSL_REQUEST, _GSS_REQUEST = 80877103, 80877104
+_QUERIES = (b"Q", b"P", b"B", b"E")
 
 
-class CommitCutter:
-    def __init__(self, url: str, mark: bytes, lose: str = "answer"):
-        assert lose in ("answer", "commit")
+class _Proxy:
+    def __init__(self, url: str):
         parts = urllib.parse.urlsplit(url)
         self._upstream = (parts.hostname, parts.port)
-        self._mark = mark
-        self._lose = lose
         self._server = socket.create_server(("127.0.0.1", 0))
         port = self._server.getsockname()[1]
         user = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
         self.url = urllib.parse.urlunsplit(parts._replace(netloc=f"{user}127.0.0.1:{port}"))
-        self.armed = threading.Event()
-        self.cut = threading.Event()
         self._closing = False
         threading.Thread(target=self._accept, daemon=True).start()
 
-    def __enter__(self) -> CommitCutter:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
@@ -44,6 +46,12 @@ class CommitCutter:
     def close(self) -> None:
         self._closing = True
         self._server.close()
+
+    def _message(self, kind: bytes, message: bytes, upstream: socket.socket,
+                 state: dict) -> bool:
+        """Pass one client message on; False ends the connection."""
+        upstream.sendall(message)
+        return True
 
     def _accept(self) -> None:
         while not self._closing:
@@ -70,14 +78,17 @@ class CommitCutter:
 
     @staticmethod
     def _close(*socks: socket.socket) -> None:
+        """Close ``socks`` for good, also while another thread waits in ``recv`` on one
+        (which a plain close leaves open until the wait ends)."""
         for sock in socks:
             try:
-                sock.close()
+                sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+            sock.close()
 
     def _down(self, upstream, client, state) -> None:
-        """Server to client, until either side closes (or the answer is to be lost)."""
+        """Server to client, until either side closes; dropped once ``state["drop"]``."""
         try:
             while True:
                 data = upstream.recv(65536)
@@ -91,7 +102,7 @@ class CommitCutter:
             self._close(client, upstream)
 
     def _up(self, client, upstream, state) -> None:
-        """Client to server, message by message, watching for the marked COMMIT."""
+        """Client to server, message by message."""
         try:
             while True:  # untyped start-up packets: SSL/GSS requests, then the start-up
                 header = self._read(client, 8)
@@ -100,24 +111,53 @@ class CommitCutter:
                 upstream.sendall(header + self._read(client, length - 8))
                 if code not in (_SSL_REQUEST, _GSS_REQUEST):
                     break
-            marked = False
             while True:
                 kind = self._read(client, 1)
                 size = self._read(client, 4)
                 message = kind + size + self._read(client, int.from_bytes(size, "big") - 4)
-                if kind in (b"Q", b"P", b"B", b"E"):
-                    marked = marked or self._mark in message
-                    commits = b"COMMIT" in message.upper()
-                    if commits and marked and self.armed.is_set() and not self.cut.is_set():
-                        self.cut.set()
-                        if self._lose == "answer":
-                            state["drop"] = True  # the outcome never reaches the client
-                            upstream.sendall(message)
-                            time.sleep(0.3)  # the server commits meanwhile
-                        break
-                    if commits:
-                        marked = False
-                upstream.sendall(message)
+                if not self._message(kind, message, upstream, state):
+                    break
         except OSError:
             pass
         self._close(client, upstream)
+
+
+class CommitCutter(_Proxy):
+    def __init__(self, url: str, mark: bytes, lose: str = "answer"):
+        assert lose in ("answer", "commit")
+        self._mark = mark
+        self._lose = lose
+        self.armed = threading.Event()
+        self.cut = threading.Event()
+        super().__init__(url)
+
+    def _message(self, kind, message, upstream, state) -> bool:
+        if kind in _QUERIES:
+            state["marked"] = state.get("marked") or self._mark in message
+            commits = b"COMMIT" in message.upper()
+            if commits and state["marked"] and self.armed.is_set() and not self.cut.is_set():
+                self.cut.set()
+                if self._lose == "answer":
+                    state["drop"] = True  # the outcome never reaches the client
+                    upstream.sendall(message)
+                    time.sleep(0.3)  # the server commits meanwhile
+                return False
+            if commits:
+                state["marked"] = False
+        upstream.sendall(message)
+        return True
+
+
+class QueryDelayer(_Proxy):
+    def __init__(self, url: str, mark: bytes, delay: float):
+        self._mark = mark
+        self._delay = delay
+        self.seen = threading.Event()
+        super().__init__(url)
+
+    def _message(self, kind, message, upstream, state) -> bool:
+        if kind in _QUERIES and self._mark in message:
+            self.seen.set()
+            time.sleep(self._delay)
+        upstream.sendall(message)
+        return True

@@ -13,6 +13,7 @@ from mantle.connectors import ConnectorError, ConnectorInterrupted, Invocation, 
 from mantle.connectors.credentials import Credential
 from mantle.connectors.pgvalues import placeholders
 from mantle.connectors.postgres import APPLICATION_NAME
+from tests.helpers.pgproxy import QueryDelayer
 from tests.helpers.waiting import wait_until
 
 
@@ -202,6 +203,33 @@ def test_a_cancel_stops_the_statement_on_the_server(target):
     # Stopped on the server, and its connection closed: nothing of it is left there.
     wait_until(lambda: not _backends(conn, "cancel-marker"), timeout=5,
                message="the statement still runs on the server")
+
+
+@pytest.mark.postgres
+def test_a_cancel_that_reaches_the_server_before_its_statement_still_stops_it(target):
+    """SPEC 13.5: cancel of the execution cancels the running statement on the server. A
+    cancel request travels on a connection of its own: sent just after the statement left
+    the client, it can reach the server first and find nothing running, and the statement
+    then ran to its end unseen after the step had ended. The cancel is sent again until the
+    statement is gone (or the attempt's grace ends)."""
+    url, conn = target
+    cancel = threading.Event()
+    outcome = {}
+    with QueryDelayer(url, b"late-cancel-marker", delay=0.4) as slow:
+        def attempt():
+            try:
+                query(slow.url, "SELECT pg_sleep(60), 'late-cancel-marker'", cancel=cancel)
+            except ConnectorInterrupted as exc:
+                outcome["error"] = exc
+
+        worker = threading.Thread(target=attempt)
+        worker.start()
+        assert slow.seen.wait(10), "the statement was never sent"
+        cancel.set()  # while the statement is on its way to the server
+        worker.join(5)
+        assert not worker.is_alive() and isinstance(outcome.get("error"), ConnectorInterrupted)
+        wait_until(lambda: not _backends(conn, "late-cancel-marker"), timeout=5,
+                   message="the statement still runs on the server")
 
 
 @pytest.mark.postgres
