@@ -138,6 +138,7 @@ class Supervisor(pykka.ThreadingActor):
         self._takeover = takeover
         self._live: dict[str, pykka.ActorRef] = {}
         self._starting: set[str] = set()  # snapshots being loaded for a start
+        self._cancelled_starting: set[str] = set()  # of those, cancelled meanwhile
         self._epochs: dict[str, int] = {}
         self._cancelling: set[str] = set()
         self._slots: dict[tuple[str, str], _Slot] = {}
@@ -218,6 +219,11 @@ class Supervisor(pykka.ThreadingActor):
     def _on_SnapshotLoaded(self, msg: m.SnapshotLoaded) -> None:
         self._starting.discard(msg.start.execution_id)
         snapshot = msg.snapshot
+        if msg.start.execution_id in self._cancelled_starting:
+            # A cancel committed after the snapshot was read (it says ``running``): the
+            # cancel is what is true; its end was reported when it was heard.
+            self._cancelled_starting.discard(msg.start.execution_id)
+            return
         if snapshot is None:
             return
         execution = snapshot.execution
@@ -232,6 +238,7 @@ class Supervisor(pykka.ThreadingActor):
 
     def _on_StartFailed(self, msg: m.StartFailed) -> None:
         self._starting.discard(msg.execution_id)
+        self._cancelled_starting.discard(msg.execution_id)
         if msg.error is not None:
             self._unstartable(msg.execution_id, msg.epoch,
                               str(msg.error) or type(msg.error).__name__)
@@ -296,6 +303,8 @@ class Supervisor(pykka.ThreadingActor):
     def _cancel_local(self, execution_id: str) -> None:
         actor = self._live.get(execution_id)
         if actor is None:
+            if execution_id in self._starting:  # its snapshot may predate the cancel
+                self._cancelled_starting.add(execution_id)
             self._on_ended(execution_id, "cancelled")
         elif execution_id not in self._cancelling:
             self._cancelling.add(execution_id)
@@ -327,11 +336,7 @@ class Supervisor(pykka.ThreadingActor):
         now = time.monotonic()
         if now >= self._due["promote"]:
             self._due["promote"] = now + PROMOTE_EVERY
-            me, own_only = self._ctx.node_id, not self._takeover
-            self._write(lambda: [started for workflow in store.queued_workflows()
-                                 for started in store.promote_queued(workflow, me,
-                                                                     own_only=own_only)],
-                        lambda promoted: m.Promoted(tuple(promoted)))
+            self._promote()
         if self._takeover and now >= self._due["takeover"]:
             self._due["takeover"] = now + TAKEOVER_EVERY
             node = self._ctx.node
@@ -361,6 +366,31 @@ class Supervisor(pykka.ThreadingActor):
             if self._awaiting:
                 self._look_up_children(list(self._awaiting))
         self._after(TICK, m.Tick())
+
+    def _promote(self) -> None:
+        """Start queued executions where a slot is free: one journal operation over every
+        workflow with a queue. A queue head that cannot be started (its version missing or
+        unreadable) is ended ``failed`` there (13.1.12), reported here as it would be had it
+        been started and failed, and its queue goes on."""
+        me, own_only = self._ctx.node_id, not self._takeover
+        ref, metrics = self.actor_ref, self._ctx.metrics
+
+        def op():
+            return [store.promote_queued(workflow, me, own_only=own_only,
+                                         internal_error=internal_error)
+                    for workflow in store.queued_workflows()]
+
+        def done(promotions) -> None:
+            for promotion in promotions:
+                for execution_id, error in promotion.failed:
+                    log.error("execution could not be started",
+                              extra={"execution_id": execution_id, "error": error})
+                    metrics.executions.labels(promotion.workflow, "failed").inc()
+                    tell(ref, m.ExecutionEnded(execution_id, promotion.workflow, "failed"))
+            tell(ref, m.Promoted(tuple(started for promotion in promotions
+                                       for started in promotion.started)))
+
+        self._ctx.journal.submit(op, done)
 
     def _on_Promoted(self, msg: m.Promoted) -> None:
         for execution_id, epoch in msg.promoted:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from peewee import SQL, PeeweeException, fn
@@ -28,7 +29,7 @@ from mantle.workflow import check_inputs
 __all__ = ["Created", "Parent", "Cancelled", "create_execution", "finish_execution",
            "fail_execution", "cancel_execution", "promote_queued", "queued_workflows",
            "execution_snapshot", "execution_row", "copy_steps", "mark_hooks_started",
-           "final_results", "Snapshot", "MANUAL_TRIGGER"]
+           "final_results", "Snapshot", "Promotion", "MANUAL_TRIGGER"]
 
 _ACTIVE = (ExecutionStatus.PENDING.value, ExecutionStatus.RUNNING.value)
 MANUAL_TRIGGER = {"type": "manual", "payload": None}
@@ -88,8 +89,10 @@ def create_execution(workflow: str, inputs: dict | None, version: int | None, tr
                      retry_of: str | None = None, from_step: str | None = None,
                      parent: Parent | None = None, now: dt.datetime | None = None) -> Created:
     """Insert an execution owned by ``node`` (epoch 1) after the input, idempotency and limit
-    checks (4.9): ``running`` when it may start now, ``pending`` when it waits in the queue.
-    ``now`` is the database's time as the caller knows it (``running_since``).
+    checks (4.9): ``running`` when it may start now, ``pending`` when it waits in the queue
+    (no slot is free, or older queued executions that a live node will start wait for the
+    one that is). ``now`` is the database's time as the caller knows it (``started_at``, the
+    queue's order, and ``running_since``).
 
     An idempotency key already used for the workflow, here or by a concurrent creation on
     another node, answers the original execution (``existing``)."""
@@ -118,13 +121,18 @@ def create_execution(workflow: str, inputs: dict | None, version: int | None, tr
             if model.on_limit == "reject":
                 return Created(error=LimitReached(workflow, model.max_parallel_executions))
             queued = True
+        elif model.on_limit == "queue" and _waiting(sql, workflow):
+            # A slot freed since the last promotion and older executions wait for it: this
+            # one queues behind them (FIFO, 4.9); the promotion that follows starts the oldest.
+            queued = True
     # An execution that got a slot is created running, so the next limit check counts it:
     # counting "pending" too would count queued ones, and a created-then-started pair of writes
     # would let two creations pass the check between them.
     status = ExecutionStatus.PENDING if queued else ExecutionStatus.RUNNING
     trigger = trigger if trigger is not None else MANUAL_TRIGGER
-    started = utcnow()
-    running_since = None if queued else (now or started)
+    # ``started_at`` orders the queue: the database's time, never this host's clock (13.7).
+    started = now or utcnow()
+    running_since = None if queued else started
     execution = {"id": str(uuid.uuid4()), "workflow": workflow, "version": version,
                  "status": status.value, "inputs": effective, "trigger": trigger,
                  "error": None, "started_at": started, "completed_at": None,
@@ -172,6 +180,35 @@ def _running_count(workflow: str) -> int:
     return (WorkflowExecution.select(fn.COUNT(WorkflowExecution.id))
             .where(WorkflowExecution.workflow_name == workflow,
                    WorkflowExecution.status == ExecutionStatus.RUNNING.value).scalar())
+
+
+def _queue(sql: Statements, workflow: str, everyone: bool):
+    """The queued executions of ``workflow``, oldest first: all of them (``everyone``), or
+    only those whose creating node is alive to start them."""
+    query = (WorkflowExecution.select(WorkflowExecution.id, WorkflowExecution.version,
+                                      WorkflowExecution.owner)
+             .where(WorkflowExecution.workflow_name == workflow,
+                    WorkflowExecution.status == ExecutionStatus.PENDING.value))
+    if not everyone:
+        query = (query.join(Node, on=(Node.id == WorkflowExecution.owner))
+                 .where(Node.lease_expires_at >= SQL(sql.now)))
+    return query.order_by(WorkflowExecution.started_at, WorkflowExecution.id)
+
+
+def _daemon_alive(sql: Statements) -> bool:
+    """Whether a live node starts any node's queued executions: a ``serve`` node or worker
+    (a ``mantle run`` starts only its own)."""
+    return (Node.select(Node.id)
+            .where(Node.kind != "run", Node.lease_expires_at >= SQL(sql.now)).exists())
+
+
+def _waiting(sql: Statements, workflow: str) -> bool:
+    """Whether queued executions of ``workflow`` wait that a live node will start: those
+    ``promote_queued`` counts, on any node, ahead of a new one. One nobody alive will start
+    (its ``mantle run`` is gone and no daemon runs) does not hold the others back."""
+    if not _queue(sql, workflow, everyone=True).exists():
+        return False
+    return _daemon_alive(sql) or _queue(sql, workflow, everyone=False).exists()
 
 
 def finish_execution(execution_id: str, status: str, error: str | None) -> bool | Pending:
@@ -264,43 +301,55 @@ def queued_workflows() -> list[str]:
         "SELECT DISTINCT workflow_name FROM workflow_executions WHERE status = 'pending'")]
 
 
-def promote_queued(workflow: str, node: str, *, own_only: bool = False
-                   ) -> list[tuple[str, int]]:
+@dataclasses.dataclass(frozen=True, slots=True)
+class Promotion:
+    """Outcome of promote_queued for one workflow: the executions started, as (id, epoch),
+    and those ended ``failed`` because their version cannot be read, as (id, error)."""
+
+    workflow: str
+    started: tuple[tuple[str, int], ...] = ()
+    failed: tuple[tuple[str, str], ...] = ()
+
+
+def promote_queued(workflow: str, node: str, *, own_only: bool = False,
+                   internal_error: Callable[[str], str]) -> Promotion:
     """Start queued executions of ``workflow`` while slots are free, oldest first across all
     nodes (FIFO, 4.9, 13.1.10): each becomes ``running`` and is owned by ``node`` under a new
-    epoch. Returns (id, epoch) of those promoted. The limit is the oldest queued one's
-    version's ``max_parallel_executions``.
+    epoch. The limit is the oldest queued one's version's ``max_parallel_executions``.
+
+    A queue head whose version is missing or cannot be read (edited by hand, written by
+    another release) gives no limit to go by: it ends ``failed`` with
+    ``internal_error(<reason>)`` (13.1.12), never started, and the next one heads the queue.
 
     ``own_only`` is for a node that exits once its own executions end and takes nothing over
     (an in-process ``mantle run``): another node's execution promoted there would be left
     ``running`` with no owner when it exits, and only a daemon could take it over. It starts
-    only the queued executions it created itself, in their FIFO place among those whose
-    creator is alive to start them (a dead one's wait for a daemon, which promotes any)."""
+    only the queued executions it created itself, in their FIFO place among those a live node
+    will start: while a daemon runs, all (it promotes any node's); else those whose creator
+    is alive (a dead one's wait for a daemon)."""
     sql = Statements.of_bound()
     sql.flush()
     lock_for_update(Workflow, Workflow.name == workflow)
-
-    def queue(n: int | None):
-        query = (WorkflowExecution.select(WorkflowExecution.id, WorkflowExecution.version,
-                                          WorkflowExecution.owner)
-                 .where(WorkflowExecution.workflow_name == workflow,
-                        WorkflowExecution.status == ExecutionStatus.PENDING.value))
-        if own_only:
-            query = (query.join(Node, on=(Node.id == WorkflowExecution.owner))
-                     .where(Node.lease_expires_at >= SQL(sql.now)))
-        return query.order_by(WorkflowExecution.started_at, WorkflowExecution.id).limit(n)
-
-    head = list(queue(1))
-    if not head:
-        return []
-    found = stored_version(workflow, head[0].version)
-    limit = found[1].max_parallel_executions if found else 0
+    queue = _queue(sql, workflow, everyone=not own_only or _daemon_alive(sql))
+    failed = []
+    while True:
+        heads = list(queue.limit(1))  # afresh: the one before may have just failed
+        if not heads:
+            return Promotion(workflow, failed=tuple(failed))
+        head = heads[0]
+        found = _model_or_problem(workflow, head.version)
+        if isinstance(found, WorkflowModel):
+            break
+        error = internal_error(found)
+        if _fail_queued(sql, head.id, error):
+            failed.append((head.id, error))
+    limit = found.max_parallel_executions
     free = (limit - _running_count(workflow)) if limit > 0 else None
     if free is not None and free <= 0:
-        return []
+        return Promotion(workflow, failed=tuple(failed))
     p = sql.db.param
     promoted = []
-    for row in list(queue(free)):
+    for row in list(queue.limit(free)):
         if own_only and row.owner != node:
             continue
         changed = sql.rows(
@@ -313,7 +362,32 @@ def promote_queued(workflow: str, node: str, *, own_only: bool = False
             sql.audit("engine", "execution.promoted", "workflow_execution", row.id,
                       {"workflow": workflow})
             promoted.append((row.id, changed[0][0]))
-    return promoted
+    return Promotion(workflow, tuple(promoted), tuple(failed))
+
+
+def _model_or_problem(workflow: str, version: int) -> WorkflowModel | str:
+    """The model of a stored version, or why there is none (as ``execution_snapshot`` says
+    it): the version is missing, or stored in a form this code cannot read."""
+    try:
+        found = stored_version(workflow, version)
+    except PeeweeException:
+        raise
+    except Exception as exc:  # parsing the stored definition, not the database
+        return (f"cannot read workflow {workflow!r} version {version}: "
+                f"{type(exc).__name__}: {exc}")
+    if found is None:
+        return str(VersionNotFound(workflow, version))
+    return found[1]
+
+
+def _fail_queued(sql: Statements, execution_id: str, error: str) -> bool:
+    """End a queued execution ``failed`` without starting it; False when it was no longer
+    queued (a cancel committed first). It holds no slot and no step ran."""
+    p = sql.db.param
+    return bool(sql.run(
+        f"UPDATE workflow_executions SET status = 'failed', error = {p}, "
+        f"completed_at = {sql.now} WHERE id = {p} AND status = 'pending'",
+        (storable_text(error), execution_id)))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

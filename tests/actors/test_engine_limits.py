@@ -12,6 +12,7 @@ wiring is the point; everything runs on the parametrised database (SQLite and Po
 
 from __future__ import annotations
 
+import datetime as dt
 import gc
 import logging
 import socket
@@ -24,14 +25,19 @@ import falcon.testing
 import pytest
 
 from actors import messages as m
-from actors.engine import EVALUATION_THREADS
+from actors.engine import EVALUATION_THREADS, Engine
+from mantle import store
 from mantle.config import load_config
 from mantle.daemon.daemon import SWITCH_INTERVAL
 from mantle.daemon.daemon import Daemon as ServeDaemon
 from mantle.daemon.readiness import Readiness
-from mantle.db.models import StepExecution
+from mantle.db import transaction
+from mantle.db.fields import utcnow
+from mantle.db.models import Node, StepExecution, WorkflowDefinition, WorkflowExecution
+from mantle.metrics import Metrics
 from mantle.services import journal as journal_module
 from mantle.services.timers import Timers
+from mantle.store import executions as store_executions
 from tests.actors.conftest import apply, finish, wait_until
 from tests.web.support import call
 from web.app import create_app
@@ -264,3 +270,285 @@ def test_eight_slow_if_conditions_delay_the_cancel_of_another_execution_by_under
         engine, db, daemon_switch_interval):
     took = _cancel_latencies(engine, 5)
     assert max(took) < 0.1, [f"{t * 1000:.0f} ms" for t in took]
+
+
+# --- 4.9 the queue of max_parallel_executions ------------------------------------------------
+
+_MANUAL = {"type": "manual", "payload": None}
+
+
+def _status(execution_id: str) -> str:
+    return WorkflowExecution.get_by_id(execution_id).status
+
+
+def _running(workflow: str) -> int:
+    return WorkflowExecution.select().where(WorkflowExecution.workflow_name == workflow,
+                                            WorkflowExecution.status == "running").count()
+
+
+def _live_node(node_id: str, kind: str, alive: bool = True) -> None:
+    now = utcnow()
+    Node.create(id=node_id, hostname=node_id, pid=1, kind=kind, host_key=node_id,
+                started_at=now, lease_expires_at=now + dt.timedelta(hours=1 if alive else -1))
+
+
+def _queued_row(workflow: str, owner: str, execution_id: str) -> str:
+    """A queued execution of ``workflow``'s version 1 created by the node ``owner``."""
+    WorkflowExecution.create(id=execution_id, workflow_name=workflow, version=1,
+                             status="pending", inputs={}, trigger=_MANUAL,
+                             started_at=utcnow() - dt.timedelta(seconds=1), owner=owner)
+    return execution_id
+
+
+def _cancel_all(engine, execution_ids) -> None:
+    for execution_id in execution_ids:
+        try:
+            engine.cancel(execution_id)
+        except Exception:  # already final
+            pass
+
+
+def test_a_new_run_queues_behind_an_older_queued_execution_when_a_slot_frees(engine):
+    """SPEC 4.9: queued executions are "started FIFO when a slot frees". Between a slot
+    freeing (a finish or cancel commits) and the next promotion (a node's tick, up to 0.5 s
+    later), a new run used to be created ``running`` and take the slot, so that under a
+    steady stream of runs a queued execution could wait for ever. The older queued execution
+    here belongs to another live ``mantle run``, which would start it at its next look: that
+    freezes the window."""
+    apply("""
+        name: fifo
+        max_parallel_executions: 1
+        steps: [{name: nap, action: core/sleep, params: {duration: 60s}}]
+    """)
+    _live_node("other-run", "run")
+    first = engine.run("fifo").execution_id
+    assert _status(first) == "running"
+    with transaction():  # what the other ``mantle run`` process writes for its run
+        older = store.create_execution("fifo", {}, None, None, "other-run", "cli")
+    assert older.queued
+    engine.cancel(first)  # the slot frees
+    assert _running("fifo") == 0
+    newer = engine.run("fifo")
+    try:
+        assert _status(older.execution["id"]) == "pending"
+        assert newer.queued, "a new run started ahead of an older queued execution"
+    finally:
+        _cancel_all(engine, (newer.execution_id, older.execution["id"]))
+
+
+def test_a_queued_execution_nobody_alive_will_start_does_not_hold_back_a_new_run(engine):
+    """SPEC 4.9 with 13.7: a queued execution whose ``mantle run`` is gone waits for a daemon
+    (docs/engine.md); with none running, nobody will start it, so a new run with a free slot
+    starts at once instead of queueing behind it for ever."""
+    apply("""
+        name: orphaned
+        max_parallel_executions: 1
+        steps: [{name: say, action: core/log, params: {message: hi}}]
+    """)
+    _live_node("gone-run", "run", alive=False)
+    gone = _queued_row("orphaned", "gone-run", "00000000-0000-4000-8000-0000000000d1")
+    newer = engine.run("orphaned")
+    assert not newer.queued
+    assert finish(engine, newer.execution_id)["status"] == "completed"
+    assert _status(gone) == "pending"
+
+
+def test_an_in_process_run_waits_behind_a_dead_runs_queued_execution_while_a_daemon_runs(
+        engine):
+    """SPEC 4.9 FIFO, 13.1.10: while a daemon runs, it starts any node's queued executions,
+    a dead ``mantle run``'s too; an in-process run then keeps its FIFO place behind them
+    instead of starting its own ahead of them."""
+    apply("""
+        name: mixed
+        max_parallel_executions: 1
+        steps: [{name: say, action: core/log, params: {message: hi}}]
+    """)
+    _live_node("gone-run", "run", alive=False)
+    gone = _queued_row("mixed", "gone-run", "00000000-0000-4000-8000-0000000000d2")
+    _live_node("a-daemon", "serve")  # it would start the dead run's execution at its tick
+    own = engine.run("mixed")
+    try:
+        assert own.queued
+        time.sleep(1.0)  # two promotion ticks of this process
+        assert (_status(gone), _status(own.execution_id)) == ("pending", "pending")
+    finally:
+        _cancel_all(engine, (own.execution_id, gone))
+
+
+def _fragile_queued(owner: str, started_at: dt.datetime) -> str:
+    """A queued execution of a version this code cannot read (edited by hand, or written by
+    another release: the cases docs/engine.md says end ``failed``)."""
+    apply("""
+        name: fragile
+        max_parallel_executions: 1
+        steps: [{name: say, action: core/log, params: {message: hi}}]
+    """)
+    WorkflowDefinition.insert(workflow_name="fragile", version=2, raw_yaml="?",
+                              definition={"name": "fragile", "steps": "unreadable"},
+                              content_hash="0" * 64, created_at=utcnow()).execute()
+    execution_id = "00000000-0000-4000-8000-0000000000a2"
+    WorkflowExecution.create(id=execution_id, workflow_name="fragile", version=2,
+                             status="pending", inputs={}, trigger=_MANUAL,
+                             started_at=started_at, owner=owner)
+    return execution_id
+
+
+def test_a_queued_execution_of_an_unreadable_version_ends_failed_and_every_queue_goes_on(db):
+    """SPEC 4.9, 13.1.10 and 13.1.12: one node's promotion is one journal operation over
+    every workflow with a queue. A queue head whose version this code cannot read used to
+    make it raise, every tick, for ever: no queue of any workflow moved on that node, and
+    the unreadable execution never ended. It ends ``failed`` with ``internal error:
+    <reason>`` and every queue, its own included, goes on."""
+    fragile = _fragile_queued("gone-node", utcnow() - dt.timedelta(minutes=1))
+    apply("""
+        name: steady
+        max_parallel_executions: 1
+        steps: [{name: nap, action: core/sleep, params: {duration: 200ms}}]
+    """)
+    engine = Engine(db, metrics=Metrics(), resume_orphans=True).start()
+    try:
+        first = engine.run("steady").execution_id
+        second = engine.run("steady")
+        assert second.queued
+        assert finish(engine, first)["status"] == "completed"
+        assert finish(engine, second.execution_id, timeout=10)["status"] == "completed"
+        wait_until(lambda: _status(fragile) == "failed", timeout=10,
+                   message="the unreadable queued execution never ended")
+        error = WorkflowExecution.get_by_id(fragile).error
+        assert error.startswith("internal error: cannot read workflow 'fragile' version 2: ")
+        assert engine.metrics.registry.get_sample_value(
+            "mantle_workflow_executions_total", {"workflow": "fragile", "status": "failed"}) == 1
+        behind = engine.run("fragile")  # its own queue goes on too
+        assert finish(engine, behind.execution_id)["status"] == "completed"
+    finally:
+        engine.shutdown(timeout=1)
+
+
+def test_a_queue_head_whose_version_is_missing_ends_failed_and_never_lifts_the_limit(db):
+    """SPEC 4.9 and 13.1.12: at most ``max_parallel_executions`` executions run. The
+    promotion takes the limit from the queue head's version; a missing version used to read
+    as limit 0, "unlimited", and every queued execution of the workflow was started at
+    once. That head ends ``failed`` with ``internal error: <reason>``, and the next one
+    heads the queue, its version's limit with it."""
+    apply("""
+        name: capped
+        max_parallel_executions: 1
+        steps: [{name: nap, action: core/sleep, params: {duration: 60s}}]
+    """)
+    engine = Engine(db, metrics=Metrics(), resume_orphans=True).start()
+    headless = "00000000-0000-4000-8000-0000000000b7"
+    ids = []
+    try:
+        first = engine.run("capped").execution_id
+        ids.append(first)
+        assert _status(first) == "running"
+        with transaction():  # a queued execution whose version row is gone
+            WorkflowExecution.create(id=headless, workflow_name="capped", version=7,
+                                     status="pending", inputs={}, trigger=_MANUAL,
+                                     started_at=utcnow() - dt.timedelta(minutes=1),
+                                     owner="gone-node")
+        ids.append(headless)
+        queued = [engine.run("capped") for _ in range(2)]
+        ids += [q.execution_id for q in queued]
+        assert all(q.queued for q in queued)
+        most = 0
+
+        def headless_ended() -> bool:
+            nonlocal most
+            most = max(most, _running("capped"))
+            return _status(headless) not in ("pending", "running")
+
+        wait_until(headless_ended, timeout=10,
+                   message="the queued execution with a missing version never ended")
+        time.sleep(0.6)  # a promotion tick more: those promoted with it would run 60 s
+        most = max(most, _running("capped"))
+        assert _status(first) == "running"
+        assert most <= 1, (f"{most} executions of 'capped' running at once (limit 1): "
+                           f"{[(i, _status(i)) for i in ids]}")
+        assert WorkflowExecution.get_by_id(headless).error == (
+            'internal error: workflow "capped" version 7 not found')
+        assert [_status(q.execution_id) for q in queued] == ["pending", "pending"]
+    finally:
+        _cancel_all(engine, ids)
+        engine.shutdown(timeout=1)
+
+
+def test_the_queue_order_is_the_databases_time_not_the_creating_hosts_clock(db):
+    """SPEC 4.9 FIFO with 13.7: "Clock differences between hosts never decide anything".
+    The queue is ordered by ``started_at``, which the creating node used to take from its
+    own host's clock: a run queued later on a host whose clock is an hour behind went ahead
+    of every run queued earlier elsewhere. Here that host creates its run through the same
+    code, its clock an hour behind and its estimate of the database's time (``db_now``:
+    its clock corrected by the offset its lease renewals measure) right."""
+    apply("""
+        name: ordered
+        max_parallel_executions: 1
+        steps: [{name: nap, action: core/sleep, params: {duration: 60s}}]
+    """)
+    _live_node("skewed-host", "serve")
+    engine = Engine(db, metrics=Metrics(), resume_orphans=True).start()
+    ids = []
+    try:
+        first = engine.run("ordered").execution_id
+        earlier = engine.run("ordered").execution_id
+        ids += [first, earlier]
+        assert _status(earlier) == "pending"
+        behind = utcnow() - dt.timedelta(hours=1)
+        with pytest.MonkeyPatch.context() as patch, transaction():
+            patch.setattr(store_executions, "utcnow", lambda: behind)
+            later = store.create_execution("ordered", {}, None, None, "skewed-host", "api",
+                                           now=engine.node.db_now())
+        ids.append(later.execution["id"])
+        assert later.queued
+        engine.cancel(first)  # one slot frees
+        wait_until(lambda: _running("ordered") == 1, timeout=10)
+        assert (_status(earlier), _status(later.execution["id"])) == ("running", "pending"), (
+            "the run queued later on a host with a slow clock started first")
+    finally:
+        _cancel_all(engine, ids)
+        engine.shutdown(timeout=1)
+
+
+def test_a_cancel_heard_while_a_promoted_execution_is_loading_keeps_it_from_starting(
+        engine, monkeypatch):
+    """SPEC 13.7 "Cancel anywhere" and 4.9: a promoted execution starts from a snapshot that
+    its node reads in a journal operation of its own. A cancel from another node can commit
+    after that read, and its notice reach the Supervisor before the snapshot does: no actor
+    runs yet, and the stale snapshot says ``running``. The execution used to be started
+    anyway, its steps running until the once-a-second look caught the cancel. Here the
+    snapshot read commits the other node's cancel and delivers its notice itself, which
+    freezes that window."""
+    apply("""
+        name: raced
+        max_parallel_executions: 1
+        steps: [{name: nap, action: core/sleep, params: {duration: 60s}}]
+    """)
+    first = engine.run("raced").execution_id
+    queued = engine.run("raced")
+    assert queued.queued
+    loads = []
+    real = store.execution_snapshot
+
+    def stale_snapshot(execution_id: str):
+        snapshot = real(execution_id)
+        if execution_id == queued.execution_id:
+            loads.append(execution_id)
+            WorkflowExecution.update(status="cancelled", completed_at=utcnow()).where(
+                WorkflowExecution.id == execution_id).execute()  # the other node's cancel
+            engine._supervisor.tell(m.CancelNotified(execution_id))  # its notice, first
+        return snapshot
+
+    monkeypatch.setattr(store, "execution_snapshot", stale_snapshot)
+    engine.cancel(first)  # the slot frees: the queued one is promoted and loaded
+    try:
+        wait_until(lambda: loads, timeout=5, message="the queued execution was not promoted")
+        engine.journal.call(lambda: None)  # the snapshot's batch committed and was reported
+        # An actor started from the stale snapshot writes its step, then runs until the
+        # once-a-second look ends it: once no actor runs, its writes are all committed.
+        wait_until(lambda: engine.live_count() == 0, timeout=10)
+        steps = StepExecution.select().where(
+            StepExecution.execution_id == queued.execution_id).count()
+        assert (_status(queued.execution_id), steps) == ("cancelled", 0)
+        assert engine.wait(queued.execution_id, timeout=1) == "cancelled"
+    finally:
+        _cancel_all(engine, (queued.execution_id,))
