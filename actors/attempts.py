@@ -43,6 +43,11 @@ INTERRUPT_GRACE = 1.0
 # After a database outage kept a step's credential from being read.
 PREPARE_RETRY = 1.0
 
+# Why an attempt is interrupted, by rank (``_interrupt``): the step's own timeout and a
+# shutdown yield to what ends the execution's work (any other reason: cancel, the workflow or
+# hooks timeout), and everything yields to a lost lease.
+_RANK = {"timeout": 0, "shutdown": 0, "lost": 2}
+
 _AUDIT = {S.RUNNING: "step.started", S.COMPLETED: "step.completed", S.FAILED: "step.failed",
           S.SKIPPED: "step.skipped"}
 _HOOK_AUDIT = {S.RUNNING: "hook.step.started", S.COMPLETED: "hook.step.completed",
@@ -214,19 +219,26 @@ class Attempts:
     # --- an attempt ---
 
     def _start_attempt(self, run: StepRun) -> None:
-        """Write the attempt's ``running`` row (unless it exists: a resumed attempt or one
-        whose row was written when its back-off began), then launch it."""
+        """Write the attempt's ``running`` row, then launch it once the row is committed.
+
+        A row that exists already (an attempt resumed after a crash, or one written when its
+        back-off began) is written again, ending its wait: the launch always follows a
+        fenced write, so a node that lost the execution while it waited (its lease ran out
+        during a back-off or a slot wait) is refused and calls nothing (13.7). A resumed
+        ``core/sleep`` keeps its stored wait and just goes on waiting: it acts on nothing,
+        and its end is a fenced write."""
         sleeping = is_sleep(run.spec.action)
-        if run.status == S.RUNNING and not (sleeping and run.wait_kind != "sleep"):
+        existing = run.status == S.RUNNING
+        if existing and sleeping and run.wait_kind == "sleep":
             self._launch(run)
             return
-        attempt = run.attempt if run.status == S.RUNNING else run.attempt + 1
+        attempt = run.attempt if existing else run.attempt + 1
         wait = (None, None)
         if sleeping:
             seconds = self._sleep_length(run)
             if seconds is not None:
                 wait = ("sleep", self._ctx.node.db_now() + _seconds(seconds))
-        started = run.started_at if run.status == S.RUNNING else utcnow()
+        started = run.started_at if existing else utcnow()
         self._transition(run, S.RUNNING, attempt=attempt, started_at=started, wait=wait)
 
     def _on_AttemptRowWritten(self, message: m.AttemptRowWritten) -> None:
@@ -299,10 +311,20 @@ class Attempts:
 
     def _interrupt(self, run: StepRun, reason: str) -> None:
         """Stop the running attempt (cancel, timeouts, shutdown deadline, lost lease): its
-        token is set at once; the outcome comes as its AttemptFinished, or after a grace."""
+        token is set at once; the outcome comes as its AttemptFinished, or after a grace.
+
+        An attempt already being interrupted keeps its first reason, so its outcome is the
+        one of what stopped it first (a step timeout due meanwhile changes nothing), except
+        that a cancel or a workflow or hooks timeout outranks the step's own timeout and a
+        shutdown, and a lost lease outranks everything: then nothing is written."""
         if run.stage != "running":
             return
+        if run.reason is not None:
+            if _RANK.get(reason, 1) > _RANK.get(run.reason, 1):
+                run.reason = reason
+            return
         run.reason = reason
+        run.cancel_timers()  # its step timeout: the attempt is stopping already
         run.token.set()
         if run.child is not None:
             self._stop_child(run, reason)
@@ -437,11 +459,13 @@ class Attempts:
             return
         if status == S.RUNNING:
             wait_kind, wait_until = wait
+            # the attempt's row written again (its wait ends, or it resumes): started once
+            started_audit = None if run.status == S.RUNNING else audit[S.RUNNING]
 
             def op():
                 store.write_step(execution_id, name, attempt, "running", hook_block=block,
                                  started_at=started_at, wait_kind=wait_kind,
-                                 wait_until=wait_until, audit_action=audit[S.RUNNING])
+                                 wait_until=wait_until, audit_action=started_audit)
 
             run.status, run.attempt, run.started_at, run.stage = status, attempt, started_at, \
                 "writing"

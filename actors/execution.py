@@ -146,8 +146,11 @@ class ExecutionActor(Attempts, HookPhase, Children, PooledActor):
         if all(run.status.is_final for run in self._steps.values()):
             self._enter_hooks()  # resumed after its main steps: in (or before) its hooks
             return
-        if self._wf.timeout_seconds:
-            self._start_workflow_timer()
+        if self._wf.timeout_seconds and not self._start_workflow_timer():
+            # the deadline passed while nobody ran the execution: it applies before anything
+            # starts again (13.1.9): resumed attempts end failed, ready steps cancelled
+            self._on_WorkflowTimedOut(m.WorkflowTimedOut())
+            return
         for run in self._steps.values():
             if run.resuming:
                 self._prepare(run)
@@ -155,12 +158,17 @@ class ExecutionActor(Attempts, HookPhase, Children, PooledActor):
 
     def _reload(self, rows) -> None:
         """Take over stored step rows: final ones are kept; a running one restarts under its
-        attempt number (its wait, if any, continues with what is left)."""
+        attempt number (its wait, if any, continues with what is left).
+
+        The first failure is the step that failed first (4.3), by the time its failure was
+        stored, not by where its rows are; in the hooks the stored outcome decides
+        (``_enter_hooks``)."""
         latest: dict[tuple[bool, str], dict] = {}
         for row in rows:
             key = (row["is_hook"], row["step"])
             if key not in latest or row["attempt"] >= latest[key]["attempt"]:
                 latest[key] = row
+        failures: list[StepRun] = []
         for (is_hook, name), row in latest.items():
             if is_hook:
                 self._reload_hook(name, row)
@@ -169,17 +177,25 @@ class ExecutionActor(Attempts, HookPhase, Children, PooledActor):
             if run is not None:
                 self._reload_run(run, row)
                 if run.blocks_dependents and run.status == S.FAILED:
-                    self._first_failure = self._first_failure or (name, run.error)
+                    failures.append(run)
                 if run.status == S.FAILED and run.error == self._workflow_timeout_error():
                     self._timed_out = True
+        if failures:
+            first = min(failures, key=lambda run: (run.completed_at is None,
+                                                   run.completed_at or 0))
+            self._first_failure = (first.spec.name, first.error)
 
     def _reload_hook(self, name: str, row: dict) -> None:
+        """A final hook is never re-run; one that failed without ``continue_on_error``
+        stopped its block, also for this owner (4.8); a running one is resumed (13.1.8)."""
+        spec = next((spec for spec in self._wf.hooks.block(row["hook_block"])
+                     if spec.name == name), None)
         if row["status"] not in ("pending", "running"):
             self._hook_results[name] = {"output": row["output"], "error": row["error"],
                                         "status": row["status"]}
+            if row["status"] == S.FAILED and spec is not None and not spec.continue_on_error:
+                self._stopped_blocks.add(row["hook_block"])
             return
-        spec = next((spec for spec in self._wf.hooks.block(row["hook_block"])
-                     if spec.name == name), None)
         if spec is not None:
             run = StepRun(spec, row["hook_block"])
             self._reload_run(run, row)
@@ -196,12 +212,16 @@ class ExecutionActor(Attempts, HookPhase, Children, PooledActor):
             run.wait_kind, run.wait_until = row.get("wait_kind"), row.get("wait_until")
             run.progress = row.get("progress")
 
-    def _start_workflow_timer(self) -> None:
-        """The workflow timeout counts from ``running_since`` (13.1.9), across crashes."""
+    def _start_workflow_timer(self) -> bool:
+        """The workflow timeout counts from ``running_since`` (13.1.9), across crashes.
+        False, and no timer, when it has already passed."""
         since = self._ex.get("running_since")
         elapsed = 0.0 if since is None else (self._ctx.node.db_now() - since).total_seconds()
         left = self._wf.timeout_seconds - max(0.0, elapsed)
-        self._timers.append(self._after(max(0.0, left), m.WorkflowTimedOut()))
+        if left <= 0:
+            return False
+        self._timers.append(self._after(left, m.WorkflowTimedOut()))
+        return True
 
     # --- main steps ---
 
@@ -259,6 +279,8 @@ class ExecutionActor(Attempts, HookPhase, Children, PooledActor):
                 run.cancel_timers()
                 run.stage = None
                 self._release_slot(run)
+                self._not_started(run)
+            elif run.stage is None and run.status == S.RUNNING:  # resumed, not yet prepared
                 self._not_started(run)
         self._schedule()
 

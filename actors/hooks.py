@@ -2,9 +2,11 @@
 final status.
 
 Blocks run in order (``on_success``/``on_failure`` by the outcome, then ``on_finish``), their
-steps one at a time with the machinery of ``actors.attempts``. After a crash a completed hook
-is never re-run and a running one restarts under its attempt number; ``hooks.timeout`` counts
-from ``hooks_since``, stored when the phase first began (13.1.11). A mixin of
+steps one at a time with the machinery of ``actors.attempts``. When the phase first begins,
+the outcome (blocks to run, final status) and ``hooks_since`` (``hooks.timeout`` counts from
+it, 13.1.11) are stored before any hook runs. After a crash the phase goes on for the stored
+outcome: a completed hook is never re-run, a block stopped by a failed hook stays stopped and
+a running hook restarts under its attempt number. A mixin of
 ``actors.execution.ExecutionActor``, on its dispatcher turn.
 """
 
@@ -21,28 +23,56 @@ __all__ = ["HookPhase"]
 
 class HookPhase:
     def _enter_hooks(self) -> None:
-        """All main steps are final: pick the hook blocks for the outcome and run them."""
+        """All main steps are final: pick the hook blocks for the outcome and run them.
+
+        The outcome is fixed when the phase first begins and stored with ``hooks_since``
+        (``mark_hooks_started``) before any hook runs; a node resuming the phase takes it
+        from there, never from the step rows (which cannot tell, say, a workflow timeout
+        that only cancelled steps still waiting for a slot)."""
         self._cancel_execution_timers()
         self._phase = "hooks"
-        self._outcome = self._outcome_for(self._first_failure)
-        self._hook_queue = self._hooks_to_run(self._outcome[0])
-        timeout = self._wf.hooks.timeout_seconds
-        if not (self._hook_queue and timeout):
-            self._next_hook()
-        elif self._ex.get("hooks_since") is None:
-            self._write(lambda: store.mark_hooks_started(self._id), m.HooksStarted())
+        stored = self._ex.get("outcome")
+        if stored is not None:  # resumed in its hooks (13.1.8)
+            self._outcome = (stored["status"], stored.get("error"))
+            failed_step = stored.get("failed_step")
+            self._first_failure = (failed_step, None) if failed_step else None
         else:
-            self._start_hooks_timer()
+            self._outcome = self._outcome_for(self._first_failure)
+        self._hook_queue = self._hooks_to_run(self._outcome[0])
+        if not self._hook_queue:
+            self._next_hook()  # nothing to run: the final status
+        elif stored is None:
+            status, error = self._outcome
+            outcome = {"status": status, "error": error,
+                       "failed_step": self._first_failure[0] if self._first_failure else None}
+            self._write(lambda: store.mark_hooks_started(self._id, outcome),
+                        m.HooksStarted(outcome))
+        else:
+            self._hooks_begun()
 
-    def _on_HooksStarted(self, _message: m.HooksStarted) -> None:
+    def _on_HooksStarted(self, message: m.HooksStarted) -> None:
         if self._phase == "hooks":
-            self._ex["hooks_since"] = self._ctx.node.db_now()
+            self._ex["outcome"] = message.outcome
+            if self._ex.get("hooks_since") is None:
+                self._ex["hooks_since"] = self._ctx.node.db_now()
+            self._hooks_begun()
+
+    def _hooks_begun(self) -> None:
+        """The phase's start and outcome are stored: run the hooks, timed if they are."""
+        if self._wf.hooks.timeout_seconds:
             self._start_hooks_timer()
+        else:
+            self._next_hook()
 
     def _start_hooks_timer(self) -> None:
+        """``hooks.timeout`` counts from ``hooks_since`` (13.1.11). When it passed while
+        nobody ran the execution it applies at once, before any hook is started again."""
         elapsed = (self._ctx.node.db_now() - self._ex["hooks_since"]).total_seconds()
         left = self._wf.hooks.timeout_seconds - max(0.0, elapsed)
-        self._timers.append(self._after(max(0.0, left), m.HooksTimedOut()))
+        if left > 0:
+            self._timers.append(self._after(left, m.HooksTimedOut()))
+        else:
+            self._hooks_timed_out = True
         self._next_hook()
 
     def _hooks_to_run(self, status: str) -> list[tuple[str, Step]]:
@@ -52,12 +82,19 @@ class HookPhase:
                 if spec.name not in self._hook_results]
 
     def _next_hook(self) -> None:
-        while self._hook_queue and not self._hooks_timed_out and self._may_continue():
+        """Start the next hook of the queue, or write the final status when none is left.
+        After the hooks timeout only a hook that was running at a crash is dealt with: it
+        ends ``failed`` with the timeout's error, unstarted (4.7)."""
+        while self._hook_queue and self._may_continue():
             block, spec = self._hook_queue.pop(0)
-            if block in self._stopped_blocks:
+            resumed = self._resumed_hooks.pop(spec.name, None)
+            if block in self._stopped_blocks or (self._hooks_timed_out and resumed is None):
                 continue
-            self._hook = self._resumed_hooks.pop(spec.name, None) or StepRun(spec, block)
-            self._prepare(self._hook)
+            self._hook = resumed or StepRun(spec, block)
+            if self._hooks_timed_out:
+                self._transition(self._hook, S.FAILED, error=self._hooks_timeout_error())
+            else:
+                self._prepare(self._hook)
             return
         self._hook = None
         if self._shutdown:

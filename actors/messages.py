@@ -293,7 +293,10 @@ class StepRecorded:
 
 @dataclass(frozen=True, slots=True)
 class HooksStarted:
-    """``hooks_since`` is committed (hooks.timeout counts from it)."""
+    """``hooks_since`` and the outcome the hooks run for are committed (hooks.timeout counts
+    from the first; a node resuming the hooks takes the second)."""
+
+    outcome: Any = None  # {status, error, failed_step}
 
 
 @dataclass(frozen=True, slots=True)

@@ -94,6 +94,8 @@ class WorkflowExecution(BaseModel):
     epoch = peewee.IntegerField(default=0)
     running_since = UtcDateTimeField(null=True)
     hooks_since = UtcDateTimeField(null=True)
+    # {status, error, failed_step}: what the hooks run for, fixed when they begin (4.8)
+    outcome = JSONField(null=True)
     parent_execution_id = peewee.CharField(max_length=36, null=True)
     parent_step = peewee.CharField(max_length=255, null=True)
     depth = peewee.IntegerField(default=1)

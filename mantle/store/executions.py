@@ -75,6 +75,7 @@ def execution_row(row: WorkflowExecution) -> dict:
             "error": row.error, "started_at": row.started_at,
             "completed_at": row.completed_at, "owner": row.owner, "epoch": row.epoch,
             "running_since": row.running_since, "hooks_since": row.hooks_since,
+            "outcome": row.outcome,
             "retry_of": row.retry_of, "parent_execution_id": row.parent_execution_id,
             "parent_step": row.parent_step, "depth": row.depth}
 
@@ -238,11 +239,16 @@ def fail_execution(execution_id: str, error: str) -> bool:
                                                sql.stamp(now), execution_id)))
 
 
-def mark_hooks_started(execution_id: str) -> None:
-    """Record when the hook phase began, so ``hooks.timeout`` survives a crash (13.1.11)."""
+def mark_hooks_started(execution_id: str, outcome: dict) -> None:
+    """Record when the hook phase began, so ``hooks.timeout`` survives a crash (13.1.11),
+    and the outcome its hooks run for (``status``, ``error``, ``failed_step``), so a node
+    resuming the hooks runs the same blocks and writes the same final status (4.8, 13.1.8).
+    Both are written once: the first hook phase's values stay."""
     sql = Statements.of_bound()
-    sql.run(f"UPDATE workflow_executions SET hooks_since = {sql.now} "
-            f"WHERE id = {sql.db.param} AND hooks_since IS NULL", (execution_id,))
+    p = sql.db.param
+    sql.run(f"UPDATE workflow_executions SET hooks_since = COALESCE(hooks_since, {sql.now}), "
+            f"outcome = COALESCE(outcome, {p}) WHERE id = {p}",
+            (dump_json(outcome), execution_id))
 
 
 def cancel_execution(execution_id: str, actor: str) -> Cancelled | None:

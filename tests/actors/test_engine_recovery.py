@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import signal
@@ -13,8 +14,9 @@ from pathlib import Path
 
 from actors.engine import Engine
 from mantle import db as mantle_db
+from mantle import queries
 from mantle.db import transaction
-from mantle.db.models import StepExecution, WorkflowDefinition, WorkflowExecution
+from mantle.db.models import Node, StepExecution, WorkflowDefinition, WorkflowExecution
 from mantle.metrics import Metrics
 from tests.actors.conftest import apply, finish, steps_of, wait_until
 
@@ -270,3 +272,389 @@ def test_runs_wait_out_another_process_holding_the_sqlite_write_lock(tmp_path):
         engine.shutdown(timeout=2)
     assert status == "completed"
     mantle_db.close_all(database)
+
+
+# --- hooks, timeouts and back-offs across a restart or a takeover ----------------------------
+#
+# A restart is made the way ``mantle serve`` makes one at SIGTERM (SPEC 10.3): the first
+# engine stops starting work, interrupts what still runs, leaves the rows ``running`` and ends
+# its lease; a second engine (a daemon: ``resume_orphans``) takes the execution over and
+# resumes it from its rows, as after a SIGKILL once the lease is gone.
+
+def _engine(db, tmp_path, *, takeover: bool = False, **kwargs) -> Engine:
+    return Engine(db, metrics=Metrics(), plugins_dir=str(tmp_path / "plugins"), secrets={},
+                  resume_orphans=takeover, **kwargs).start()
+
+
+def _restart(old: Engine, db, tmp_path) -> Engine:
+    old.shutdown(timeout=0.2)
+    return _engine(db, tmp_path, takeover=True)
+
+
+def _rows(execution_id: str, hook: bool = False) -> list[tuple]:
+    """(name, attempt, status, error) of every attempt row, in insertion order."""
+    return [(r.step_name, r.attempt, r.status, r.error) for r in StepExecution.select()
+            .where(StepExecution.execution_id == execution_id, StepExecution.is_hook == hook)
+            .order_by(StepExecution.id)]
+
+
+def _status(execution_id: str) -> str:
+    return WorkflowExecution.get_by_id(execution_id).status
+
+
+def _final(execution_id: str, timeout: float = 20.0) -> dict:
+    wait_until(lambda: _status(execution_id) not in ("pending", "running"), timeout=timeout,
+               message=f"execution {execution_id} not final within {timeout}s: "
+                       f"{_rows(execution_id)} {_rows(execution_id, hook=True)}")
+    return queries.execution_detail(execution_id)
+
+
+def _started_lines(caplog, execution_id: str) -> list[tuple[str, int]]:
+    return [(r.step, r.attempt) for r in caplog.records
+            if r.getMessage() == "step started" and getattr(r, "execution_id", None)
+            == execution_id]
+
+
+def _past(moment: dt.datetime, seconds: float) -> bool:
+    return mantle_db.fields.utcnow() > moment + dt.timedelta(seconds=seconds)
+
+
+GATED = """
+    name: gated
+    timeout: {timeout}
+    steps:
+      - {{name: call, action: http/request, max_parallel: 1, params: {{url: "{gate}"}}}}
+    hooks:
+      on_success:
+        - {{name: cheer, action: core/log, params: {{message: fine}}}}
+      on_failure:
+        - {{name: alert, action: http/request, params: {{url: "{alert}"}}}}
+"""
+
+
+def test_hooks_resumed_after_a_restart_run_for_the_stored_outcome_of_a_workflow_timeout(
+        db, tmp_path, http_target):
+    """SPEC 4.7 (a workflow timeout fails the execution, ``on_failure`` runs), 13.1.8 (a
+    hook running at a crash resumes): the outcome is stored when the hooks begin.
+
+    Version 2 times out while its only step waits for the slot version 1 holds, so the step
+    ends ``cancelled`` (attempt 0) and no step row carries the timeout's error; the engine
+    restarts while ``alert`` runs. The new owner finishes ``on_failure`` and ends the
+    execution ``failed`` with the timeout's error (it used to infer ``completed`` from the
+    step rows and run ``on_success``)."""
+    http_target.route("/gate", hold=True, body="through")
+    http_target.route("/alert", hold=True, body="alerted")
+    apply(GATED.format(timeout="60s", gate=http_target.url("/gate"),
+                       alert=http_target.url("/alert")))
+    apply(GATED.format(timeout="1s", gate=http_target.url("/gate"),
+                       alert=http_target.url("/alert")))
+    first = _engine(db, tmp_path)
+    second = None
+    try:
+        holder = first.run("gated", version=1).execution_id
+        http_target.wait_for_hits("/gate", 1, timeout=10)
+        impatient = first.run("gated").execution_id  # version 2: waits for the slot
+        http_target.wait_for_hits("/alert", 1, timeout=10)  # timed out; on_failure runs
+        assert _rows(impatient) == [("call", 0, "cancelled", None)]
+        assert _rows(impatient, hook=True) == [("alert", 1, "running", None)]
+
+        http_target.route("/alert", body="alerted")  # answers at once from now on
+        second = _restart(first, db, tmp_path)
+        detail = _final(impatient)
+        hooks = {h["name"]: h["status"] for h in detail["hooks"]}
+        outcome = (detail["status"], detail["error"], hooks)
+        assert outcome == ("failed", "workflow timed out after 1s", {"alert": "completed"}), \
+            outcome
+    finally:
+        http_target.release()
+        if second is not None:
+            _final(holder)
+            second.shutdown(timeout=1)
+        else:
+            first.shutdown(timeout=1)
+
+
+STOPPED = """
+    name: stopped
+    steps:
+      - {{name: boom, action: core/fail, params: {{message: broken}}}}
+    hooks:
+      on_failure:
+        - {{name: first, action: core/fail, params: {{message: hook broke}}}}
+        - {{name: second, action: http/request, params: {{url: "{second}"}}}}
+      on_finish:
+        - {{name: last, action: http/request, params: {{url: "{last}"}}}}
+"""
+
+
+def test_a_hook_block_stopped_by_a_failed_hook_stays_stopped_after_a_restart(
+        db, tmp_path, http_target):
+    """SPEC 4.8: a hook failing without ``continue_on_error`` stops its block; 13.1.8.
+
+    ``first`` fails, so ``second`` (same block) never runs; the engine restarts while
+    ``last`` (on_finish) runs. The new owner derives the stopped block from the stored hook
+    rows and runs only ``last``."""
+    http_target.route("/second", body="second")
+    http_target.route("/last", hold=True, body="last")
+    apply(STOPPED.format(second=http_target.url("/second"), last=http_target.url("/last")))
+    first = _engine(db, tmp_path)
+    second = None
+    try:
+        execution_id = first.run("stopped").execution_id
+        http_target.wait_for_hits("/last", 1, timeout=10)
+        assert [r[:3] for r in _rows(execution_id, hook=True)] == [
+            ("first", 1, "failed"), ("last", 1, "running")]
+        http_target.route("/last", body="last")
+        second = _restart(first, db, tmp_path)
+        detail = _final(execution_id)
+    finally:
+        http_target.release()
+        (second or first).shutdown(timeout=1)
+    assert detail["status"] == "failed"
+    hooks = [(r[0], r[2]) for r in _rows(execution_id, hook=True)]
+    assert (hooks, http_target.hits("/second")) == (
+        [("first", "failed"), ("last", "completed")], 0)
+
+
+FIRST_FAILURE = """
+    name: two-failures
+    steps:
+      - {{name: later, action: http/request, params: {{url: "{later}"}}}}
+      - {{name: early, action: core/fail, params: {{message: first to fail}}}}
+    hooks:
+      on_failure:
+        - {{name: alert, action: http/request, params: {{url: "{alert}"}}}}
+"""
+
+
+def test_the_error_names_the_first_step_that_failed_also_after_a_restart_in_hooks(
+        db, tmp_path, http_target):
+    """SPEC 4.3: the execution's ``error`` names the first step that failed; 13.1.8.
+
+    ``early`` fails at once, ``later`` (whose row was written first) half a second after;
+    the engine restarts while ``on_failure`` runs, and the new owner ends the execution with
+    the stored outcome: ``early``'s failure."""
+    http_target.route("/later", status=500, body="late failure", delay=0.5)
+    http_target.route("/alert", hold=True, body="alerted")
+    apply(FIRST_FAILURE.format(later=http_target.url("/later"), alert=http_target.url("/alert")))
+    first = _engine(db, tmp_path)
+    second = None
+    try:
+        execution_id = first.run("two-failures").execution_id
+        http_target.wait_for_hits("/alert", 1, timeout=10)
+        steps = {r[0]: r for r in _rows(execution_id)}
+        assert steps["early"][2:] == ("failed", "first to fail")
+        assert steps["later"][2] == "failed"
+        http_target.route("/alert", body="alerted")
+        second = _restart(first, db, tmp_path)
+        detail = _final(execution_id)
+    finally:
+        http_target.release()
+        (second or first).shutdown(timeout=1)
+    by_name = {s["name"]: s for s in detail["steps"]}
+    assert by_name["early"]["completed_at"] < by_name["later"]["completed_at"]
+    assert (detail["status"], detail["error"]) == (
+        "failed", 'step "early" failed: first to fail')
+
+
+def test_a_resumed_execution_names_the_step_that_failed_first_not_the_first_stored(
+        db, tmp_path):
+    """SPEC 4.3 (``error`` names the first step that failed), 4.11 (resume from the rows).
+
+    ``later``'s row was written first, but ``early`` failed two seconds before it; ``wait``
+    was running at the crash. The new owner takes the first failure by when it was stored,
+    not by the order of the rows."""
+    apply("""
+        name: failed-before
+        steps:
+          - {name: later, action: core/fail, params: {message: second to fail}}
+          - {name: early, action: core/fail, params: {message: first to fail}}
+          - {name: wait, action: core/log, params: {message: done}}
+    """)
+    execution_id = "00000000-0000-4000-8000-0000000000e3"
+    now = mantle_db.fields.utcnow()
+    with transaction(db):  # as a runner killed while ``wait`` ran leaves it
+        WorkflowExecution.create(id=execution_id, workflow_name="failed-before", version=1,
+                                 status="running", inputs={},
+                                 trigger={"type": "manual", "payload": None},
+                                 started_at=now - dt.timedelta(seconds=5),
+                                 running_since=now - dt.timedelta(seconds=5),
+                                 owner="gone-node", epoch=1)
+        for name, message, seconds in (("later", "second to fail", 1),
+                                       ("early", "first to fail", 3)):
+            StepExecution.insert(execution=execution_id, step_name=name, attempt=1,
+                                 status="failed", error=message,
+                                 started_at=now - dt.timedelta(seconds=4),
+                                 completed_at=now - dt.timedelta(seconds=seconds)).execute()
+        StepExecution.insert(execution=execution_id, step_name="wait", attempt=1,
+                             status="running", started_at=now - dt.timedelta(seconds=4)
+                             ).execute()
+    engine = _engine(db, tmp_path, takeover=True)
+    try:
+        detail = _final(execution_id)
+    finally:
+        engine.shutdown(timeout=1)
+    assert (detail["status"], detail["error"]) == (
+        "failed", 'step "early" failed: first to fail')
+
+
+OVERDUE = """
+    name: overdue
+    timeout: 1s
+    steps:
+      - {{name: call, action: http/request, params: {{url: "{call}"}}}}
+"""
+
+
+def test_a_step_running_at_a_restart_is_not_started_again_after_the_workflow_timeout_passed(
+        db, tmp_path, http_target, caplog):
+    """SPEC 4.7, 13.1.9, 13.1.11: the workflow timeout counts from ``running_since`` across
+    crashes and a step whose start is in flight when it fires does not start.
+
+    ``call`` is running when the engine stops; the 1 s timeout passes before the next owner
+    takes over. The new owner applies the timeout before it prepares anything: ``call``
+    ends ``failed`` with the timeout's error and is not started again."""
+    http_target.route("/call", hold=True, body="called")
+    apply(OVERDUE.format(call=http_target.url("/call")))
+    first = _engine(db, tmp_path)
+    execution_id = first.run("overdue").execution_id
+    http_target.wait_for_hits("/call", 1, timeout=10)
+    first.shutdown(timeout=0.2)
+    since = WorkflowExecution.get_by_id(execution_id).running_since
+    wait_until(lambda: _past(since, 1.5), timeout=5)
+    assert (_status(execution_id), [r[:3] for r in _rows(execution_id)]) == (
+        "running", [("call", 1, "running")])
+    caplog.clear()
+    caplog.set_level("INFO", logger="mantle.engine")
+    second = _engine(db, tmp_path, takeover=True)
+    try:
+        detail = _final(execution_id)
+    finally:
+        http_target.release()
+        second.shutdown(timeout=1)
+    assert (detail["status"], detail["error"]) == ("failed", "workflow timed out after 1s")
+    assert _rows(execution_id) == [("call", 1, "failed", "workflow timed out after 1s")]
+    started_again = _started_lines(caplog, execution_id)
+    assert (started_again, http_target.hits("/call")) == ([], 1)
+
+
+def test_a_step_ready_at_a_crash_is_cancelled_not_started_when_the_timeout_has_passed(
+        db, tmp_path, http_target):
+    """SPEC 4.7: at the workflow timeout pending steps become ``cancelled`` (never started:
+    attempt 0); 13.1.9: a step whose start is in flight does not start.
+
+    The runner died just after ``a``'s checkpoint, before ``b`` (which depends on it) had a
+    row, and the 1 s timeout has passed since: the new owner cancels ``b``, unstarted."""
+    http_target.route("/b", body="late")
+    apply(f"""
+        name: overdue-ready
+        timeout: 1s
+        steps:
+          - {{name: a, action: core/log, params: {{message: a}}}}
+          - {{name: b, action: http/request, depends_on: [a],
+             params: {{url: "{http_target.url('/b')}"}}}}
+    """)
+    execution_id = "00000000-0000-4000-8000-0000000000d2"
+    now = mantle_db.fields.utcnow()
+    with transaction(db):  # as a runner killed right after a's checkpoint leaves it
+        WorkflowExecution.create(id=execution_id, workflow_name="overdue-ready", version=1,
+                                 status="running", inputs={},
+                                 trigger={"type": "manual", "payload": None},
+                                 started_at=now - dt.timedelta(seconds=5),
+                                 running_since=now - dt.timedelta(seconds=5),
+                                 owner="gone-node", epoch=1)
+        StepExecution.insert(execution=execution_id, step_name="a", attempt=1,
+                             status="completed", output={"message": "a"},
+                             started_at=now - dt.timedelta(seconds=5),
+                             completed_at=now - dt.timedelta(seconds=5)).execute()
+    engine = _engine(db, tmp_path, takeover=True)
+    try:
+        detail = _final(execution_id)
+    finally:
+        engine.shutdown(timeout=1)
+    assert (detail["status"], detail["error"]) == ("failed", "workflow timed out after 1s")
+    assert (_rows(execution_id), http_target.hits("/b")) == (
+        [("a", 1, "completed", None), ("b", 0, "cancelled", None)], 0)
+
+
+HOOKS_OVERDUE = """
+    name: hooks-overdue
+    steps:
+      - {{name: main, action: core/log, params: {{message: main}}}}
+    hooks:
+      timeout: 1s
+      on_finish:
+        - {{name: notify, action: http/request, params: {{url: "{notify}"}}}}
+"""
+
+
+def test_a_hook_running_at_a_restart_is_not_started_again_after_the_hooks_timeout_passed(
+        db, tmp_path, http_target, caplog):
+    """SPEC 4.7 ``hooks.timeout`` (the running hook step ``failed``, later ones not run),
+    13.1.11 (counted from the stored ``hooks_since``, never skipped).
+
+    ``notify`` is running when the engine stops; the 1 s hooks timeout passes before the
+    next owner resumes, which ends ``notify`` failed without starting it again."""
+    http_target.route("/notify", hold=True, body="noted")
+    apply(HOOKS_OVERDUE.format(notify=http_target.url("/notify")))
+    first = _engine(db, tmp_path)
+    execution_id = first.run("hooks-overdue").execution_id
+    http_target.wait_for_hits("/notify", 1, timeout=10)
+    first.shutdown(timeout=0.2)
+    since = WorkflowExecution.get_by_id(execution_id).hooks_since
+    assert since is not None
+    wait_until(lambda: _past(since, 1.5), timeout=5)
+    caplog.clear()
+    caplog.set_level("INFO", logger="mantle.engine")
+    second = _engine(db, tmp_path, takeover=True)
+    try:
+        detail = _final(execution_id)
+    finally:
+        http_target.release()
+        second.shutdown(timeout=1)
+    assert detail["status"] == "completed"  # hook failures never change the status
+    assert _rows(execution_id, hook=True) == [("notify", 1, "failed", "hooks timed out after 1s")]
+    assert (_started_lines(caplog, execution_id), http_target.hits("/notify")) == ([], 1)
+
+
+FLAKY = """
+    name: flaky
+    steps:
+      - {{name: call, action: http/request, retry: {{max_attempts: 3, backoff: exponential}},
+         params: {{url: "{url}"}}}}
+"""
+
+
+def test_a_node_whose_lease_ran_out_during_a_back_off_does_not_call_the_retry(
+        db, tmp_path, http_target):
+    """SPEC 13.7: every write is fenced and a node that lost an execution makes no new
+    step; docs/guarantees.md: a node paused past its lease calls no step twice.
+
+    The old node's lease runs out while attempt 3 waits out its back-off and a new node
+    takes the execution over. The end of a back-off is a fenced write before the call, so
+    the old node's is refused (it stops the execution) and only the new owner calls."""
+    http_target.route("/flaky", fail_first=2, body="ok")
+    apply(FLAKY.format(url=http_target.url("/flaky")))
+    old = _engine(db, tmp_path, lease_ttl=60.0)  # renews every 20 s: not during this test
+    new = None
+    try:
+        execution_id = old.run("flaky").execution_id
+        # attempt 2 failed; attempt 3 waits out its 2 s back-off
+        wait_until(lambda: [r[:3] for r in _rows(execution_id)][-1:] == [("call", 3, "running")],
+                   timeout=10)
+        assert http_target.hits("/flaky") == 2
+        with transaction(db):  # the old node's lease runs out (paused / cut off)
+            Node.update(lease_expires_at=mantle_db.fields.utcnow() - dt.timedelta(seconds=1)
+                        ).where(Node.id == old.runner).execute()
+        new = _engine(db, tmp_path, takeover=True)
+        wait_until(lambda: WorkflowExecution.get_by_id(execution_id).owner == new.runner,
+                   timeout=5)
+        detail = _final(execution_id)
+        wait_until(lambda: old.live_count() == 0, timeout=5)  # the old node stopped it
+    finally:
+        old.shutdown(timeout=1)
+        if new is not None:
+            new.shutdown(timeout=1)
+    assert (detail["status"], _rows(execution_id)[-1][:3]) == ("completed", ("call", 3,
+                                                                               "completed"))
+    assert http_target.hits("/flaky") == 3  # attempts 1, 2 and 3, each once

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import datetime as dt
+import socket
+import threading
 import time
 
 import pytest
 from peewee import fn
 
+from actors.engine import Engine
 from mantle import store
 from mantle.db import transaction
 from mantle.db.fields import utcnow
 from mantle.db.models import AuditEvent, Node, StepExecution, WorkflowExecution
 from mantle.errors import InvalidInput, VersionNotFound, WorkflowNotFound
+from mantle.metrics import Metrics
 from tests.actors.conftest import apply, finish, run, steps_of, wait_until
 
 
@@ -521,3 +525,94 @@ def test_exponential_backoff_waits_one_then_two_seconds(engine, http_target):
             for earlier, later in zip(rows, rows[1:])]
     assert 0.9 <= gaps[0] < 1.6
     assert 1.9 <= gaps[1] < 2.6
+
+
+# --- a step timeout due while something else interrupts the attempt ------------------------
+
+class SilentServer:
+    """A TCP server that accepts connections and never answers: a ``postgres/query``
+    attempt connecting to it cannot be stopped at once (its cancel has no statement to
+    cancel yet), so an interrupted attempt reports back only after the connector's 1 s
+    cancel grace, like any attempt stuck where a cancel cannot reach."""
+
+    def __init__(self):
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.accepted: list[float] = []
+        self._held: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:
+                return
+            self._held.append(connection)
+            self.accepted.append(time.monotonic())
+
+    def url(self) -> str:
+        return f"postgresql://mantle@127.0.0.1:{self.port}/none?connect_timeout=30"
+
+    def close(self):
+        self._listener.close()
+        for connection in self._held:
+            connection.close()
+
+
+@pytest.fixture
+def silent_engine(db, tmp_path):
+    """An engine whose ``warehouse`` credential points at a SilentServer."""
+    server = SilentServer()
+    started = Engine(db, metrics=Metrics(), plugins_dir=str(tmp_path / "plugins"),
+                     secrets={"MANTLE_SECRET_WAREHOUSE": server.url()}).start()
+    yield started, server
+    started.shutdown(timeout=1)
+    server.close()
+
+
+STUCK = """
+    name: stuck
+    {timeout}
+    steps:
+      - name: query
+        action: postgres/query
+        credential: warehouse
+        timeout: 1s
+        params: {{query: "SELECT 1"}}
+"""
+
+
+def _attempt_rows(execution_id: str) -> list[tuple]:
+    return [(r.step_name, r.attempt, r.status, r.error) for r in StepExecution.select()
+            .where(StepExecution.execution_id == execution_id).order_by(StepExecution.id)]
+
+
+def test_a_step_timeout_due_while_a_cancel_interrupts_the_attempt_leaves_the_step_cancelled(
+        silent_engine):
+    """SPEC 4.6: after a cancel, running attempts are interrupted and their steps become
+    ``cancelled``. The attempt's own 1 s step timeout falls due before it reports back; the
+    first reason it was interrupted for stays, so it is not taken for a step timeout."""
+    engine, silent = silent_engine
+    apply(STUCK.format(timeout=""))
+    execution_id = engine.run("stuck").execution_id
+    wait_until(lambda: silent.accepted, timeout=10)  # the attempt is connecting
+    wait_until(lambda: time.monotonic() > silent.accepted[0] + 0.3, timeout=2)
+    assert engine.cancel(execution_id) == "running"
+    wait_until(lambda: _attempt_rows(execution_id) and _attempt_rows(execution_id)[-1][2]
+               not in ("pending", "running"), timeout=10)
+    assert WorkflowExecution.get_by_id(execution_id).status == "cancelled"
+    assert _attempt_rows(execution_id) == [("query", 1, "cancelled", None)]
+
+
+def test_a_step_timeout_due_while_the_workflow_timeout_interrupts_keeps_the_workflow_error(
+        silent_engine):
+    """SPEC 4.7: at the workflow timeout running steps are ``failed`` with ``workflow timed
+    out after <timeout>`` (not retried). The step's own 1 s timeout falls due while the
+    500 ms workflow timeout is interrupting the attempt, and changes nothing."""
+    engine, _silent = silent_engine
+    apply(STUCK.format(timeout="timeout: 500ms"))
+    detail = finish(engine, engine.run("stuck").execution_id, timeout=20)
+    assert (detail["status"], detail["error"]) == ("failed", "workflow timed out after 500ms")
+    assert _attempt_rows(detail["id"]) == [
+        ("query", 1, "failed", "workflow timed out after 500ms")]
