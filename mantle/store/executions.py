@@ -372,8 +372,9 @@ def promote_queued(workflow: str, node: str, *, own_only: bool = False,
 
 
 def _model_or_problem(workflow: str, version: int) -> WorkflowModel | str:
-    """The model of a stored version, or why there is none (as ``execution_snapshot`` says
-    it): the version is missing, or stored in a form this code cannot read."""
+    """The model of a stored version, or why there is none: the version is missing, or
+    stored in a form this code cannot read (a row edited by hand, a definition from
+    another release)."""
     try:
         found = stored_version(workflow, version)
     except PeeweeException:
@@ -414,24 +415,16 @@ def execution_snapshot(execution_id: str) -> Snapshot | None:
     execution = WorkflowExecution.get_or_none(WorkflowExecution.id == execution_id)
     if execution is None:
         return None
-    try:
-        found = stored_version(execution.workflow_name, execution.version)
-    except PeeweeException:
-        raise
-    except Exception as exc:  # parsing the stored definition, not the database
-        return Snapshot(execution_row(execution), None, [],
-                        f"cannot read workflow {execution.workflow_name!r} version "
-                        f"{execution.version}: {type(exc).__name__}: {exc}")
-    if found is None:
-        return Snapshot(execution_row(execution), None, [],
-                        str(VersionNotFound(execution.workflow_name, execution.version)))
+    model = _model_or_problem(execution.workflow_name, execution.version)
+    if isinstance(model, str):
+        return Snapshot(execution_row(execution), None, [], model)
     rows = [{"step": r.step_name, "attempt": r.attempt, "status": r.status,
              "hook_block": r.hook_block, "is_hook": r.is_hook, "output": r.output,
              "error": r.error, "started_at": r.started_at, "completed_at": r.completed_at,
              "wait_kind": r.wait_kind, "wait_until": r.wait_until, "progress": r.progress}
             for r in StepExecution.select().where(StepExecution.execution_id == execution_id)
             .order_by(StepExecution.id)]
-    return Snapshot(execution_row(execution), found[1], rows)
+    return Snapshot(execution_row(execution), model, rows)
 
 
 def final_results(execution_ids: list[str]) -> dict[str, dict]:
