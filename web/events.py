@@ -30,6 +30,8 @@ __all__ = ["EventHub", "Subscription", "TooManyStreams", "wire"]
 log = logging.getLogger("mantle.http")
 
 _BATCH = 1000
+# How far back (audit ids) an idle hub looks for rows still being committed (PostgreSQL).
+_LOOK_BACK = 1000
 
 
 def wire(event: events.Event) -> bytes:
@@ -141,7 +143,7 @@ class EventHub:
             if self._closed or len(self._subscriptions) >= self.max_streams:
                 raise TooManyStreams(self.max_streams)
             if self._passed is None:
-                self._passed = events.last_row_id()
+                self._passed, self._gaps = self._start()
             subscription = Subscription(self, execution_id, workflow, 2 * self._passed + 1)
             self._subscriptions.add(subscription)
             if self._thread is None:
@@ -166,6 +168,26 @@ class EventHub:
             subscription.end()
         if thread is not None:
             thread.join(timeout)
+
+    def _start(self) -> tuple[int, dict[int, float]]:
+        """Where an idle hub starts following the audit table, and the ids it waits for.
+
+        SQLite commits in id order: from the table's end. On PostgreSQL a transaction under
+        way (another node's cancel, say) may hold ids below the table's end and commit after
+        this: starting at the end would lose its rows, to live streams and to the history a
+        new stream reads alike. So the hub starts before the first id missing among the last
+        ``_LOOK_BACK`` and waits for each missing one as for any gap (``gap_wait``); a few
+        rows committed just before the stream opened then come live rather than in its
+        history."""
+        last = events.last_row_id()
+        if not is_postgres(self._database) or last == 0:
+            return last, {}
+        low = max(last - _LOOK_BACK, 0)
+        present = set(events.ids_between(low, last))
+        missing = [row_id for row_id in range(low + 1, last + 1) if row_id not in present]
+        if not missing:
+            return last, {}
+        return missing[0] - 1, dict.fromkeys(missing, time.monotonic())
 
     # --- the poller thread ---
 

@@ -19,6 +19,9 @@ import uuid
 
 import pytest
 
+from mantle.db import transaction
+from mantle.db.models import AuditEvent
+from mantle.store.executions import cancel_execution
 from tests.web.served import served
 from tests.web.sse import open_stream
 from tests.web.support import REPO, Daemon, apply_yaml, wait_until
@@ -336,3 +339,127 @@ def test_open_streams_hand_their_database_connections_back(backend, engine, db, 
             workflows.release("/hold")
             for stream in streams:
                 stream.close()
+
+
+# --- rows committed out of id order (PostgreSQL) ---
+
+
+LATER = """
+    name: later
+    steps: [{name: only, action: core/log, params: {message: x}}]
+"""
+
+
+class _HeldCancel:
+    """A cancel from another node (``mantle.store.executions.cancel_execution``, what any
+    process's ``POST /cancel`` commits) whose transaction has written its rows, so its
+    ``execution.finished`` audit row already has its id, but has not committed yet: the
+    window PostgreSQL gives every transaction between taking ids and becoming visible."""
+
+    def __init__(self, db, execution_id: str):
+        self._db = db
+        self._id = execution_id
+        self.written = threading.Event()
+        self.commit = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        assert self.written.wait(10), f"the cancel never wrote: {self.error!r}"
+
+    def _run(self) -> None:
+        try:
+            with transaction(self._db):
+                assert cancel_execution(self._id, "cli") is not None
+                self.written.set()
+                assert self.commit.wait(30)
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+            self.written.set()
+
+    def release(self) -> None:
+        self.commit.set()
+        self._thread.join(10)
+        assert self.error is None, repr(self.error)
+
+
+def _held_running(api, http_target) -> str:
+    execution_id = api.post("/api/v1/run/held", {}).json["execution_id"]
+    http_target.wait_for_hits("/hold", 1, timeout=10)
+    return execution_id
+
+
+_POSTGRES = pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+
+
+def _finish_row_id(execution_id: str) -> int:
+    return (AuditEvent.select(AuditEvent.id)
+            .where(AuditEvent.action == "execution.finished",
+                   AuditEvent.resource_id == execution_id).scalar() or 0)
+
+
+@_POSTGRES
+def test_a_finish_committed_after_a_stream_opened_on_an_idle_server_is_streamed_live(
+        api, db, http_target):
+    """SPEC 13.8: a stream of one execution goes live after its history and "ends after
+    execution.finished"; docs/api.md: streams "see executions run by any process or host".
+
+    On PostgreSQL a row's id is taken at insert and the row becomes visible at commit. The
+    poller of an idle server started from ``MAX(id)``, so a finish whose transaction took
+    its id before that maximum and committed after the stream opened was neither in the
+    history (not visible yet) nor live (below the start): the stream did not end when the
+    execution did, only at the 15 s keep-alive's status check. (SQLite commits one writer
+    at a time, in id order.)"""
+    execution_id = _held_running(api, http_target)
+    cancel = _HeldCancel(db, execution_id)  # another node's cancel, mid-commit
+    try:
+        apply_yaml(LATER)  # any later audit row that commits first (workflow.applied)
+        path = f"/api/v1/executions/{execution_id}/events"
+        with open_stream(api.url, path) as stream:
+            history = [stream.next(10) for _ in range(4)]
+            assert [e.event for e in history][-1] == "step.started"
+            cancel.release()
+            assert _finish_row_id(execution_id) > 0  # committed: the execution is over
+            assert "cancelled" == api.get(f"/api/v1/executions/{execution_id}").json["status"]
+            started = time.monotonic()
+            # The poller reads every 200 ms; give it 5 s (well under the 15 s keep-alive,
+            # whose status check is the only other way out).
+            try:
+                event = stream.next(5)
+            except AssertionError:
+                event = None
+            assert event is not None and event.event == "execution.finished", (
+                f"no execution.finished within {time.monotonic() - started:.1f}s of the "
+                f"commit (finish row {_finish_row_id(execution_id)}); got {event}")
+    finally:
+        cancel.commit.set()
+
+
+@_POSTGRES
+def test_the_stream_of_all_executions_gets_a_finish_committed_after_it_opened(
+        api, db, http_target):
+    """docs/api.md: ``GET /api/v1/events`` "follows every execution ... from now on". The
+    execution ends (its cancel commits) after the stream opened: its ``execution.finished``
+    arrives, where an idle server's poller used to begin after its row's id and lose it."""
+    execution_id = _held_running(api, http_target)
+    cancel = _HeldCancel(db, execution_id)
+    try:
+        apply_yaml(LATER)
+        with open_stream(api.url, "/api/v1/events?workflow=held") as stream:
+            assert stream.status == 200
+            cancel.release()
+            assert _finish_row_id(execution_id) > 0
+            got = []
+            deadline = time.monotonic() + 8
+            while time.monotonic() < deadline:
+                try:
+                    event = stream.next(max(0.05, deadline - time.monotonic()))
+                except AssertionError:
+                    break
+                got.append(event)
+                if event is None or event.event == "execution.finished":
+                    break
+            assert [e.event for e in got if e] == ["execution.finished"], (
+                f"finish row {_finish_row_id(execution_id)} committed after the stream "
+                f"opened, stream gave {got}")
+    finally:
+        cancel.commit.set()
