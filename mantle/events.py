@@ -99,6 +99,12 @@ def last_row_id() -> int:
     return _execute("SELECT COALESCE(MAX(id), 0) FROM audit_events", ())[0][0]
 
 
+def ids_between(low: int, high: int) -> list[int]:
+    """The audit row ids above ``low`` up to ``high``, in order."""
+    return [row[0] for row in _execute(
+        "SELECT id FROM audit_events WHERE id > ? AND id <= ? ORDER BY id", (low, high))]
+
+
 def rows_after(after: int, limit: int = 1000) -> list[Row]:
     """Audit rows with an id above ``after``, in id order."""
     return _rows(_execute(f"SELECT {_COLUMNS} FROM audit_events WHERE id > ? ORDER BY id "
