@@ -35,6 +35,7 @@ from mantle.db.models import Credential as CredentialRow
 from mantle.errors import ConfigError, InvalidInput, MantleError
 
 __all__ = ["KEY_VARIABLE", "CredentialExists", "CredentialNotFound", "CannotDecrypt",
+           "KeyMismatch",
            "StoredCredential", "parse_key", "new_key", "key_id", "configure_key",
            "configured_key", "typed_fields", "check_name", "create", "list_credentials",
            "delete", "rotate", "read", "resolve"]
@@ -55,6 +56,12 @@ class CredentialExists(MantleError):
 class CredentialNotFound(MantleError):
     def __init__(self, name: str):
         super().__init__(f'credential "{name}" not found')
+
+
+class KeyMismatch(MantleError):
+    def __init__(self):
+        super().__init__("the stored credentials are encrypted with another key — set "
+                         "MANTLE_ENCRYPTION_KEY to the key they were rotated to")
 
 
 class CannotDecrypt(MantleError):
@@ -167,8 +174,12 @@ def create(name: str, kind: str, fields: Mapping[str, str], key: bytes,
     ciphertext, nonce = _encrypt(key, name, fields)
     now = utcnow()
     with write_transaction():
+        _lock_table()  # a rotation under way commits first; then this one sees its key
         if CredentialRow.get_or_none(CredentialRow.name == name) is not None:
             raise CredentialExists(name)
+        stored = {row.key_id for row in CredentialRow.select(CredentialRow.key_id).distinct()}
+        if stored and key_id(key) not in stored:  # rotated to another key: unreadable later
+            raise KeyMismatch()
         try:
             CredentialRow.insert(name=name, type=kind, ciphertext=ciphertext, nonce=nonce,
                                  key_id=key_id(key), created_at=now, updated_at=now).execute()
@@ -201,7 +212,8 @@ def rotate(old: bytes, new: bytes, actor: str = "cli") -> int:
     Nothing is written unless every credential decrypts (with ``old``, or already with
     ``new`` after an earlier rotation), and all rows change in the same commit: a crash at any
     point leaves every credential readable with exactly one of the two keys. Concurrent
-    ``create``s wait for the commit (PostgreSQL: a table lock; SQLite: the write lock).
+    ``create``s wait for the commit (PostgreSQL: a table lock; SQLite: the write lock), then
+    refuse to store a credential under the old key (KeyMismatch).
     """
     new_id = key_id(new)
     with write_transaction():

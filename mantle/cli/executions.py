@@ -56,8 +56,20 @@ def parse_inputs(pairs: list[str], declared: dict) -> dict:
         spec = declared.get(key)
         if spec is None:
             raise InvalidInput(f'unknown input "{key}"')
+        if not _utf8(text):  # bytes the terminal's encoding is not: nothing can store them
+            raise InvalidInput(f'input "{key}" must be UTF-8 text')
         inputs[key] = _typed(key, text, spec.type)
     return inputs
+
+
+def _utf8(text: str) -> bool:
+    """False for an argument holding bytes that are not UTF-8 (Python keeps them as lone
+    surrogates, which no database column, JSON document or HTTP body can carry)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _typed(key: str, text: str, kind: str | None):

@@ -17,7 +17,8 @@ from typing import Any
 from mantle.connectors.base import ConnectorError
 
 __all__ = ["Credential", "TYPES", "resolve_credential", "environment_credential",
-           "credential_variable", "not_found", "auth_headers", "redact", "REDACTED"]
+           "credential_variable", "not_found", "auth_headers", "redact", "longest_secret",
+           "REDACTED"]
 
 REDACTED = "********"  # SPEC 13.8: the one redaction marker
 
@@ -114,6 +115,15 @@ def redact(value: Any, credential: Credential | str | None) -> Any:
     secrets = (credential,) if isinstance(credential, str) else credential.secrets()
     forms = _spellings(secrets)
     return _redact(value, forms) if forms else value
+
+
+def longest_secret(credential: Credential | None) -> int:
+    """The length in UTF-8 bytes of the longest form of a secret ``redact`` hides (0 without
+    a credential). A text cut at an arbitrary point may begin with the end of a secret,
+    shorter than this, which no longer reads as the secret and so escapes ``redact``."""
+    if not credential:
+        return 0
+    return max((len(form.encode()) for form in _spellings(credential.secrets())), default=0)
 
 
 def _spellings(secrets: tuple[str, ...]) -> tuple[str, ...]:

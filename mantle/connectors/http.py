@@ -33,7 +33,8 @@ from mantle.connectors.credentials import Credential, auth_headers
 from mantle.durations import parse_duration
 from mantle.services.timers import Timers
 
-__all__ = ["request", "send", "HttpFailure", "METHODS", "MAX_BODY_BYTES", "MAX_REDIRECTS", "DEFAULT_TIMEOUT"]
+__all__ = ["request", "send", "HttpFailure", "METHODS", "MAX_BODY_BYTES", "MAX_REDIRECTS",
+           "DEFAULT_TIMEOUT"]
 
 METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 MAX_BODY_BYTES = 10 * 1024 * 1024
@@ -145,7 +146,12 @@ def _parse(params: dict, credential: Credential | None) -> tuple[_Request, str, 
     headers = {"User-Agent": f"mantle/{__version__}"}
     if content_type:
         headers["Content-Type"] = content_type
-    headers.update(auth_headers(credential))
+    for name, value in auth_headers(credential).items():
+        if not _sendable(value):  # http.client's refusal would quote the value in the error
+            raise ConnectorError(f'http/request: credential "{credential.name}" cannot be '
+                                 f"sent in the {name} header (line break, NUL or a "
+                                 "character outside Latin-1)", retryable=False)
+        headers[name] = value
     for name, value in _user_headers(params.get("headers")).items():
         _drop(headers, name)
         if value is not None:
@@ -170,6 +176,17 @@ def _body(raw: Any) -> tuple[bytes | None, str | None]:
         return raw.encode("utf-8", "replace"), "text/plain; charset=utf-8"
     text = json.dumps(raw, separators=(",", ":"), ensure_ascii=False)
     return text.encode("utf-8", "replace"), "application/json"
+
+
+def _sendable(value: str) -> bool:
+    """Whether ``value`` can go out as a header value (HTTP/1.1 header text is Latin-1)."""
+    if _HEADER_VALUE_BAD.search(value):
+        return False
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _user_headers(raw: Any) -> dict[str, str | None]:

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from mantle.connectors.base import TICK, ConnectorError, ConnectorInterrupted, Invocation
+from mantle.connectors.credentials import longest_secret
 from mantle.durations import parse_duration
 
 __all__ = [
@@ -82,7 +83,7 @@ def run_plugin(inv: Invocation, plugin: str, path: str) -> dict:
     deadline = None
     if inv.step_timeout is None:
         deadline = time.monotonic() + parse_duration(DEFAULT_TIMEOUT)
-    run = _Run(proc)
+    run = _Run(proc, guard=longest_secret(inv.credential))
     try:
         outcome = run.communicate(stdin, inv.cancel, deadline)
     finally:
@@ -98,6 +99,8 @@ class _Run:
     stdout: bytearray = field(default_factory=bytearray)
     stderr: bytearray = field(default_factory=bytearray)
     exited_at: float | None = None
+    guard: int = 0  # bytes dropped after stderr's cut: the end of a secret may begin there
+    cut: bool = False  # stderr went over its limit and only its tail was kept
 
     def communicate(self, data: bytes, cancel, deadline: float | None) -> str:
         """Feed stdin and collect output until the plugin is done or must be stopped.
@@ -166,8 +169,18 @@ class _Run:
             return len(self.stdout) <= MAX_STDOUT_BYTES
         # Keep the tail: the last lines of stderr (a traceback's error) say what went wrong.
         self.stderr += chunk
-        del self.stderr[:-MAX_STDERR_BYTES]
+        if len(self.stderr) > MAX_STDERR_BYTES:
+            del self.stderr[:-MAX_STDERR_BYTES]
+            self.cut = True
         return True
+
+    def stderr_tail(self) -> bytes:
+        """What stderr said last. After a cut, less its first ``guard`` bytes: the cut may
+        have kept the end of the credential without its start, which redaction would not
+        recognise (SPEC 13.2: values never reach errors)."""
+        if not self.cut:
+            return bytes(self.stderr)
+        return b"..." + bytes(self.stderr[self.guard:])
 
     def kill_group(self) -> None:
         try:
@@ -197,7 +210,7 @@ def _result(plugin: str, outcome: str, run: _Run) -> dict:
     output, problem = _parse_output(bytes(run.stdout))
     code = run.proc.returncode
     if code != 0:
-        raise ConnectorError(f'plugin "{plugin}" failed: {_failure(code, run.stderr)}',
+        raise ConnectorError(f'plugin "{plugin}" failed: {_failure(code, run.stderr_tail())}',
                              output=output)
     if problem:
         raise ConnectorError(f'plugin "{plugin}" returned invalid output: {problem}')
@@ -225,7 +238,7 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
-def _failure(code: int, stderr: bytearray) -> str:
+def _failure(code: int, stderr: bytes) -> str:
     text = stderr.decode("utf-8", "replace").strip()
     if text:
         return text
