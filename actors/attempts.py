@@ -326,8 +326,8 @@ class Attempts:
         run.reason = reason
         run.cancel_timers()  # its step timeout: the attempt is stopping already
         run.token.set()
-        if run.child is not None:
-            self._stop_child(run, reason)
+        # A child being awaited is left alone here: the write of the attempt's end cancels
+        # it (``_write_attempt_end``), a cancel's cascade does; a shutdown leaves it running
         if is_sleep(run.spec.action) or run.child is not None:
             self._on_AttemptFinished(m.AttemptFinished(
                 step=run.spec.name, attempt=run.attempt, hook=run.hook, ok=False,
@@ -455,7 +455,8 @@ class Attempts:
             run.status, run.attempt, run.started_at, run.stage = status, attempt, started_at, \
                 "writing"
             run.wait_kind, run.wait_until = "retry", until
-            self._write(op, m.RetryRowsWritten(name, run.hook, attempt))
+            self._write_attempt_end(run, old, S.FAILED, op,
+                                    m.RetryRowsWritten(name, run.hook, attempt))
             return
         if status == S.RUNNING:
             wait_kind, wait_until = wait
@@ -494,15 +495,15 @@ class Attempts:
 
         closing = self._closing_outcome(run)
         if closing is None:
-            self._write(op, m.StepRecorded(name, run.hook))
+            self._write_attempt_end(run, attempt, status, op, m.StepRecorded(name, run.hook))
             return
 
         def op_and_close():  # the last checkpoint and the final status, one transaction
             op()
             return store.finish_execution(execution_id, *closing)
 
-        self._write(op_and_close, lambda changed: m.StepRecorded(name, run.hook, closing,
-                                                                 changed))
+        self._write_attempt_end(run, attempt, status, op_and_close, lambda changed: (
+            m.StepRecorded(name, run.hook, closing, changed)))
 
     def _on_StepRecorded(self, message: m.StepRecorded) -> None:
         run = self._run_of(message.step, message.hook)
@@ -567,20 +568,22 @@ class Attempts:
     def _tool_runner(self, run: StepRun):
         """``Invocation.run_tool``: another action on the calling attempt's thread, with the
         attempt's cancel token and the tool's own credential, resolved like a step's (AI
-        tools, SPEC 13.6); a ``workflow/run`` tool creates one child per call id."""
+        tools, SPEC 13.6); a ``workflow/run`` tool creates one child per tool call, named
+        by the call's place in the conversation (``call_id``: ``<round>.<index>``, stable
+        across a resume), never by the server's id, which servers reuse across rounds."""
         from mantle.connectors import run_action
 
         ctx, supervisor, parent = self._ctx, self._sup, dict(self._ex)
-        step, attempt, token = run.spec.name, run.attempt, run.token
+        step, attempt, token, block = run.spec.name, run.attempt, run.token, run.block
         base = dict(plugins_dir=ctx.plugins_dir, workflow=self._wf.name,
                     execution_id=self._id, step=step, attempt=attempt, metrics=ctx.metrics)
 
         def run_tool(action: str, params, credential: str | None = None,
                      call_id: str | None = None) -> dict:
             if action == "workflow/run":
-                key = child_key(parent["id"], f"{step}#{call_id or ''}", attempt)
-                return run_child_and_wait(ctx, supervisor, parent, step, attempt, key, params,
-                                          token)
+                key = child_key(parent["id"], step, attempt, block, call=call_id or "")
+                return run_child_and_wait(ctx, supervisor, parent, (step, block, attempt),
+                                          key, params, token)
             resolved = None
             if credential is not None:
                 try:

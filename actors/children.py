@@ -1,11 +1,15 @@
 """``workflow/run`` attempts of an Execution actor: sub-workflows (SPEC 13.3).
 
 An attempt creates its child execution through the same path as any run, with an
-idempotency key derived from (parent, step, attempt): a resumed attempt finds the child it
-created before the crash instead of creating another (exactly one child per parent step
-attempt). The Supervisor reports the child's end (``ChildFinished``), whichever node runs
-it. Cancelling the parent cancels its children in the same transaction
-(``store.cancel_execution``); a step or workflow timeout cancels the child explicitly. A
+idempotency key derived from (parent, step or hook, attempt): a resumed attempt finds the
+child it created before the crash instead of creating another (exactly one child per parent
+step attempt). The creation is refused once the attempt's row is no longer ``running``, and
+the write that ends an attempt for any other reason than its child's end (a step, workflow or
+hooks timeout, an internal failure) cancels the attempt's children in the same transaction
+(``store.cancel_children``): no timeout, takeover or crash can leave a child running that no
+parent step awaits. A cancel of the parent cancels its children in its own transaction
+(``store.cancel_execution``); a shutdown or a lost lease leaves them to the parent's next
+owner. The Supervisor reports the child's end (``ChildFinished``), whichever node runs it. A
 mixin of ``actors.execution.ExecutionActor``, on its dispatcher turn.
 """
 
@@ -15,38 +19,66 @@ from typing import TYPE_CHECKING
 
 import hashlib
 import threading
+import time
+
+import pykka
 
 from actors import messages as m
 from actors.context import tell
+from mantle import store
 from mantle.connectors import ConnectorError, ConnectorInterrupted, Invocation
-from mantle.errors import MantleError
+from mantle.errors import LeaseLost, MantleError
+from mantle.states import StepStatus as S
 from mantle.store import Parent
+from mantle.workflow import Step
 
 if TYPE_CHECKING:
     from actors.attempts import StepRun
 
-__all__ = ["Children", "child_key", "child_outcome", "run_child_and_wait"]
+__all__ = ["Children", "child_key", "child_outcome", "may_have_children",
+           "run_child_and_wait"]
 
 _ACTION = "workflow/run"
+# How long a tool's child creation may take before the tool call fails (a stuck database).
+_CREATE_TIMEOUT = 60.0
 
 
-def child_key(parent_id: str, step: str, attempt: int) -> str:
-    """The idempotency key of the child of one parent step attempt (at most 255 chars)."""
+def child_key(parent_id: str, step: str, attempt: int, block: str | None = None,
+              call: str | None = None) -> str:
+    """The idempotency key of the child of one parent step attempt (at most 255 chars).
+
+    A main step's key is the one children created before hooks had keys of their own carry
+    (a resumed execution finds them again); a hook's names its block too, so a hook named
+    like a main step has a child of its own. ``call`` names one tool call of an AI attempt
+    (``<round>.<index>``): its key extends the attempt's (``<key>:<call>``), so
+    ``store.cancel_children`` finds an attempt's tool children with its own child."""
     digest = hashlib.sha256(step.encode()).hexdigest()[:16]
-    return f"mantle-child:{parent_id}:{digest}:{attempt}"
+    where = f"{digest}:{attempt}" if block is None else f"{digest}:{block}:{attempt}"
+    key = f"mantle-child:{parent_id}:{where}"
+    if call is None:
+        return key
+    if len(call) > 40:
+        call = hashlib.sha256(call.encode()).hexdigest()[:16]
+    return f"{key}:{call}"
+
+
+def may_have_children(spec: Step) -> bool:
+    """Whether an attempt of ``spec`` may create children: a ``workflow/run``, or an AI
+    step whose tools may be one (SPEC 13.6)."""
+    return spec.action in (_ACTION, "ai/completion")
 
 
 class _ToActor:
     """A RunRequest reply that tells the parent actor instead of waking a waiting thread."""
 
-    def __init__(self, ref, step: str, attempt: int):
-        self._ref, self._step, self._attempt = ref, step, attempt
+    def __init__(self, ref, step: str, hook: bool, attempt: int):
+        self._ref, self._step, self._hook, self._attempt = ref, step, hook, attempt
 
     def set(self, value=None) -> None:
-        tell(self._ref, m.ChildCreated(self._step, self._attempt, value))
+        tell(self._ref, m.ChildCreated(self._step, self._hook, self._attempt, value))
 
     def set_exception(self, exc_info) -> None:
-        tell(self._ref, m.ChildCreated(self._step, self._attempt, exc_info[1]))
+        tell(self._ref, m.ChildCreated(self._step, self._hook, self._attempt, exc_info[1]))
 
 
 def child_outcome(detail: dict) -> tuple[bool, dict, str | None]:
@@ -73,11 +105,17 @@ class _Waiter:
         self.done.set()
 
 
-def run_child_and_wait(ctx, supervisor, parent: dict, step: str, attempt: int, key: str,
-                       params, token) -> dict:
-    """A ``workflow/run`` on the calling thread (an AI tool): create the child (or find it
-    again under ``key``), wait for its end, return the step output; raises ConnectorError,
-    or ConnectorInterrupted when ``token`` is set (the child is then cancelled)."""
+def run_child_and_wait(ctx, supervisor, parent: dict, attempt: tuple[str, str | None, int],
+                       key: str, params, token) -> dict:
+    """A ``workflow/run`` on the calling thread (an AI tool of ``attempt``: step name, hook
+    block or None, attempt number, of the execution ``parent``): create the child (or find
+    it again under ``key``), wait for its end, return the step output; raises
+    ConnectorError, or ConnectorInterrupted when ``token`` is set.
+
+    An interrupted wait leaves the child alone, as a ``workflow/run`` step's does: what
+    ends the attempt for good cancels it (a timeout, with the attempt's end; a cancel of
+    the parent, by its cascade), and after a shutdown or a lost lease the parent's next owner
+    makes the tool call again and finds this child under ``key`` (SPEC 13.3, 13.6)."""
     from actors.context import Reply
     from actors.supervisor import submit_run
 
@@ -89,24 +127,40 @@ def run_child_and_wait(ctx, supervisor, parent: dict, step: str, attempt: int, k
         raise ConnectorError(f"maximum workflow depth {ctx.max_depth} exceeded",
                              retryable=False)
     workflow, version, inputs = parsed
+    step, block, number = attempt
     reply = Reply()
     submit_run(ctx, supervisor, m.RunRequest(
         workflow, inputs, version, _trigger(parent["id"]), "engine", key, reply,
-        parent=Parent(parent["id"], step, depth)))
-    try:
-        created = reply.get(timeout=60)
-    except MantleError as exc:
-        raise ConnectorError(f"{_ACTION}: {exc.message}", retryable=False) from None
+        parent=Parent(parent["id"], step, depth, number, block is not None),
+        fence=(parent["id"], parent["epoch"])))
+    created = _created(reply, token)
     waiter = _Waiter()
-    supervisor.tell(m.AwaitChild(created.execution_id, waiter, step, attempt))
+    supervisor.tell(m.AwaitChild(created.execution_id, waiter, step, number,
+                                 block is not None))
     while not waiter.done.wait(0.05):
         if token.is_set():
-            supervisor.tell(m.CancelExecution(created.execution_id, "engine", None))
             raise ConnectorInterrupted()
     ok, output, error = child_outcome(waiter.detail)
     if not ok:
         raise ConnectorError(error, output=output)
     return output
+
+
+def _created(reply, token):
+    """The creation's answer (a RunResult); ConnectorInterrupted once ``token`` is set,
+    ConnectorError when the creation was refused or took too long."""
+    give_up = time.monotonic() + _CREATE_TIMEOUT
+    while True:
+        try:
+            return reply.get(timeout=0.05)
+        except pykka.Timeout:
+            if token.is_set():
+                raise ConnectorInterrupted() from None
+            if time.monotonic() > give_up:
+                raise ConnectorError(f"{_ACTION}: the child execution was not created in "
+                                     "time") from None
+        except MantleError as exc:
+            raise ConnectorError(f"{_ACTION}: {exc.message}", retryable=False) from None
 
 
 def _trigger(parent_id: str) -> dict:
@@ -145,16 +199,20 @@ class Children:
                                retryable=False)
             return
         workflow, version, inputs = parsed
-        reply = _ToActor(self.actor_ref, run.spec.name, run.attempt)
+        name = run.spec.name
+        reply = _ToActor(self.actor_ref, name, run.hook, run.attempt)
         run.child = ""  # the child is being created
         submit_run(self._ctx, self._sup, m.RunRequest(
             workflow, inputs, version, _trigger(self._id), "engine",
-            child_key(self._id, run.spec.name, run.attempt), reply,
-            parent=Parent(self._id, run.spec.name, depth)))
+            child_key(self._id, name, run.attempt, run.block), reply,
+            parent=Parent(self._id, name, depth, run.attempt, run.hook), fence=self._fence))
 
     def _on_ChildCreated(self, message: m.ChildCreated) -> None:
-        run = self._run_of(message.step, False) or self._run_of(message.step, True)
+        run = self._run_of(message.step, message.hook)
         if run is None or run.stage != "running" or run.attempt != message.attempt:
+            return  # the attempt is over: its end cancelled the child, or refused it
+        if isinstance(message.result, LeaseLost):  # its fence refused: not ours any more
+            self._on_LeaseLost(m.LeaseLost())
             return
         if isinstance(message.result, BaseException):
             error = message.result.message if isinstance(message.result, MantleError) \
@@ -163,10 +221,11 @@ class Children:
                                retryable=not isinstance(message.result, MantleError))
             return
         run.child = message.result.execution_id
-        self._sup.tell(m.AwaitChild(run.child, self.actor_ref, run.spec.name, run.attempt))
+        self._sup.tell(m.AwaitChild(run.child, self.actor_ref, run.spec.name, run.attempt,
+                                    run.hook))
 
     def _on_ChildFinished(self, message: m.ChildFinished) -> None:
-        run = self._run_of(message.step, False) or self._run_of(message.step, True)
+        run = self._run_of(message.step, message.hook)
         if run is None or run.stage != "running" or run.attempt != message.attempt:
             return
         ok, output, error = child_outcome(message.detail)
@@ -179,9 +238,37 @@ class Children:
             step=run.spec.name, attempt=run.attempt, hook=run.hook, ok=False, error=error,
             retryable=retryable))
 
-    def _stop_child(self, run: StepRun, reason: str) -> None:
-        """A timeout ends the attempt: its child is cancelled too (13.3). A cancel of the
-        parent cancels children itself; a shutdown or a lost lease leaves the child to run
-        (the parent's next owner awaits it)."""
-        if run.child and reason in ("timeout", "workflow_timeout", "hooks_timeout"):
-            self._sup.tell(m.CancelExecution(run.child, "engine", None))
+    def _write_attempt_end(self, run: StepRun, attempt: int, status: S, op, event) -> None:
+        """Write the end (``status``) of ``attempt`` of ``run`` (``op``, then ``event`` as
+        ``_write`` takes them). Unless it completed (its children have ended: its own
+        child's end is what completes a ``workflow/run``), the same transaction cancels the
+        attempt's children still running (its child, its tool children): a step, workflow
+        or hooks timeout of the parent cancels the child (13.3), also when the attempt ended
+        before its child was created, or while nobody ran the parent, and no crash comes
+        between the two."""
+        if not attempt or status in (S.COMPLETED, S.SKIPPED) or not may_have_children(
+                run.spec):
+            self._write(op, event)
+            return
+        self._write_cancelling_children(
+            op, event, child_key(self._id, run.spec.name, attempt, run.block))
+
+    def _write_cancelling_children(self, op, event, key: str | None) -> None:
+        """``_write(op, event)``, cancelling in the same transaction this execution's
+        running children created under ``key`` (or extending it; all of them when None);
+        the Supervisor then stops them wherever they run (``ChildrenCancelled``)."""
+        parent, me, sup = self._id, self._ctx.node_id, self._sup
+        found: list = []
+
+        def op_and_cancel():
+            cancelled = store.cancel_children(parent, key)
+            others = {owner for _, _, owner in cancelled if owner and owner != me}
+            found[:] = [(cancelled, store.node_channels(others))] if cancelled else []
+            return op()  # last: the journal resolves a final status it returns
+
+        def after(result):
+            if found:
+                tell(sup, m.ChildrenCancelled(*found[0]))
+            return event(result) if callable(event) else event
+
+        self._write(op_and_cancel, after)

@@ -433,7 +433,8 @@ class ExecutionActor(Attempts, HookPhase, Children, PooledActor):
 
     def _fail_internal(self, reason: str) -> None:
         """End the execution ``failed`` with ``internal error: <reason>`` (13.1.12): running
-        attempts interrupted, slots returned, leftover step rows closed."""
+        attempts interrupted, slots returned, leftover step rows closed, children
+        cancelled."""
         if self._phase in ("ended", "lost", "failing"):
             return
         self._phase = "failing"
@@ -443,8 +444,10 @@ class ExecutionActor(Attempts, HookPhase, Children, PooledActor):
             self._interrupt(run, "lost")
             self._release_slot(run)
         error = internal_error(reason)
-        self._write(lambda: store.fail_execution(self._id, error),
-                    lambda changed: m.ExecutionClosed("failed", changed))
+        # its children end with it: no step of it awaits them any more (13.3)
+        self._write_cancelling_children(lambda: store.fail_execution(self._id, error),
+                                        lambda changed: m.ExecutionClosed("failed", changed),
+                                        None)
 
 
 def _handlers() -> dict[type, object]:

@@ -19,7 +19,7 @@ __all__ = [
     "CancelExecution", "CancelCommitted", "CancelNotified", "Tick", "Promoted", "Claimed",
     "OwnedFound", "CancelsFound", "LeaseLapsed", "OwnersChecked", "Ping", "LiveCount",
     "ExecutionEnded", "AcquireStepSlot", "ReleaseStepSlot", "Shutdown", "StopNow", "AwaitChild",
-    "ChildResult",
+    "ChildResult", "ChildrenCancelled",
     # Execution actor
     "Begin", "Cancel", "LeaseLost", "StepSlotGranted", "Prepared", "PrepareAgain",
     "AttemptRowWritten", "RetryRowsWritten", "StepRecorded", "HooksStarted", "ExecutionClosed",
@@ -51,6 +51,8 @@ class RunRequest:
     reuse: tuple = ()  # step rows copied from the original by ``mantle retry``
     deadline: float | None = None  # time.monotonic() when the caller stops waiting
     parent: Any = None  # mantle.store.Parent of a sub-workflow's child
+    # A child's parent's (id, epoch): created only while the parent's owner holds it (13.7).
+    fence: tuple[str, int] | None = None
     # Called in the creating transaction; False: another process claimed the run first (a
     # cron minute), which is then not created and answered AlreadyClaimed.
     claim: Any = None
@@ -201,12 +203,23 @@ class ReleaseStepSlot:
 
 @dataclass(frozen=True, slots=True)
 class AwaitChild:
-    """Tell ``parent`` (an Execution actor's ref) when ``child_id`` ends (sub-workflows)."""
+    """Tell ``parent`` (an Execution actor's ref) when ``child_id`` ends (sub-workflows):
+    the child of ``attempt`` of the main step, or the hook (``hook``), named ``step``."""
 
     child_id: str
     parent: Any  # pykka.ActorRef
     step: str
     attempt: int
+    hook: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ChildrenCancelled:
+    """An Execution actor's write ended a step attempt and cancelled its children with it
+    (sub-workflows, 13.3): their owners, here or elsewhere, stop them."""
+
+    cancelled: tuple  # (execution id, workflow, owner node) of each execution cancelled
+    channels: Any  # {owner node id: (host_key, channel)} of the owners on other nodes
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,6 +394,7 @@ class ChildCreated:
     """A ``workflow/run`` attempt's child execution exists (or existed already)."""
 
     step: str
+    hook: bool
     attempt: int
     result: Any  # actors.supervisor.RunResult, or the MantleError to fail with
 
@@ -390,5 +404,6 @@ class ChildFinished:
     """A ``workflow/run`` attempt's child execution ended; ``detail`` is its final state."""
 
     step: str
+    hook: bool
     attempt: int
     detail: Any  # {"execution_id", "status", "error", "steps"}

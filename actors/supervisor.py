@@ -112,7 +112,7 @@ def submit_run(ctx: EngineContext, supervisor: pykka.ActorRef, msg: m.RunRequest
         return time.monotonic() <= msg.deadline - ABANDON_MARGIN
 
     ctx.journal.submit(op, done, failed, reads=msg.workflow if msg.version is None else None,
-                       gate=wanted if msg.deadline is not None else None)
+                       gate=wanted if msg.deadline is not None else None, fence=msg.fence)
 
 
 class _Slot:
@@ -142,7 +142,7 @@ class Supervisor(pykka.ThreadingActor):
         self._epochs: dict[str, int] = {}
         self._cancelling: set[str] = set()
         self._slots: dict[tuple[str, str], _Slot] = {}
-        self._awaiting: dict[str, list[tuple[pykka.ActorRef, str, int]]] = {}
+        self._awaiting: dict[str, list[tuple[pykka.ActorRef, str, bool, int]]] = {}
         self._shutdown = False
         self._reconcile_every = RECONCILE_LEASES * ctx.node.ttl
         self._due = {"promote": 0.0, "takeover": 0.0, "backstop": 0.0,
@@ -289,13 +289,21 @@ class Supervisor(pykka.ThreadingActor):
             return
         if reply is not None:
             reply.set(cancelled.previous)
-        for execution_id, workflow, owner in cancelled.cancelled:
+        self._cancelled(cancelled.cancelled, msg.channels)
+
+    def _on_ChildrenCancelled(self, msg: m.ChildrenCancelled) -> None:
+        """A parent's step attempt ended and cancelled its children with it (13.3)."""
+        self._cancelled(msg.cancelled, msg.channels)
+
+    def _cancelled(self, cancelled, channels) -> None:
+        """Executions committed ``cancelled``, as (id, workflow, owner): counted, and
+        stopped here or by their owners on this host (other hosts hear NOTIFY)."""
+        for execution_id, workflow, owner in cancelled:
             self._ctx.metrics.executions.labels(workflow, "cancelled").inc()
             if owner == self._ctx.node_id or owner is None:
                 self._cancel_local(execution_id)
         node = self._ctx.node
-        self._ctx.channel.send(local_targets(cancelled.cancelled, msg.channels, node.host_key,
-                                             node.id))
+        self._ctx.channel.send(local_targets(cancelled, channels, node.host_key, node.id))
 
     def _on_CancelNotified(self, msg: m.CancelNotified) -> None:
         self._cancel_local(msg.execution_id)
@@ -434,7 +442,8 @@ class Supervisor(pykka.ThreadingActor):
     # --- sub-workflows ---
 
     def _on_AwaitChild(self, msg: m.AwaitChild) -> None:
-        self._awaiting.setdefault(msg.child_id, []).append((msg.parent, msg.step, msg.attempt))
+        self._awaiting.setdefault(msg.child_id, []).append(
+            (msg.parent, msg.step, msg.hook, msg.attempt))
         self._look_up_children([msg.child_id])
 
     def _look_up_children(self, child_ids: list[str]) -> None:
@@ -450,8 +459,8 @@ class Supervisor(pykka.ThreadingActor):
         self._ctx.journal.submit(op, done)
 
     def _on_ChildResult(self, msg: m.ChildResult) -> None:
-        for parent, step, attempt in self._awaiting.pop(msg.execution_id, ()):
-            tell(parent, m.ChildFinished(step, attempt, msg.detail))
+        for parent, step, hook, attempt in self._awaiting.pop(msg.execution_id, ()):
+            tell(parent, m.ChildFinished(step, hook, attempt, msg.detail))
 
     # --- step slots (max_parallel, 2.3, 13.1.10) ---
 
@@ -520,7 +529,8 @@ def _handlers() -> dict[type, object]:
         m.Promoted: s._on_Promoted, m.Claimed: s._on_Claimed,
         m.CancelsFound: s._on_CancelsFound, m.LeaseLapsed: s._on_LeaseLapsed,
         m.OwnersChecked: s._on_OwnersChecked, m.AwaitChild: s._on_AwaitChild,
-        m.ChildResult: s._on_ChildResult, m.AcquireStepSlot: s._on_AcquireStepSlot,
+        m.ChildResult: s._on_ChildResult, m.ChildrenCancelled: s._on_ChildrenCancelled,
+        m.AcquireStepSlot: s._on_AcquireStepSlot,
         m.ReleaseStepSlot: s._on_ReleaseStepSlot, m.Shutdown: s._on_Shutdown,
         m.StopNow: s._on_StopNow, m.Ping: s._on_Ping, m.LiveCount: s._on_LiveCount,
     }

@@ -12,7 +12,8 @@ can batch them freely. Reads used by the CLI and the REST API live in ``mantle.q
 """
 
 from mantle.store.executions import (MANUAL_TRIGGER, Cancelled, Created, Parent, Snapshot,
-                                     cancel_execution, copy_steps, create_execution,
+                                     cancel_children, cancel_execution, copy_steps,
+                                     create_execution,
                                      execution_row, execution_snapshot, fail_execution,
                                      final_results,
                                      finish_execution, mark_hooks_started, promote_queued,
@@ -26,7 +27,8 @@ from mantle.store.steps import write_progress, write_step
 from mantle.store.versions import model_of, stored_version, version_of
 
 __all__ = [
-    "MANUAL_TRIGGER", "Cancelled", "Created", "Parent", "Snapshot", "cancel_execution",
+    "MANUAL_TRIGGER", "Cancelled", "Created", "Parent", "Snapshot", "cancel_children",
+    "cancel_execution",
     "copy_steps", "create_execution", "execution_row", "execution_snapshot", "fail_execution",
     "finish_execution", "final_results", "mark_hooks_started", "promote_queued",
     "queued_workflows", "cancelled_among", "claim_expired", "close_orphaned_steps",

@@ -27,7 +27,8 @@ from mantle.workflow import Workflow as WorkflowModel
 from mantle.workflow import check_inputs
 
 __all__ = ["Created", "Parent", "Cancelled", "create_execution", "finish_execution",
-           "fail_execution", "cancel_execution", "promote_queued", "queued_workflows",
+           "fail_execution", "cancel_execution", "cancel_children", "promote_queued",
+           "queued_workflows",
            "execution_snapshot", "execution_row", "copy_steps", "mark_hooks_started",
            "final_results", "Snapshot", "Promotion", "MANUAL_TRIGGER"]
 
@@ -40,11 +41,15 @@ _COLUMNS = ("id", "workflow_name", "version", "status", "inputs", "trigger", "er
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Parent:
-    """Where a sub-workflow's execution hangs in its tree (SPEC 13.3)."""
+    """Where a sub-workflow's execution hangs in its tree (SPEC 13.3): the parent's
+    execution and step, and, when known, the step attempt (main step or hook) that creates
+    the child, which must still be running for the child to be created."""
 
     execution_id: str
     step: str
     depth: int  # the child's own depth
+    attempt: int | None = None
+    hook: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -112,7 +117,7 @@ def create_execution(workflow: str, inputs: dict | None, version: int | None, tr
     queued = False
     sql = Statements.of_bound()
     if parent is not None:
-        refused = _parent_gone(sql, parent.execution_id)
+        refused = _parent_gone(sql, parent)
         if refused is not None:
             return Created(error=refused)
     if model.max_parallel_executions > 0:
@@ -160,21 +165,57 @@ def create_execution(workflow: str, inputs: dict | None, version: int | None, tr
     return Created(execution, model, queued=queued)
 
 
-def _parent_gone(sql: Statements, parent_id: str) -> MantleError | None:
-    """Why a child of ``parent_id`` may not be created: the parent is no longer running.
+def _parent_gone(sql: Statements, parent: Parent) -> MantleError | None:
+    """Why a child of ``parent`` may not be created: the parent is no longer running, or
+    the step attempt creating it has ended.
 
     A cancel may commit while the parent's owner is creating a child (from another node, or
     ahead of the creation in this node's journal); the cancel's cascade cannot see a child
-    created after it, so the creation must see the cancel (SPEC 13.3). On PostgreSQL the
-    parent's row stays share-locked until this transaction ends: a cancel committing
-    meanwhile waits for it, and its cascade then finds the child."""
-    rows = sql.rows(f"SELECT status FROM workflow_executions WHERE id = {sql.db.param}"
-                    f"{sql.share_lock}", (parent_id,))
+    created after it, so the creation must see the cancel (SPEC 13.3). Likewise the write
+    that ends the attempt (a step, workflow or hooks timeout) cancels the attempt's children
+    (``cancel_children``): a creation after it must see the attempt's row ended. On
+    PostgreSQL both rows stay share-locked until this transaction ends: a cancel or an
+    attempt's end committing meanwhile waits for it, and then finds the child."""
+    p = sql.db.param
+    rows = sql.rows(f"SELECT status FROM workflow_executions WHERE id = {p}{sql.share_lock}",
+                    (parent.execution_id,))
     if not rows:
-        return ExecutionNotFound(parent_id)
+        return ExecutionNotFound(parent.execution_id)
     if rows[0][0] != ExecutionStatus.RUNNING.value:
-        return ExecutionFinished(parent_id, rows[0][0])
+        return ExecutionFinished(parent.execution_id, rows[0][0])
+    if parent.attempt is None:
+        return None
+    sql.flush()  # the attempt's row may have been written earlier in this batch
+    rows = sql.rows(f"SELECT status FROM step_executions WHERE execution_id = {p} AND "
+                    f"is_hook = {p} AND step_name = {p} AND attempt = {p}{sql.share_lock}",
+                    (parent.execution_id, parent.hook, parent.step, parent.attempt))
+    if not rows or rows[0][0] != "running":
+        kind = "hook" if parent.hook else "step"
+        return MantleError(f'{kind} "{parent.step}" attempt {parent.attempt} of execution '
+                           f"{parent.execution_id} is no longer running")
     return None
+
+
+def cancel_children(parent_id: str, key: str | None = None
+                    ) -> tuple[tuple[str, str, str | None], ...]:
+    """Commit ``cancelled`` for the pending/running children of ``parent_id`` (and their
+    descendants, as ``cancel_execution`` does): those whose idempotency key is ``key`` or
+    extends it (``<key>:...``), or all of them when ``key`` is None. Written with the end of
+    the step attempt that created them (SPEC 13.3: a timeout of the parent cancels the
+    child), so no crash can come between the two. Returns every execution cancelled, as
+    (id, workflow, owner node)."""
+    Statements.of_bound().flush()
+    children = (WorkflowExecution.select(WorkflowExecution.id,
+                                         WorkflowExecution.idempotency_key)
+                .where(WorkflowExecution.parent_execution_id == parent_id,
+                       WorkflowExecution.status.in_(_ACTIVE)))
+    cancelled: list[tuple[str, str, str | None]] = []
+    for child in list(children):
+        found = child.idempotency_key or ""
+        if key is None or found == key or found.startswith(key + ":"):
+            outcome = cancel_execution(child.id, "engine")
+            cancelled.extend(outcome.cancelled if outcome is not None else ())
+    return tuple(cancelled)
 
 
 def _running_count(workflow: str) -> int:

@@ -10,7 +10,9 @@ import time
 
 import pytest
 
-from mantle.db.models import StepExecution
+from actors.engine import Engine
+from mantle.db.models import StepExecution, WorkflowExecution
+from mantle.metrics import Metrics
 from tests.actors.conftest import apply, finish, run, steps_of, wait_until
 from tests.helpers.fake_openai import (EMBEDDINGS, FakeOpenAI, embedding, text,
                                        tool_calls)
@@ -167,9 +169,6 @@ def test_tools_never_get_the_step_credential_and_use_their_own(db, tmp_path, fak
                                                                http_target, tool_secrets):
     """The model provider's key stays with the model call; a tool sends only the credential
     it names itself (SPEC 13.6 tools, 13.1.5 resolution)."""
-    from actors.engine import Engine
-    from mantle.metrics import Metrics
-
     engine = Engine(db, metrics=Metrics(), plugins_dir=str(tmp_path), env={},
                     secrets=tool_secrets).start()
     try:
@@ -242,3 +241,118 @@ def test_agent_example_refuses_tool_urls_outside_its_pattern(engine, fake):
     assert tool["role"] == "tool" and "does not match" in tool["content"]
     assert steps_of(detail)["show"]["output"]["message"] == (
         "I could not look it up. (2 model calls)")
+
+
+# --- workflow/run tools (SPEC 13.3 children of an AI step's attempt) -------------------------
+
+KID = """
+    name: kid
+    inputs: {who: {type: string, default: nobody}}
+    steps:
+      - {name: greet, action: core/log, params: {message: "hi {{ inputs.who }}"}}
+"""
+
+
+def _children(parent_id: str) -> list[WorkflowExecution]:
+    return list(WorkflowExecution.select().where(
+        WorkflowExecution.parent_execution_id == parent_id)
+        .order_by(WorkflowExecution.started_at))
+
+
+def _status(execution_id: str) -> str:
+    return WorkflowExecution.get_by_id(execution_id).status
+
+
+def _agent_with_workflow_tool(fake, tool: str, workflow: str, step_extra: str = "") -> str:
+    return apply(f"""
+        name: agent
+        steps:
+          - name: ask
+            action: ai/completion
+            {step_extra}
+            params:
+              base_url: "{fake.base_url}"
+              model: local-model
+              prompt: "use {tool}"
+              tools:
+                - name: {tool}
+                  description: Run the {workflow} workflow
+                  input_schema:
+                    type: object
+                    properties: {{inputs: {{type: object}}}}
+                  action: workflow/run
+                  params: {{workflow: {workflow}}}
+    """)
+
+
+def _tool_results(fake) -> list:
+    return [json.loads(m["content"]) for m in fake.requests()[-1].json["messages"]
+            if m["role"] == "tool"]
+
+
+def test_a_workflow_run_tool_called_again_in_a_later_round_runs_a_new_child(engine, fake):
+    """SPEC 13.6: each tool call runs its action; 13.3: one child per call. Servers reuse
+    call ids across rounds (this fake does, as some real ones do): the second round's call,
+    with other inputs, must run a child of its own, not be answered with the first
+    round's child (found again under a key made of the call id)."""
+    apply(KID)
+    _agent_with_workflow_tool(fake, "kid", "kid")
+    fake.script(tool_calls(("kid", {"inputs": {"who": "ann"}}, "c1")),
+                tool_calls(("kid", {"inputs": {"who": "bob"}}, "c1")),
+                text("done"))
+    detail = run(engine, "agent")
+    assert detail["status"] == "completed", detail
+    greeted = [r["steps"]["greet"]["output"]["message"] for r in _tool_results(fake)]
+    assert greeted == ["hi ann", "hi bob"]
+    assert [c.inputs["who"] for c in _children(detail["id"])] == ["ann", "bob"]
+
+
+SLEEPY_KID = """
+    name: sleepy-kid
+    steps: [{name: nap, action: core/sleep, params: {duration: %s}}]
+"""
+
+
+def test_a_restart_leaves_a_workflow_run_tools_child_running_for_the_next_owner(
+        db, tmp_path, fake):
+    """SPEC 13.3: one child per attempt, awaited again after a crash; 10.3/13.7: a restart
+    (shutdown deadline) interrupts the attempt but leaves its work to the next owner; 13.6:
+    a tool call in flight then is made again, never turned into a failure. The leaving
+    node must not cancel the tool's child: the next owner makes the unanswered call again,
+    finds that child under its key and answers the model with its result."""
+    apply(SLEEPY_KID % "3s")
+    _agent_with_workflow_tool(fake, "nap", "sleepy-kid")
+    fake.script(tool_calls(("nap", {}, "n1")), text("rested"))
+    old = Engine(db, metrics=Metrics(), plugins_dir=str(tmp_path), secrets={}).start()
+    new = None
+    try:
+        parent = old.run("agent").execution_id
+        [child] = wait_until(lambda: _children(parent))
+        wait_until(lambda: _status(child.id) == "running")
+        old.shutdown(timeout=0.2)
+        new = Engine(db, metrics=Metrics(), plugins_dir=str(tmp_path), secrets={},
+                     resume_orphans=True).start()
+        wait_until(lambda: _status(parent) != "running", timeout=20)
+    finally:
+        old.shutdown(timeout=1)
+        if new is not None:
+            new.shutdown(timeout=1)
+    results = _tool_results(fake)
+    assert [c.status for c in _children(parent)] == ["completed"], results
+    assert results and "error" not in results[0], results
+    assert _status(parent) == "completed"
+
+
+def test_a_step_timeout_of_an_ai_step_cancels_the_child_of_its_workflow_run_tool(
+        engine, fake):
+    """SPEC 13.3: a step timeout of the parent cancels the child, also the child of a
+    ``workflow/run`` tool (13.6: a tool may be any action): the write of the attempt's end
+    cancels it."""
+    apply(SLEEPY_KID % "60s")
+    _agent_with_workflow_tool(fake, "nap", "sleepy-kid", step_extra="timeout: 500ms")
+    fake.script(tool_calls(("nap", {}, "n1")), text("never"))
+    detail = run(engine, "agent")
+    assert steps_of(detail)["ask"]["error"] == "step timed out after 500ms", detail
+    [child] = _children(detail["id"])
+    wait_until(lambda: _status(child.id) == "cancelled", timeout=5,
+               message="the child of a timed-out AI step's tool was not cancelled")

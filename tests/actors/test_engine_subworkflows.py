@@ -1,17 +1,22 @@
 """Sub-workflows (SPEC 13.3) through the real engine, on SQLite and PostgreSQL: the output
-shape in CEL, failures, cancel and timeout cascades, the depth limit, the child's own limits."""
+shape in CEL, failures, cancel and timeout cascades (also while the child is being created
+and across a takeover), hooks, the depth limit, the child's own limits."""
 
 from __future__ import annotations
 
+import datetime as dt
+import logging
 import threading
 import time
 
 import pytest
 
+from actors.engine import Engine
 from mantle import store
 from mantle.db import transaction
 from mantle.db.connect import connect, is_postgres
-from mantle.db.models import WorkflowExecution
+from mantle.db.models import StepExecution, WorkflowExecution
+from mantle.metrics import Metrics
 from tests.actors.conftest import apply, finish, run, steps_of, wait_until
 
 KID = """
@@ -22,9 +27,26 @@ KID = """
 """
 
 
+SLEEPY_KID = """
+    name: sleepy-kid
+    max_parallel_executions: 5
+    steps: [{name: nap, action: core/sleep, params: {duration: 60s}}]
+"""
+
+
 def _children(parent_id: str) -> list[WorkflowExecution]:
     return list(WorkflowExecution.select().where(
-        WorkflowExecution.parent_execution_id == parent_id))
+        WorkflowExecution.parent_execution_id == parent_id)
+        .order_by(WorkflowExecution.started_at))
+
+
+def _status(execution_id: str) -> str:
+    return WorkflowExecution.get_by_id(execution_id).status
+
+
+def _engine(db, tmp_path, *, takeover: bool = False) -> Engine:
+    return Engine(db, metrics=Metrics(), plugins_dir=str(tmp_path / "plugins"), secrets={},
+                  resume_orphans=takeover).start()
 
 
 def test_child_output_is_readable_in_cel_as_steps_of_the_child(engine):
@@ -168,6 +190,224 @@ def test_a_step_timeout_of_the_parent_cancels_the_child(engine):
     [child] = _children(detail["id"])
     assert steps_of(detail)["child"]["error"] == "step timed out after 500ms"
     wait_until(lambda: WorkflowExecution.get_by_id(child.id).status == "cancelled")
+
+
+def _held_creation(migrated_db_url):
+    """Sessions holding ``sleepy-kid``'s workflow row (which a child's creation locks for
+    its limit check) and watching the lock waits: the creation waits until released."""
+    holder, watcher = connect(migrated_db_url), connect(migrated_db_url)
+    holder.execute_sql("BEGIN")
+    holder.execute_sql("SELECT 1 FROM workflows WHERE name = 'sleepy-kid' FOR UPDATE")
+    return holder, watcher
+
+
+def _release(holder, watcher) -> None:
+    holder.execute_sql("ROLLBACK")
+    holder.close()
+    watcher.close()
+
+
+def test_a_step_timeout_while_the_child_is_being_created_cancels_that_child(
+        engine, db, migrated_db_url, caplog):
+    """SPEC 13.3: a step timeout of the parent cancels the child; exactly one child per
+    parent step attempt. The attempt times out while its child's creation waits in the
+    database (a row lock): the attempt ends, the child is created afterwards, and the
+    write of the attempt's end must still cancel it, not leave it running with no parent
+    step awaiting it. The retry gets a child of its own, cancelled by its own timeout."""
+    if not is_postgres(db):
+        pytest.skip("holds a row lock from another session")
+    apply(SLEEPY_KID)
+    apply("""
+        name: parent
+        steps:
+          - {name: child, action: workflow/run, timeout: 300ms, retry: {max_attempts: 2},
+             params: {workflow: sleepy-kid}}
+    """)
+    caplog.set_level(logging.WARNING, logger="mantle.engine")
+    holder, watcher = _held_creation(migrated_db_url)
+    try:
+        parent = engine.run("parent").execution_id
+        wait_until(lambda: _lock_waiters(watcher) == 1)  # the creation waits for the row
+        # the first attempt timed out (it logs before its end is written, which waits)
+        wait_until(lambda: any(r.getMessage() == "step retrying" for r in caplog.records))
+    finally:
+        _release(holder, watcher)
+    detail = finish(engine, parent)
+    assert (detail["status"], steps_of(detail)["child"]["attempt"]) == ("failed", 2), detail
+    wait_until(lambda: [c.status for c in _children(parent)] == ["cancelled"] * 2,
+               timeout=5, message="a child of a timed-out attempt was not cancelled")
+
+
+def test_a_workflow_timeout_while_the_child_is_being_created_cancels_that_child(
+        engine, db, migrated_db_url, http_target):
+    """SPEC 13.3: a workflow timeout of the parent cancels the child. The timeout comes
+    while the child's creation waits in the database (a row lock): the step ends
+    ``failed`` at once, the child is created afterwards, and the write of the step's end
+    must still cancel it. The workflow's other step, an HTTP call held open, shows when
+    the timeout has been dealt with: it is interrupted right after the child's step."""
+    if not is_postgres(db):
+        pytest.skip("holds a row lock from another session")
+    http_target.route("/hold", hold=True)
+    apply(SLEEPY_KID)
+    apply(f"""
+        name: parent
+        timeout: 1s
+        steps:
+          - {{name: child, action: workflow/run, params: {{workflow: sleepy-kid}}}}
+          - {{name: watch, action: http/request, params: {{url: "{http_target.url('/hold')}"}}}}
+    """)
+    holder, watcher = _held_creation(migrated_db_url)
+    try:
+        parent = engine.run("parent").execution_id
+        wait_until(lambda: _lock_waiters(watcher) == 1 and http_target.hits("/hold") == 1)
+        wait_until(lambda: http_target.in_progress("/hold") == 0)  # the timeout came
+    finally:
+        _release(holder, watcher)
+    detail = finish(engine, parent)
+    assert detail["error"] == "workflow timed out after 1s", detail
+    children = wait_until(lambda: _children(parent), timeout=5)  # created after all
+    wait_until(lambda: [_status(child.id) for child in children] == ["cancelled"],
+               timeout=5, message="the child of a timed-out parent was not cancelled")
+
+
+def _restart_while_the_child_runs(db, tmp_path, workflow: str, since_column: str,
+                                  seconds: float) -> tuple[str, str, Engine]:
+    """Run ``workflow`` until its child runs, restart its node (``shutdown``: the rows stay
+    for the next owner) and wait, with no owner, until ``seconds`` passed since the
+    parent's ``since_column``; then a node that takes it over. (parent, child, new node)"""
+    old = _engine(db, tmp_path)
+    try:
+        parent = old.run(workflow).execution_id
+        [child] = wait_until(lambda: _children(parent))
+        wait_until(lambda: _status(child.id) == "running")
+    finally:
+        old.shutdown(timeout=0.2)
+    since = getattr(WorkflowExecution.get_by_id(parent), since_column)
+
+    def passed() -> bool:
+        with transaction(db):
+            return store.database_now() > since + dt.timedelta(seconds=seconds)
+
+    wait_until(passed, timeout=5)
+    return parent, child.id, _engine(db, tmp_path, takeover=True)
+
+
+def test_a_workflow_timeout_that_passed_while_nobody_ran_the_parent_cancels_its_child(
+        db, tmp_path):
+    """SPEC 13.3: a workflow timeout of the parent cancels the child; 13.1.9: a deadline
+    that passed while nobody ran the execution applies when it is resumed. The next owner
+    ends the awaiting step ``failed`` without launching it again; that write must cancel
+    the child (taken over too), which would otherwise sleep on to its end."""
+    apply(SLEEPY_KID)
+    apply("""
+        name: parent
+        timeout: 1s
+        steps: [{name: child, action: workflow/run, params: {workflow: sleepy-kid}}]
+    """)
+    parent, child, new = _restart_while_the_child_runs(db, tmp_path, "parent",
+                                                       "running_since", 1.2)
+    try:
+        wait_until(lambda: _status(parent) != "running", timeout=10)
+        assert WorkflowExecution.get_by_id(parent).error == "workflow timed out after 1s"
+        wait_until(lambda: _status(child) == "cancelled", timeout=5,
+                   message="the child of a timed-out parent was not cancelled")
+    finally:
+        new.shutdown(timeout=1)
+
+
+def test_a_hooks_timeout_that_passed_while_nobody_ran_the_parent_cancels_the_hooks_child(
+        db, tmp_path):
+    """SPEC 13.3 and 4.8 (hooks run like main steps), 13.1.8/13.1.11: ``hooks.timeout``
+    counts across crashes and applies to a hook resumed after it passed. The resumed
+    ``workflow/run`` hook ends ``failed`` without being launched again; that write must
+    cancel its child."""
+    apply(SLEEPY_KID)
+    apply("""
+        name: parent
+        steps: [{name: start, action: core/log, params: {message: go}}]
+        hooks:
+          timeout: 1s
+          on_finish:
+            - {name: child, action: workflow/run, params: {workflow: sleepy-kid}}
+    """)
+    parent, child, new = _restart_while_the_child_runs(db, tmp_path, "parent",
+                                                       "hooks_since", 1.2)
+    try:
+        wait_until(lambda: _status(parent) != "running", timeout=10)
+        hook = StepExecution.get(StepExecution.execution_id == parent,
+                                 StepExecution.is_hook == True)  # noqa: E712 - SQL
+        assert (hook.status, hook.error) == ("failed", "hooks timed out after 1s")
+        wait_until(lambda: _status(child) == "cancelled", timeout=5,
+                   message="the child of a timed-out hook was not cancelled")
+    finally:
+        new.shutdown(timeout=1)
+
+
+@pytest.mark.parametrize("hook_child", ["kid", "other-kid"])
+def test_a_workflow_run_hook_named_like_a_main_step_awaits_its_own_child(engine, hook_child):
+    """SPEC 2.6/2.7: a hook may share a main step's name (hook names are unique among hooks
+    only); 4.8: hooks run like main steps; 13.3: one child per step attempt. The hook's
+    child must be its own (not the main step's, found under a shared key), and its end
+    must reach the hook (not the finished main step of that name), so the execution
+    ends."""
+    apply(KID)
+    apply(KID.replace("name: kid", "name: other-kid"))
+    apply(f"""
+        name: parent
+        steps:
+          - {{name: notify, action: workflow/run,
+             params: {{workflow: kid, inputs: {{who: main}}}}}}
+        hooks:
+          on_success:
+            - {{name: notify, action: workflow/run,
+               params: {{workflow: {hook_child}, inputs: {{who: hook}}}}}}
+    """)
+    execution_id = engine.run("parent").execution_id
+    status = engine.wait(execution_id, timeout=10)
+    children = _children(execution_id)
+    assert status == "completed", (status, [(c.parent_step, c.inputs, c.status)
+                                            for c in children])
+    assert sorted(c.inputs["who"] for c in children) == ["hook", "main"]
+    hook = StepExecution.get(StepExecution.execution_id == execution_id,
+                             StepExecution.is_hook == True)  # noqa: E712 - SQL
+    assert hook.output["steps"]["greet"]["output"] == {"message": "hi hook"}
+
+
+def test_a_child_is_created_only_while_its_parent_step_attempt_runs_and_ends_with_it(db):
+    """SPEC 13.3: exactly one child per parent step attempt; a timeout of the parent step
+    cancels the child. The creation refuses once the attempt's row has ended (the end was
+    written first: its cancel of the attempt's children could not see a child created
+    later); ``cancel_children`` cancels the running children of one attempt (its own child
+    and its tool children), not those of another attempt or of a hook of the same name."""
+    apply(KID)
+
+    def create(key: str | None = None, parent: store.Parent | None = None):
+        with transaction():
+            return store.create_execution("kid", {}, None, None, "r:1", "engine", key,
+                                          parent=parent)
+
+    def attempt_row(status: str, attempt: int = 1, block: str | None = None) -> None:
+        with transaction():
+            store.write_step(parent_id, "call", attempt, status, hook_block=block)
+
+    parent_id = create().execution["id"]
+    attempt_row("running")
+    attempt_row("running", block="on_finish")
+    step_1 = store.Parent(parent_id, "call", 2, attempt=1)
+    hook_1 = store.Parent(parent_id, "call", 2, attempt=1, hook=True)
+    own, tool, other, hooks = (create(key, parent).execution["id"] for key, parent in (
+        ("k:1", step_1), ("k:1:1.0", step_1), ("k:11", step_1), ("k:on_finish:1", hook_1)))
+    with transaction():
+        cancelled = store.cancel_children(parent_id, "k:1")
+    assert sorted(entry[0] for entry in cancelled) == sorted([own, tool])
+    assert [_status(i) for i in (own, tool, other, hooks)] == [
+        "cancelled", "cancelled", "running", "running"]
+
+    attempt_row("failed")
+    refused = create("k:1:2.0", step_1)
+    assert refused.error is not None and "no longer running" in refused.error.message
+    assert create("k:on_finish:1:1.0", hook_1).error is None  # the hook's row still runs
+    assert create("k:2", store.Parent(parent_id, "call", 2, attempt=2)).error is not None
 
 
 def test_the_eleventh_nested_level_fails_with_the_depth_message(engine):

@@ -113,11 +113,11 @@ def _loop(inv: Invocation, params: CompletionParams, client: Client, state: _Sta
 
 
 def _run_tools(inv: Invocation, params: CompletionParams, state: _State) -> None:
-    """Answer every call of the last round that has no result yet, checkpointing after each
-    action that ran and at the end of the round."""
+    """Answer every call of the last round (round ``state.rounds``) that has no result yet,
+    checkpointing after each action that ran and at the end of the round."""
     unsaved = False
     for index, call in unanswered_calls(state.messages):
-        result, ran = answer_call(inv, params, index, call)
+        result, ran = answer_call(inv, params, state.rounds, index, call)
         state.messages.append(tool_message(call, result))
         unsaved = True
         if ran:

@@ -42,10 +42,14 @@ def tool_message(call: dict, result: Any) -> dict:
     return {"role": "tool", "tool_call_id": call["id"], "content": content}
 
 
-def answer_call(inv: Invocation, params: CompletionParams, index: int, call: dict
-                ) -> tuple[Any, bool]:
-    """The result for the model of the ``index``-th call of a round, and whether an action
-    ran for it (what must then be checkpointed before anything else)."""
+def answer_call(inv: Invocation, params: CompletionParams, round_number: int, index: int,
+                call: dict) -> tuple[Any, bool]:
+    """The result for the model of the ``index``-th call of round ``round_number``, and
+    whether an action ran for it (what must then be checkpointed before anything else).
+
+    The action is told the call as ``<round>.<index>`` (``call_id``), its place in the
+    checkpointed conversation, the same after a resume: a ``workflow/run`` tool's child is
+    keyed by it. Never the server's id: servers reuse ids across rounds."""
     if index >= params.max_tool_calls_per_round:
         return {"error": LIMIT_EXCEEDED}, False
     function = call["function"]
@@ -60,7 +64,8 @@ def answer_call(inv: Invocation, params: CompletionParams, index: int, call: dic
         return {"error": problem}, False
     try:
         return _runner(inv)(tool.action, {**tool.params, **arguments},
-                            credential=tool.credential, call_id=call["id"]), True
+                            credential=tool.credential,
+                            call_id=f"{round_number}.{index}"), True
     except ConnectorInterrupted:
         raise
     except ConnectorError as exc:
