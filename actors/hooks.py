@@ -36,19 +36,30 @@ class HookPhase:
             self._outcome = (stored["status"], stored.get("error"))
             failed_step = stored.get("failed_step")
             self._first_failure = (failed_step, None) if failed_step else None
+            self._main_ms = stored.get("duration_ms") or 0
         else:
             self._outcome = self._outcome_for(self._first_failure)
+            self._main_ms = self._main_phase_ms()
         self._hook_queue = self._hooks_to_run(self._outcome[0])
         if not self._hook_queue:
             self._next_hook()  # nothing to run: the final status
         elif stored is None:
             status, error = self._outcome
             outcome = {"status": status, "error": error,
-                       "failed_step": self._first_failure[0] if self._first_failure else None}
+                       "failed_step": self._first_failure[0] if self._first_failure else None,
+                       "duration_ms": self._main_ms}
             self._write(lambda: store.mark_hooks_started(self._id, outcome),
                         m.HooksStarted(outcome))
         else:
             self._hooks_begun()
+
+    def _main_phase_ms(self) -> int:
+        """How long the main steps ran (``execution.duration_ms`` in hooks, SPEC 3.1): from
+        ``running_since`` (a queued run's wait does not count) to now, in the database's
+        time, so a node resuming the hooks reports what the first one measured (stored
+        with the outcome)."""
+        since = self._ex.get("running_since") or self._ex["started_at"]
+        return max(0, round((self._ctx.node.db_now() - since).total_seconds() * 1000))
 
     def _on_HooksStarted(self, message: m.HooksStarted) -> None:
         if self._phase == "hooks":

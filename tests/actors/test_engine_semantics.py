@@ -282,6 +282,22 @@ def test_hooks_run_in_block_order_and_never_change_the_status(engine):
     assert detail["hooks"][1]["output"] == {"message": "failed completed"}
 
 
+def test_hooks_see_how_long_the_main_steps_ran_as_execution_duration_ms(engine):
+    """SPEC 3.1: in hooks ``execution.duration_ms`` is the main-step phase's duration (it
+    was always 0)."""
+    apply("""
+        name: timed
+        steps: [{name: nap, action: core/sleep, params: {duration: 300ms}}]
+        hooks:
+          on_finish:
+            - name: report
+              action: core/log
+              params: {message: "{{ string(execution.duration_ms) }}"}
+    """)
+    detail = run(engine, "timed")
+    assert 300 <= int(detail["hooks"][0]["output"]["message"]) < 10_000
+
+
 def test_hooks_timeout_fails_the_running_hook_and_skips_the_rest(engine):
     apply("""
         name: hook-deadline
