@@ -26,7 +26,6 @@ from mantle import store
 from mantle.connectors import CancelToken, ConnectorError, ConnectorInterrupted, Invocation
 from mantle.credentials import resolve as resolve_credential
 from mantle.db import OUTAGE_ERRORS, database_proxy, reset_connection
-from mantle.db.fields import utcnow
 from mantle.expressions import ActivationCache, ExpressionError, evaluate_condition
 from mantle.expressions import resolve_params
 from mantle.states import STEP_TRANSITIONS, check_transition
@@ -238,7 +237,7 @@ class Attempts:
             seconds = self._sleep_length(run)
             if seconds is not None:
                 wait = ("sleep", self._ctx.node.db_now() + _seconds(seconds))
-        started = run.started_at if existing else utcnow()
+        started = run.started_at if existing else self._ctx.node.db_now()
         self._transition(run, S.RUNNING, attempt=attempt, started_at=started, wait=wait)
 
     def _on_AttemptRowWritten(self, message: m.AttemptRowWritten) -> None:
@@ -381,16 +380,19 @@ class Attempts:
             self._transition(run, S.FAILED, output=output, error=error)
             return
         delay = 1.0 if run.spec.backoff == "fixed" else float(2 ** (run.attempt - 1))
-        log.warning("step retrying", extra={**self._context, "step": run.spec.name,
-                                            "attempt": run.attempt,
-                                            "delay_ms": int(delay * 1000), "error": error})
-        self._transition(run, S.RUNNING, attempt=run.attempt + 1, started_at=utcnow(),
+        self._transition(run, S.RUNNING, attempt=run.attempt + 1,
+                         started_at=self._ctx.node.db_now(),
                          retry=(output, error, delay))
 
     def _on_RetryRowsWritten(self, message: m.RetryRowsWritten) -> None:
         run = self._run_of(message.step, message.hook)
         if run is None or run.stage != "writing" or run.attempt != message.attempt:
             return
+        # Announced once committed (a node whose write was refused retries nothing).
+        log.warning("step retrying", extra={**self._context, "step": run.spec.name,
+                                            "attempt": message.attempt - 1,
+                                            "delay_ms": message.delay_ms,
+                                            "error": message.error})
         run.stage = None
         self._backoff(run)
 
@@ -435,7 +437,7 @@ class Attempts:
         stored as its wait) are one transaction.
         """
         check_transition(STEP_TRANSITIONS, run.status, status)
-        now = utcnow()
+        now = self._ctx.node.db_now()  # as every node stamps its rows: in the database's time
         audit = _HOOK_AUDIT if run.hook else _AUDIT
         block, name, execution_id = run.block, run.spec.name, self._id
         if retry is not None:
@@ -455,8 +457,8 @@ class Attempts:
             run.status, run.attempt, run.started_at, run.stage = status, attempt, started_at, \
                 "writing"
             run.wait_kind, run.wait_until = "retry", until
-            self._write_attempt_end(run, old, S.FAILED, op,
-                                    m.RetryRowsWritten(name, run.hook, attempt))
+            self._write_attempt_end(run, old, S.FAILED, op, m.RetryRowsWritten(
+                name, run.hook, attempt, failed_error, int(delay * 1000)))
             return
         if status == S.RUNNING:
             wait_kind, wait_until = wait
@@ -523,9 +525,12 @@ class Attempts:
     def _observe(self, run: StepRun) -> None:
         """Log and count a committed final status (9.1, 9.2, 13.1.3)."""
         context = {**self._context, "step": run.spec.name}
-        duration = 0
+        # Both stamps are the database's time as their nodes estimated it (a resumed attempt
+        # was started by another node): never below zero however far those estimates drift.
+        seconds = 0.0
         if run.started_at and run.completed_at:
-            duration = int((run.completed_at - run.started_at).total_seconds() * 1000)
+            seconds = max(0.0, (run.completed_at - run.started_at).total_seconds())
+        duration = int(seconds * 1000)
         fields = {**context, "status": str(run.status), "duration_ms": duration}
         if run.status == S.FAILED:
             fields["error"] = run.error
@@ -541,7 +546,7 @@ class Attempts:
         metrics.steps.labels(self._wf.name, run.spec.name, str(run.status)).inc()
         if run.status != S.SKIPPED and run.started_at and run.completed_at:
             metrics.step_duration.labels(self._wf.name, run.spec.name, run.spec.action).observe(
-                (run.completed_at - run.started_at).total_seconds())
+                seconds)
 
     # --- services offered to connectors ---
 

@@ -51,6 +51,7 @@ class ExecutionActor(Attempts, HookPhase, Children, PooledActor):
         self._steps = {spec.name: StepRun(spec) for spec in workflow.steps}
         self._phase = "starting"
         self._timed_out = self._hooks_timed_out = self._shutdown = self._active = False
+        self._closing = False  # the final status written after the hooks is in flight
         self._first_failure: tuple[str, str] | None = None
         self._outcome: tuple[str, str | None] | None = None
         self._started = time.monotonic()
@@ -344,7 +345,8 @@ class ExecutionActor(Attempts, HookPhase, Children, PooledActor):
     def _on_ExecutionClosed(self, message: m.ExecutionClosed) -> None:
         if self._phase == "ended":
             return
-        if not message.changed:  # a cancel was committed first
+        if not message.changed:  # a cancel was committed first (it counted the execution)
+            log.info("execution finished", extra={**self._context, "status": "cancelled"})
             self._end("cancelled")
             return
         self._ctx.metrics.executions.labels(self._wf.name, message.status).inc()
@@ -404,7 +406,7 @@ class ExecutionActor(Attempts, HookPhase, Children, PooledActor):
     def _maybe_leave(self) -> None:
         """During shutdown: stop once no attempt or write is in flight; the rows stay for
         the next owner, which resumes them."""
-        if self._phase in ("main", "hooks", "starting") and not any(
+        if self._phase in ("main", "hooks", "starting") and not self._closing and not any(
                 run.stage in ("running", "writing") for run in self._runs()):
             self._end("interrupted")
 

@@ -112,6 +112,7 @@ class HookPhase:
             self._maybe_leave()
         elif self._phase == "hooks":
             status, error = self._outcome
+            self._closing = True  # a shutdown now waits for it: its outcome is reported
             self._write(lambda: store.finish_execution(self._id, status, error),
                         lambda changed: m.ExecutionClosed(status, changed))
 

@@ -292,6 +292,8 @@ class RetryRowsWritten:
     step: str
     hook: bool
     attempt: int  # the next attempt, waiting out its back-off
+    error: str | None = None  # the failed attempt's (``step retrying``)
+    delay_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -255,15 +255,18 @@ class Supervisor(pykka.ThreadingActor):
                   extra={"execution_id": execution_id, "error": error})
         ref, metrics = self.actor_ref, self._ctx.metrics
 
-        def done(changed: bool) -> None:
-            if changed:
-                if workflow is not None:
-                    metrics.executions.labels(workflow, "failed").inc()
-                tell(ref, m.ExecutionEnded(execution_id, workflow or "", "failed"))
+        def op() -> str | None:
+            """The workflow of the execution ended, None when it was no longer running."""
+            if not store.fail_execution(execution_id, error):
+                return None
+            return workflow or store.workflow_of(execution_id)
 
-        self._ctx.journal.submit(
-            lambda: store.fail_execution(execution_id, error), done,
-            fence=(execution_id, epoch))
+        def done(ended: str | None) -> None:
+            if ended is not None:
+                metrics.executions.labels(ended, "failed").inc()
+                tell(ref, m.ExecutionEnded(execution_id, ended, "failed"))
+
+        self._ctx.journal.submit(op, done, fence=(execution_id, epoch))
 
     # --- cancel ---
 

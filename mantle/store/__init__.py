@@ -13,11 +13,10 @@ can batch them freely. Reads used by the CLI and the REST API live in ``mantle.q
 
 from mantle.store.executions import (MANUAL_TRIGGER, Cancelled, Created, Parent, Snapshot,
                                      cancel_children, cancel_execution, copy_steps,
-                                     create_execution,
-                                     execution_row, execution_snapshot, fail_execution,
-                                     final_results,
-                                     finish_execution, mark_hooks_started, promote_queued,
-                                     queued_workflows)
+                                     create_execution, execution_row, execution_snapshot,
+                                     fail_execution, final_results, finish_execution,
+                                     mark_hooks_started, promote_queued, queued_workflows,
+                                     workflow_of)
 from mantle.store.ownership import (cancelled_among, claim_expired, close_orphaned_steps,
                                     database_now, expire_dead_neighbours, expire_node,
                                     node_channels, owned_running, refused_fences, register_node,
@@ -28,10 +27,10 @@ from mantle.store.versions import model_of, stored_version, version_of
 
 __all__ = [
     "MANUAL_TRIGGER", "Cancelled", "Created", "Parent", "Snapshot", "cancel_children",
-    "cancel_execution",
-    "copy_steps", "create_execution", "execution_row", "execution_snapshot", "fail_execution",
-    "finish_execution", "final_results", "mark_hooks_started", "promote_queued",
-    "queued_workflows", "cancelled_among", "claim_expired", "close_orphaned_steps",
+    "cancel_execution", "copy_steps", "create_execution", "execution_row",
+    "execution_snapshot", "fail_execution", "finish_execution", "final_results",
+    "mark_hooks_started", "promote_queued", "queued_workflows", "workflow_of",
+    "cancelled_among", "claim_expired", "close_orphaned_steps",
     "database_now", "expire_dead_neighbours", "expire_node", "node_channels", "owned_running",
     "refused_fences", "register_node", "renew_node",
     "batch_scope", "storable_text", "write_progress", "write_step", "model_of",

@@ -27,7 +27,7 @@ from mantle.workflow import Workflow as WorkflowModel
 from mantle.workflow import check_inputs
 
 __all__ = ["Created", "Parent", "Cancelled", "create_execution", "finish_execution",
-           "fail_execution", "cancel_execution", "cancel_children", "promote_queued",
+           "fail_execution", "cancel_execution", "cancel_children", "promote_queued", "workflow_of",
            "queued_workflows",
            "execution_snapshot", "execution_row", "copy_steps", "mark_hooks_started",
            "final_results", "Snapshot", "Promotion", "MANUAL_TRIGGER"]
@@ -278,6 +278,12 @@ def fail_execution(execution_id: str, error: str) -> bool:
             StepExecution.status.in_(_ACTIVE)).execute())
     return bool(sql.run(sql.finish_execution, ("failed", storable_text(error),
                                                sql.stamp(now), execution_id)))
+
+
+def workflow_of(execution_id: str) -> str | None:
+    """The workflow an execution runs (None for an unknown id)."""
+    return (WorkflowExecution.select(WorkflowExecution.workflow_name)
+            .where(WorkflowExecution.id == execution_id).scalar())
 
 
 def mark_hooks_started(execution_id: str, outcome: dict) -> None:

@@ -228,8 +228,9 @@ def test_a_step_timeout_while_the_child_is_being_created_cancels_that_child(
     try:
         parent = engine.run("parent").execution_id
         wait_until(lambda: _lock_waiters(watcher) == 1)  # the creation waits for the row
-        # the first attempt timed out (it logs before its end is written, which waits)
-        wait_until(lambda: any(r.getMessage() == "step retrying" for r in caplog.records))
+        # the first attempt timed out: the write of its end waits behind the creation
+        fence = (parent, WorkflowExecution.get_by_id(parent).epoch)
+        wait_until(lambda: any(entry.fence == fence for entry in list(engine.journal._queue)))
     finally:
         _release(holder, watcher)
     detail = finish(engine, parent)
