@@ -27,10 +27,10 @@ from mantle.workflow import Workflow as WorkflowModel
 from mantle.workflow import check_inputs
 
 __all__ = ["Created", "Parent", "Cancelled", "create_execution", "finish_execution",
-           "fail_execution", "cancel_execution", "cancel_children", "promote_queued", "workflow_of",
-           "queued_workflows",
-           "execution_snapshot", "execution_row", "copy_steps", "mark_hooks_started",
-           "final_results", "Snapshot", "Promotion", "MANUAL_TRIGGER"]
+           "fail_execution", "cancel_execution", "cancel_children", "promote_queued",
+           "workflow_of", "queued_workflows", "execution_snapshot", "execution_row",
+           "copy_steps", "mark_hooks_started", "final_results", "Snapshot", "Promotion",
+           "MANUAL_TRIGGER"]
 
 _ACTIVE = (ExecutionStatus.PENDING.value, ExecutionStatus.RUNNING.value)
 MANUAL_TRIGGER = {"type": "manual", "payload": None}

@@ -56,7 +56,9 @@ def test_execution_finished_is_logged_when_a_cancel_wins_the_race_with_the_final
     http_target.route("/slow", hold=True, body="ok")
     apply(f"""
         name: racing
-        steps: [{{name: call, action: http/request, params: {{url: "{http_target.url('/slow')}"}}}}]
+        steps:
+          - {{name: call, action: http/request,
+             params: {{url: "{http_target.url('/slow')}"}}}}
     """)
     execution_id = engine.run("racing").execution_id
     http_target.wait_for_hits("/slow", 1)
@@ -137,7 +139,9 @@ def test_a_resumed_step_never_observes_a_negative_duration(db, tmp_path, http_ta
     http_target.route("/slow", hold=True, body="ok")
     apply(f"""
         name: skewed
-        steps: [{{name: call, action: http/request, params: {{url: "{http_target.url('/slow')}"}}}}]
+        steps:
+          - {{name: call, action: http/request,
+             params: {{url: "{http_target.url('/slow')}"}}}}
     """)
     old = _engine(db, tmp_path)
     execution_id = old.run("skewed").execution_id
