@@ -199,16 +199,18 @@ class Journal:
         queue = self._queue
         return [queue.popleft() for _ in range(min(len(queue), limit))]
 
-    def _write(self, batch: list[_Entry], uncertain: _Uncertain | None = None) -> None:
+    def _write(self, batch: list[_Entry], uncertain: _Uncertain | None = None,
+               top_up: bool = True) -> None:
         """Commit ``batch``, waiting out an outage; ``uncertain``: an earlier commit of it
-        whose outcome is not known yet."""
+        whose outcome is not known yet; ``top_up``: newer operations may join it (not
+        while older ones wait their turn one by one)."""
         delay = _BACKOFF_START
         while True:
             try:
                 results = self._outcome(uncertain) if uncertain is not None else None
                 uncertain = None
                 if results is None:
-                    results = self._commit(batch, top_up=True)
+                    results = self._commit(batch, top_up=top_up)
                 break
             except _Uncertain as exc:
                 uncertain = exc
@@ -307,7 +309,7 @@ class Journal:
                 result = self._commit([entry])[0]
             except Exception as exc:
                 if isinstance(exc, _Uncertain):  # this one may have committed: ask, go on
-                    self._write([entry], exc)
+                    self._write([entry], exc, top_up=False)
                     continue
                 if isinstance(exc, _Closed):
                     self._drop([entry], [entry])
