@@ -206,7 +206,9 @@ def _delete_audit(cutoff: dt.datetime, batch: int) -> int:
 
 def prune_nodes() -> int:
     """Delete node rows whose lease expired more than NODE_GRACE ago and that own no pending
-    or running execution (their process is gone and nothing will be taken over from them)."""
+    or running execution (their process is gone and nothing will be taken over from them),
+    and on PostgreSQL the journal marks last written as long ago (a live journal's mark is
+    written again by its next transaction)."""
     if is_postgres(unwrap(database_proxy)):
         # The database's clock decides lease expiry (13.7), never this host's.
         cutoff = SQL("(now() AT TIME ZONE 'UTC') - interval '1 hour'")
@@ -215,6 +217,10 @@ def prune_nodes() -> int:
     owning = (WorkflowExecution.select(SQL("1"))
               .where(WorkflowExecution.owner == Node.id, WorkflowExecution.status.in_(_ACTIVE)))
     with write_transaction():
+        if is_postgres(unwrap(database_proxy)):
+            # The commit marks of journals (migration 009) that wrote nothing for as long.
+            database_proxy.execute_sql("DELETE FROM journal_marks WHERE written_at < "
+                                       "(now() AT TIME ZONE 'UTC') - interval '1 hour'")
         return (Node.delete()
                 .where(Node.lease_expires_at < cutoff, ~fn.EXISTS(owning)).execute())
 

@@ -23,7 +23,7 @@ from mantle.errors import ConfigError, DatabaseUnavailable
 __all__ = ["database_proxy", "connect", "bind", "unwrap", "is_sqlite", "is_postgres",
            "OUTAGE_ERRORS", "is_outage", "close_all", "release_connection", "reset_connection",
            "SQLITE_BUSY_TIMEOUT_MS", "PG_CONNECT_TIMEOUT_S", "PG_STATEMENT_TIMEOUT_MS",
-           "track_outcomes", "transaction_id", "transaction_outcome"]
+           "track_outcomes", "backend_pid", "commit_outcome", "journal_check_refused"]
 
 # The CLI and a daemon share one SQLite file: a writer waits this long for the other's lock.
 SQLITE_BUSY_TIMEOUT_MS = 10_000
@@ -36,8 +36,9 @@ PG_IDLE_IN_TRANSACTION_MS = 15_000
 PG_POOL_SIZE = 24
 PG_POOL_WAIT_S = 30
 PG_POOL_STALE_S = 600
-# Asked in the message that begins a tracked transaction (``track_outcomes``).
-_XID_SQL = "SELECT txid_current()"
+# mantle_journal_check's refusal (migration 009's REFUSED_SQLSTATE), and its giving up on
+# a row lock (lock_not_available).
+_JOURNAL_CHECK_REFUSED = ("MJ001", "55P03")
 _PG_CONNECTION_SETTINGS = {
     "application_name": "mantle",  # pg_stat_activity tells mantle's connections apart
     "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
@@ -236,39 +237,25 @@ class _PostgresDatabase(PooledPostgresqlDatabase):
         if self.is_closed():  # connect now, as BEGIN would: connecting resets the state
             self.connect()
         self._state.begin_pending = True
-        self._state.xact = None
 
-    def track_outcomes(self) -> None:
-        """From now on every transaction of the calling thread learns its transaction id
-        (``transaction_id``) before its COMMIT goes out, in the message that begins it (no
-        round trip of its own), so that when a connection breaks while COMMIT is in flight
-        ``transaction_outcome`` can tell whether it committed (the journal's)."""
-        self._state.track_xid = True
+    def track_outcomes(self, mark: str) -> None:
+        """From now on the messages that begin or end the calling thread's transactions
+        name ``mark`` (a comment), so that ``commit_outcome`` can find the server process
+        of one whose connection broke (the journal's)."""
+        self._state.mark = mark
 
-    @property
-    def transaction_id(self) -> tuple[int, int] | None:
-        """(transaction id, server process id) of the current or last begun transaction of
-        the calling thread, once its first message was answered, when outcomes are tracked."""
-        return getattr(self._state, "xact", None)
-
-    def _begin_text(self) -> str:
-        """What a noted BEGIN sends: BEGIN, and the transaction id asked for if tracked."""
-        return "BEGIN; " + _XID_SQL if getattr(self._state, "track_xid", False) else "BEGIN"
-
-    def _note_xid(self, cursor: psycopg.Cursor, text: str) -> None:
-        if text.startswith("BEGIN; " + _XID_SQL):
-            cursor.set_result(1)
-            self._state.xact = (cursor.fetchone()[0], cursor.connection.info.backend_pid)
+    def _marked(self, text: str) -> str:
+        mark = getattr(self._state, "mark", None)
+        return f"/* {mark} */ {text}" if mark else text
 
     def _send_begin(self) -> None:
         """Send a noted BEGIN on its own (a cursor wanted for statements we do not see)."""
         if getattr(self._state, "begin_pending", False):
             self._state.begin_pending = False
-            text = self._begin_text()
+            text = self._marked("BEGIN")
             with peewee.__exception_wrapper__:
                 cursor = psycopg.ClientCursor(self._state.conn)
                 cursor.execute(text)
-                self._note_xid(cursor, text)
                 cursor.close()
 
     def cursor(self, named_cursor=None):
@@ -292,16 +279,13 @@ class _PostgresDatabase(PooledPostgresqlDatabase):
         ``commit``: the statements end the transaction, and its COMMIT goes with them; the
         transaction's own ``commit()`` then sends nothing. Should one of them fail, nothing
         after it runs (the COMMIT neither) and the transaction rolls back as usual."""
-        if commit and getattr(self._state, "track_xid", False):
-            self._send_begin()  # the transaction id must be known before COMMIT goes out
         begin = getattr(self._state, "begin_pending", False)
         self._state.begin_pending = False
         self._log_query(sql, params)
-        text = (self._begin_text() + "; " if begin else "") + sql + ("; COMMIT" if commit else "")
+        text = self._marked(("BEGIN; " if begin else "") + sql + ("; COMMIT" if commit else ""))
         with peewee.__exception_wrapper__:
             cursor = psycopg.ClientCursor(self.connection())
             cursor.execute(text, params)
-            self._note_xid(cursor, text)
             cursor.set_result(-2 if commit else -1)
         self._state.commit_sent = commit
         return cursor
@@ -313,7 +297,10 @@ class _PostgresDatabase(PooledPostgresqlDatabase):
         if getattr(self._state, "commit_sent", False):
             self._state.commit_sent = False  # sent with the transaction's last statements
             return
-        super().commit()
+        if self.is_closed():
+            super().commit()  # raises
+        with peewee.__exception_wrapper__:
+            self.cursor().execute(self._marked("COMMIT"))
 
     def rollback(self):
         self._state.commit_sent = False
@@ -323,36 +310,49 @@ class _PostgresDatabase(PooledPostgresqlDatabase):
         super().rollback()
 
 
-def track_outcomes(database) -> None:
-    """PostgreSQL: the calling thread's transactions learn their ids before they commit
-    (``_PostgresDatabase.track_outcomes``); nothing on SQLite, whose COMMIT either
-    happens or fails there and then."""
+def track_outcomes(database, mark: str) -> None:
+    """PostgreSQL: the messages that begin and end the calling thread's transactions name
+    ``mark`` (``_PostgresDatabase.track_outcomes``); nothing on SQLite, whose COMMIT either happens
+    or fails there and then."""
     database = unwrap(database)
     if is_postgres(database):
-        database.track_outcomes()
+        database.track_outcomes(mark)
 
 
-def transaction_id(database) -> tuple[int, int] | None:
-    """(transaction id, server process id) of the calling thread's current or last tracked
-    transaction; None when unknown or not tracked."""
-    return getattr(unwrap(database), "transaction_id", None)
+def backend_pid(database) -> int | None:
+    """The server process of the calling thread's PostgreSQL connection (None on SQLite)."""
+    database = unwrap(database)
+    return database.connection().info.backend_pid if is_postgres(database) else None
 
 
-def transaction_outcome(database, xact: tuple[int, int]) -> str:
-    """Whether the transaction ``xact`` (``transaction_id``) of a connection that broke
-    committed: ``committed``, ``aborted`` or ``in progress``.
+def commit_outcome(database, mark: str, seq: int, pid: int) -> str:
+    """Whether the transaction that set journal ``mark`` to ``seq`` (migration 009), sent
+    on a connection to server process ``pid`` that broke, committed: ``committed``,
+    ``aborted`` or ``in progress``.
 
-    A transaction still in progress had its COMMIT not yet done (it is then done within
-    moments) or never sent (its server process has not yet noticed the broken connection):
-    that process is asked to end, which rolls back a transaction waiting for its client and
-    leaves a commit under way to finish, so the next look finds the outcome."""
-    xid, pid = xact
-    status = database.execute_sql("SELECT txid_status(%s)", (xid,)).fetchone()[0]
-    if status == "in progress":
-        database.execute_sql(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE pid = %s AND backend_xid = %s::text::xid", (pid, str(xid % 2 ** 32)))
-    return status or "aborted"  # NULL: too old to be known, long since ended
+    While that process lives, its transaction may still commit (it may be waiting for a
+    lock, or for the rest of a message that never comes): it is asked to end, which rolls
+    back a transaction waiting for its client and leaves a commit under way to finish, and
+    the outcome is ``in progress`` (ask again). Once it is gone its transaction has ended,
+    and the mark tells how. The process is found by its pid and the mark its messages carry
+    (``track_outcomes``), so a pid since reused by another connection is left alone."""
+    running = database.execute_sql(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = %s "
+        "AND pid <> pg_backend_pid() AND position(%s in query) > 0", (pid, mark)).fetchone()
+    if running is not None:
+        return "in progress"
+    row = database.execute_sql("SELECT seq FROM journal_marks WHERE journal = %s",
+                               (mark,)).fetchone()
+    return "committed" if row is not None and row[0] >= seq else "aborted"
+
+
+def journal_check_refused(exc: BaseException) -> bool:
+    """``exc`` is ``mantle_journal_check`` refusing a transaction (a fence or a version no
+    longer held, or a row lock it would wait for longer: migration 009)."""
+    # peewee wraps the driver's error: the original is its first argument and its context
+    candidates = (exc, exc.__cause__, exc.__context__, *getattr(exc, "args", ())[:1])
+    return any(getattr(candidate, "sqlstate", None) in _JOURNAL_CHECK_REFUSED
+               for candidate in candidates)
 
 
 def _postgres_database(url: str) -> peewee.PostgresqlDatabase:

@@ -20,15 +20,17 @@ import collections
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 import peewee
 
-from mantle.db import is_outage, transaction
-from mantle.db.connect import track_outcomes, transaction_id, transaction_outcome
+from mantle.db import is_outage, is_postgres, transaction
+from mantle.db.connect import backend_pid, commit_outcome, journal_check_refused, track_outcomes
 from mantle.errors import GateClosed, JournalStopped, LeaseLost
-from mantle.store import batch_scope, refused_fences
+from mantle.store import (batch_scope, check_with_writes, forget_current_versions,
+                          known_current_versions, refused_fences)
 from mantle.store.statements import Pending, settle
 
 __all__ = ["Journal", "JournalStopped", "SATURATED_BACKLOG"]
@@ -73,9 +75,10 @@ class _Uncertain(Exception):
     """The connection broke while a transaction's COMMIT was in flight (PostgreSQL): whether
     it committed is asked once the database answers again (``Journal._outcome``)."""
 
-    def __init__(self, xact: tuple[int, int], results: list[Any]):
+    def __init__(self, seq: int, pid: int, results: list[Any]):
         super().__init__("the outcome of a commit is not known")
-        self.xact = xact
+        self.seq = seq  # the journal mark the transaction set
+        self.pid = pid  # the server process it was sent to
         self.results = results
 
 
@@ -100,6 +103,13 @@ class Journal:
     (``failed`` gets GateClosed) while the others are written again. So a caller told "not
     written" can rely on it even when the operation waited long in the database (a row
     lock), which a check when the operation starts cannot promise.
+
+    On PostgreSQL a transaction is one message when it can be (migration 009): its
+    operations run on the versions of workflows read before, and the fence and version
+    checks go with the writes and COMMIT; should one fail, the transaction rolls back and
+    the batch is written again with the checks up front, in a round trip of their own.
+    Every transaction sets the journal's mark (``_mark``, ``_seq``), which tells whether
+    one whose COMMIT was in flight when its connection broke committed.
     """
 
     def __init__(self, database: peewee.Database, on_outage: Callable[[bool], None] | None = None):
@@ -111,6 +121,9 @@ class Journal:
         self._abandon = threading.Event()
         self._in_outage = False
         self._commit_started: float | None = None  # monotonic, while a commit is under way
+        self._postgres = is_postgres(database)
+        self._mark = f"mantle-journal-{uuid.uuid4()}"
+        self._seq = 0  # of the last transaction begun (PostgreSQL)
         self._thread = threading.Thread(target=self._run, name="mantle-journal", daemon=True)
 
     @property
@@ -182,7 +195,7 @@ class Journal:
     # --- journal thread ---
 
     def _run(self) -> None:
-        track_outcomes(self._db)
+        track_outcomes(self._db, self._mark)
         while True:
             with self._ready:
                 while not self._queue and not self._stopping:
@@ -239,7 +252,7 @@ class Journal:
         execution created a second time, a finish found already written and taken for a
         cancel that won, audit rows twice."""
         try:
-            status = transaction_outcome(self._db, uncertain.xact)
+            status = commit_outcome(self._db, self._mark, uncertain.seq, uncertain.pid)
         except Exception as exc:
             if is_outage(exc):
                 self._reset_connection()
@@ -273,8 +286,21 @@ class Journal:
         up during that wait then share this transaction instead of each process paying a turn
         of the lock for a few of them (each of ``serve --workers 2`` spent 45 % of its time
         waiting for its turn, while the second core was not fully used; bench/README.md)."""
+        try:
+            return self._transaction(batch, top_up, checks_later=self._postgres)
+        except Exception as exc:
+            if not journal_check_refused(exc):
+                raise
+        # A fence or a version the batch went by no longer holds: find out which, up front.
+        forget_current_versions()
+        return self._transaction(batch, top_up=False, checks_later=False)
+
+    def _transaction(self, batch: list[_Entry], top_up: bool, checks_later: bool
+                     ) -> list[Any]:
+        """``_commit``; ``checks_later``: the fences and versions are checked with the
+        writes (PostgreSQL, when the versions the batch's runs need were read before)."""
         self._commit_started = time.monotonic()
-        results = None
+        results = pid = None
         try:
             with transaction(self._db), batch_scope(self._db, ends_transaction=True):
                 if top_up and len(batch) < _MAX_BATCH:
@@ -282,6 +308,15 @@ class Journal:
                         batch.extend(self._take(_MAX_BATCH - len(batch)))
                 fences = {entry.fence for entry in batch if entry.fence is not None}
                 reads = {entry.reads for entry in batch if entry.reads is not None}
+                if self._postgres:
+                    self._seq += 1
+                    pid = backend_pid(self._db)
+                    versions = known_current_versions(reads) if checks_later else None
+                    if versions is not None:
+                        check_with_writes(self._db, self._mark, self._seq, fences, versions)
+                        fences = reads = ()
+                    else:
+                        check_with_writes(self._db, self._mark, self._seq)
                 refused = refused_fences(fences, reads) if fences or reads else ()
                 results = [_REFUSED if entry.fence in refused else entry.op()
                            for entry in batch]
@@ -294,11 +329,10 @@ class Journal:
         except Exception as exc:
             if not is_outage(exc):
                 raise
-            # Broken while its last writes and COMMIT were in flight: it may have committed.
-            xact = transaction_id(self._db) if results is not None else None
             self._reset_connection()
-            if xact is not None:
-                raise _Uncertain(xact, results) from exc
+            # Broken while its last writes and COMMIT were in flight: it may have committed.
+            if results is not None and pid is not None:
+                raise _Uncertain(self._seq, pid, results) from exc
             raise
         finally:
             self._commit_started = None

@@ -20,9 +20,9 @@ from mantle.db.models import Node
 from mantle.store.statements import Statements
 from mantle.store.versions import current_versions_query, note_current_versions
 
-__all__ = ["refused_fences", "claim_expired", "close_orphaned_steps", "expire_dead_neighbours",
-           "owned_running", "cancelled_among", "register_node", "renew_node", "expire_node",
-           "node_channels", "database_now"]
+__all__ = ["refused_fences", "check_with_writes", "claim_expired", "close_orphaned_steps",
+           "expire_dead_neighbours", "owned_running", "cancelled_among", "register_node",
+           "renew_node", "expire_node", "node_channels", "database_now"]
 
 _CHUNK = 500  # ids per IN (...) list
 
@@ -66,6 +66,23 @@ def refused_fences(fences: Iterable[tuple[str, int]], workflows: Iterable[str] =
             results.close()
     return {(execution_id, epoch) for execution_id, epoch in fences
             if current.get(execution_id) != epoch}
+
+
+def check_with_writes(database, mark: str, seq: int, fences: Iterable[tuple[str, int]] = (),
+                      versions: dict[str, int] | None = None) -> None:
+    """PostgreSQL, inside a journal transaction on ``database``: its writes go behind
+    ``mantle_journal_check`` (migration 009), which refuses the whole transaction (SQLSTATE
+    ``MJ001``, ``journal_check_refused``) if one of ``fences`` no longer holds or one of
+    ``versions`` (workflow -> the current version the batch's runs use) is no longer
+    current, and sets the journal's ``mark`` to ``seq``, which tells, should the answer to
+    its COMMIT be lost, whether it committed (``commit_outcome``).
+
+    What ``refused_fences`` does up front in a round trip of its own, this does in the
+    message that carries the writes and COMMIT, for a batch that expects no refusal."""
+    batch = Statements.of(database).batch
+    versions = versions or {}
+    batch.versions.update(versions)
+    batch.check = (mark, seq, sorted(fences), sorted(versions.items()))
 
 
 def claim_expired(node: str, limit: int = 100) -> list[tuple[str, int]]:

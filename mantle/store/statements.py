@@ -179,6 +179,9 @@ class Batch:
         self.finishes: list[tuple[tuple, str, Pending]] = []
         self.audits: list[tuple] = []
         self.versions: dict[str, int | None] = {}  # current versions read in this batch
+        # PostgreSQL journal transactions: (mark, seq, fences, versions) for
+        # mantle_journal_check, sent ahead of the first writes (migration 009).
+        self.check: tuple[str, int, list[tuple[str, int]], list[tuple[str, int]]] | None = None
 
     def flush(self, commit: bool = False) -> None:
         """Write what is held back; ``commit``: these are the transaction's last statements
@@ -198,7 +201,12 @@ class Batch:
         """PostgreSQL: one message; the ids of the executions the finishes ended."""
         sql, bulk = self._sql, self._sql.bulk
         texts: list[str] = []
-        params: list[str] = []
+        params: list = []
+        if self.check is not None:
+            mark, seq, fences, versions = self.check
+            self.check = None
+            texts.append(bulk.journal_check)
+            params += (mark, seq, _json_rows(fences)[0], _json_rows(versions)[0])
         for text, rows in ((bulk.insert_executions, executions),
                            # one statement may not upsert a row twice: the last write wins
                            (bulk.upsert_steps,
@@ -240,6 +248,8 @@ def _json_rows(rows: list[tuple]) -> tuple[str]:
     timestamps in ISO form. Encoded by the json module's C code and sent as one text value,
     where psycopg adapting an array per column cost ~14 us of Python per row (its list
     dumpers are pure Python; this is ~1.5 us)."""
+    if not rows:
+        return ("[]",)
     keys = _KEYS[:len(rows[0])]
     return (json.dumps([dict(zip(keys, row)) for row in rows], default=_iso,
                        separators=(",", ":")),)
@@ -265,6 +275,7 @@ class _PostgresBulk:
     (``_json_rows``) and ``json_to_recordset`` makes them typed rows again. Fixed SQL text
     (prepared once), one message, one parameter."""
 
+    journal_check = "SELECT mantle_journal_check(%s, %s, %s::json, %s::json)"
     insert_audits = (
         "INSERT INTO audit_events (timestamp, actor, action, resource_type, resource_id, "
         "metadata) SELECT * FROM " + _recordset("timestamp", "text", "text", "text", "text",

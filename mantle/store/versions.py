@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import threading
 from collections.abc import Iterable
+from typing import Any
 
 from mantle.db import database_proxy, unwrap
 from mantle.db.fields import MAX_INTEGER, storable
@@ -20,20 +21,51 @@ from mantle.workflow import Workflow as WorkflowModel
 from mantle.workflow import workflow_from_definition
 
 __all__ = ["stored_version", "version_of", "model_of", "current_versions_query",
-           "note_current_versions"]
+           "note_current_versions", "known_current_versions", "forget_current_versions"]
 
 _SIZE = 512
 _lock = threading.Lock()
 _caches: dict[int, tuple[object, collections.OrderedDict]] = {}
+# Current versions last read, per database: a guess, checked when used (known_current_versions).
+_currents: dict[int, tuple[object, dict[str, int]]] = {}
+
+
+def _held(caches: dict, make) -> Any:
+    database = unwrap(database_proxy)
+    with _lock:
+        held = caches.get(id(database))
+        if held is None or held[0] is not database:
+            held = caches[id(database)] = (database, make())
+        return held[1]
 
 
 def _cache() -> collections.OrderedDict:
-    database = unwrap(database_proxy)
-    with _lock:
-        held = _caches.get(id(database))
-        if held is None or held[0] is not database:
-            held = _caches[id(database)] = (database, collections.OrderedDict())
-        return held[1]
+    return _held(_caches, collections.OrderedDict)
+
+
+def known_current_versions(workflows: Iterable[str]) -> dict[str, int] | None:
+    """The current versions of ``workflows`` as this process last read them, or None when
+    one of them was never read (or had none). Only a guess: a version changes on ``apply``,
+    in any process, so whoever acts on it checks it in the same transaction (the journal,
+    ``mantle_journal_check``) and calls ``forget_current_versions`` when it no longer holds."""
+    known = _held(_currents, dict)
+    try:
+        return {name: known[name] for name in workflows}
+    except KeyError:
+        return None
+
+
+def forget_current_versions() -> None:
+    _held(_currents, dict).clear()
+
+
+def _remember(rows: Iterable[tuple[str, int | None]]) -> None:
+    known = _held(_currents, dict)
+    for name, version in rows:
+        if version is None:
+            known.pop(name, None)
+        elif len(known) < _SIZE or name in known:
+            known[name] = version
 
 
 def stored_version(workflow: str, version: int) -> tuple[dict, WorkflowModel] | None:
@@ -76,6 +108,7 @@ def _current_version(workflow: str) -> int | None:
     version = row[0] if row else None
     if batch is not None:
         batch.versions[workflow] = version
+    _remember([(workflow, version)])
     return version
 
 
@@ -99,6 +132,7 @@ def note_current_versions(wanted: tuple, rows: list[tuple]) -> None:
     versions = Statements.of_bound().batch.versions
     versions.update(dict.fromkeys(wanted))
     versions.update(rows)
+    _remember((name, versions[name]) for name in wanted)
 
 
 def version_of(workflow: str, version: int | None

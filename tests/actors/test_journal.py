@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import time
 
 import peewee
 import pytest
@@ -13,7 +14,7 @@ from mantle import db as mantle_db
 from mantle import store
 from mantle.db import transaction
 from mantle.db.models import WorkflowExecution
-from mantle.errors import JournalStopped
+from mantle.errors import GateClosed, JournalStopped, LeaseLost
 from mantle.services.journal import Journal
 from tests.helpers.database import bound_database
 from tests.helpers.pgproxy import CommitCutter
@@ -204,3 +205,175 @@ def test_a_final_status_whose_commit_answer_was_lost_is_reported_as_written(
     mantle_db.bind(db)  # bound_database unbound the models
     assert written is True
     assert WorkflowExecution.get_by_id(execution_id).status == "completed"
+
+
+def _hold(journal):
+    """Hold the journal thread until the returned event is set, so what is submitted
+    meanwhile is written in one batch."""
+    release = threading.Event()
+    started = threading.Event()
+    journal.submit(lambda: (started.set(), release.wait(10)))
+    assert started.wait(10)
+    return release
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_a_batch_whose_fence_no_longer_holds_is_written_again_with_its_checks_first(db):
+    """On PostgreSQL a batch sends its fence check with its writes and COMMIT (migration
+    009). When one fence no longer holds (another node took the execution over), the whole
+    transaction is refused; the journal writes the batch again with the checks up front:
+    the operation of the lost execution gets LeaseLost, its batch-mates are written."""
+    apply_yaml("""
+        name: w
+        steps: [{name: a, action: core/log, params: {message: hi}}]
+    """)
+    with transaction():
+        lost, kept = (store.create_execution("w", {}, None, None, "node", "test")
+                      .execution["id"] for _ in range(2))
+    db.execute_sql("UPDATE workflow_executions SET epoch = 2 WHERE id = %s", (lost,))
+    journal = Journal(db)
+    journal.start()
+    outcomes = {}
+    finished = threading.Event()
+    try:
+        release = _hold(journal)
+        for execution_id in (lost, kept):
+            journal.submit(
+                lambda e=execution_id: store.write_step(e, "a", 1, "running"),
+                lambda _, e=execution_id: outcomes.__setitem__(e, "written"),
+                lambda exc, e=execution_id: outcomes.__setitem__(e, exc), fence=(execution_id, 1))
+        journal.submit(lambda: None, lambda _: finished.set())
+        release.set()
+        assert finished.wait(10)
+    finally:
+        journal.stop()
+    assert isinstance(outcomes[lost], LeaseLost) and outcomes[kept] == "written"
+    steps = db.execute_sql("SELECT execution_id FROM step_executions").fetchall()
+    assert steps == [(kept,)]
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_a_run_after_an_apply_elsewhere_starts_the_new_version(db):
+    """A run's batch goes by the current version the process read before and checks it with
+    its writes; after an ``apply`` (here or in any other process) the check refuses it and
+    the batch reads the new version: the execution is of the version current when it was
+    created, as without the guess."""
+    workflow = """
+        name: w
+        steps: [{name: a, action: core/log, params: {message: %s}}]
+    """
+    apply_yaml(workflow % "one")
+    journal = Journal(db)
+    journal.start()
+
+    def run():
+        return store.create_execution("w", {}, None, None, "node", "test").execution
+
+    try:
+        assert journal.call(run, timeout=10)["version"] == 1
+        apply_yaml(workflow % "two")
+        versions = []
+        finished = threading.Event()
+        journal.submit(run, lambda execution: (versions.append(execution["version"]),
+                                               finished.set()), reads="w")
+        assert finished.wait(10)
+    finally:
+        journal.stop()
+    assert versions == [2]
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_a_commit_still_under_way_when_its_connection_broke_is_ended_before_it_is_retried(
+        db, migrated_db_url):
+    """The connection breaks while the server still runs the transaction's last message
+    (its fence check waits for a row lock another session holds). Retrying at once would
+    let both commit once the lock is free; the journal finds the server process by its
+    mark, ends it, and writes the batch again only once it is gone and its mark says it did
+    not commit: the row is written once, and the operation reports it written."""
+    apply_yaml("""
+        name: w
+        steps: [{name: a, action: core/log, params: {message: hi}}]
+    """)
+    with transaction():
+        execution_id = store.create_execution("w", {}, None, None, "node", "test").execution["id"]
+    db.execute_sql("CREATE TABLE t (v INTEGER UNIQUE)")
+    holder = mantle_db.connect(migrated_db_url)
+    holder.execute_sql("BEGIN")
+    holder.execute_sql("SELECT id FROM workflow_executions WHERE id = %s FOR UPDATE",
+                       (execution_id,))
+
+    def waiting_backends():
+        return db.execute_sql(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND query LIKE %s", ("%mantle_journal_check%",)).fetchone()[0]
+
+    with CommitCutter(migrated_db_url, b"INSERT INTO t", lose="answer") as proxy:
+        database = mantle_db.connect(proxy.url)
+        journal = Journal(database)
+        journal.start()
+        outcome = []
+        finished = threading.Event()
+        try:
+            proxy.armed.set()
+            journal.submit(lambda: database.execute_sql("INSERT INTO t (v) VALUES (1)").rowcount,
+                           lambda result: (outcome.append(result), finished.set()),
+                           lambda exc: (outcome.append(exc), finished.set()),
+                           fence=(execution_id, 1))
+            assert proxy.cut.wait(10), "the proxy never saw the COMMIT"
+            wait_until(lambda: waiting_backends() == 1, timeout=10)  # COMMIT is under way
+            wait_until(lambda: waiting_backends() == 0, timeout=10)  # ended, not left to wait
+            holder.execute_sql("COMMIT")
+            assert finished.wait(20)
+        finally:
+            journal.stop()
+            mantle_db.close_all(database)
+            mantle_db.close_all(holder)
+    assert outcome == [1]
+    assert db.execute_sql("SELECT v FROM t").fetchall() == [(1,)]
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_a_gated_operation_is_not_committed_after_its_gate_closed_while_a_row_lock_held_it(
+        db, migrated_db_url):
+    """A run commits only while its caller waits (its gate, asked before the message with
+    the checks and COMMIT goes out). When the check then has to wait for an execution's row
+    lock, it gives up after migration 009's ``LOCK_WAIT`` and the batch is written with its
+    checks up front, which wait for the lock before the gates are asked again: a run whose
+    caller stopped waiting meanwhile is dropped (GateClosed), not committed after the lock
+    goes; its batch-mate is written."""
+    apply_yaml("""
+        name: w
+        steps: [{name: a, action: core/log, params: {message: hi}}]
+    """)
+    with transaction():
+        execution_id = store.create_execution("w", {}, None, None, "node", "test").execution["id"]
+    holder = mantle_db.connect(migrated_db_url)
+    journal = Journal(db)
+    journal.start()
+    outcomes = {}
+    finished = threading.Event()
+    try:
+        release = _hold(journal)
+        holder.execute_sql("BEGIN")
+        holder.execute_sql("SELECT id FROM workflow_executions WHERE id = %s FOR UPDATE",
+                           (execution_id,))
+        deadline = time.monotonic() + 1.0
+        journal.submit(lambda: store.write_step(execution_id, "a", 1, "running"),
+                       lambda _: outcomes.__setitem__("step", "written"),
+                       lambda exc: outcomes.__setitem__("step", exc),
+                       fence=(execution_id, 1))
+        journal.submit(lambda: store.create_execution("w", {}, None, None, "node", "test"),
+                       lambda _: outcomes.__setitem__("run", "written"),
+                       lambda exc: outcomes.__setitem__("run", exc),
+                       reads="w", gate=lambda: time.monotonic() < deadline)
+        journal.submit(lambda: None, lambda _: finished.set())
+        release.set()
+        wait_until(lambda: time.monotonic() > deadline + 0.5, timeout=5)
+        holder.execute_sql("COMMIT")
+        assert finished.wait(10)
+    finally:
+        journal.stop()
+        mantle_db.close_all(holder)
+    assert outcomes["step"] == "written"
+    assert isinstance(outcomes["run"], GateClosed)
+    assert WorkflowExecution.select().count() == 1

@@ -17,6 +17,7 @@ from psycopg import pq
 
 from mantle import store
 from mantle.db import is_postgres, transaction
+from mantle.db.connect import journal_check_refused
 from mantle.errors import WorkflowNotFound
 from mantle.store.statements import Statements
 from mantle.db.models import AuditEvent, StepExecution, WorkflowExecution
@@ -128,10 +129,11 @@ def _sent(db):
                     messages.append((fields[2], fields[3].strip() if len(fields) > 3 else ""))
 
 
-def test_a_journal_transaction_on_postgresql_is_two_round_trips(db):
-    """What the journal's transaction of a run plus a running execution's checkpoint sends:
-    BEGIN, the fence check and the workflow's current version in one message; the held-back
-    writes and the COMMIT in another (``batch_scope(..., ends_transaction=True)``)."""
+def test_a_journal_transaction_with_its_checks_up_front_is_two_round_trips(db):
+    """What the journal's transaction of a run plus a running execution's checkpoint sends
+    when it checks up front (its runs' versions were never read, or a check with the writes
+    failed): BEGIN, the fence check and the workflow's current version in one message; the
+    held-back writes and the COMMIT in another (``batch_scope(..., ends_transaction=True)``)."""
     if not is_postgres(db):
         pytest.skip("SQLite statements are calls into the library, not round trips")
     apply_yaml(TINY)
@@ -147,6 +149,50 @@ def test_a_journal_transaction_on_postgresql_is_two_round_trips(db):
             for kind, text in sent] == [("Query", True, False), ("Query", False, True)]
     assert WorkflowExecution.get_by_id(created.execution["id"]).inputs == {"note": "x"}
     assert StepExecution.get(StepExecution.execution_id == running).output == {"ok": True}
+
+
+def test_a_journal_transaction_with_its_checks_later_is_one_round_trip(db):
+    """When the process knows the versions its runs need, the journal's transaction sends
+    BEGIN, ``mantle_journal_check`` (fences, versions, the journal's mark: migration 009),
+    the held-back writes and COMMIT in one message."""
+    if not is_postgres(db):
+        pytest.skip("SQLite statements are calls into the library, not round trips")
+    apply_yaml(TINY)
+    with transaction(db):
+        running = store.create_execution("tiny", {}, None, None, "r1", "api").execution["id"]
+    with _sent(db) as sent:
+        with transaction(db), store.batch_scope(db, ends_transaction=True):
+            store.check_with_writes(db, "mark-a", 7, {(running, 1)}, {"tiny": 1})
+            created = store.create_execution("tiny", {"note": "x"}, None, None, "r1", "api")
+            store.write_step(running, "a", 1, "completed", output={"ok": True},
+                             audit_action="step.completed")
+    assert [(kind, text.startswith('"BEGIN; SELECT mantle_journal_check'),
+             text.endswith('; COMMIT"')) for kind, text in sent] == [("Query", True, True)]
+    assert WorkflowExecution.get_by_id(created.execution["id"]).version == 1
+    assert StepExecution.get(StepExecution.execution_id == running).output == {"ok": True}
+    assert db.execute_sql("SELECT seq FROM journal_marks WHERE journal = 'mark-a'"
+                          ).fetchall() == [(7,)]
+
+
+@pytest.mark.parametrize("stale", ["fence", "version"])
+def test_a_journal_check_that_no_longer_holds_refuses_the_whole_transaction(db, stale):
+    """An execution taken over (its epoch moved on) or a workflow applied again since the
+    batch's guess: ``mantle_journal_check`` refuses the transaction with ``MJ001``, nothing
+    of it stays, not even the mark."""
+    if not is_postgres(db):
+        pytest.skip("the check is PostgreSQL's (SQLite checks up front, at no cost)")
+    apply_yaml(TINY)
+    with transaction(db):
+        running = store.create_execution("tiny", {}, None, None, "r1", "api").execution["id"]
+    before = WorkflowExecution.select().count()
+    fence, version = ((running, 2), 1) if stale == "fence" else ((running, 1), 2)
+    with pytest.raises(peewee.DatabaseError) as refused:
+        with transaction(db), store.batch_scope(db, ends_transaction=True):
+            store.check_with_writes(db, "mark-b", 1, {fence}, {"tiny": version})
+            store.create_execution("tiny", {}, None, None, "r1", "api")
+    assert journal_check_refused(refused.value)
+    assert WorkflowExecution.select().count() == before
+    assert db.execute_sql("SELECT count(*) FROM journal_marks").fetchone() == (0,)
 
 
 def test_writes_that_carry_the_commit_and_fail_leave_nothing_behind(db):
