@@ -225,6 +225,11 @@ def _closed_by_client(connection: socket.socket, wait: float = 0.0) -> bool:
 
 
 class _Server(ThreadingHTTPServer):
+    # socketserver's default listen backlog is 5: a burst of connections from three nodes'
+    # steps overflowed it, and a dropped SYN is retried by the client's kernel after 1, 3,
+    # 7, 15 s, so a step of a 0.3 s route sometimes took 17 or 31 s (its 30 s timeout).
+    request_queue_size = 1024
+
     def handle_error(self, request, client_address) -> None:
         """A client that went away (a killed daemon's keep-alive connection) is not an error
         worth a traceback on stderr; anything else still gets one."""
