@@ -327,7 +327,7 @@ class Journal:
                     raise _Closed(closed)
             return results
         except Exception as exc:
-            if not is_outage(exc):
+            if journal_check_refused(exc) or not is_outage(exc):  # a refusal is no outage
                 raise
             self._reset_connection()
             # Broken while its last writes and COMMIT were in flight: it may have committed.
