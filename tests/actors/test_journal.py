@@ -207,6 +207,17 @@ def test_a_final_status_whose_commit_answer_was_lost_is_reported_as_written(
     assert WorkflowExecution.get_by_id(execution_id).status == "completed"
 
 
+def _executions(count: int) -> list[str]:
+    """The ids of ``count`` new running executions of a one-step workflow ``w``."""
+    apply_yaml("""
+        name: w
+        steps: [{name: a, action: core/log, params: {message: hi}}]
+    """)
+    with transaction():
+        return [store.create_execution("w", {}, None, None, "node", "test").execution["id"]
+                for _ in range(count)]
+
+
 def _hold(journal):
     """Hold the journal thread until the returned event is set, so what is submitted
     meanwhile is written in one batch."""
@@ -223,13 +234,7 @@ def test_a_batch_whose_fence_no_longer_holds_is_written_again_with_its_checks_fi
     009). When one fence no longer holds (another node took the execution over), the whole
     transaction is refused; the journal writes the batch again with the checks up front:
     the operation of the lost execution gets LeaseLost, its batch-mates are written."""
-    apply_yaml("""
-        name: w
-        steps: [{name: a, action: core/log, params: {message: hi}}]
-    """)
-    with transaction():
-        lost, kept = (store.create_execution("w", {}, None, None, "node", "test")
-                      .execution["id"] for _ in range(2))
+    lost, kept = _executions(2)
     db.execute_sql("UPDATE workflow_executions SET epoch = 2 WHERE id = %s", (lost,))
     journal = Journal(db)
     journal.start()
@@ -290,12 +295,7 @@ def test_a_commit_still_under_way_when_its_connection_broke_is_ended_before_it_i
     let both commit once the lock is free; the journal finds the server process by its
     mark, ends it, and writes the batch again only once it is gone and its mark says it did
     not commit: the row is written once, and the operation reports it written."""
-    apply_yaml("""
-        name: w
-        steps: [{name: a, action: core/log, params: {message: hi}}]
-    """)
-    with transaction():
-        execution_id = store.create_execution("w", {}, None, None, "node", "test").execution["id"]
+    execution_id, = _executions(1)
     db.execute_sql("CREATE TABLE t (v INTEGER UNIQUE)")
     holder = mantle_db.connect(migrated_db_url)
     holder.execute_sql("BEGIN")
@@ -341,12 +341,7 @@ def test_a_gated_operation_is_not_committed_after_its_gate_closed_while_a_row_lo
     checks up front, which wait for the lock before the gates are asked again: a run whose
     caller stopped waiting meanwhile is dropped (GateClosed), not committed after the lock
     goes; its batch-mate is written."""
-    apply_yaml("""
-        name: w
-        steps: [{name: a, action: core/log, params: {message: hi}}]
-    """)
-    with transaction():
-        execution_id = store.create_execution("w", {}, None, None, "node", "test").execution["id"]
+    execution_id, = _executions(1)
     holder = mantle_db.connect(migrated_db_url)
     journal = Journal(db)
     journal.start()
