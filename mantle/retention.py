@@ -207,7 +207,7 @@ def _delete_audit(cutoff: dt.datetime, batch: int) -> int:
 def prune_nodes() -> int:
     """Delete node rows whose lease expired more than NODE_GRACE ago and that own no pending
     or running execution (their process is gone and nothing will be taken over from them),
-    and on PostgreSQL the journal marks last written as long ago (a live journal's mark is
+    and on PostgreSQL the journal marks last written a week ago (a live journal's mark is
     written again by its next transaction)."""
     if is_postgres(unwrap(database_proxy)):
         # The database's clock decides lease expiry (13.7), never this host's.
@@ -218,9 +218,11 @@ def prune_nodes() -> int:
               .where(WorkflowExecution.owner == Node.id, WorkflowExecution.status.in_(_ACTIVE)))
     with write_transaction():
         if is_postgres(unwrap(database_proxy)):
-            # The commit marks of journals (migration 009) that wrote nothing for as long.
+            # The commit marks of journals (migration 009) that wrote nothing for a week: a
+            # journal cut off from the database that long with a commit whose outcome it
+            # does not know would find no mark, and take its batch for not written.
             database_proxy.execute_sql("DELETE FROM journal_marks WHERE written_at < "
-                                       "(now() AT TIME ZONE 'UTC') - interval '1 hour'")
+                                       "(now() AT TIME ZONE 'UTC') - interval '7 days'")
         return (Node.delete()
                 .where(Node.lease_expires_at < cutoff, ~fn.EXISTS(owning)).execute())
 

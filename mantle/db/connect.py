@@ -12,6 +12,7 @@ import re
 import sqlite3
 import time
 import urllib.parse
+from typing import Any
 
 import peewee
 import psycopg
@@ -23,7 +24,7 @@ from mantle.errors import ConfigError, DatabaseUnavailable
 __all__ = ["database_proxy", "connect", "bind", "unwrap", "is_sqlite", "is_postgres",
            "OUTAGE_ERRORS", "is_outage", "close_all", "release_connection", "reset_connection",
            "SQLITE_BUSY_TIMEOUT_MS", "PG_CONNECT_TIMEOUT_S", "PG_STATEMENT_TIMEOUT_MS",
-           "track_outcomes", "backend_pid", "commit_outcome", "journal_check_refused"]
+           "backend_identity", "commit_outcome", "journal_check_refused"]
 
 # The CLI and a daemon share one SQLite file: a writer waits this long for the other's lock.
 SQLITE_BUSY_TIMEOUT_MS = 10_000
@@ -36,8 +37,8 @@ PG_IDLE_IN_TRANSACTION_MS = 15_000
 PG_POOL_SIZE = 24
 PG_POOL_WAIT_S = 30
 PG_POOL_STALE_S = 600
-# mantle_journal_check's refusal (migration 009's REFUSED_SQLSTATE), and its giving up on
-# a row lock (lock_not_available).
+# mantle_journal_check's refusal (migration 009's REFUSED_SQLSTATE), and its finding a row
+# locked (lock_not_available).
 _JOURNAL_CHECK_REFUSED = ("MJ001", "55P03")
 _PG_CONNECTION_SETTINGS = {
     "application_name": "mantle",  # pg_stat_activity tells mantle's connections apart
@@ -238,24 +239,25 @@ class _PostgresDatabase(PooledPostgresqlDatabase):
             self.connect()
         self._state.begin_pending = True
 
-    def track_outcomes(self, mark: str) -> None:
-        """From now on the messages that begin or end the calling thread's transactions
-        name ``mark`` (a comment), so that ``commit_outcome`` can find the server process
-        of one whose connection broke (the journal's)."""
-        self._state.mark = mark
-
-    def _marked(self, text: str) -> str:
-        mark = getattr(self._state, "mark", None)
-        return f"/* {mark} */ {text}" if mark else text
+    def backend_identity(self) -> tuple[int, Any]:
+        """(pid, start time) of the calling thread's connection's server process: asked of
+        the server once per connection (with the statement it goes out with), since a pid
+        alone may be another process's later on."""
+        conn = self.connection()
+        known = getattr(self._state, "identity", None)
+        if known is None or known[0] is not conn:
+            started = self.execute_sql("SELECT backend_start FROM pg_stat_activity "
+                                       "WHERE pid = pg_backend_pid()").fetchone()[0]
+            known = self._state.identity = (conn, conn.info.backend_pid, started)
+        return known[1], known[2]
 
     def _send_begin(self) -> None:
         """Send a noted BEGIN on its own (a cursor wanted for statements we do not see)."""
         if getattr(self._state, "begin_pending", False):
             self._state.begin_pending = False
-            text = self._marked("BEGIN")
             with peewee.__exception_wrapper__:
                 cursor = psycopg.ClientCursor(self._state.conn)
-                cursor.execute(text)
+                cursor.execute("BEGIN")
                 cursor.close()
 
     def cursor(self, named_cursor=None):
@@ -282,7 +284,7 @@ class _PostgresDatabase(PooledPostgresqlDatabase):
         begin = getattr(self._state, "begin_pending", False)
         self._state.begin_pending = False
         self._log_query(sql, params)
-        text = self._marked(("BEGIN; " if begin else "") + sql + ("; COMMIT" if commit else ""))
+        text = ("BEGIN; " if begin else "") + sql + ("; COMMIT" if commit else "")
         with peewee.__exception_wrapper__:
             cursor = psycopg.ClientCursor(self.connection())
             cursor.execute(text, params)
@@ -297,10 +299,7 @@ class _PostgresDatabase(PooledPostgresqlDatabase):
         if getattr(self._state, "commit_sent", False):
             self._state.commit_sent = False  # sent with the transaction's last statements
             return
-        if self.is_closed():
-            super().commit()  # raises
-        with peewee.__exception_wrapper__:
-            self.cursor().execute(self._marked("COMMIT"))
+        super().commit()
 
     def rollback(self):
         self._state.commit_sent = False
@@ -310,35 +309,26 @@ class _PostgresDatabase(PooledPostgresqlDatabase):
         super().rollback()
 
 
-def track_outcomes(database, mark: str) -> None:
-    """PostgreSQL: the messages that begin and end the calling thread's transactions name
-    ``mark`` (``_PostgresDatabase.track_outcomes``); nothing on SQLite, whose COMMIT either happens
-    or fails there and then."""
+def backend_identity(database) -> tuple[int, Any] | None:
+    """(pid, start time) of the server process of the calling thread's PostgreSQL
+    connection (``_PostgresDatabase.backend_identity``); None on SQLite."""
     database = unwrap(database)
-    if is_postgres(database):
-        database.track_outcomes(mark)
+    return database.backend_identity() if is_postgres(database) else None
 
 
-def backend_pid(database) -> int | None:
-    """The server process of the calling thread's PostgreSQL connection (None on SQLite)."""
-    database = unwrap(database)
-    return database.connection().info.backend_pid if is_postgres(database) else None
-
-
-def commit_outcome(database, mark: str, seq: int, pid: int) -> str:
+def commit_outcome(database, mark: str, seq: int, backend: tuple[int, Any]) -> str:
     """Whether the transaction that set journal ``mark`` to ``seq`` (migration 009), sent
-    on a connection to server process ``pid`` that broke, committed: ``committed``,
-    ``aborted`` or ``in progress``.
+    to the server process ``backend`` (``backend_identity``) on a connection that broke,
+    committed: ``committed``, ``aborted`` or ``in progress``.
 
     While that process lives, its transaction may still commit (it may be waiting for a
-    lock, or for the rest of a message that never comes): it is asked to end, which rolls
-    back a transaction waiting for its client and leaves a commit under way to finish, and
-    the outcome is ``in progress`` (ask again). Once it is gone its transaction has ended,
-    and the mark tells how. The process is found by its pid and the mark its messages carry
-    (``track_outcomes``), so a pid since reused by another connection is left alone."""
+    lock, or for the rest of its messages, still in the network): it is asked to end,
+    which rolls back a transaction waiting for its client and leaves a commit under way to
+    finish, and the outcome is ``in progress`` (ask again). Once it is gone its transaction
+    has ended, and the mark tells how."""
     running = database.execute_sql(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = %s "
-        "AND pid <> pg_backend_pid() AND position(%s in query) > 0", (pid, mark)).fetchone()
+        "AND backend_start = %s", backend).fetchone()
     if running is not None:
         return "in progress"
     row = database.execute_sql("SELECT seq FROM journal_marks WHERE journal = %s",
@@ -348,7 +338,7 @@ def commit_outcome(database, mark: str, seq: int, pid: int) -> str:
 
 def journal_check_refused(exc: BaseException) -> bool:
     """``exc`` is ``mantle_journal_check`` refusing a transaction (a fence or a version no
-    longer held, or a row lock it would wait for longer: migration 009)."""
+    longer held, or a row it found locked: migration 009)."""
     # peewee wraps the driver's error: the original is its first argument and its context
     candidates = (exc, exc.__cause__, exc.__context__, *getattr(exc, "args", ())[:1])
     return any(getattr(candidate, "sqlstate", None) in _JOURNAL_CHECK_REFUSED

@@ -27,7 +27,7 @@ from typing import Any
 import peewee
 
 from mantle.db import is_outage, is_postgres, transaction
-from mantle.db.connect import backend_pid, commit_outcome, journal_check_refused, track_outcomes
+from mantle.db.connect import backend_identity, commit_outcome, journal_check_refused
 from mantle.errors import GateClosed, JournalStopped, LeaseLost
 from mantle.store import (batch_scope, check_with_writes, forget_current_versions,
                           known_current_versions, refused_fences)
@@ -75,10 +75,10 @@ class _Uncertain(Exception):
     """The connection broke while a transaction's COMMIT was in flight (PostgreSQL): whether
     it committed is asked once the database answers again (``Journal._outcome``)."""
 
-    def __init__(self, seq: int, pid: int, results: list[Any]):
+    def __init__(self, seq: int, backend: tuple[int, Any], results: list[Any]):
         super().__init__("the outcome of a commit is not known")
         self.seq = seq  # the journal mark the transaction set
-        self.pid = pid  # the server process it was sent to
+        self.backend = backend  # the server process it was sent to (pid, start time)
         self.results = results
 
 
@@ -195,7 +195,6 @@ class Journal:
     # --- journal thread ---
 
     def _run(self) -> None:
-        track_outcomes(self._db, self._mark)
         while True:
             with self._ready:
                 while not self._queue and not self._stopping:
@@ -252,7 +251,7 @@ class Journal:
         execution created a second time, a finish found already written and taken for a
         cancel that won, audit rows twice."""
         try:
-            status = commit_outcome(self._db, self._mark, uncertain.seq, uncertain.pid)
+            status = commit_outcome(self._db, self._mark, uncertain.seq, uncertain.backend)
         except Exception as exc:
             if is_outage(exc):
                 self._reset_connection()
@@ -288,11 +287,16 @@ class Journal:
         waiting for its turn, while the second core was not fully used; bench/README.md)."""
         try:
             return self._transaction(batch, top_up, checks_later=self._postgres)
+        except (_Closed, _Uncertain):
+            raise
         except Exception as exc:
-            if not journal_check_refused(exc):
+            if journal_check_refused(exc):
+                forget_current_versions()
+            elif is_outage(exc) or not self._postgres:
                 raise
-        # A fence or a version the batch went by no longer holds: find out which, up front.
-        forget_current_versions()
+        # A fence or a version the batch went by no longer holds, or an operation failed
+        # before its fence was checked (on what a new owner wrote, say): again, checks first,
+        # so that the operations of executions lost to another node are not run at all.
         return self._transaction(batch, top_up=False, checks_later=False)
 
     def _transaction(self, batch: list[_Entry], top_up: bool, checks_later: bool
@@ -300,7 +304,7 @@ class Journal:
         """``_commit``; ``checks_later``: the fences and versions are checked with the
         writes (PostgreSQL, when the versions the batch's runs need were read before)."""
         self._commit_started = time.monotonic()
-        results = pid = None
+        results = backend = None
         try:
             with transaction(self._db), batch_scope(self._db, ends_transaction=True):
                 if top_up and len(batch) < _MAX_BATCH:
@@ -310,7 +314,7 @@ class Journal:
                 reads = {entry.reads for entry in batch if entry.reads is not None}
                 if self._postgres:
                     self._seq += 1
-                    pid = backend_pid(self._db)
+                    backend = backend_identity(self._db)
                     versions = known_current_versions(reads) if checks_later else None
                     if versions is not None:
                         check_with_writes(self._db, self._mark, self._seq, fences, versions)
@@ -331,8 +335,8 @@ class Journal:
                 raise
             self._reset_connection()
             # Broken while its last writes and COMMIT were in flight: it may have committed.
-            if results is not None and pid is not None:
-                raise _Uncertain(self._seq, pid, results) from exc
+            if results is not None and backend is not None:
+                raise _Uncertain(self._seq, backend, results) from exc
             raise
         finally:
             self._commit_started = None

@@ -17,7 +17,7 @@ from mantle.db.models import WorkflowExecution
 from mantle.errors import GateClosed, JournalStopped, LeaseLost
 from mantle.services.journal import Journal
 from tests.helpers.database import bound_database
-from tests.helpers.pgproxy import CommitCutter
+from tests.helpers.pgproxy import CommitCutter, LateCommit
 from tests.helpers.waiting import apply_yaml, wait_until
 
 
@@ -291,10 +291,10 @@ def test_a_run_after_an_apply_elsewhere_starts_the_new_version(db):
 def test_a_commit_still_under_way_when_its_connection_broke_is_ended_before_it_is_retried(
         db, migrated_db_url):
     """The connection breaks while the server still runs the transaction's last message
-    (its fence check waits for a row lock another session holds). Retrying at once would
-    let both commit once the lock is free; the journal finds the server process by its
-    mark, ends it, and writes the batch again only once it is gone and its mark says it did
-    not commit: the row is written once, and the operation reports it written."""
+    (its final status waits for a row lock another session holds). Retrying at once would
+    let both commit once the lock is free; the journal ends that server process (known by
+    its pid and start time), and writes the batch again only once it is gone and the mark
+    says it did not commit: the row is written once, and the operation reports it written."""
     execution_id, = _executions(1)
     db.execute_sql("CREATE TABLE t (v INTEGER UNIQUE)")
     holder = mantle_db.connect(migrated_db_url)
@@ -307,40 +307,43 @@ def test_a_commit_still_under_way_when_its_connection_broke_is_ended_before_it_i
             "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
             "AND query LIKE %s", ("%mantle_journal_check%",)).fetchone()[0]
 
+    outcome = []
     with CommitCutter(migrated_db_url, b"INSERT INTO t", lose="answer") as proxy:
-        database = mantle_db.connect(proxy.url)
-        journal = Journal(database)
-        journal.start()
-        outcome = []
-        finished = threading.Event()
-        try:
-            proxy.armed.set()
-            journal.submit(lambda: database.execute_sql("INSERT INTO t (v) VALUES (1)").rowcount,
-                           lambda result: (outcome.append(result), finished.set()),
-                           lambda exc: (outcome.append(exc), finished.set()),
-                           fence=(execution_id, 1))
-            assert proxy.cut.wait(10), "the proxy never saw the COMMIT"
-            wait_until(lambda: waiting_backends() == 1, timeout=10)  # COMMIT is under way
-            wait_until(lambda: waiting_backends() == 0, timeout=10)  # ended, not left to wait
-            holder.execute_sql("COMMIT")
-            assert finished.wait(20)
-        finally:
-            journal.stop()
-            mantle_db.close_all(database)
-            mantle_db.close_all(holder)
+        with bound_database(proxy.url) as database:
+            journal = Journal(database)
+            journal.start()
+            finished = threading.Event()
+
+            def op():  # the final status is held back: it goes with the checks and COMMIT
+                store.finish_execution(execution_id, "completed", None)
+                return database.execute_sql("INSERT INTO t (v) VALUES (1)").rowcount
+
+            try:
+                proxy.armed.set()
+                journal.submit(op, lambda result: (outcome.append(result), finished.set()),
+                               lambda exc: (outcome.append(exc), finished.set()))
+                assert proxy.cut.wait(10), "the proxy never saw the COMMIT"
+                wait_until(lambda: waiting_backends() == 1, timeout=10)  # COMMIT under way
+                wait_until(lambda: waiting_backends() == 0, timeout=10)  # ended, not left
+                holder.execute_sql("COMMIT")
+                assert finished.wait(20)
+            finally:
+                journal.stop()
+                mantle_db.close_all(holder)
+    mantle_db.bind(db)  # bound_database unbound the models
     assert outcome == [1]
     assert db.execute_sql("SELECT v FROM t").fetchall() == [(1,)]
+    assert WorkflowExecution.get_by_id(execution_id).status == "completed"
 
 
 @pytest.mark.parametrize("backend", ["postgres"], indirect=True)
 def test_a_gated_operation_is_not_committed_after_its_gate_closed_while_a_row_lock_held_it(
         db, migrated_db_url, caplog):
     """A run commits only while its caller waits (its gate, asked before the message with
-    the checks and COMMIT goes out). When the check then has to wait for an execution's row
-    lock, it gives up after migration 009's ``LOCK_WAIT`` and the batch is written with its
-    checks up front, which wait for the lock before the gates are asked again: a run whose
-    caller stopped waiting meanwhile is dropped (GateClosed), not committed after the lock
-    goes; its batch-mate is written."""
+    the checks and COMMIT goes out). That message does not wait for an execution's row
+    lock: the batch is then written with its checks up front, which wait for the lock
+    before the gates are asked again, so a run whose caller stopped waiting meanwhile is
+    dropped (GateClosed), not committed after the lock goes; its batch-mate is written."""
     execution_id, = _executions(1)
     holder = mantle_db.connect(migrated_db_url)
     journal = Journal(db)
@@ -374,3 +377,140 @@ def test_a_gated_operation_is_not_committed_after_its_gate_closed_while_a_row_lo
     assert WorkflowExecution.select().count() == 1
     # Waiting for a lock is no outage: nothing logged as one (readiness would fail on it).
     assert not [r for r in caplog.records if r.getMessage() == "database unavailable"]
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_a_commit_still_in_the_network_when_its_connection_broke_is_written_once(
+        db, migrated_db_url):
+    """The last message (checks, writes, COMMIT) is held up in the network while the
+    connection breaks; the server process, idle in the transaction after the operation's
+    own statements, commits it when it arrives. The journal must not take the batch for
+    not written while that process lives: it ends the process (known by its pid and start
+    time, whatever it last ran), then reads the mark. Found by review: the process was
+    looked for by a mark in its last query text, which was the operation's INSERT."""
+    db.execute_sql("CREATE TABLE t (v INTEGER)")
+    with LateCommit(migrated_db_url, b"mantle_journal_check") as proxy:
+        database = mantle_db.connect(proxy.url)
+        journal = Journal(database)
+        journal.start()
+        outcome = []
+        finished = threading.Event()
+
+        def op():  # a look-up, then a write (as a run with an idempotency key does)
+            database.execute_sql("SELECT count(*) FROM t").fetchone()
+            return database.execute_sql("INSERT INTO t (v) VALUES (1)").rowcount
+
+        try:
+            proxy.armed.set()
+            journal.submit(op, lambda result: (outcome.append(result), finished.set()),
+                           lambda exc: (outcome.append(exc), finished.set()))
+            assert proxy.cut.wait(10), "the proxy never saw the COMMIT"
+            old_pid = wait_until(lambda: db.execute_sql(
+                "SELECT pid FROM pg_stat_activity WHERE state = 'idle in transaction' "
+                "AND query = 'INSERT INTO t (v) VALUES (1)'").fetchone(), timeout=10)[0]
+            assert finished.wait(25), "the journal never settled the batch"
+            proxy.deliver.set()  # the held message reaches the old server process now
+
+            def old_transaction_over():
+                row = db.execute_sql("SELECT state FROM pg_stat_activity WHERE pid = %s",
+                                     (old_pid,)).fetchone()
+                return row is None or row[0] == "idle"  # gone, or its transaction ended
+
+            wait_until(old_transaction_over, timeout=10)
+            proxy.finish.set()
+        finally:
+            proxy.deliver.set()
+            proxy.finish.set()
+            journal.stop()
+            mantle_db.close_all(database)
+    assert outcome == [1]
+    assert db.execute_sql("SELECT count(*) FROM t").fetchone()[0] == 1
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_a_run_commits_soon_after_its_gate_however_many_rows_of_its_batch_are_locked(
+        db, migrated_db_url):
+    """The message with the checks goes out after the runs' gates were asked, so it must
+    not wait for row locks: with the batch's ten executions locked one after the other by
+    other sessions, each for 120 ms, the run still commits well within its 1 s margin of
+    its gate (the batch is written with its checks up front, which wait before the gates
+    are asked). Found by review: a lock timeout of 200 ms per lock let the check wait
+    1.2 s in all."""
+    ids = _executions(10)
+    holders = [mantle_db.connect(migrated_db_url) for _ in ids]
+    for holder, execution_id in zip(holders, ids):
+        holder.execute_sql("BEGIN")
+        holder.execute_sql("SELECT id FROM workflow_executions WHERE id = %s FOR UPDATE",
+                           (execution_id,))
+    journal = Journal(db)
+    journal.start()
+    gate_asked: list[float] = []
+    committed: list = []
+    finished = threading.Event()
+
+    def gate():
+        gate_asked.append(time.monotonic())
+        return True
+
+    def lock_waiters():
+        return db.execute_sql("SELECT count(*) FROM pg_stat_activity "
+                              "WHERE wait_event_type = 'Lock'").fetchone()[0]
+
+    try:
+        release = _hold(journal)
+        for execution_id in ids:
+            journal.submit(lambda e=execution_id: store.write_step(e, "a", 1, "running"),
+                           fence=(execution_id, 1))
+        journal.submit(lambda: store.create_execution("w", {}, None, None, "node", "test"),
+                       lambda _: committed.append(time.monotonic()),
+                       lambda exc: committed.append(exc), reads="w", gate=gate)
+        journal.submit(lambda: None, lambda _: finished.set())
+        release.set()
+        for holder in holders:  # each row held 120 ms once the journal waits for one
+            wait_until(lambda: lock_waiters() > 0, timeout=10, interval=0.005)
+            time.sleep(0.12)
+            holder.execute_sql("COMMIT")
+        assert finished.wait(10)
+    finally:
+        journal.stop()
+        for holder in holders:
+            mantle_db.close_all(holder)
+    assert len(committed) == 1 and isinstance(committed[0], float), committed
+    assert committed[0] - gate_asked[-1] < 1.0
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_an_operation_of_a_lost_execution_is_not_run_even_where_it_would_fail(db):
+    """The operations of a batch run before the check that goes with their writes. One of an
+    execution taken over fails on what its new owner wrote (a step row already there): the
+    batch is written again with its checks up front, so that operation is not run and gets
+    LeaseLost, as the Execution actor expects of a lost execution, and its batch-mate is
+    written. Found by review: it got the IntegrityError."""
+    lost, kept = _executions(2)
+    db.execute_sql("UPDATE workflow_executions SET epoch = 2 WHERE id = %s", (lost,))
+    with transaction():  # the new owner's row for the step
+        store.write_step(lost, "a", 1, "running")
+    journal = Journal(db)
+    journal.start()
+    outcomes = {}
+    finished = threading.Event()
+
+    def insert_step(execution_id):
+        return db.execute_sql(
+            "INSERT INTO step_executions (execution_id, step_name, attempt, status, is_hook) "
+            "VALUES (%s, 'a', 1, 'running', false)", (execution_id,)).rowcount
+
+    try:
+        release = _hold(journal)
+        for execution_id in (lost, kept):
+            journal.submit(lambda e=execution_id: insert_step(e),
+                           lambda _, e=execution_id: outcomes.__setitem__(e, "written"),
+                           lambda exc, e=execution_id: outcomes.__setitem__(e, exc),
+                           fence=(execution_id, 1))
+        journal.submit(lambda: None, lambda _: finished.set())
+        release.set()
+        assert finished.wait(10)
+    finally:
+        journal.stop()
+    assert outcomes[kept] == "written"
+    assert isinstance(outcomes[lost], LeaseLost), repr(outcomes[lost])

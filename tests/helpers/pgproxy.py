@@ -5,6 +5,10 @@
   connection cut at its COMMIT, either after the COMMIT reached the server (``lose="answer"``:
   the server commits, the client never hears so) or before (``lose="commit"``: the server
   never sees it and rolls back). Client and server each see the connection close.
+- ``LateCommit``: a message held up in the network while the connection breaks. Once
+  ``armed``, the first message containing ``mark`` and COMMIT is held: the client's side is
+  cut at once (``cut``), and the message reaches the server, on the server connection it
+  was sent on, only once ``deliver`` is set; that connection closes once ``finish`` is set.
 - ``QueryDelayer``: a slow network on the way to the server. A message containing ``mark``
   reaches the server ``delay`` seconds after the client sent it (``seen`` is set when it
   leaves the client); a cancel request sent meanwhile, on a connection of its own, arrives
@@ -20,7 +24,7 @@ import threading
 import time
 import urllib.parse
 
-__all__ = ["CommitCutter", "QueryDelayer"]
+__all__ = ["CommitCutter", "LateCommit", "QueryDelayer"]
 
 _SSL_REQUEST, _GSS_REQUEST = 80877103, 80877104
 _QUERIES = (b"Q", b"P", b"B", b"E")
@@ -144,6 +148,39 @@ class CommitCutter(_Proxy):
                 return False
             if commits:
                 state["marked"] = False
+        upstream.sendall(message)
+        return True
+
+
+class LateCommit(_Proxy):
+    def __init__(self, url: str, mark: bytes):
+        self._mark = mark
+        self.armed = threading.Event()
+        self.cut = threading.Event()
+        self.deliver = threading.Event()
+        self.finish = threading.Event()
+        super().__init__(url)
+
+    def _up(self, client, upstream, state) -> None:
+        state["client"] = client
+        super()._up(client, upstream, state)
+
+    def _message(self, kind, message, upstream, state) -> bool:
+        if (kind == b"Q" and self.armed.is_set() and not self.cut.is_set()
+                and self._mark in message and b"COMMIT" in message.upper()):
+            self.cut.set()
+            state["drop"] = True
+            try:
+                state["client"].shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self.deliver.wait(30)
+            try:
+                upstream.sendall(message)
+            except OSError:
+                pass
+            self.finish.wait(30)
+            return False
         upstream.sendall(message)
         return True
 

@@ -213,13 +213,14 @@ def test_nodes_of_dead_processes_are_pruned_after_an_hour(db, tmp_path, migrated
 
 
 @pytest.mark.parametrize("backend", ["postgres"], indirect=True)
-def test_journal_marks_of_journals_gone_an_hour_are_pruned_with_dead_nodes(db):
+def test_journal_marks_of_journals_gone_a_week_are_pruned_with_dead_nodes(db):
     """The journal's commit marks (migration 009; one row per process that ever wrote) do
-    not pile up: a mark last written more than an hour ago goes, a recent one stays (a live
-    journal writes its mark with every transaction)."""
+    not pile up: a mark last written more than a week ago goes, a newer one stays (a live
+    journal writes its mark with every transaction; one cut off from the database for days
+    may still need its mark to learn whether its last commit happened)."""
     db.execute_sql(
         "INSERT INTO journal_marks (journal, seq, written_at) VALUES "
-        "('gone', 3, (now() AT TIME ZONE 'UTC') - interval '61 minutes'), "
-        "('live', 5, (now() AT TIME ZONE 'UTC') - interval '59 minutes')")
+        "('gone', 3, (now() AT TIME ZONE 'UTC') - interval '7 days 1 minute'), "
+        "('live', 5, (now() AT TIME ZONE 'UTC') - interval '6 days 23 hours')")
     retention.prune_nodes()
     assert db.execute_sql("SELECT journal, seq FROM journal_marks").fetchall() == [("live", 5)]

@@ -14,16 +14,17 @@ only on ``apply``); ``mantle_journal_check``:
 - share-locks the executions the operations write for, and raises ``MJ001`` if one of
   them has another epoch than expected, or if a workflow's current version is not the one
   used: the transaction rolls back, and the journal writes the batch again the old way,
-  which tells the refused operations apart (``mantle.services.journal``). It waits at
-  most ``LOCK_WAIT`` for those locks (``55P03`` beyond), the batch then being written the
-  old way too: its operations checked their gates before the message went out (a run
-  commits only while its caller waits, 1 s before its deadline), and the old way waits
-  for the locks before the gates are asked;
+  which tells the refused operations apart (``mantle.services.journal``). It does not
+  wait for those locks: one held by another writer (a cancel's, a takeover's) fails it at
+  once (``55P03``), and the batch is written the old way too. Its operations asked their
+  gates before the message went out (a run commits only while its caller waits, 1 s
+  before its deadline), so the message must not wait after them; the old way waits for
+  the locks before the gates are asked;
 - sets the journal's mark (``journal_marks``: one row per journal, the number of its last
   committed transaction): when the connection breaks with COMMIT in flight, the mark tells
   whether it committed, where the transaction id is not known yet.
 
-``journal_marks`` rows of journals gone for an hour are deleted with dead nodes' rows
+``journal_marks`` rows of journals gone for a week are deleted with dead nodes' rows
 (``mantle.retention.prune_nodes``). PostgreSQL only: on SQLite a transaction's checks cost
 no round trip, and its COMMIT either happens or fails there and then.
 """
@@ -32,14 +33,12 @@ from __future__ import annotations
 
 import peewee
 
-__all__ = ["NAME", "up", "down", "REFUSED_SQLSTATE", "LOCK_WAIT"]
+__all__ = ["NAME", "up", "down", "REFUSED_SQLSTATE"]
 
 NAME = "009_journal_marks"
 
 # Raised by mantle_journal_check when a fence or a version no longer holds.
 REFUSED_SQLSTATE = "MJ001"
-# How long it waits for the executions' row locks (lock_timeout's 55P03 beyond).
-LOCK_WAIT = "200ms"
 
 
 def _is_postgres(database: peewee.Database) -> bool:
@@ -61,17 +60,14 @@ def up(database: peewee.Database) -> None:
         DECLARE
             wanted INT := json_array_length(fences);
             held INT;
-            lock_wait TEXT := current_setting('lock_timeout');
         BEGIN
             IF wanted > 0 THEN
-                PERFORM set_config('lock_timeout', '{LOCK_WAIT}', true);
                 SELECT count(*) INTO held
                 FROM (SELECT id, epoch FROM workflow_executions
                       WHERE id IN (SELECT c0 FROM json_to_recordset(fences) AS f(c0 TEXT))
-                      ORDER BY id FOR SHARE) AS e
+                      ORDER BY id FOR SHARE NOWAIT) AS e
                 JOIN json_to_recordset(fences) AS f(c0 TEXT, c1 INT)
                     ON f.c0 = e.id AND f.c1 = e.epoch;
-                PERFORM set_config('lock_timeout', lock_wait, true);
                 IF held <> wanted THEN
                     RAISE EXCEPTION 'an execution changed owner' USING ERRCODE = {code};
                 END IF;
