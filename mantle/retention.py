@@ -209,7 +209,8 @@ def prune_nodes() -> int:
     or running execution (their process is gone and nothing will be taken over from them),
     and on PostgreSQL the journal marks last written a week ago (a live journal's mark is
     written again by its next transaction)."""
-    if is_postgres(unwrap(database_proxy)):
+    postgres = is_postgres(unwrap(database_proxy))
+    if postgres:
         # The database's clock decides lease expiry (13.7), never this host's.
         cutoff = SQL("(now() AT TIME ZONE 'UTC') - interval '1 hour'")
     else:
@@ -217,7 +218,7 @@ def prune_nodes() -> int:
     owning = (WorkflowExecution.select(SQL("1"))
               .where(WorkflowExecution.owner == Node.id, WorkflowExecution.status.in_(_ACTIVE)))
     with write_transaction():
-        if is_postgres(unwrap(database_proxy)):
+        if postgres:
             # The commit marks of journals (migration 009) that wrote nothing for a week: a
             # journal cut off from the database that long with a commit whose outcome it
             # does not know would find no mark, and take its batch for not written.

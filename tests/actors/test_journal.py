@@ -218,6 +218,15 @@ def _executions(count: int) -> list[str]:
                 for _ in range(count)]
 
 
+def _submit_recording(journal, op, outcome: list, finished: threading.Event) -> None:
+    """Submit ``op``; its result or error is appended to ``outcome``, then ``finished`` set."""
+    def record(value):
+        outcome.append(value)
+        finished.set()
+
+    journal.submit(op, record, record)
+
+
 def _hold(journal):
     """Hold the journal thread until the returned event is set, so what is submitted
     meanwhile is written in one batch."""
@@ -320,8 +329,7 @@ def test_a_commit_still_under_way_when_its_connection_broke_is_ended_before_it_i
 
             try:
                 proxy.armed.set()
-                journal.submit(op, lambda result: (outcome.append(result), finished.set()),
-                               lambda exc: (outcome.append(exc), finished.set()))
+                _submit_recording(journal, op, outcome, finished)
                 assert proxy.cut.wait(10), "the proxy never saw the COMMIT"
                 wait_until(lambda: waiting_backends() == 1, timeout=10)  # COMMIT under way
                 wait_until(lambda: waiting_backends() == 0, timeout=10)  # ended, not left
@@ -402,8 +410,7 @@ def test_a_commit_still_in_the_network_when_its_connection_broke_is_written_once
 
         try:
             proxy.armed.set()
-            journal.submit(op, lambda result: (outcome.append(result), finished.set()),
-                           lambda exc: (outcome.append(exc), finished.set()))
+            _submit_recording(journal, op, outcome, finished)
             assert proxy.cut.wait(10), "the proxy never saw the COMMIT"
             old_pid = wait_until(lambda: db.execute_sql(
                 "SELECT pid FROM pg_stat_activity WHERE state = 'idle in transaction' "
