@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import threading
@@ -237,6 +238,24 @@ def _hold(journal):
     return release
 
 
+@contextlib.contextmanager
+def _one_batch(db):
+    """A started journal, held until the block sets the yielded release (or leaves), so what
+    the block submits meanwhile is written in one batch; leaving waits for it to be written
+    and stops the journal."""
+    journal = Journal(db)
+    journal.start()
+    try:
+        release = _hold(journal)
+        yield journal, release
+        release.set()
+        finished = threading.Event()
+        journal.submit(lambda: None, lambda _: finished.set())
+        assert finished.wait(10)
+    finally:
+        journal.stop()
+
+
 @pytest.mark.parametrize("backend", ["postgres"], indirect=True)
 def test_a_batch_whose_fence_no_longer_holds_is_written_again_with_its_checks_first(db):
     """On PostgreSQL a batch sends its fence check with its writes and COMMIT (migration
@@ -245,22 +264,13 @@ def test_a_batch_whose_fence_no_longer_holds_is_written_again_with_its_checks_fi
     the operation of the lost execution gets LeaseLost, its batch-mates are written."""
     lost, kept = _executions(2)
     db.execute_sql("UPDATE workflow_executions SET epoch = 2 WHERE id = %s", (lost,))
-    journal = Journal(db)
-    journal.start()
     outcomes = {}
-    finished = threading.Event()
-    try:
-        release = _hold(journal)
+    with _one_batch(db) as (journal, _):
         for execution_id in (lost, kept):
             journal.submit(
                 lambda e=execution_id: store.write_step(e, "a", 1, "running"),
                 lambda _, e=execution_id: outcomes.__setitem__(e, "written"),
                 lambda exc, e=execution_id: outcomes.__setitem__(e, exc), fence=(execution_id, 1))
-        journal.submit(lambda: None, lambda _: finished.set())
-        release.set()
-        assert finished.wait(10)
-    finally:
-        journal.stop()
     assert isinstance(outcomes[lost], LeaseLost) and outcomes[kept] == "written"
     steps = db.execute_sql("SELECT execution_id FROM step_executions").fetchall()
     assert steps == [(kept,)]
@@ -353,13 +363,11 @@ def test_a_gated_operation_is_not_committed_after_its_gate_closed_while_a_row_lo
     before the gates are asked again, so a run whose caller stopped waiting meanwhile is
     dropped (GateClosed), not committed after the lock goes; its batch-mate is written."""
     execution_id, = _executions(1)
-    holder = mantle_db.connect(migrated_db_url)
-    journal = Journal(db)
-    journal.start()
     outcomes = {}
-    finished = threading.Event()
-    try:
-        release = _hold(journal)
+    with contextlib.ExitStack() as stack:
+        holder = mantle_db.connect(migrated_db_url)
+        stack.callback(mantle_db.close_all, holder)
+        journal, release = stack.enter_context(_one_batch(db))
         holder.execute_sql("BEGIN")
         holder.execute_sql("SELECT id FROM workflow_executions WHERE id = %s FOR UPDATE",
                            (execution_id,))
@@ -372,14 +380,9 @@ def test_a_gated_operation_is_not_committed_after_its_gate_closed_while_a_row_lo
                        lambda _: outcomes.__setitem__("run", "written"),
                        lambda exc: outcomes.__setitem__("run", exc),
                        reads="w", gate=lambda: time.monotonic() < deadline)
-        journal.submit(lambda: None, lambda _: finished.set())
         release.set()
         wait_until(lambda: time.monotonic() > deadline + 0.5, timeout=5)
         holder.execute_sql("COMMIT")
-        assert finished.wait(10)
-    finally:
-        journal.stop()
-        mantle_db.close_all(holder)
     assert outcomes["step"] == "written"
     assert isinstance(outcomes["run"], GateClosed)
     assert WorkflowExecution.select().count() == 1
@@ -497,27 +500,18 @@ def test_an_operation_of_a_lost_execution_is_not_run_even_where_it_would_fail(db
     db.execute_sql("UPDATE workflow_executions SET epoch = 2 WHERE id = %s", (lost,))
     with transaction():  # the new owner's row for the step
         store.write_step(lost, "a", 1, "running")
-    journal = Journal(db)
-    journal.start()
     outcomes = {}
-    finished = threading.Event()
 
     def insert_step(execution_id):
         return db.execute_sql(
             "INSERT INTO step_executions (execution_id, step_name, attempt, status, is_hook) "
             "VALUES (%s, 'a', 1, 'running', false)", (execution_id,)).rowcount
 
-    try:
-        release = _hold(journal)
+    with _one_batch(db) as (journal, _):
         for execution_id in (lost, kept):
             journal.submit(lambda e=execution_id: insert_step(e),
                            lambda _, e=execution_id: outcomes.__setitem__(e, "written"),
                            lambda exc, e=execution_id: outcomes.__setitem__(e, exc),
                            fence=(execution_id, 1))
-        journal.submit(lambda: None, lambda _: finished.set())
-        release.set()
-        assert finished.wait(10)
-    finally:
-        journal.stop()
     assert outcomes[kept] == "written"
     assert isinstance(outcomes[lost], LeaseLost), repr(outcomes[lost])

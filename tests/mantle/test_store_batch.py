@@ -63,6 +63,22 @@ def _audits(after: int, upto: int, execution_id: str) -> list[tuple]:
             .order_by(AuditEvent.id)]
 
 
+def _tiny_execution(db) -> str:
+    """Applies ``tiny`` and creates one execution of it, outside any batch."""
+    apply_yaml(TINY)
+    with transaction(db):
+        return store.create_execution("tiny", {}, None, None, "r1", "api").execution["id"]
+
+
+def _a_run_and_a_checkpoint(running: str):
+    """What a journal batch typically holds: a new run and a running execution's step
+    outcome."""
+    created = store.create_execution("tiny", {"note": "x"}, None, None, "r1", "api")
+    store.write_step(running, "a", 1, "completed", output={"ok": True},
+                     audit_action="step.completed")
+    return created
+
+
 def test_a_batch_stores_exactly_what_single_statements_store(db):
     apply_yaml(TINY)
     with transaction(db):
@@ -88,9 +104,7 @@ def test_a_batch_reads_its_fences_and_its_runs_current_versions_in_one_message(d
     workflows its runs create executions of (``refused_fences(fences, workflows)``): on
     PostgreSQL one statement text, one round trip; on SQLite each read stays where it is
     needed. Later look-ups in the batch ask the database nothing more."""
-    apply_yaml(TINY)
-    with transaction(db):
-        execution_id = store.create_execution("tiny", {}, None, None, "r1", "api").execution["id"]
+    execution_id = _tiny_execution(db)
     caplog.set_level(logging.DEBUG, logger="peewee")
     with transaction(db), store.batch_scope(db):
         refused = store.refused_fences({(execution_id, 1), (execution_id, 2), ("gone", 1)},
@@ -136,15 +150,11 @@ def test_a_journal_transaction_with_its_checks_up_front_is_two_round_trips(db):
     held-back writes and the COMMIT in another (``batch_scope(..., ends_transaction=True)``)."""
     if not is_postgres(db):
         pytest.skip("SQLite statements are calls into the library, not round trips")
-    apply_yaml(TINY)
-    with transaction(db):
-        running = store.create_execution("tiny", {}, None, None, "r1", "api").execution["id"]
+    running = _tiny_execution(db)
     with _sent(db) as sent:
         with transaction(db), store.batch_scope(db, ends_transaction=True):
             assert store.refused_fences({(running, 1)}, ["tiny"]) == set()
-            created = store.create_execution("tiny", {"note": "x"}, None, None, "r1", "api")
-            store.write_step(running, "a", 1, "completed", output={"ok": True},
-                             audit_action="step.completed")
+            created = _a_run_and_a_checkpoint(running)
     assert [(kind, text.startswith('"BEGIN; SELECT id, epoch'), text.endswith('; COMMIT"'))
             for kind, text in sent] == [("Query", True, False), ("Query", False, True)]
     assert WorkflowExecution.get_by_id(created.execution["id"]).inputs == {"note": "x"}
@@ -157,15 +167,11 @@ def test_a_journal_transaction_with_its_checks_later_is_one_round_trip(db):
     the held-back writes and COMMIT in one message."""
     if not is_postgres(db):
         pytest.skip("SQLite statements are calls into the library, not round trips")
-    apply_yaml(TINY)
-    with transaction(db):
-        running = store.create_execution("tiny", {}, None, None, "r1", "api").execution["id"]
+    running = _tiny_execution(db)
     with _sent(db) as sent:
         with transaction(db), store.batch_scope(db, ends_transaction=True):
             store.check_with_writes(db, "mark-a", 7, {(running, 1)}, {"tiny": 1})
-            created = store.create_execution("tiny", {"note": "x"}, None, None, "r1", "api")
-            store.write_step(running, "a", 1, "completed", output={"ok": True},
-                             audit_action="step.completed")
+            created = _a_run_and_a_checkpoint(running)
     assert [(kind, text.startswith('"BEGIN; SELECT mantle_journal_check'),
              text.endswith('; COMMIT"')) for kind, text in sent] == [("Query", True, True)]
     assert WorkflowExecution.get_by_id(created.execution["id"]).version == 1
@@ -181,9 +187,7 @@ def test_a_journal_check_that_no_longer_holds_refuses_the_whole_transaction(db, 
     of it stays, not even the mark."""
     if not is_postgres(db):
         pytest.skip("the check is PostgreSQL's (SQLite checks up front, at no cost)")
-    apply_yaml(TINY)
-    with transaction(db):
-        running = store.create_execution("tiny", {}, None, None, "r1", "api").execution["id"]
+    running = _tiny_execution(db)
     before = WorkflowExecution.select().count()
     fence, version = ((running, 2), 1) if stale == "fence" else ((running, 1), 2)
     with pytest.raises(peewee.DatabaseError) as refused:
@@ -199,9 +203,7 @@ def test_writes_that_carry_the_commit_and_fail_leave_nothing_behind(db):
     """A held-back write the database refuses (an execution row whose id is taken) fails
     the message before its COMMIT: the whole transaction rolls back, nothing of it stays, and
     the connection serves the next transaction."""
-    apply_yaml(TINY)
-    with transaction(db):
-        taken = store.create_execution("tiny", {}, None, None, "r1", "api").execution["id"]
+    taken = _tiny_execution(db)
     before = (WorkflowExecution.select().count(), AuditEvent.select().count())
     with pytest.raises((peewee.IntegrityError, sqlite3.IntegrityError)):
         with transaction(db), store.batch_scope(db, ends_transaction=True):
