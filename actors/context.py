@@ -42,25 +42,41 @@ class Reply:
     cheapest wake-up there is. ``get`` raises ``pykka.Timeout`` like the future did.
     """
 
-    __slots__ = ("_lock", "_value", "_error", "_answered")
+    __slots__ = ("_lock", "_value", "_error", "_turn")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._lock.acquire()
         self._value = self._error = None
-        self._answered = False
+        # Taken once, by the first answer or by a caller that gives up (``abandon``):
+        # ``list.pop`` is atomic, so exactly one of them gets it.
+        self._turn = [True]
 
-    def set(self, value=None) -> None:
-        self._answer(value, None)
+    def set(self, value=None) -> bool:
+        """Answer; False when the answer is not taken: the caller gave up, or an earlier
+        answer counts."""
+        return self._answer(value, None)
 
-    def set_exception(self, exc_info) -> None:
-        self._answer(None, exc_info[1])
+    def set_exception(self, exc_info) -> bool:
+        return self._answer(None, exc_info[1])
 
-    def _answer(self, value, error: BaseException | None) -> None:
-        if self._answered:  # only the first answer counts (answers come from one thread)
-            return
-        self._value, self._error, self._answered = value, error, True
+    def _answer(self, value, error: BaseException | None) -> bool:
+        try:
+            self._turn.pop()
+        except IndexError:
+            return False
+        self._value, self._error = value, error
         self._lock.release()
+        return True
+
+    def abandon(self) -> bool:
+        """Stop waiting for good: True when no answer came first (none will be taken
+        now); False when one did, which ``get`` then returns at once."""
+        try:
+            self._turn.pop()
+        except IndexError:
+            return False
+        return True
 
     def get(self, timeout: float | None = None):
         if not self._lock.acquire(timeout=-1 if timeout is None else timeout):

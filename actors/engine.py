@@ -102,7 +102,9 @@ class Engine:
         """Create an execution and start it (or queue it); the row exists on return.
 
         Raises ``pykka.Timeout`` when the row is not written within ``timeout`` (database
-        outage); such a run is then never created, so the caller may retry it. Raises
+        outage); such a run never runs a step, so the caller may retry it (it is not
+        created, or, where its COMMIT's outcome could not be told in time, ends
+        ``cancelled``; see ``submit_run``). Raises
         ShuttingDown once the engine stops starting work, EngineSaturated while its queues
         are long (issue 11.9: back-pressure instead of growing queues). ``claim`` (optional)
         is called in the transaction that creates the execution: when it returns False the
@@ -118,7 +120,12 @@ class Engine:
         submit_run(self._context, supervisor, m.RunRequest(
             workflow, inputs, version, trigger, actor, idempotency_key, reply, retry_of,
             from_step, tuple(reuse), deadline=time.monotonic() + timeout, claim=claim))
-        return reply.get(timeout=timeout)
+        try:
+            return reply.get(timeout=timeout)
+        except pykka.Timeout:
+            if reply.abandon():  # a run created after all is not started (submit_run)
+                raise
+            return reply.get()  # answered while this wait ended
 
     def cancel(self, execution_id: str, actor: str = "cli", timeout: float = 30.0) -> str:
         """Commit ``cancelled``; return the status it had. Raises ExecutionNotFound or

@@ -36,8 +36,10 @@ log = logging.getLogger("mantle.engine")
 # A run not committed this close to its caller's deadline is dropped, not created: the caller
 # has answered 503 (or is about to) and must be free to retry without a duplicate. Checked
 # when its operation starts and again just before its transaction commits (the journal's
-# ``gate``); a COMMIT itself lasting longer than this (the database lost mid-commit) is the
-# one case where a run answered 503 may exist (docs/api.md).
+# ``gate``). A COMMIT itself can last longer than this (the database lost mid-commit, its
+# outcome asked once it answers): a run created after its caller gave up is then cancelled
+# before it starts, unless its caller can find it again (an idempotency key) or nobody would
+# make it again (a claimed cron minute). docs/api.md.
 ABANDON_MARGIN = 1.0
 TICK = 0.25
 PROMOTE_EVERY = 0.5
@@ -97,10 +99,15 @@ def submit_run(ctx: EngineContext, supervisor: pykka.ActorRef, msg: m.RunRequest
             _fail(msg.reply, pykka.Timeout("the run was not written in time"))
         elif created.error is not None:
             _fail(msg.reply, created.error)
-        else:
-            msg.reply.set(RunResult(created.execution, created.existing, created.queued))
+        elif (msg.reply.set(RunResult(created.execution, created.existing, created.queued))
+                or msg.idempotency_key is not None or msg.claim is not None):
             if not created.existing:
                 tell(supervisor, m.Created(msg, created))
+        else:
+            log.warning("run abandoned", extra={
+                "execution_id": created.execution["id"], "workflow": msg.workflow,
+                "reason": "created after its caller stopped waiting"})
+            tell(supervisor, m.CancelExecution(created.execution["id"], "engine", None))
 
     def failed(exc: BaseException) -> None:
         _fail(msg.reply, pykka.Timeout("the run was not written in time")

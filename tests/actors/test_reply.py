@@ -36,3 +36,32 @@ def test_only_the_first_answer_counts():
     reply.set_exception((RuntimeError, RuntimeError("late"), None))
     reply.set("second")
     assert reply.get(timeout=1) == "first"
+
+
+def test_a_caller_that_abandons_its_reply_before_the_answer_is_told_the_answer_was_not_taken():
+    """Engine.run gives up after its timeout: the run's answer coming later is not taken
+    (``set`` is False), which tells submit_run that the caller was answered 503."""
+    reply = Reply()
+    with pytest.raises(pykka.Timeout):
+        reply.get(timeout=0.01)
+    assert reply.abandon() is True
+    assert reply.set("late") is False
+    assert reply.set_exception((RuntimeError, RuntimeError("later"), None)) is False
+
+
+def test_an_answer_that_came_first_is_returned_to_a_caller_that_abandons_too_late():
+    reply = Reply()
+    assert reply.set("running") is True
+    assert reply.abandon() is False
+    assert reply.get(timeout=0) == "running"
+
+
+def test_exactly_one_of_an_answer_and_an_abandon_racing_each_other_wins():
+    for _ in range(200):
+        reply = Reply()
+        taken = []
+        answer = threading.Thread(target=lambda: taken.append(("set", reply.set(1))))
+        answer.start()
+        taken.append(("abandon", reply.abandon()))
+        answer.join()
+        assert sorted(won for _, won in taken) == [False, True], taken

@@ -492,3 +492,50 @@ def test_a_run_whose_commit_answer_is_lost_is_created_once_and_answered_202(
             assert rows == {accepted: "completed"}, rows
         finally:
             assert daemon.stop() == 0, daemon.output()
+
+
+@pytest.mark.parametrize("key", [None, "delivery-2"], ids=["no-key", "key"])
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_a_run_answered_503_while_its_commit_was_in_doubt_never_runs_a_step(
+        bound, tmp_path, key):
+    """docs/api.md: a run answered 503 is safe to retry. Here the connection breaks once
+    the run's COMMIT reached the server, and the database stays out of reach past the
+    request's 10 s: the answer is 503, and the journal learns only later that the run was
+    committed. Without a key that run is cancelled before it starts (WARN ``run
+    abandoned``), so the client's retry does not run its steps twice; before, it ran. With
+    a key it runs, and the retry with that key answers 200 with it."""
+    apply_yaml("""
+        name: once
+        steps: [{name: only, action: core/log, params: {message: hi}}]
+    """)
+    headers = {"Idempotency-Key": key} if key else None
+    with CommitCutter(bound, b"INSERT INTO workflow_executions", refuse=True) as proxy:
+        daemon = Daemon(tmp_path, proxy.url, env={"MANTLE_LEASE_TTL": "3s"}).start(timeout=60)
+        try:
+            proxy.armed.set()
+            reply = call(daemon.url, "POST", "/api/v1/run/once", "{}", timeout=30,
+                         headers=headers)
+            assert proxy.cut.is_set(), "the proxy never saw the run's COMMIT"
+            assert (reply.status, reply.json) == (503, UNAVAILABLE), reply.body
+            proxy.refusing.clear()
+            daemon.wait_for_log("database commit confirmed after its answer was lost")
+            created, = [e.id for e in WorkflowExecution.select()]
+            if key is None:
+                daemon.wait_for_log("run abandoned", execution_id=created)
+                assert daemon.wait_for_status(created, timeout=10)["status"] == "cancelled"
+                assert not StepExecution.select().where(
+                    StepExecution.execution_id == created).exists()
+            else:
+                again = wait_until(lambda: _answered(call(
+                    daemon.url, "POST", "/api/v1/run/once", "{}", timeout=30,
+                    headers=headers)), timeout=20)
+                assert (again.status, again.json["execution_id"]) == (200, created)
+                assert daemon.wait_for_status(created, timeout=10)["status"] == "completed"
+            assert [e.id for e in WorkflowExecution.select()] == [created]
+        finally:
+            assert daemon.stop() == 0, daemon.output()
+
+
+def _answered(reply):
+    assert reply.status in (200, 503), reply.body
+    return reply if reply.status == 200 else None

@@ -4,7 +4,9 @@
   ``armed``, the first transaction that sent a statement containing ``mark`` has its
   connection cut at its COMMIT, either after the COMMIT reached the server (``lose="answer"``:
   the server commits, the client never hears so) or before (``lose="commit"``: the server
-  never sees it and rolls back). Client and server each see the connection close.
+  never sees it and rolls back). Client and server each see the connection close. With
+  ``refuse=True`` the database then stays out of reach: new connections are closed at once
+  until ``refusing`` is cleared.
 - ``LateCommit``: a message held up in the network while the connection breaks. Once
   ``armed``, the first message containing ``mark`` and COMMIT is held: the client's side is
   cut at once (``cut``), and the message reaches the server, on the server connection it
@@ -39,6 +41,7 @@ class _Proxy:
         user = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
         self.url = urllib.parse.urlunsplit(parts._replace(netloc=f"{user}127.0.0.1:{port}"))
         self._closing = False
+        self.refusing = threading.Event()  # while set, new connections are closed at once
         threading.Thread(target=self._accept, daemon=True).start()
 
     def __enter__(self):
@@ -63,6 +66,9 @@ class _Proxy:
                 client, _ = self._server.accept()
             except OSError:
                 return
+            if self.refusing.is_set():
+                self._close(client)
+                continue
             upstream = socket.create_connection(self._upstream)
             state = {"drop": False}
             threading.Thread(target=self._down, args=(upstream, client, state),
@@ -127,10 +133,11 @@ class _Proxy:
 
 
 class CommitCutter(_Proxy):
-    def __init__(self, url: str, mark: bytes, lose: str = "answer"):
+    def __init__(self, url: str, mark: bytes, lose: str = "answer", refuse: bool = False):
         assert lose in ("answer", "commit")
         self._mark = mark
         self._lose = lose
+        self._refuse = refuse
         self.armed = threading.Event()
         self.cut = threading.Event()
         super().__init__(url)
@@ -140,6 +147,8 @@ class CommitCutter(_Proxy):
             state["marked"] = state.get("marked") or self._mark in message
             commits = b"COMMIT" in message.upper()
             if commits and state["marked"] and self.armed.is_set() and not self.cut.is_set():
+                if self._refuse:
+                    self.refusing.set()
                 self.cut.set()
                 if self._lose == "answer":
                     state["drop"] = True  # the outcome never reaches the client
