@@ -224,17 +224,20 @@ class Supervisor(pykka.ThreadingActor):
                     lambda snapshot: m.SnapshotLoaded(msg, snapshot), failed)
 
     def _on_SnapshotLoaded(self, msg: m.SnapshotLoaded) -> None:
-        self._starting.discard(msg.start.execution_id)
+        execution_id = msg.start.execution_id
+        self._starting.discard(execution_id)
+        # A cancel committed after the snapshot was read (it says ``running``): the cancel is
+        # what is true; its end was reported when it was heard.
+        heard = execution_id in self._cancelled_starting
+        self._cancelled_starting.discard(execution_id)
         snapshot = msg.snapshot
-        if msg.start.execution_id in self._cancelled_starting:
-            # A cancel committed after the snapshot was read (it says ``running``): the
-            # cancel is what is true; its end was reported when it was heard.
-            self._cancelled_starting.discard(msg.start.execution_id)
-            return
         if snapshot is None:
             return
         execution = snapshot.execution
         mine = execution["owner"] == self._ctx.node_id and execution["epoch"] == msg.start.epoch
+        if mine and (heard or execution["status"] == "cancelled"):
+            self._close_cancelled(execution_id, msg.start.epoch, snapshot.rows)
+            return
         if not mine or execution["status"] != "running":
             return
         if snapshot.error is not None:
@@ -242,6 +245,15 @@ class Supervisor(pykka.ThreadingActor):
                               execution["workflow"])
         else:
             self._start(execution, snapshot.model, snapshot.rows, msg.start.resumed)
+
+    def _close_cancelled(self, execution_id: str, epoch: int, rows) -> None:
+        """An execution this node owns (taken over, restarted) was cancelled before its
+        actor started: no actor records its steps that were running when its last owner
+        stopped, and no other node closes the steps of a live owner; so they end
+        ``cancelled`` here (4.6), as the actor would have ended them. Fenced."""
+        if any(row["status"] in ("pending", "running") for row in rows):
+            self._ctx.journal.submit(lambda: store.close_cancelled_steps(execution_id),
+                                     fence=(execution_id, epoch))
 
     def _on_StartFailed(self, msg: m.StartFailed) -> None:
         self._starting.discard(msg.execution_id)

@@ -18,9 +18,9 @@ from mantle.store.executions import (MANUAL_TRIGGER, Cancelled, Created, Parent,
                                      mark_hooks_started, promote_queued, queued_workflows,
                                      workflow_of)
 from mantle.store.ownership import (cancelled_among, check_with_writes, claim_expired,
-                                    close_orphaned_steps, database_now, expire_dead_neighbours,
-                                    expire_node, node_channels, owned_running, refused_fences,
-                                    register_node, renew_node)
+                                    close_cancelled_steps, close_orphaned_steps, database_now,
+                                    expire_dead_neighbours, expire_node, node_channels,
+                                    owned_running, refused_fences, register_node, renew_node)
 from mantle.store.statements import batch_scope, storable_text
 from mantle.store.steps import write_progress, write_step
 from mantle.store.versions import (forget_current_versions, known_current_versions,
@@ -31,9 +31,9 @@ __all__ = [
     "cancel_execution", "copy_steps", "create_execution", "execution_row",
     "execution_snapshot", "fail_execution", "finish_execution", "final_results",
     "mark_hooks_started", "promote_queued", "queued_workflows", "workflow_of",
-    "cancelled_among", "check_with_writes", "claim_expired", "close_orphaned_steps",
-    "database_now", "expire_dead_neighbours", "expire_node", "node_channels", "owned_running",
-    "refused_fences", "register_node", "renew_node",
+    "cancelled_among", "check_with_writes", "claim_expired", "close_cancelled_steps",
+    "close_orphaned_steps", "database_now", "expire_dead_neighbours", "expire_node",
+    "node_channels", "owned_running", "refused_fences", "register_node", "renew_node",
     "batch_scope", "storable_text", "write_progress", "write_step", "model_of",
     "stored_version", "version_of", "known_current_versions", "forget_current_versions",
 ]

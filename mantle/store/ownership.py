@@ -21,8 +21,9 @@ from mantle.store.statements import Statements
 from mantle.store.versions import current_versions_query, note_current_versions
 
 __all__ = ["refused_fences", "check_with_writes", "claim_expired", "close_orphaned_steps",
-           "expire_dead_neighbours", "owned_running", "cancelled_among", "register_node",
-           "renew_node", "expire_node", "node_channels", "database_now"]
+           "close_cancelled_steps", "expire_dead_neighbours", "owned_running",
+           "cancelled_among", "register_node", "renew_node", "expire_node", "node_channels",
+           "database_now"]
 
 _CHUNK = 500  # ids per IN (...) list
 
@@ -130,10 +131,26 @@ def close_orphaned_steps(limit: int = _CHUNK) -> list[str]:
         "AND e.status = 'cancelled' "
         f"AND (n.id IS NULL OR n.lease_expires_at < {sql.now}) LIMIT {p}", (limit,))]
     if ids:
-        sql.run(f"UPDATE step_executions SET status = 'cancelled', completed_at = {p} "
-                "WHERE status IN ('pending', 'running') AND execution_id IN "
-                f"({sql.placeholders(len(ids))})", (sql.stamp(utcnow()), *ids))
+        _close_steps(sql, ids)
     return ids
+
+
+def close_cancelled_steps(execution_id: str) -> None:
+    """End ``cancelled`` the steps still pending or running of ``execution_id`` if it is
+    cancelled: a node that took it over (or restarts it) heard the cancel before it started
+    an actor, so no actor of it records them, and its owner is alive, so
+    ``close_orphaned_steps`` never will."""
+    sql = Statements.of_bound()
+    p = sql.db.param
+    if sql.rows(f"SELECT 1 FROM workflow_executions WHERE id = {p} AND status = 'cancelled'",
+                (execution_id,)):
+        _close_steps(sql, [execution_id])
+
+
+def _close_steps(sql: Statements, execution_ids: list[str]) -> None:
+    sql.run(f"UPDATE step_executions SET status = 'cancelled', completed_at = {sql.db.param} "
+            "WHERE status IN ('pending', 'running') AND execution_id IN "
+            f"({sql.placeholders(len(execution_ids))})", (sql.stamp(utcnow()), *execution_ids))
 
 
 def owned_running(node: str) -> list[tuple[str, int]]:

@@ -12,7 +12,11 @@ import textwrap
 import threading
 from pathlib import Path
 
+import pytest
+
+from actors import messages as m
 from actors.engine import Engine
+from mantle import store
 from mantle import db as mantle_db
 from mantle import queries
 from mantle.db import transaction
@@ -658,3 +662,57 @@ def test_a_node_whose_lease_ran_out_during_a_back_off_does_not_call_the_retry(
     assert (detail["status"], _rows(execution_id)[-1][:3]) == ("completed", ("call", 3,
                                                                                "completed"))
     assert http_target.hits("/flaky") == 3  # attempts 1, 2 and 3, each once
+
+
+@pytest.mark.parametrize("order", ["cancel-then-read", "read-then-cancel"])
+def test_a_cancel_committed_while_a_taken_over_execution_loads_ends_its_running_steps(
+        db, monkeypatch, order):
+    """SPEC 4.6 and 13.7 ("cancel anywhere", takeover): a node that takes an execution over
+    loads its snapshot in a journal operation of its own before it starts an actor. A
+    cancel from another node can commit in between: after the claim made this node the
+    owner, before (or just after) the read. The node then rightly starts nothing, but it
+    used to leave the step that was running when the dead owner stopped ``running`` in a
+    ``cancelled`` execution for good: no actor of its owner records it, and the takeover's
+    clean-up only closes the steps of owners whose lease has expired, which this live owner's
+    never does. Both orders are frozen here: the cancel commits just before the snapshot is
+    read, or just after it with its notice reaching the Supervisor first."""
+    apply("""
+        name: handed-over
+        steps: [{name: nap, action: core/sleep, params: {duration: 60s}}]
+    """)
+    orphan = "00000000-0000-4000-8000-0000000000c1"
+    with transaction(db):  # a dead node's execution, its step running when it died
+        WorkflowExecution.create(id=orphan, workflow_name="handed-over", version=1,
+                                 status="running", inputs={},
+                                 trigger={"type": "manual", "payload": None},
+                                 started_at=mantle_db.fields.utcnow(),
+                                 running_since=mantle_db.fields.utcnow(), owner="gone-node")
+        StepExecution.insert(execution=orphan, step_name="nap", attempt=1, status="running",
+                             started_at=mantle_db.fields.utcnow()).execute()
+    real = store.execution_snapshot
+    engines: list[Engine] = []
+
+    def cancelled_meanwhile(execution_id: str):
+        if execution_id != orphan:
+            return real(execution_id)
+        if order == "cancel-then-read":
+            store.cancel_execution(orphan, "api")  # the other node's cancel, committed first
+            return real(execution_id)
+        snapshot = real(execution_id)  # says running
+        store.cancel_execution(orphan, "api")
+        engines[0]._supervisor.tell(m.CancelNotified(orphan))  # its notice, first
+        return snapshot
+
+    monkeypatch.setattr(store, "execution_snapshot", cancelled_meanwhile)
+    engines.append(Engine(db, metrics=Metrics(), resume_orphans=True))
+    engine = engines[0].start()
+    try:
+        wait_until(lambda: WorkflowExecution.get_by_id(orphan).status == "cancelled",
+                   timeout=10, message="the orphan was not taken over and cancelled")
+        assert WorkflowExecution.get_by_id(orphan).owner == engine.runner
+        wait_until(lambda: _rows(orphan)[0][2] == "cancelled", timeout=5,
+                   message=f"the cancelled execution kept its step running: {_rows(orphan)}")
+    finally:
+        engine.shutdown(timeout=1)
+    [step] = StepExecution.select().where(StepExecution.execution_id == orphan)
+    assert (step.status, step.attempt, step.completed_at is not None) == ("cancelled", 1, True)
