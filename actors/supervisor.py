@@ -50,6 +50,10 @@ BACKSTOP_EVERY = 1.0
 # such a bug delays an execution instead of leaving it running for good under a live owner,
 # which no other node would take over.
 RECONCILE_LEASES = 2.0
+# How many cancels heard for executions without an actor here are remembered: a start under
+# way needs the memory for the moments its snapshot or row takes to arrive; on PostgreSQL
+# every node hears every node's cancels.
+HEARD_CANCELS = 10_000
 
 
 class RunResult:
@@ -145,7 +149,10 @@ class Supervisor(pykka.ThreadingActor):
         self._takeover = takeover
         self._live: dict[str, pykka.ActorRef] = {}
         self._starting: set[str] = set()  # snapshots being loaded for a start
-        self._cancelled_starting: set[str] = set()  # of those, cancelled meanwhile
+        # Cancels heard for executions this node runs no actor for (yet), newest last: one
+        # whose start is under way (its snapshot or the creation's row may predate the
+        # cancel) is never started. Cancels are final, so an id may stay here for good.
+        self._heard: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._epochs: dict[str, int] = {}
         self._cancelling: set[str] = set()
         self._slots: dict[tuple[str, str], _Slot] = {}
@@ -198,7 +205,7 @@ class Supervisor(pykka.ThreadingActor):
         self._start(created.execution, created.model, tuple(msg.request.reuse), resumed=False)
 
     def _start(self, execution: dict, model, rows, resumed: bool) -> None:
-        if execution["id"] in self._live or self._shutdown:
+        if execution["id"] in self._live or execution["id"] in self._heard or self._shutdown:
             return
         try:
             actor = ExecutionActor.start(self._ctx, self.actor_ref, model, execution)
@@ -228,8 +235,7 @@ class Supervisor(pykka.ThreadingActor):
         self._starting.discard(execution_id)
         # A cancel committed after the snapshot was read (it says ``running``): the cancel is
         # what is true; its end was reported when it was heard.
-        heard = execution_id in self._cancelled_starting
-        self._cancelled_starting.discard(execution_id)
+        heard = execution_id in self._heard
         snapshot = msg.snapshot
         if snapshot is None:
             return
@@ -257,7 +263,6 @@ class Supervisor(pykka.ThreadingActor):
 
     def _on_StartFailed(self, msg: m.StartFailed) -> None:
         self._starting.discard(msg.execution_id)
-        self._cancelled_starting.discard(msg.execution_id)
         if msg.error is not None:
             self._unstartable(msg.execution_id, msg.epoch,
                               str(msg.error) or type(msg.error).__name__)
@@ -333,8 +338,10 @@ class Supervisor(pykka.ThreadingActor):
     def _cancel_local(self, execution_id: str) -> None:
         actor = self._live.get(execution_id)
         if actor is None:
-            if execution_id in self._starting:  # its snapshot may predate the cancel
-                self._cancelled_starting.add(execution_id)
+            self._heard[execution_id] = None
+            self._heard.move_to_end(execution_id)
+            if len(self._heard) > HEARD_CANCELS:
+                self._heard.popitem(last=False)
             self._on_ended(execution_id, "cancelled")
         elif execution_id not in self._cancelling:
             self._cancelling.add(execution_id)

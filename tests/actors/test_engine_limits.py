@@ -552,3 +552,39 @@ def test_a_cancel_heard_while_a_promoted_execution_is_loading_keeps_it_from_star
         assert engine.wait(queued.execution_id, timeout=1) == "cancelled"
     finally:
         _cancel_all(engine, (queued.execution_id,))
+
+
+def test_a_cancel_heard_before_a_new_execution_reaches_the_supervisor_keeps_it_from_starting(
+        engine, monkeypatch):
+    """SPEC 4.6 ("nothing new starts") and 13.7 "Cancel anywhere": a new execution is
+    started from the row its creation returned, which the journal thread tells the
+    Supervisor after the commit, behind the callbacks of the rest of its batch. A cancel
+    from another node can commit right after the creation (a parent's cancel that waited for
+    the lock its child's creation held cascades to the new child at once) and its notice
+    reach the Supervisor first. The notice found no actor and was dropped, and the execution
+    was then started from its stale row: its steps ran (a call made, a row written) until
+    the once-a-second look ended it. Here the creation commits the other node's cancel and
+    delivers its notice itself, which freezes that window."""
+    apply("""
+        name: outrun
+        steps: [{name: first, action: core/log, params: {message: one}}]
+    """)
+    real = store.create_execution
+
+    def cancelled_at_once(workflow, *args, **kwargs):
+        created = real(workflow, *args, **kwargs)
+        if workflow == "outrun" and created.execution is not None:
+            execution_id = created.execution["id"]
+            store.cancel_execution(execution_id, "api")  # the other node's cancel
+            engine._supervisor.tell(m.CancelNotified(execution_id))  # its notice, first
+        return created
+
+    monkeypatch.setattr(store, "create_execution", cancelled_at_once)
+    execution_id = engine.run("outrun").execution_id
+    engine.journal.call(lambda: None)  # the creation's batch was reported to the Supervisor
+    # An actor started from the stale row writes its step and ends: once no actor runs, its
+    # writes are all committed.
+    wait_until(lambda: engine.live_count() == 0, timeout=10)
+    steps = StepExecution.select().where(StepExecution.execution_id == execution_id).count()
+    assert (_status(execution_id), steps) == ("cancelled", 0)
+    assert engine.wait(execution_id, timeout=1) == "cancelled"
