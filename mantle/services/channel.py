@@ -9,7 +9,10 @@ the running attempts within 50 ms. Two ways carry the news:
   datagram socket named after its id (recorded in ``nodes.channel``); the canceller sends the
   id there. Abstract names need no file and vanish with the process.
 
-Both are best effort: the owner also looks at its executions' rows every second.
+Both are best effort: the owner also looks at its executions' rows every second. That look
+goes through the journal, which may be waiting (an outage's back-off, a row lock) just when a
+notification was missed; so the listener, each time it has connected and LISTENs, also looks
+on its own connection for the cancelled executions this node owns whose steps still run.
 """
 
 from __future__ import annotations
@@ -29,6 +32,12 @@ log = logging.getLogger("mantle.engine")
 
 _PREFIX = b"cancel "
 _RECONNECT_AFTER = 1.0
+# Cancelled executions of this node with a step still pending or running: cancels it has not
+# applied yet (through migration 006's index of active step rows).
+_MISSED = ("SELECT DISTINCT s.execution_id FROM step_executions s "
+           "JOIN workflow_executions e ON e.id = s.execution_id "
+           "WHERE s.status IN ('pending', 'running') AND e.status = 'cancelled' "
+           "AND e.owner = %s")
 
 
 def channel_name(node_id: str) -> str:
@@ -81,6 +90,7 @@ class CancelChannel:
 
     def __init__(self, database, node_id: str, on_cancel: Callable[[str], None]):
         self.name = channel_name(node_id)
+        self._node_id = node_id
         self._db = unwrap(database)
         self._on_cancel = on_cancel
         self._stop = threading.Event()
@@ -136,6 +146,8 @@ class CancelChannel:
                 with psycopg.connect(dbname=self._db.database, autocommit=True,
                                      **self._db.connect_params) as conn:
                     conn.execute("LISTEN mantle_cancel")
+                    for (execution_id,) in conn.execute(_MISSED, (self._node_id,)).fetchall():
+                        self._deliver(execution_id)  # missed while not listening
                     while not self._stop.is_set():
                         for note in conn.notifies(timeout=0.5, stop_after=64):
                             self._deliver(note.payload)

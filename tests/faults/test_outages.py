@@ -53,8 +53,10 @@ from urllib.parse import parse_qs, urlsplit
 import psycopg
 import pytest
 
+from mantle import db as mantle_db
+from mantle import store
 from mantle.daemon.readiness import Readiness
-from mantle.db import migrations
+from mantle.db import migrations, transaction
 from mantle.db.fields import utcnow
 from mantle.db.models import StepExecution, WorkflowExecution
 from tests.web.support import Daemon, apply_yaml, call, wait_until
@@ -539,3 +541,65 @@ def test_a_run_answered_503_while_its_commit_was_in_doubt_never_runs_a_step(
 def _answered(reply):
     assert reply.status in (200, 503), reply.body
     return reply if reply.status == 200 else None
+
+
+def _listeners(url: str) -> set[int]:
+    """The server processes of the cancel listeners' connections (SPEC 13.7): their last
+    statement is the LISTEN, or the look for cancels missed that follows it."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        return {row[0] for row in conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE query = 'LISTEN mantle_cancel' "
+            "OR query LIKE 'SELECT DISTINCT s.execution_id FROM step_executions s %'")}
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_a_cancel_sent_while_the_listener_reconnects_and_the_journal_waits_reaches_the_owner(
+        bound, tmp_path, http_target):
+    """SPEC 13.7 "Cancel anywhere" and 4.6: the owner interrupts a cancelled execution's
+    running attempt even when it did not hear the cancel's NOTIFY, its listening connection
+    being broken at that moment (a restarted server, a cut connection), while its journal
+    waits (here a checkpoint of another execution waits on a row lock; likewise while it
+    backs off after an outage). The owner looked for missed cancels only in the journal, so
+    the attempt ran on as long as the journal waited; now the listener, once connected again,
+    looks for the cancelled executions this node owns whose steps still run."""
+    http_target.route("/held", hold=True)
+    http_target.route("/gate", hold=True)
+    for name, path in (("held", "/held"), ("stuck", "/gate")):
+        url = http_target.url(path)
+        apply_yaml(f"""
+            name: {name}
+            steps: [{{name: call, action: http/request, params: {{url: "{url}"}}}}]
+        """)
+    daemon = Daemon(tmp_path, bound).start(timeout=60)
+    lock = psycopg.connect(bound, autocommit=False)
+    try:
+        held = daemon.post("/api/v1/run/held", {}).json["execution_id"]
+        stuck = daemon.post("/api/v1/run/stuck", {}).json["execution_id"]
+        http_target.wait_for_hits("/held")
+        http_target.wait_for_hits("/gate")
+        lock.execute("SELECT id FROM workflow_executions WHERE id = %s FOR UPDATE", (stuck,))
+        http_target.release("/gate")  # its step's end now waits for the lock: so does the journal
+        with psycopg.connect(bound, autocommit=True) as conn:
+            wait_until(lambda: conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND query LIKE '%FOR SHARE%'").fetchone()[0] == 1, timeout=10,
+                message="the journal does not wait on the row lock")
+            broken = _listeners(bound)
+            assert len(broken) == 1
+            conn.execute("SELECT pg_terminate_backend(%s)", (broken.pop(),))
+        wait_until(lambda: not (_listeners(bound) & broken), timeout=5)
+        with transaction(mantle_db.database_proxy):  # the cancel, from another node
+            assert store.cancel_execution(held, "api").previous == "running"
+        sent = time.monotonic()
+        wait_until(lambda: http_target.in_progress("/held") == 0, timeout=5, interval=0.01,
+                   message="the owner did not interrupt the cancelled execution's attempt")
+        assert time.monotonic() - sent < 2.5  # the listener reconnects within a second
+        lock.rollback()
+        wait_until(lambda: [s.status for s in StepExecution.select().where(
+            StepExecution.execution_id == held)] == ["cancelled"], timeout=10)
+        assert WorkflowExecution.get_by_id(held).status == "cancelled"
+        wait_until(lambda: WorkflowExecution.get_by_id(stuck).status == "completed", timeout=10)
+    finally:
+        lock.close()
+        http_target.release()
+        assert daemon.stop() == 0, daemon.output()
