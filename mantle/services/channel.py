@@ -31,6 +31,8 @@ __all__ = ["CancelChannel", "channel_name", "send_cancels", "local_targets"]
 log = logging.getLogger("mantle.engine")
 
 _PREFIX = b"cancel "
+_PER_NOTICE = 100  # execution ids per datagram (about 3.7 KB)
+_NOTICE_BYTES = 8192
 _RECONNECT_AFTER = 1.0
 # Cancelled executions of this node with a step still pending or running: cancels it has not
 # applied yet (through migration 006's index of active step rows).
@@ -63,25 +65,32 @@ def local_targets(cancelled, channels: dict, host_key: str, me: str | None = Non
     return targets
 
 
-def send_cancels(targets: Iterable[tuple[str, str]], sock: socket.socket | None = None) -> None:
-    """Send each (channel name, execution id) to that node of this host (best effort)."""
-    targets = list(targets)
-    if not targets:
+def send_cancels(targets: Iterable[tuple[str, str]]) -> None:
+    """Send each (channel name, execution id) to that node of this host (best effort): the
+    ids for one node go together, up to ``_PER_NOTICE`` a datagram, so that a cancel that
+    cascades to many sub-workflows run by one node sends it one notice, not a burst.
+
+    Never waits: a node that reads nothing (frozen by SIGSTOP, a frozen VM) has a full queue
+    once ``net.unix.max_dgram_qlen`` notices wait in it, and a notice that cannot be queued
+    at once is dropped; its owner's once-a-second look finds the cancels when it runs again.
+    Waiting would hold up the sender (the Supervisor, or ``mantle cancel``) behind it."""
+    by_node: dict[str, list[str]] = {}
+    for name, execution_id in targets:
+        by_node.setdefault(name, []).append(execution_id)
+    if not by_node:
         return
-    own = sock is None
     try:
-        if own:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        for name, execution_id in targets:
-            try:
-                sock.sendto(_PREFIX + execution_id.encode(), _address(name))
-            except OSError:  # the node is gone: its executions will be taken over
-                pass
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            for name, ids in by_node.items():
+                for start in range(0, len(ids), _PER_NOTICE):
+                    notice = _PREFIX + " ".join(ids[start:start + _PER_NOTICE]).encode()
+                    try:
+                        sock.sendto(notice, _address(name))
+                    except OSError:  # gone (taken over later), or its queue is full
+                        break
     except OSError:  # no Unix sockets here: the owners' backstop remains
         pass
-    finally:
-        if own and sock is not None:
-            sock.close()
 
 
 class CancelChannel:
@@ -120,7 +129,7 @@ class CancelChannel:
 
     def send(self, targets: Iterable[tuple[str, str]]) -> None:
         """Tell each (channel name, execution id) — a node of this host — of its cancel."""
-        send_cancels(targets, self._socket)
+        send_cancels(targets)
 
     def _spawn(self, target, name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -131,13 +140,14 @@ class CancelChannel:
         """Runs on the channel thread."""
         while not self._stop.is_set():
             try:
-                data = self._socket.recv(256)
+                data = self._socket.recv(_NOTICE_BYTES)
             except TimeoutError:
                 continue
             except OSError:
                 return
             if data.startswith(_PREFIX):
-                self._deliver(data[len(_PREFIX):].decode(errors="replace"))
+                for execution_id in data[len(_PREFIX):].decode(errors="replace").split():
+                    self._deliver(execution_id)
 
     def _listen(self) -> None:
         """Runs on the listen thread: LISTEN on a connection of its own, reconnecting."""

@@ -36,6 +36,7 @@ from mantle.db.fields import utcnow
 from mantle.db.models import Node, StepExecution, WorkflowDefinition, WorkflowExecution
 from mantle.metrics import Metrics
 from mantle.services import journal as journal_module
+from mantle.services.channel import channel_name
 from mantle.services.timers import Timers
 from mantle.store import executions as store_executions
 from tests.actors.conftest import apply, finish, wait_until
@@ -588,3 +589,35 @@ def test_a_cancel_heard_before_a_new_execution_reaches_the_supervisor_keeps_it_f
     steps = StepExecution.select().where(StepExecution.execution_id == execution_id).count()
     assert (_status(execution_id), steps) == ("cancelled", 0)
     assert engine.wait(execution_id, timeout=1) == "cancelled"
+
+
+def test_cancel_notices_for_a_frozen_node_of_this_host_never_hold_up_the_supervisor(engine):
+    """SPEC 13.7 "Cancel anywhere" and docs/engine.md (a node paused past its lease): a node
+    of this host that is frozen (SIGSTOP, a frozen VM) keeps its cancel channel's socket but
+    reads nothing. Once that socket's queue is full (``net.unix.max_dgram_qlen``), each
+    further notice to it blocked the sending node's Supervisor for the channel socket's
+    half-second timeout, holding up every cancel, promotion, slot and takeover of that node
+    behind it (the frozen node's executions it should take over among them). A notice that
+    cannot be queued at once is dropped instead: the owner's once-a-second look finds the
+    cancel when it runs again."""
+    apply(NAPPER)
+    with open("/proc/sys/net/unix/max_dgram_qlen") as handle:
+        count = int(handle.read()) + 8
+    frozen, now = "frozen-node", utcnow()
+    name = channel_name(frozen)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name[1:])  # the frozen node's channel: nobody reads it
+        Node.create(id=frozen, hostname="frozen", pid=1, kind="serve",
+                    host_key=engine.node.host_key, channel=name, started_at=now,
+                    lease_expires_at=now + dt.timedelta(hours=1))
+        ids = [f"00000000-0000-4000-8000-{index:012d}" for index in range(count)]
+        for execution_id in ids:
+            WorkflowExecution.create(id=execution_id, workflow_name="napper", version=1,
+                                     status="running", inputs={}, trigger=_MANUAL,
+                                     started_at=now, running_since=now, owner=frozen, epoch=1)
+        started = time.monotonic()
+        for execution_id in ids:
+            assert engine.cancel(execution_id) == "running"
+        assert engine.live_count() == 0  # the Supervisor has dealt with every cancel
+        elapsed = time.monotonic() - started
+    assert elapsed < 2.0, f"{count} cancels held the Supervisor up for {elapsed:.1f} s"

@@ -125,6 +125,36 @@ def test_cancelling_the_parent_cancels_its_running_child_within_a_second(engine)
     assert detail["status"] == "cancelled"
 
 
+def test_a_parent_cancelled_on_another_node_of_this_host_stops_forty_children_at_once(
+        db, tmp_path):
+    """SPEC 13.3 and 13.7 "Cancel anywhere": the node that receives the cancel of a parent
+    commits it with its forty running children and tells their owner, another node of this
+    host, in one notice; the owner interrupts them all within milliseconds. Notices are sent
+    without waiting (a frozen node must not hold up the sender), so one per child would
+    overflow the owner's datagram queue and leave most of them to its once-a-second look."""
+    apply(SLEEPY_KID.replace("max_parallel_executions: 5", "max_parallel_executions: 0"))
+    steps = "\n".join(f"          - {{name: c{index}, action: workflow/run, "
+                      "params: {workflow: sleepy-kid}}" for index in range(40))
+    apply(f"""
+        name: forty
+        steps:
+{steps}
+    """)
+    owner, sender = _engine(db, tmp_path), _engine(db, tmp_path)
+    try:
+        parent = owner.run("forty").execution_id
+        wait_until(lambda: owner.live_count() == 41, timeout=20)
+        assert sender.cancel(parent) == "running"
+        started = time.monotonic()
+        wait_until(lambda: owner.live_count() == 0, timeout=5, interval=0.005)
+        elapsed = time.monotonic() - started
+    finally:
+        owner.shutdown(timeout=1)
+        sender.shutdown(timeout=1)
+    assert elapsed < 0.3, f"the owner took {elapsed:.2f} s to stop the cancelled children"
+    assert {child.status for child in _children(parent)} == {"cancelled"}
+
+
 def _lock_waiters(session) -> int:
     """Sessions of this test's database now waiting for a lock another session holds."""
     return session.execute_sql(
