@@ -5,8 +5,8 @@ then forks N workers, each a complete daemon (engine, API, cron, its own node an
 The parent holds one socket per worker slot, all bound to the one port with SO_REUSEPORT, so
 the kernel spreads connections evenly (one socket accepted by all let whichever worker polled
 first take nearly every keep-alive connection), and a restarted worker takes over its slot's
-socket with the connections waiting in it. The parent starts no thread of its own, so forking is safe; it
-waits on one self-pipe for signals and on one pipe per worker for its messages:
+socket with the connections waiting in it. The parent starts no thread of its own, so forking
+is safe; it waits on one self-pipe for signals and on one pipe per worker for its messages:
 
 - ``R`` (ready): once every worker has said it, the parent sends systemd ``READY=1`` once;
 - ``W`` (alive, every second while the worker's engine answers): the parent sends systemd
@@ -15,8 +15,9 @@ waits on one self-pipe for signals and on one pipe per worker for its messages:
 
 A worker that dies is restarted (at most once a second per slot); its executions are taken
 over by its siblings at once (same host, process gone). SIGTERM or SIGINT: ``STOPPING=1``,
-SIGTERM to every worker (a second signal is forwarded too: the workers jump to their
-deadline); the parent exits 0 when all have exited, killing any still alive
+the parent closes its copies of the sockets (so the port refuses connections once each worker
+has closed its own), SIGTERM to every worker (a second signal is forwarded too: the workers
+jump to their deadline); the parent exits 0 when all have exited, killing any still alive
 ``shutdown_timeout`` + ``STOP_MARGIN`` seconds after the first signal.
 """
 
@@ -128,7 +129,7 @@ class Arbiter:
                     os.read(wake_fd, 512)
                 else:
                     self._heard(pipes[fd], os.read(fd, 512))
-            self._handle_signals()
+            self._handle_signals(sockets)
             self._reap(sockets)
             now = time.monotonic()
             self._kill_silent(now)
@@ -149,7 +150,7 @@ class Arbiter:
                 log.info("workers ready", extra={"workers": self._count})
                 self._notifier.notify("READY=1")
 
-    def _handle_signals(self) -> None:
+    def _handle_signals(self, sockets: list[socket.socket]) -> None:
         while self._signals:
             signum = self._signals.pop(0)
             if signum == signal.SIGCHLD:
@@ -158,6 +159,8 @@ class Arbiter:
                 self._stopping_since = time.monotonic()
                 log.info("shutting down")
                 self._notifier.notify("STOPPING=1")
+                for sock in sockets:  # no worker starts any more: the listener closes
+                    sock.close()  # when each worker closes its own copy (10.3 step 2)
             self._signal_all(signal.SIGTERM)
 
     def _signal_all(self, signum: int) -> None:

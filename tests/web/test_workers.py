@@ -134,3 +134,36 @@ def test_sigterm_to_the_parent_stops_every_worker_gracefully(tmp_path, sqlite_ur
     assert WorkflowExecution.get_by_id(execution_id).status == "completed"  # it had time
     assert daemon.messages().count("server stopped") == 3  # two workers and the parent
     assert all(_zombie(pid) for pid in workers)
+
+
+def test_after_sigterm_new_connections_are_refused_while_the_workers_drain(tmp_path,
+                                                                          sqlite_url):
+    """10.3 step 2 with workers: the listener closes, so a client (or a load balancer) is
+    refused at once instead of waiting in a backlog nobody accepts from any more."""
+    apply_yaml("""
+        name: long
+        steps: [{name: nap, action: core/sleep, params: {duration: 6s}}]
+    """)
+    daemon = Daemon(tmp_path, sqlite_url, args=("--workers", "2",
+                                                "--shutdown-timeout", "20s")).start()
+    wait_until(lambda: len(_children(daemon.process.pid)) == 2, timeout=30)
+    execution_id = daemon.post("/api/v1/run/long", {}).json["execution_id"]
+    wait_until(lambda: StepExecution.select().where(
+        StepExecution.execution_id == execution_id, StepExecution.status == "running").exists())
+    daemon.send(signal.SIGTERM)
+    wait_until(lambda: daemon.messages().count("shutting down") == 3)  # the parent and both
+    refused = []
+
+    def connect_refused() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", daemon.port), 1).close()
+        except ConnectionRefusedError:
+            refused.append(True)
+        return len(refused) >= 10  # every socket of the port, not just one of them
+
+    wait_until(connect_refused, timeout=5,
+               message="connections are still accepted during the shutdown")
+    assert WorkflowExecution.get_by_id(execution_id).status == "running"  # still draining
+    assert daemon.wait(30) == 0
+    assert WorkflowExecution.get_by_id(execution_id).status == "completed"
+
