@@ -14,7 +14,8 @@ is safe; it waits on one self-pipe for signals and on one pipe per worker for it
   ``SILENT_AFTER`` seconds (it is then restarted like any dead worker).
 
 A worker that dies is restarted (at most once a second per slot); its executions are taken
-over by its siblings at once (same host, process gone). SIGTERM or SIGINT: ``STOPPING=1``,
+over by its siblings at once (same host, process gone). A worker whose parent dies shuts down
+as on SIGTERM. SIGTERM or SIGINT: ``STOPPING=1``,
 the parent closes its copies of the sockets (so the port refuses connections once each worker
 has closed its own), SIGTERM to every worker (a second signal is forwarded too: the workers
 jump to their deadline); the parent exits 0 when all have exited, killing any still alive
@@ -57,9 +58,15 @@ class _Worker:
 class _PipeNotifier:
     """What a worker's Watchdog and readiness speak to instead of systemd: the parent."""
 
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, parent: int):
         self._fd = fd
+        self._parent = parent
         self.enabled = True
+
+    def parent_gone(self) -> bool:
+        """Whether the parent died (SIGKILL, OOM): then nobody restarts this worker or
+        forwards a SIGTERM to it any more, so it shuts down on its own."""
+        return os.getppid() != self._parent
 
     def notify(self, message: str) -> bool:
         try:
@@ -211,6 +218,7 @@ class Arbiter:
 
     def _spawn(self, slot: int, sockets: list[socket.socket]) -> None:
         read_fd, write_fd = os.pipe()
+        parent = os.getpid()
         pid = os.fork()
         if pid:
             os.close(write_fd)
@@ -222,14 +230,15 @@ class Arbiter:
             for index, other in enumerate(sockets):
                 if index != slot:
                     other.close()  # only the parent keeps every slot's socket
-            code = self._work(sockets[slot], write_fd, sweeps=slot == 0)
+            code = self._work(sockets[slot], _PipeNotifier(write_fd, parent),
+                              sweeps=slot == 0)
         except BaseException:  # never let a worker return into the parent's loop
             logging.getLogger("mantle.server").exception("worker failed")
         finally:
             logging.shutdown()
             os._exit(code)
 
-    def _work(self, sock: socket.socket, pipe: int, sweeps: bool) -> int:
+    def _work(self, sock: socket.socket, heartbeat: _PipeNotifier, sweeps: bool) -> int:
         """Runs in the forked worker: a full daemon on the inherited socket."""
         from mantle.daemon.daemon import Daemon
         from mantle.logs import setup_logging
@@ -240,7 +249,6 @@ class Arbiter:
         os.environ.pop("NOTIFY_SOCKET", None)  # only the parent speaks to systemd
         setup_logging(self._config.log_level, sys.stdout, background=True)
         database = self._context.database(require_head=False)
-        heartbeat = _PipeNotifier(pipe)
         return Daemon(self._config, database, threads=self._threads,
                       shutdown_timeout=self._timeout, kind="worker", listener=sock,
                       heartbeat=heartbeat, sweeps=sweeps).run()

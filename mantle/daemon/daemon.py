@@ -71,8 +71,9 @@ class Daemon:
                  heartbeat=None, sweeps: bool = True):
         """``listener`` and ``heartbeat`` are given to a ``serve --workers`` worker: the
         parent's listening socket, and where to say "ready" and "alive" instead of systemd
-        (``mantle.daemon.arbiter``). ``sweeps``: whether this process runs the retention
-        sweep (one worker of several does)."""
+        (``mantle.daemon.arbiter``), which also says whether that parent is gone (the
+        worker then shuts down on its own). ``sweeps``: whether this process runs the
+        retention sweep (one worker of several does)."""
         self._config = config
         self._database = database
         self._threads = threads
@@ -100,7 +101,9 @@ class Daemon:
                               (signal.SIGTERM, signal.SIGINT))
         self._start()
         while not self._signals.arrived.wait(0.5):
-            pass
+            if self._heartbeat is not None and self._heartbeat.parent_gone():
+                log.error("parent process gone; shutting down")
+                break
         signalled_at = time.monotonic()
         stopper = threading.Thread(target=self._shutdown, args=(signalled_at + self._timeout,),
                                    name="mantle-shutdown")

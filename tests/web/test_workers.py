@@ -9,6 +9,7 @@ import socket
 import time
 from collections import Counter
 
+from mantle.db.fields import utcnow
 from mantle.db.models import Node, StepExecution, WorkflowExecution
 from tests.web.support import Daemon, apply_yaml, wait_until
 
@@ -167,3 +168,34 @@ def test_after_sigterm_new_connections_are_refused_while_the_workers_drain(tmp_p
     assert daemon.wait(30) == 0
     assert WorkflowExecution.get_by_id(execution_id).status == "completed"
 
+
+
+def test_workers_whose_parent_was_killed_shut_down(tmp_path, sqlite_url):
+    """Nobody would restart them or forward a SIGTERM to them any more: they shut down as on
+    SIGTERM (their executions stay for the next start) instead of serving the port and
+    owning their executions for good."""
+    apply_yaml("""
+        name: long
+        steps: [{name: nap, action: core/sleep, params: {duration: 60s}}]
+    """)
+    daemon = Daemon(tmp_path, sqlite_url, args=("--workers", "2",
+                                                "--shutdown-timeout", "1s")).start()
+    workers = wait_until(lambda: len(_children(daemon.process.pid)) == 2
+                         and _children(daemon.process.pid), timeout=30)
+    execution_id = daemon.post("/api/v1/run/long", {}).json["execution_id"]
+    wait_until(lambda: StepExecution.select().where(
+        StepExecution.execution_id == execution_id, StepExecution.status == "running").exists())
+    daemon.send(signal.SIGKILL)
+    daemon.process.wait(10)
+    try:
+        wait_until(lambda: all(_zombie(pid) for pid in workers), timeout=15,
+                   message="the workers outlived their parent")
+    finally:
+        for pid in workers:
+            if not _zombie(pid):
+                os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: daemon.messages().count("server stopped") == 2)
+    assert daemon.messages().count("parent process gone; shutting down") == 2
+    execution = WorkflowExecution.get_by_id(execution_id)
+    assert execution.status == "running"  # for the next start to resume
+    assert Node.get_by_id(execution.owner).lease_expires_at <= utcnow()  # ended, not lapsing
