@@ -8,7 +8,8 @@ first take nearly every keep-alive connection), and a restarted worker takes ove
 socket with the connections waiting in it. The parent starts no thread of its own, so forking
 is safe; it waits on one self-pipe for signals and on one pipe per worker for its messages:
 
-- ``R`` (ready): once every worker has said it, the parent sends systemd ``READY=1`` once;
+- ``R`` (ready): once every worker has said it, the parent sends systemd ``READY=1`` once
+  (never after ``STOPPING=1``);
 - ``W`` (alive, every second while the worker's engine answers): the parent sends systemd
   ``WATCHDOG=1`` only while every worker has spoken lately, and kills a worker silent for
   ``SILENT_AFTER`` seconds (it is then restarted like any dead worker).
@@ -151,8 +152,10 @@ class Arbiter:
         worker.heard_at = time.monotonic()
         if b"R" in data and not worker.ready:
             worker.ready = True
-            if not self._announced_ready and len(self._workers) == self._count and all(
-                    w.ready for w in self._workers.values()):
+            # A worker that was still starting when the signal came says ready, then stops.
+            if not self._announced_ready and self._stopping_since is None and \
+                    len(self._workers) == self._count and all(
+                        w.ready for w in self._workers.values()):
                 self._announced_ready = True
                 log.info("workers ready", extra={"workers": self._count})
                 self._notifier.notify("READY=1")

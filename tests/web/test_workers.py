@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import time
 from collections import Counter
 
@@ -199,3 +200,26 @@ def test_workers_whose_parent_was_killed_shut_down(tmp_path, sqlite_url):
     execution = WorkflowExecution.get_by_id(execution_id)
     assert execution.status == "running"  # for the next start to resume
     assert Node.get_by_id(execution.owner).lease_expires_at <= utcnow()  # ended, not lapsing
+
+
+def test_a_signal_while_the_workers_start_sends_no_ready_after_stopping(tmp_path, sqlite_url):
+    """Workers held up in their startup (here by a write lock held elsewhere) finish it, say
+    ready and stop: the parent, already stopping, must not tell systemd READY=1 then."""
+    systemd = _Systemd(str(tmp_path / "notify.sock"))
+    lock = sqlite3.connect(sqlite_url.split("sqlite:///", 1)[1], isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    try:
+        daemon = Daemon(tmp_path, sqlite_url, args=("--workers", "2"),
+                        env={"NOTIFY_SOCKET": systemd.path}).start(ready=False)
+        # each worker logs it after installing its signal handler, before its engine starts
+        wait_until(lambda: daemon.messages().count("migrations complete") == 3, timeout=30)
+        daemon.send(signal.SIGTERM)
+        wait_until(lambda: "STOPPING=1" in systemd.read())
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert daemon.wait(30) == 0
+    wait_until(lambda: daemon.messages().count("server stopped") == 3)  # every worker started
+    messages = systemd.read()
+    systemd.close()
+    assert messages == ["STOPPING=1"]
