@@ -45,6 +45,7 @@ log = logging.getLogger("mantle.server")
 SILENT_AFTER = 30.0
 STOP_MARGIN = 10.0
 _RESTART_EVERY = 1.0
+_HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)  # by the parent
 
 
 @dataclass
@@ -123,7 +124,7 @@ class Arbiter:
             except OSError:
                 pass
 
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+        for sig in _HANDLED:
             signal.signal(sig, handle)
 
     def _loop(self, sockets: list[socket.socket], wake_fd: int) -> None:
@@ -222,11 +223,24 @@ class Arbiter:
     def _spawn(self, slot: int, sockets: list[socket.socket]) -> None:
         read_fd, write_fd = os.pipe()
         parent = os.getpid()
-        pid = os.fork()
+        # A signal reaching the child before it drops the parent's handlers would run the
+        # parent's handler there and be lost (the worker would serve on until killed): the
+        # signals wait, blocked, until the child's own dispositions are in place.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
+        pid = None
+        try:
+            pid = os.fork()
+        finally:
+            if pid != 0:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
         if pid:
             os.close(write_fd)
             self._workers[pid] = _Worker(slot, pid, read_fd)
             return
+        for sig in (signal.SIGTERM, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent forwards SIGTERM
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
         os.close(read_fd)
         code = 1
         try:
@@ -246,9 +260,6 @@ class Arbiter:
         from mantle.daemon.daemon import Daemon
         from mantle.logs import setup_logging
 
-        for sig in (signal.SIGTERM, signal.SIGCHLD):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent forwards SIGTERM
         os.environ.pop("NOTIFY_SOCKET", None)  # only the parent speaks to systemd
         setup_logging(self._config.log_level, sys.stdout, background=True)
         database = self._context.database(require_head=False)
