@@ -40,14 +40,20 @@ def listen(address: str, count: int = 1) -> list[socket.socket]:
     """``count`` listening sockets on ``address`` (``host:port``); ListenError when they
     cannot bind. Several share the port with SO_REUSEPORT (``serve --workers``): the kernel
     spreads new connections evenly over them, where one socket shared by several accepting
-    processes hands most connections to whichever process polls first."""
-    first = _bind(address, reuse_port=count > 1)
+    processes hands most connections to whichever process polls first.
+
+    The port is first taken without SO_REUSEPORT, which fails like one process's bind when
+    anyone listens there already (a socket with SO_REUSEPORT would silently share the port
+    with another server that set it too, e.g. another ``serve --workers``); then it is let go
+    and the group binds it."""
+    first = _bind(address)
     if count == 1:
         return [first]
     host, _ = parse_address(address)
-    port = first.getsockname()[1]  # port 0 picked one: the others join it
-    return [first] + [_bind(f"{'[' + host + ']' if ':' in host else host}:{port}",
-                            reuse_port=True) for _ in range(count - 1)]
+    port = first.getsockname()[1]  # port 0 picked one: the group takes it
+    first.close()
+    group = f"{'[' + host + ']' if ':' in host else host}:{port}"
+    return [_bind(group, reuse_port=True) for _ in range(count)]
 
 
 def _bind(address: str, reuse_port: bool = False) -> socket.socket:

@@ -12,7 +12,7 @@ from collections import Counter
 
 from mantle.db.fields import utcnow
 from mantle.db.models import Node, StepExecution, WorkflowExecution
-from tests.web.support import Daemon, apply_yaml, wait_until
+from tests.web.support import Daemon, apply_yaml, cli, wait_until
 
 
 def _children(pid: int) -> list[int]:
@@ -253,3 +253,26 @@ def test_a_sigterm_that_comes_while_the_workers_are_forked_reaches_every_one(tmp
         assert daemon.wait(30) == 0
         assert time.monotonic() - signalled < 8, \
             f"try {attempt}: a worker missed the SIGTERM: {daemon.output()}"
+
+
+def test_workers_on_a_port_another_server_listens_on_exit_1(tmp_path, sqlite_url):
+    """SPEC 10.2 step 5 as for one process: the workers' sockets share their port with each
+    other (SO_REUSEPORT), never with a server already there (another mantle, whose clients
+    would silently be split between the two)."""
+    first = Daemon(tmp_path, sqlite_url, args=("--workers", "2")).start()
+    try:
+        address = f"127.0.0.1:{first.port}"
+        second = cli(tmp_path, sqlite_url, "serve", "--workers", "2", "--api-address", address,
+                     timeout=20)
+        assert second.returncode == 1
+        assert second.stderr == f"Error: cannot listen on {address}: Address already in use\n"
+        with socket.socket() as taken:  # and no other server's socket, bound or listening
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            address = f"127.0.0.1:{taken.getsockname()[1]}"
+            third = cli(tmp_path, sqlite_url, "serve", "--workers", "2", "--api-address",
+                        address, timeout=20)
+        assert (third.returncode, third.stderr) == \
+            (1, f"Error: cannot listen on {address}: Address already in use\n")
+    finally:
+        assert first.stop() == 0
