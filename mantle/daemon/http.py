@@ -15,6 +15,7 @@ import time
 import waitress
 from waitress import wasyncore
 from waitress.channel import HTTPChannel
+from waitress.task import ThreadedTaskDispatcher
 
 from mantle.config import parse_address
 from mantle.errors import MantleError
@@ -24,6 +25,9 @@ __all__ = ["HttpServer", "ListenError", "format_address", "listen", "MAX_BODY_BY
 # waitress answers bodies over this itself (text, not JSON), so it is well above the API's
 # 1 MiB limit, which the app enforces with a JSON 413; it only bounds what waitress buffers.
 MAX_BODY_BYTES = 16 * 1024 * 1024
+# Probes are answered from memory, on threads of their own (``_Dispatcher``).
+PROBE_PATHS = frozenset({"/healthz", "/readyz"})
+PROBE_THREADS = 2
 
 
 class ListenError(MantleError):
@@ -104,6 +108,37 @@ class _Channel(HTTPChannel):
         return False
 
 
+class _Dispatcher(ThreadedTaskDispatcher):
+    """waitress's worker threads, plus ``PROBE_THREADS`` of their own for ``GET /healthz`` and
+    ``/readyz``. Those never touch the database, but on the shared threads they waited behind
+    requests that do: with the database blackholed, every worker waits on it (up to its
+    timeouts), and the probes with them (SPEC 13.7: ``/healthz`` never waits on it)."""
+
+    def __init__(self, threads: int):
+        super().__init__()
+        self.set_thread_count(threads)
+        self.probes = ThreadedTaskDispatcher()
+        self.probes.set_thread_count(PROBE_THREADS)
+
+    def add_task(self, channel) -> None:
+        """Called for the connection's first waiting request (waitress serves one request
+        per task and adds the connection again for the next)."""
+        request = channel.requests[0] if channel.requests else None
+        if request is not None and request.command == "GET" and request.path in PROBE_PATHS:
+            self.probes.add_task(channel)
+        else:
+            super().add_task(channel)
+
+    def shutdown(self, cancel_pending: bool = True, timeout: float = 5) -> bool:
+        self.probes.shutdown(cancel_pending, timeout)
+        return super().shutdown(cancel_pending, timeout)
+
+    @property
+    def busy(self) -> bool:
+        """Whether a request waits for a thread."""
+        return bool(self.queue or self.probes.queue)
+
+
 class HttpServer:
     """``threads`` workers for the API plus one per allowed event stream (``streams``), which
     holds its worker while open; the connection limit leaves room for both."""
@@ -121,7 +156,8 @@ class HttpServer:
         serving; return the bound ``host:port``. Raises ListenError."""
         sock = sock if sock is not None else _bind(self._address)
         self._server = waitress.create_server(
-            self._app, sockets=[sock], threads=self._threads + self._streams, ident="mantle",
+            self._app, sockets=[sock], _dispatcher=_Dispatcher(self._threads + self._streams),
+            ident="mantle",
             max_request_body_size=MAX_BODY_BYTES, clear_untrusted_proxy_headers=False,
             connection_limit=1000 + self._streams,
             # Keep reading a connection while its request runs, so that an event stream
@@ -181,8 +217,7 @@ class HttpServer:
     def _idle(self) -> bool:
         if self._server is None:
             return True
-        dispatcher = self._server.task_dispatcher
-        if dispatcher.queue:
+        if self._server.task_dispatcher.busy:
             return False
         for channel in list(self._server.active_channels.values()):
             if channel.requests or channel.request is not None or channel.total_outbufs_len:
@@ -209,7 +244,8 @@ class HttpServer:
         self._in_loop(close_connections)
         dispatcher = server.task_dispatcher
         dispatcher.shutdown(cancel_pending=True, timeout=2)
-        if dispatcher.threads:  # a worker stuck past the timeout: leave the pipe open
+        # a worker stuck past the timeout: leave the pipe open
+        if dispatcher.threads or dispatcher.probes.threads:
             self._in_loop(trigger.del_channel)
         else:
             self._in_loop(trigger.close)

@@ -15,6 +15,8 @@
   reaches the server ``delay`` seconds after the client sent it (``seen`` is set when it
   leaves the client); a cancel request sent meanwhile, on a connection of its own, arrives
   first.
+- ``Blackhole``: a network that swallows packets. While ``open`` is clear, nothing a client
+  sends reaches the server, and the client waits for an answer (until its own timeouts).
 
 Every other connection and message is passed through as it is.
 """
@@ -26,7 +28,7 @@ import threading
 import time
 import urllib.parse
 
-__all__ = ["CommitCutter", "LateCommit", "QueryDelayer"]
+__all__ = ["Blackhole", "CommitCutter", "LateCommit", "QueryDelayer"]
 
 _SSL_REQUEST, _GSS_REQUEST = 80877103, 80877104
 _QUERIES = (b"Q", b"P", b"B", b"E")
@@ -205,5 +207,17 @@ class QueryDelayer(_Proxy):
         if kind in _QUERIES and self._mark in message:
             self.seen.set()
             time.sleep(self._delay)
+        upstream.sendall(message)
+        return True
+
+
+class Blackhole(_Proxy):
+    def __init__(self, url: str):
+        super().__init__(url)
+        self.open = threading.Event()
+        self.open.set()
+
+    def _message(self, kind, message, upstream, state) -> bool:
+        self.open.wait()
         upstream.sendall(message)
         return True

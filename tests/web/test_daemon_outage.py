@@ -7,11 +7,15 @@ fast`` while an execution is in a step, and starts it again on the same port.
 from __future__ import annotations
 
 import datetime as dt
+import http.client
+import threading
+import time
 
 import pytest
 
 from mantle import db as mantle_db
 from mantle.db.fields import utcnow
+from tests.helpers.pgproxy import Blackhole
 from tests.pg import PausableCluster, started_or_skip
 from tests.web.support import Daemon, apply_yaml, wait_until
 
@@ -87,3 +91,43 @@ def test_a_postgres_outage_pauses_checkpoints_and_everything_recovers(cluster, t
         assert daemon.wait_for_status(again.json["execution_id"])["status"] == "completed"
     finally:
         assert daemon.stop() == 0, daemon.output()
+
+
+def test_probes_answer_while_every_api_worker_waits_on_a_blackholed_database(
+        pg_cluster, _pg_migrated_template, tmp_path):
+    """SPEC 13.7: /healthz never waits on the database. With the database's packets
+    swallowed, each request that queries it holds an API worker thread until its timeouts;
+    the probes, which answer from memory, have threads of their own and answer at once."""
+    url = pg_cluster.create_database(pg_cluster.new_name("blackhole"),
+                                     template=_pg_migrated_template)
+    proxy = Blackhole(url)
+    # 2 + 1 worker threads, so that a few requests take them all
+    daemon = Daemon(tmp_path, proxy.url, args=("--threads", "2"),
+                    env={"MANTLE_API_MAX_EVENT_STREAMS": "1"}).start()
+    try:
+        assert daemon.get("/api/v1/executions").status == 200
+        proxy.open.clear()
+        waiting = []
+
+        def query() -> None:
+            connection = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=60)
+            connection.request("GET", "/api/v1/executions")
+            waiting.append(connection)
+
+        for _ in range(6):
+            threading.Thread(target=query, daemon=True).start()
+        wait_until(lambda: len(waiting) == 6)
+        for path in ("/healthz", "/readyz", "/healthz"):
+            asked = time.monotonic()
+            connection = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=10)
+            connection.request("GET", path)
+            status = connection.getresponse().status
+            connection.close()
+            assert time.monotonic() - asked < 1.0, f"{path} waited behind the database"
+            assert status == 200 if path == "/healthz" else status in (200, 503)
+    finally:
+        proxy.open.set()
+        for connection in waiting:
+            connection.close()
+        assert daemon.stop() == 0
+        proxy.close()
