@@ -94,6 +94,9 @@ class Arbiter:
 
     def run(self) -> int:
         """Bind, migrate, fork the workers and supervise them until a signal; the exit code."""
+        wake_read, wake_write = os.pipe()
+        os.set_blocking(wake_write, False)
+        self._install_signals(wake_write)  # a signal while migrating: stop after it
         sockets = listen(self._config.api_address, self._count)
         database = self._context.database(require_head=False)
         migrations.migrate(database)
@@ -101,11 +104,10 @@ class Arbiter:
         self._context.close()  # no connection may cross a fork
         log.info("server listening", extra={
             "address": format_address(sockets[0].getsockname()), "workers": self._count})
-        wake_read, wake_write = os.pipe()
-        os.set_blocking(wake_write, False)
-        self._install_signals(wake_write)
-        for slot in range(self._count):
-            self._spawn(slot, sockets)
+        self._handle_signals(sockets)
+        if self._stopping_since is None:
+            for slot in range(self._count):
+                self._spawn(slot, sockets)
         try:
             self._loop(sockets, wake_read)
         finally:

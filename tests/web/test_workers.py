@@ -276,3 +276,31 @@ def test_workers_on_a_port_another_server_listens_on_exit_1(tmp_path, sqlite_url
             (1, f"Error: cannot listen on {address}: Address already in use\n")
     finally:
         assert first.stop() == 0
+
+
+def _has_open(pid: int, name: str) -> bool:
+    try:
+        return any(os.readlink(f"/proc/{pid}/fd/{fd}").endswith(name)
+                   for fd in os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return False
+
+
+def test_a_sigterm_while_the_parent_migrates_ends_it_with_exit_0(tmp_path):
+    """SPEC 10.3 as for one process, whose handlers are in place before it migrates: the
+    parent finishes migrating, starts no worker, and exits 0 (the signal killed it)."""
+    path = tmp_path / "fresh.db"
+    lock = sqlite3.connect(path, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")  # the migrations wait for it
+    try:
+        daemon = Daemon(tmp_path, f"sqlite:///{path}", args=("--workers", "2"))
+        daemon.start(ready=False)
+        wait_until(lambda: _has_open(daemon.process.pid, "fresh.db"), timeout=30)
+        daemon.send(signal.SIGTERM)  # pending at once, whenever the parent gets to it
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert daemon.wait(30) == 0, daemon.output()
+    assert _children(daemon.process.pid) == []
+    assert daemon.messages()[-1] == "server stopped"
+    assert "migrations complete" in daemon.messages()
