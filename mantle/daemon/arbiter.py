@@ -16,11 +16,12 @@ is safe; it waits on one self-pipe for signals and on one pipe per worker for it
 
 A worker that dies is restarted (at most once a second per slot); its executions are taken
 over by its siblings at once (same host, process gone). A worker whose parent dies shuts down
-as on SIGTERM. SIGTERM or SIGINT: ``STOPPING=1``,
-the parent closes its copies of the sockets (so the port refuses connections once each worker
-has closed its own), SIGTERM to every worker (a second signal is forwarded too: the workers
-jump to their deadline); the parent exits 0 when all have exited, killing any still alive
-``shutdown_timeout`` + ``STOP_MARGIN`` seconds after the first signal.
+as on SIGTERM. SIGTERM or SIGINT: ``STOPPING=1``, the parent closes its copies of the
+sockets (so the port refuses connections once each worker has closed its own), SIGTERM to
+every worker (a second signal is forwarded too: the workers jump to their deadline); the
+parent exits 0 when all have exited, killing any still alive ``shutdown_timeout`` +
+``STOP_MARGIN`` seconds after the first signal. A signal while the parent migrates stops it
+once the migrations are done, before any worker starts.
 """
 
 from __future__ import annotations
