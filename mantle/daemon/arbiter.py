@@ -10,9 +10,10 @@ is safe; it waits on one self-pipe for signals and on one pipe per worker for it
 
 - ``R`` (ready): once every worker has said it, the parent sends systemd ``READY=1`` once
   (never after ``STOPPING=1``);
-- ``W`` (alive, every second while the worker's engine answers): the parent sends systemd
-  ``WATCHDOG=1`` only while every worker has spoken lately, and kills a worker silent for
-  ``SILENT_AFTER`` seconds (it is then restarted like any dead worker).
+- ``W`` (alive, every second or twice per watchdog period if that is shorter, while the
+  worker's engine answers): the parent sends systemd ``WATCHDOG=1`` only while every worker
+  has spoken lately, and kills a worker silent for ``SILENT_AFTER`` seconds (it is then
+  restarted like any dead worker).
 
 A worker that dies is restarted (at most once a second per slot); its executions are taken
 over by its siblings at once (same host, process gone). A worker whose parent dies shuts down
@@ -59,11 +60,13 @@ class _Worker:
 
 
 class _PipeNotifier:
-    """What a worker's Watchdog and readiness speak to instead of systemd: the parent."""
+    """What a worker's Watchdog and readiness speak to instead of systemd: the parent.
+    ``interval``: how often the worker says it is alive."""
 
-    def __init__(self, fd: int, parent: int):
+    def __init__(self, fd: int, parent: int, interval: float):
         self._fd = fd
         self._parent = parent
+        self.interval = interval
         self.enabled = True
 
     def parent_gone(self) -> bool:
@@ -92,6 +95,10 @@ class Arbiter:
         self._signals: list[int] = []
         self._stopping_since: float | None = None
         self._announced_ready = False
+        # systemd's WATCHDOG=1 period; the workers speak at least twice in it, so that every
+        # one has spoken lately whenever a ping is due
+        self._ping_every = watchdog_interval() if self._notifier.enabled else None
+        self._alive_every = min(1.0, self._ping_every / 2) if self._ping_every else 1.0
 
     def run(self) -> int:
         """Bind, migrate, fork the workers and supervise them until a signal; the exit code."""
@@ -131,7 +138,7 @@ class Arbiter:
             signal.signal(sig, handle)
 
     def _loop(self, sockets: list[socket.socket], wake_fd: int) -> None:
-        interval = watchdog_interval() if self._notifier.enabled else None
+        interval = self._ping_every
         next_ping = time.monotonic()
         while self._workers or self._stopping_since is None:
             pipes = {worker.pipe: worker for worker in self._workers.values()}
@@ -250,8 +257,8 @@ class Arbiter:
             for index, other in enumerate(sockets):
                 if index != slot:
                     other.close()  # only the parent keeps every slot's socket
-            code = self._work(sockets[slot], _PipeNotifier(write_fd, parent),
-                              sweeps=slot == 0)
+            heartbeat = _PipeNotifier(write_fd, parent, self._alive_every)
+            code = self._work(sockets[slot], heartbeat, sweeps=slot == 0)
         except BaseException:  # never let a worker return into the parent's loop
             logging.getLogger("mantle.server").exception("worker failed")
         finally:

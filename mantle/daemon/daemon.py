@@ -172,7 +172,7 @@ class Daemon:
         self._readiness.mark_ready()
         notifier, interval = self._notifier, watchdog_interval()
         if self._heartbeat is not None:
-            notifier, interval = self._heartbeat, 1.0
+            notifier, interval = self._heartbeat, self._heartbeat.interval
         notifier.notify("READY=1")
         if notifier.enabled and interval:
             engine = self._engine

@@ -304,3 +304,23 @@ def test_a_sigterm_while_the_parent_migrates_ends_it_with_exit_0(tmp_path):
     assert _children(daemon.process.pid) == []
     assert daemon.messages()[-1] == "server stopped"
     assert "migrations complete" in daemon.messages()
+
+
+def test_the_parent_pings_systemd_every_half_watchdog_period_also_when_it_is_short(
+        tmp_path, sqlite_url):
+    """The workers said "alive" once a second whatever WatchdogSec was, and the parent pings
+    only while every worker spoke within WatchdogSec: with WatchdogSec under about 2 s its
+    pings came about once a second or less, and systemd killed a healthy service."""
+    systemd = _Systemd(str(tmp_path / "notify.sock"))
+    daemon = Daemon(tmp_path, sqlite_url, args=("--workers", "3"),
+                    env={"NOTIFY_SOCKET": systemd.path, "WATCHDOG_USEC": "400000"}).start()
+    try:
+        wait_until(lambda: "READY=1" in systemd.read(), timeout=30)
+        before = systemd.read().count("WATCHDOG=1")
+        started = time.monotonic()
+        wait_until(lambda: time.monotonic() - started > 4)
+        pings = systemd.read().count("WATCHDOG=1") - before
+    finally:
+        assert daemon.stop() == 0
+        systemd.close()
+    assert pings >= 12, f"{pings} WATCHDOG=1 in 4 s, with WatchdogSec=0.4s (20 are due)"
