@@ -6,6 +6,7 @@ import itertools
 import json
 import logging
 import queue
+import select
 import sys
 import threading
 import time
@@ -27,6 +28,7 @@ _GATHER = 0.005  # seconds the log writer lets lines gather between writes
 # Lines waiting to be written beyond which new ones are dropped (and counted) instead of
 # growing the queue without bound when stdout cannot keep up (issue 11.9).
 MAX_QUEUED_LINES = 100_000
+_PIPE_BUF = getattr(select, "PIPE_BUF", 512)  # the largest write a pipe keeps whole
 # The json module's C encoder, made once: ``json.dumps`` with options builds an encoder per
 # call. Compact, non-ASCII kept, ``str()`` of anything JSON has no type for. Without the
 # circular-reference check (it would share state between threads): no log field
@@ -139,8 +141,7 @@ class BackgroundStreamHandler(logging.Handler):
                     "msg": "log lines dropped", "count": dropped})))
             if text:
                 try:
-                    self.stream.write("\n".join(text) + "\n")
-                    self.stream.flush()
+                    self._write("\n".join(text) + "\n")
                 except (OSError, ValueError):  # stdout closed or gone: nothing to do
                     pass
             for item in batch:
@@ -151,6 +152,28 @@ class BackgroundStreamHandler(logging.Handler):
             # Let lines gather before the next write: under load one wake-up per interval instead
             # of one per line, each a GIL hand-off; when idle, get() above just waits.
             time.sleep(_GATHER)
+
+    def _write(self, text: str) -> None:
+        """Write whole lines, at most PIPE_BUF bytes per system call where the stream has a
+        byte buffer: the processes of ``serve --workers`` share one stdout, and a pipe keeps
+        a write whole only up to that size (a larger one was split where the pipe was full,
+        with another worker's lines landing inside a line). Only a line longer than that
+        can still be split."""
+        buffer = getattr(self.stream, "buffer", None)
+        if buffer is None:
+            self.stream.write(text)
+            self.stream.flush()
+            return
+        self.stream.flush()  # anything written through the text layer goes first
+        data = text.encode(self.stream.encoding or "utf-8", self.stream.errors or "strict")
+        start = 0
+        while start < len(data):
+            end = data.rfind(b"\n", start, start + _PIPE_BUF) + 1
+            if end <= start:  # one line longer than PIPE_BUF
+                end = data.find(b"\n", start) + 1 or len(data)
+            buffer.write(data[start:end])
+            buffer.flush()
+            start = end
 
 
 def setup_logging(level: str, stream: TextIO | None = None,

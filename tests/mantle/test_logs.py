@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import logging
+import os
+import struct
+import subprocess
+import sys
+import termios
 import threading
 
 import pytest
 
 from mantle.logs import BackgroundStreamHandler, JsonFormatter, setup_logging
+from tests.helpers.waiting import wait_until
 
 
 @pytest.fixture
@@ -110,3 +117,39 @@ def test_closing_the_background_handler_writes_what_it_still_holds():
     handler.handle(_record(1773824400.412, "server stopped"))
     handler.close()
     assert json.loads(stream.getvalue())["msg"] == "server stopped"
+
+
+def _waiting_in(pipe: int) -> int:
+    """Bytes written to ``pipe`` and not read yet."""
+    return struct.unpack("i", fcntl.ioctl(pipe, termios.FIONREAD, b"\0" * 4))[0]
+
+
+_WRITER = """
+import logging, sys
+from mantle.logs import setup_logging
+setup_logging("info", sys.stdout, background=True)
+for i in range(3000):
+    logging.getLogger("mantle.test").info("line", extra={"writer": sys.argv[1], "i": i,
+                                                          "pad": "x" * 300})
+logging.shutdown()
+"""
+
+
+def test_processes_sharing_a_pipe_never_split_each_others_lines():
+    """``serve --workers``: every worker writes its JSON lines to the one stdout. A write to a
+    pipe is whole only up to PIPE_BUF bytes; a batch of lines written at once was split where
+    the pipe was full, and another worker's lines landed inside a line."""
+    read, write = os.pipe()
+    writers = [subprocess.Popen([sys.executable, "-c", _WRITER, name], stdout=write)
+               for name in ("a", "b", "c")]
+    os.close(write)
+    # the pipe fills while nobody reads: the writers block in the middle of their batches
+    wait_until(lambda: _waiting_in(read) >= 49152, timeout=30)
+    data = b""
+    while chunk := os.read(read, 1 << 16):
+        data += chunk
+    os.close(read)
+    assert all(writer.wait(30) == 0 for writer in writers)
+    lines = data.decode().splitlines()
+    assert len(lines) == 9000
+    assert all(json.loads(line)["msg"] == "line" for line in lines)
