@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 
-from mantle.db import audit, write_transaction
+from mantle.db import audit, lock_for_update, write_transaction
 from mantle.db.fields import utcnow
 from mantle.db.models import Workflow as WorkflowRow
 from mantle.db.models import WorkflowDefinition, WorkflowTrigger
@@ -85,9 +85,10 @@ def apply_definition(raw: bytes, workflow: Workflow, actor: str = "cli") -> Appl
     """Store a new version unless the bytes equal the current one (then re-sync triggers)."""
     digest = content_hash(raw)
     with write_transaction():
+        triggers = _locked_triggers(workflow.name)
         current = current_definition(workflow.name)
         if current is not None and current.content_hash == digest:
-            _sync_triggers(workflow.name, current.version, workflow)
+            _sync_triggers(workflow.name, current.version, workflow, triggers)
             return ApplyResult(workflow.name, current.version, False)
         version = _max_version(workflow.name) + 1
         now = utcnow()
@@ -95,7 +96,7 @@ def apply_definition(raw: bytes, workflow: Workflow, actor: str = "cli") -> Appl
                                   raw_yaml=raw.decode("utf-8"), definition=workflow.definition,
                                   content_hash=digest, created_at=now)
         _point_to(workflow.name, version, now)
-        _sync_triggers(workflow.name, version, workflow)
+        _sync_triggers(workflow.name, version, workflow, triggers)
         audit.record_audit(actor, "workflow.applied", "workflow_definition", workflow.name,
                            {"version": version})
     return ApplyResult(workflow.name, version, True)
@@ -104,6 +105,7 @@ def apply_definition(raw: bytes, workflow: Workflow, actor: str = "cli") -> Appl
 def rollback(name: str, to_version: int | None = None, actor: str = "cli") -> tuple[int, int]:
     """Point ``name`` at an existing version and re-register its triggers; (from, to)."""
     with write_transaction():
+        triggers = _locked_triggers(name)
         row = WorkflowRow.get_or_none(WorkflowRow.name == name)
         if row is None:
             raise WorkflowNotFound(name)
@@ -119,7 +121,8 @@ def rollback(name: str, to_version: int | None = None, actor: str = "cli") -> tu
         if to_version == current:
             raise AlreadyAtVersion(name, current)
         _point_to(name, to_version, utcnow())
-        _sync_triggers(name, to_version, workflow_from_definition(target.definition))
+        _sync_triggers(name, to_version, workflow_from_definition(target.definition),
+                       triggers)
         audit.record_audit(actor, "workflow.rolled_back", "workflow_definition", name,
                            {"from_version": current, "to_version": to_version})
     return current, to_version
@@ -132,14 +135,27 @@ def _point_to(name: str, version: int, now) -> None:
         WorkflowRow.create(name=name, current_version=version, created_at=now, updated_at=now)
 
 
-def _sync_triggers(name: str, version: int, workflow: Workflow) -> None:
-    """Make the trigger rows of ``name`` those of ``workflow`` (version ``version``).
+def _locked_triggers(name: str) -> list[WorkflowTrigger]:
+    """The trigger rows of ``name``, locked (PostgreSQL) after the workflow's row, before
+    the transaction writes anything. Every writer of both takes them in this order: a run
+    of a workflow with a limit locks its row (SPEC 4.9), and a cron firing, which claims
+    its minute by moving its trigger row's ``last_fired_at``, locks the workflow's row
+    first (``mantle.services.scheduler``). So an apply never deadlocks with a firing, and
+    reads the ``last_fired_at`` of a firing that committed first, which the new rows
+    keep."""
+    lock_for_update(WorkflowRow, WorkflowRow.name == name)
+    return lock_for_update(WorkflowTrigger, WorkflowTrigger.workflow_name == name)
+
+
+def _sync_triggers(name: str, version: int, workflow: Workflow,
+                   rows: list[WorkflowTrigger]) -> None:
+    """Make the trigger rows of ``name`` (``rows``, from ``_locked_triggers``) those of
+    ``workflow`` (version ``version``).
 
     Rows already matching are left alone, so a cron trigger keeps its last firing time and an
     unchanged apply writes nothing.
     """
     wanted = [(t.type, t.schedule, t.path, t.secret) for t in workflow.triggers]
-    rows = list(WorkflowTrigger.select().where(WorkflowTrigger.workflow_name == name))
     have = [(r.type, r.schedule, r.path, r.secret) for r in rows]
     if sorted(map(repr, have)) == sorted(map(repr, wanted)) and all(
             r.version == version for r in rows):

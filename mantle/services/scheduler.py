@@ -24,9 +24,9 @@ import time
 
 from croniter import croniter
 
-from mantle.db import OUTAGE_ERRORS, reset_connection, unwrap
+from mantle.db import OUTAGE_ERRORS, lock_for_update, reset_connection, unwrap
 from mantle.db.fields import utcnow
-from mantle.db.models import WorkflowTrigger
+from mantle.db.models import Workflow, WorkflowTrigger
 from mantle.errors import AlreadyClaimed, LimitReached, MantleError, ShuttingDown
 
 __all__ = ["Scheduler", "WINDOW", "POLL_EVERY"]
@@ -121,7 +121,12 @@ class Scheduler:
 
     @staticmethod
     def _claim(row: WorkflowTrigger, minute: dt.datetime) -> bool:
-        """Compare-and-set ``last_fired_at`` to ``minute``: True for the one caller that did."""
+        """Compare-and-set ``last_fired_at`` to ``minute``: True for the one caller that did.
+
+        The workflow's row is locked first, as an ``apply`` and a limit check lock it
+        (``mantle.definitions._locked_triggers``): taken in one order, the locks of a
+        firing, a run and an apply of the workflow never deadlock."""
+        lock_for_update(Workflow, Workflow.name == row.workflow_name)
         return bool(WorkflowTrigger.update(last_fired_at=minute).where(
             (WorkflowTrigger.id == row.id)
             & (WorkflowTrigger.last_fired_at.is_null()

@@ -15,8 +15,10 @@ from actors.engine import Engine
 from mantle.metrics import Metrics
 from mantle.services.scheduler import Scheduler
 from mantle import db as mantle_db
+from mantle.db.connect import connect, is_postgres
 from mantle.db.models import AuditEvent, WorkflowExecution, WorkflowTrigger
-from tests.web.support import apply_yaml, gone_database
+from tests.helpers import Background
+from tests.web.support import apply_yaml, gone_database, wait_until
 
 EVERY_FIVE = """
     name: every-five
@@ -111,6 +113,74 @@ def test_trigger_changes_from_apply_are_seen_at_the_next_tick(engine, db):
                                   "triggers: []"))
     assert WorkflowTrigger.select().count() == 0
     assert scheduler.tick(AT + dt.timedelta(days=1, minutes=2, seconds=1)) == []
+
+
+def _lock_waiters(session) -> int:
+    """Sessions of this test's database now waiting for a lock another session holds."""
+    return session.execute_sql(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND wait_event_type = 'Lock'").fetchone()[0]
+
+
+def _in_thread(func):
+    def call():
+        try:
+            return func()
+        finally:
+            mantle_db.database_proxy.close()  # this thread's connection
+    return call
+
+
+def _apply_racing_a_firing(engine, db, url: str, yaml: str, changed: str) -> list[str]:
+    """Apply ``changed`` while the tick of AT is firing ``yaml``'s cron trigger: another
+    session holds the trigger row, the firing's claim waits for it, then the apply's
+    writes of the trigger rows wait too; released, the firing (first in line) commits, then
+    the apply. Returns what the tick fired; both calls must have succeeded."""
+    if not is_postgres(db):
+        pytest.skip("holds row locks from another session (SQLite: apply and a firing "
+                    "take turns on the write lock)")
+    apply_yaml(yaml)
+    holder, watcher = connect(url), connect(url)
+    try:
+        holder.execute_sql("BEGIN")
+        holder.execute_sql("SELECT 1 FROM workflow_triggers FOR UPDATE")
+        firing = Background(_in_thread(
+            lambda: Scheduler(engine, db).tick(AT + dt.timedelta(seconds=1))))
+        wait_until(lambda: _lock_waiters(watcher) == 1)  # the claim waits for the row
+        applying = Background(_in_thread(lambda: apply_yaml(changed)))
+        wait_until(lambda: _lock_waiters(watcher) == 2 or applying.ended_at is not None)
+    finally:
+        holder.execute_sql("ROLLBACK")
+        holder.close()
+        watcher.close()
+    assert applying.join(10).error is None, applying.error
+    assert firing.join(10).error is None, firing.error
+    return firing.result
+
+
+def test_an_apply_racing_a_firing_keeps_the_minute_fired(engine, db, migrated_db_url):
+    """SPEC 8/13.7: exactly one execution per scheduled minute, also when the workflow is
+    re-applied (same schedule) while the minute is being fired on another node: the new
+    trigger row keeps the firing's claim, so no later tick fires the minute again."""
+    fired = _apply_racing_a_firing(engine, db, migrated_db_url, EVERY_FIVE,
+                                   EVERY_FIVE.replace("default: cron", "default: again"))
+    assert len(fired) == 1
+    assert WorkflowTrigger.get().last_fired_at == AT
+    assert Scheduler(engine, db).tick(AT + dt.timedelta(seconds=11)) == []
+    assert len(_executions()) == 1
+
+
+def test_an_apply_racing_the_firing_of_a_limited_workflow_does_not_deadlock(
+        engine, db, migrated_db_url):
+    """The firing of a workflow with a limit locks the trigger row (its claim), then the
+    workflow row (its limit check); the apply of a new version writes both rows: it must
+    take them in the same order, or one of the two fails with a deadlock."""
+    limited = EVERY_FIVE.replace("triggers:", "max_parallel_executions: 3\n    triggers:")
+    fired = _apply_racing_a_firing(engine, db, migrated_db_url, limited,
+                                   limited.replace("default: cron", "default: again"))
+    assert len(fired) == 1
+    assert Scheduler(engine, db).tick(AT + dt.timedelta(seconds=11)) == []
+    assert len(_executions()) == 1
 
 
 def test_either_day_field_matches_when_both_are_restricted(engine, db):
