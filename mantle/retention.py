@@ -8,7 +8,8 @@ enough to hold up the checkpoints of running executions.
 An execution is deleted only when it is final (``completed``, ``failed``, ``cancelled``), its
 ``completed_at`` is older than the cutoff, none of its children is still ``pending`` or
 ``running`` and its parent (if any) is not either; its step rows go with it, and so does its
-idempotency key (a column of its row).
+idempotency key (a column of its row). Audit events older than their cutoff are deleted,
+on SQLite all but the newest row of the table (which keeps event ids increasing).
 Node rows of dead processes (13.7) are pruned too: lease expired over an hour ago (by the
 database's clock on PostgreSQL) and owning no pending or running execution.
 """
@@ -115,7 +116,7 @@ def count(retention: Retention, now: dt.datetime | None = None) -> SweepResult:
         result.executions = _expired_executions(_cutoff(retention.execution_days, now)).count()
     if retention.audit_days is not None:
         cutoff = _cutoff(retention.audit_days, now)
-        result.audit = AuditEvent.select().where(AuditEvent.timestamp < cutoff).count()
+        result.audit = _expired_audit(cutoff).count()
     return result
 
 
@@ -193,10 +194,22 @@ def _delete_executions(ids: list[str], cutoff: dt.datetime) -> int:
     return len(chosen)
 
 
+def _expired_audit(cutoff: dt.datetime):
+    """Audit events older than ``cutoff``, except, on SQLite, the newest of all: SQLite
+    gives a new row the largest id left plus one, and the event streams go by these ids
+    (SPEC 13.8: increasing, ``Last-Event-ID``); with every row deleted they would begin
+    again at 1, below where open streams and their clients stand. PostgreSQL's sequence
+    never goes back."""
+    query = AuditEvent.select(AuditEvent.id).where(AuditEvent.timestamp < cutoff)
+    if not is_postgres(unwrap(database_proxy)):
+        newest = AuditEvent.alias("newest")
+        query = query.where(AuditEvent.id < newest.select(fn.MAX(newest.id)))
+    return query
+
+
 def _delete_audit(cutoff: dt.datetime, batch: int) -> int:
     """One batch of the oldest expired audit events (found outside the transaction too)."""
-    ids = [row.id for row in AuditEvent.select(AuditEvent.id)
-           .where(AuditEvent.timestamp < cutoff).order_by(AuditEvent.id).limit(batch)]
+    ids = [row.id for row in _expired_audit(cutoff).order_by(AuditEvent.id).limit(batch)]
     if not ids:
         return 0
     with write_transaction():

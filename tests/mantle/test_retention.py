@@ -176,6 +176,7 @@ def test_each_transaction_deletes_at_most_the_batch_counting_step_rows(db):
         big = execution("completed", 41, steps=12)  # alone, it exceeds a batch
         for days in range(23):
             audit_event(100 + days)
+        audit_event(1)  # the newest is recent (on SQLite the newest is never deleted)
     batches = []
     result = retention.sweep(retention.Retention(30, 90), batch=10,
                              on_batch=lambda kind, n: batches.append((kind, n)) or True)

@@ -10,6 +10,7 @@ the test arranges, not a race it hopes to win.
 
 from __future__ import annotations
 
+import datetime as dt
 import signal
 import subprocess
 import sys
@@ -19,7 +20,9 @@ import uuid
 
 import pytest
 
+from mantle import retention
 from mantle.db import transaction
+from mantle.db.fields import utcnow
 from mantle.db.models import AuditEvent
 from mantle.store.executions import cancel_execution
 from tests.web.served import served
@@ -463,3 +466,23 @@ def test_the_stream_of_all_executions_gets_a_finish_committed_after_it_opened(
                 f"opened, stream gave {got}")
     finally:
         cancel.commit.set()
+
+
+def test_a_stream_of_all_executions_goes_on_after_retention_deleted_every_audit_event(
+        api, engine):
+    """SPEC 13.4/13.8: an audit retention sweep that finds every audit event expired (a
+    server idle for longer than ``audit_days``) deletes them all; the events written after
+    it still reach an open stream of all executions, with ids above those it gave before
+    (which a client resumes from with ``Last-Event-ID``). On SQLite a table's next row id
+    was the largest left plus one: after such a sweep the ids began again at 1, below where
+    the open streams (and the poller feeding them) stood, and they never saw those rows."""
+    with open_stream(api.url, "/api/v1/events?workflow=other") as stream:
+        for _ in range(3):
+            api.post("/api/v1/run/other", {})
+        before = [stream.until("execution.finished", 20)[-1] for _ in range(3)]
+        later = utcnow() + dt.timedelta(days=3)
+        assert retention.sweep(retention.Retention(audit_days=1), now=later).audit > 0
+        after = api.post("/api/v1/run/other", {}).json["execution_id"]
+        got = stream.until("execution.finished", 10)
+    assert got[-1].data["execution_id"] == after
+    assert min(event.id for event in got) > max(event.id for event in before)
