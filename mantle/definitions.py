@@ -153,7 +153,9 @@ def _sync_triggers(name: str, version: int, workflow: Workflow,
     ``workflow`` (version ``version``).
 
     Rows already matching are left alone, so a cron trigger keeps its last firing time and an
-    unchanged apply writes nothing.
+    unchanged apply writes nothing. A cron trigger with a new schedule starts from the last
+    firing of the workflow's cron triggers: a minute already fired is not fired again
+    because its schedule was edited inside the minute's window (SPEC 8).
     """
     wanted = [(t.type, t.schedule, t.path, t.secret) for t in workflow.triggers]
     have = [(r.type, r.schedule, r.path, r.secret) for r in rows]
@@ -167,10 +169,12 @@ def _sync_triggers(name: str, version: int, workflow: Workflow,
         if owner is not None:
             raise WebhookPathTaken(path, owner)
     fired = {(r.type, r.schedule): r.last_fired_at for r in rows if r.type == "cron"}
+    last = max((when for when in fired.values() if when is not None), default=None)
     WorkflowTrigger.delete().where(WorkflowTrigger.workflow_name == name).execute()
     now = utcnow()
     for kind, schedule, path, secret in wanted:
+        fired_at = fired.get((kind, schedule), last) if kind == "cron" else None
         WorkflowTrigger.create(workflow_name=name, version=version, type=kind,
                                schedule=schedule, path=path, secret=secret,
-                               last_fired_at=fired.get((kind, schedule)), created_at=now)
+                               last_fired_at=fired_at, created_at=now)
 

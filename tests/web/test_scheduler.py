@@ -115,6 +115,21 @@ def test_trigger_changes_from_apply_are_seen_at_the_next_tick(engine, db):
     assert scheduler.tick(AT + dt.timedelta(days=1, minutes=2, seconds=1)) == []
 
 
+def test_a_schedule_changed_after_its_minute_fired_does_not_fire_that_minute_again(
+        engine, db):
+    """SPEC 8: one execution per scheduled minute. An apply that changes the schedule just
+    after the minute fired (still inside its 30 s window) replaces the trigger row: the new
+    one starts from the last firing of the workflow's cron triggers, not from none, so the
+    next tick does not start a second execution of the minute; later minutes fire."""
+    apply_yaml(EVERY_FIVE)
+    scheduler = Scheduler(engine, db)
+    assert len(scheduler.tick(AT + dt.timedelta(seconds=1))) == 1
+    apply_yaml(EVERY_FIVE.replace("*/5 * * * *", "* * * * *"))
+    assert scheduler.tick(AT + dt.timedelta(seconds=11)) == []
+    assert len(scheduler.tick(AT + dt.timedelta(minutes=1, seconds=1))) == 1
+    assert len(_executions()) == 2
+
+
 def _lock_waiters(session) -> int:
     """Sessions of this test's database now waiting for a lock another session holds."""
     return session.execute_sql(
