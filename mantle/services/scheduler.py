@@ -7,9 +7,10 @@ minute with a compare-and-set in the transaction that creates the execution, and
 caller that moved it creates one: a restarted daemon, or a second daemon on the same
 database, never fires a minute twice, and a firing that created nothing (the daemon shutting
 down or killed, the database gone for the whole run timeout) claimed nothing either, so the
-next tick here or on another node fires the minute while its window lasts. A minute that
-passed while no daemon ran is not caught up; a firing refused by a ``reject`` limit is not
-retried.
+next tick here or on another node fires the minute while its window lasts; a firing not
+written in time (the database takes no writes) ends the tick, rather than each due trigger
+waiting as long in turn. A minute that passed while no daemon ran is not caught up; a firing
+refused by a ``reject`` limit is not retried.
 
 The scheduler is a plain thread, outside the actor system: it uses ``Engine.run`` like any
 other client.
@@ -22,6 +23,7 @@ import logging
 import threading
 import time
 
+import pykka
 from croniter import croniter
 
 from mantle.db import OUTAGE_ERRORS, lock_for_update, reset_connection, unwrap
@@ -93,14 +95,21 @@ class Scheduler:
         try:
             due = [row for row in self._cron_rows() if self._due(row, minute)]
         except OUTAGE_ERRORS as exc:
-            self._outage(exc)
+            self._outage(str(exc).strip())
             return []
-        self._in_outage = False
         fired = []
         for row in due:
-            execution_id = self._fire(row, minute)
+            try:
+                execution_id = self._fire(row, minute)
+            except pykka.Timeout as exc:
+                # Not written in time: the database takes no writes. Each further firing
+                # would wait as long in turn, holding up the ticks of the next minutes; the
+                # next tick fires what is still due.
+                self._outage(str(exc) or "the run was not written in time")
+                return fired
             if execution_id is not None:
                 fired.append(execution_id)
+        self._in_outage = False
         return fired
 
     def _cron_rows(self) -> list[WorkflowTrigger]:
@@ -144,21 +153,22 @@ class Scheduler:
             log.warning("cron execution rejected", extra={**context, "error": str(exc)})
         except (AlreadyClaimed, ShuttingDown):
             pass
+        except pykka.Timeout:
+            raise
         except MantleError as exc:
             log.error("cron firing failed", extra={**context, "error": str(exc)})
-        except Exception as exc:  # e.g. the engine did not answer in time
+        except Exception as exc:  # keep firing the other triggers
             log.error("cron firing failed",
                       extra={**context, "error": str(exc) or type(exc).__name__})
         else:
             return result.execution_id
         return None
 
-    def _outage(self, exc: BaseException) -> None:
+    def _outage(self, error: str) -> None:
         self._close_connection()
         if not self._in_outage:
             self._in_outage = True
-            log.error("cron firing skipped: database unavailable",
-                      extra={"error": str(exc).strip()})
+            log.error("cron firing skipped: database unavailable", extra={"error": error})
 
     def _close_connection(self) -> None:
         reset_connection(self._database)
