@@ -123,6 +123,12 @@ def create_execution(workflow: str, inputs: dict | None, version: int | None, tr
     if model.max_parallel_executions > 0:
         sql.flush()  # the count must see executions created earlier in this batch
         lock_for_update(Workflow, Workflow.name == workflow)
+        if idempotency_key is not None:
+            # A creation with this key (another node's) may have committed while this one
+            # waited for the lock: it holds the slot this one would be refused for.
+            earlier = _existing(workflow, idempotency_key)
+            if earlier is not None:
+                return Created(execution_row(earlier), existing=True)
         if _running_count(workflow) >= model.max_parallel_executions:
             if model.on_limit == "reject":
                 return Created(error=LimitReached(workflow, model.max_parallel_executions))
