@@ -2,7 +2,8 @@
 
 Each tick reads the cron trigger rows (so ``apply`` and ``rollback`` take effect at the next
 tick) and fires every trigger whose schedule matches the current UTC minute, if that minute
-began less than ``WINDOW`` seconds ago. A firing moves the row's ``last_fired_at`` to the
+began less than ``WINDOW`` seconds ago, by the database's time (its node's estimate, SPEC
+13.7), never this host's clock. A firing moves the row's ``last_fired_at`` to the
 minute with a compare-and-set in the transaction that creates the execution, and only the
 caller that moved it creates one: a restarted daemon, or a second daemon on the same
 database, never fires a minute twice, and a firing that created nothing (the daemon shutting
@@ -27,7 +28,6 @@ import pykka
 from croniter import croniter
 
 from mantle.db import OUTAGE_ERRORS, lock_for_update, reset_connection, unwrap
-from mantle.db.fields import utcnow
 from mantle.db.models import Workflow, WorkflowTrigger
 from mantle.errors import AlreadyClaimed, LimitReached, MantleError, ShuttingDown
 
@@ -79,16 +79,21 @@ class Scheduler:
                 self.tick()
             except Exception:  # keep scheduling whatever one tick hit
                 log.exception("cron scheduler error")
-            delay = self._next_delay(time.time())
+            delay = self._next_delay(self._now().replace(tzinfo=dt.timezone.utc).timestamp())
         self._close_connection()
 
     def _next_delay(self, now: float) -> float:
         to_boundary = 60.0 - now % 60.0 + _AFTER_BOUNDARY
         return min(self._poll_every, to_boundary)
 
+    def _now(self) -> dt.datetime:
+        """The database's time as this node knows it: no host's clock decides (13.7)."""
+        return self._engine.node.db_now()
+
     def tick(self, now: dt.datetime | None = None) -> list[str]:
-        """Fire what is due at ``now`` (naive UTC; default: the clock); return execution ids."""
-        now = now or utcnow()
+        """Fire what is due at ``now`` (naive UTC; default: the database's time); return
+        execution ids."""
+        now = now or self._now()
         minute = now.replace(second=0, microsecond=0)
         if (now - minute).total_seconds() >= WINDOW:
             return []

@@ -13,6 +13,9 @@ import pytest
 
 from actors.engine import Engine
 from mantle.metrics import Metrics
+from mantle.db.fields import utcnow as mantle_utcnow
+from mantle.services import nodes as nodes_module
+from mantle.services import scheduler as scheduler_module
 from mantle.services.scheduler import Scheduler
 from mantle import db as mantle_db
 from mantle.db.connect import connect, is_postgres
@@ -273,6 +276,25 @@ def test_a_tick_while_writes_are_stuck_waits_for_one_firing_not_one_per_trigger(
     wait_until(lambda: engine.journal.healthy, timeout=10)
     assert len(scheduler.tick(AT + dt.timedelta(seconds=15))) == 3
     assert len(_executions()) == 3
+
+
+def test_a_host_clock_ahead_does_not_fire_a_minute_early(engine, db, monkeypatch):
+    """SPEC 13.7: clock differences between hosts never decide anything. A daemon whose
+    host clock is five minutes ahead goes by the database's time (its node's estimate,
+    corrected at every lease renewal): it fires the current minute, not one five minutes
+    early, which would also have kept every other daemon from firing the minutes between."""
+    apply_yaml(EVERY_FIVE.replace("*/5 * * * *", "* * * * *"))
+    ahead = dt.timedelta(minutes=5)
+    for module in (nodes_module, scheduler_module):  # this host's clock, wherever read
+        monkeypatch.setattr(module, "utcnow", lambda: mantle_utcnow() + ahead, raising=False)
+    # The node's next lease renewal measures the offset to the database's clock.
+    wait_until(lambda: abs(engine.node.db_now() - mantle_utcnow()) < dt.timedelta(seconds=2),
+               timeout=15)
+    wait_until(lambda: mantle_utcnow().second < 20, timeout=45)  # room in the window
+    minute = mantle_utcnow().replace(second=0, microsecond=0)
+    [execution_id] = Scheduler(engine, db).tick()
+    assert WorkflowTrigger.get().last_fired_at == minute
+    assert engine.wait(execution_id, timeout=10) == "completed"
 
 
 def test_the_scheduler_wakes_just_after_each_minute_and_at_least_every_poll(engine, db):
