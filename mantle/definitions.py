@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 
+from peewee import IntegrityError
+
 from mantle.db import audit, lock_for_update, write_transaction
 from mantle.db.fields import utcnow
 from mantle.db.models import Workflow as WorkflowRow
@@ -163,9 +165,7 @@ def _sync_triggers(name: str, version: int, workflow: Workflow,
             r.version == version for r in rows):
         return
     for path in (t.path for t in workflow.triggers if t.type == "webhook"):
-        owner = (WorkflowTrigger.select(WorkflowTrigger.workflow_name)
-                 .where(WorkflowTrigger.path == path, WorkflowTrigger.workflow_name != name)
-                 .scalar())
+        owner = _path_owner(path, name)
         if owner is not None:
             raise WebhookPathTaken(path, owner)
     fired = {(r.type, r.schedule): r.last_fired_at for r in rows if r.type == "cron"}
@@ -174,7 +174,23 @@ def _sync_triggers(name: str, version: int, workflow: Workflow,
     now = utcnow()
     for kind, schedule, path, secret in wanted:
         fired_at = fired.get((kind, schedule), last) if kind == "cron" else None
-        WorkflowTrigger.create(workflow_name=name, version=version, type=kind,
-                               schedule=schedule, path=path, secret=secret,
-                               last_fired_at=fired_at, created_at=now)
+        try:
+            with write_transaction():  # a savepoint: the owner can be read after a refusal
+                WorkflowTrigger.create(workflow_name=name, version=version, type=kind,
+                                       schedule=schedule, path=path, secret=secret,
+                                       last_fired_at=fired_at, created_at=now)
+        except IntegrityError:
+            # An apply of another workflow registered the path since the look-up above, and
+            # committed (PostgreSQL: this insert waited for it).
+            owner = _path_owner(path, name) if path is not None else None
+            if owner is None:
+                raise
+            raise WebhookPathTaken(path, owner) from None
+
+
+def _path_owner(path: str, name: str) -> str | None:
+    """The workflow other than ``name`` whose webhook trigger has ``path``, if any."""
+    return (WorkflowTrigger.select(WorkflowTrigger.workflow_name)
+            .where(WorkflowTrigger.path == path, WorkflowTrigger.workflow_name != name)
+            .scalar())
 

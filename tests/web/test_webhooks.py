@@ -5,9 +5,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 
+import pytest
+
 from mantle import definitions
+from mantle.db import database_proxy
+from mantle.db.connect import connect, is_postgres
 from mantle.db.models import AuditEvent, WorkflowExecution
-from tests.web.support import apply_yaml
+from mantle.errors import WebhookPathTaken
+from tests.helpers import Background
+from tests.web.support import apply_yaml, wait_until
 
 ECHO = """
     name: echo
@@ -141,3 +147,48 @@ def test_unknown_paths_are_404_and_apply_and_rollback_change_paths_at_once(clien
     assert (reply.status_code, reply.headers["allow"]) == (405, "POST")
     for row in WorkflowExecution.select():
         engine.wait(row.id, timeout=10)
+
+
+def test_two_applies_registering_one_path_at_once_refuse_the_second_by_name(
+        db, migrated_db_url):
+    """SPEC 6.1/8: a webhook path has one owner; an apply that registers another
+    workflow's path fails with ``webhook path "<p>" is already registered by workflow
+    "<other>"``, also when the two applies run at once on PostgreSQL (both look for an owner
+    before either commits): the second waits for the first's row, then names its owner."""
+    if not is_postgres(db):
+        pytest.skip("holds a table lock from another session (SQLite: applies take turns)")
+    yaml = "name: {}\ntriggers: [{{type: webhook, path: /hooks/shared}}]\n" \
+           "steps: [{{name: a, action: core/log, params: {{message: x}}}}]\n"
+    holder, watcher = connect(migrated_db_url), connect(migrated_db_url)
+    try:
+        holder.execute_sql("BEGIN")
+        # The applies' last write waits: the first holds the path's row until released.
+        holder.execute_sql("LOCK TABLE audit_events IN EXCLUSIVE MODE")
+
+        def apply(name: str):
+            def call():
+                try:
+                    return apply_yaml(yaml.format(name))
+                finally:
+                    database_proxy.close()  # this thread's connection
+            return Background(call)
+
+        first = apply("first")
+        wait_until(lambda: _lock_waiters(watcher) == 1)
+        second = apply("second")
+        wait_until(lambda: _lock_waiters(watcher) == 2)
+    finally:
+        holder.execute_sql("ROLLBACK")
+        holder.close()
+        watcher.close()
+    assert first.join(10).error is None, first.error
+    assert isinstance(second.join(10).error, WebhookPathTaken), second.error
+    assert str(second.error) == ('webhook path "/hooks/shared" is already registered by '
+                                 'workflow "first"')
+    assert definitions.current_definition("second") is None
+
+
+def _lock_waiters(session) -> int:
+    return session.execute_sql(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND wait_event_type = 'Lock'").fetchone()[0]
