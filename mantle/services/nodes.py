@@ -82,6 +82,7 @@ class NodeLease:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mantle-lease", daemon=True)
         self._failing = False
+        self._steady_since: dt.datetime | None = None  # database time; see takeover_floor
 
     def start(self) -> NodeLease:
         """Register the node row (before any execution can name this node as its owner)."""
@@ -92,6 +93,19 @@ class NodeLease:
     def db_now(self) -> dt.datetime:
         """The database's current time, estimated from this host's clock."""
         return utcnow() + self._offset
+
+    def takeover_floor(self) -> dt.datetime | None:
+        """None, or the earliest lease expiry whose executions this node may take over now.
+
+        After this node's own renewals failed or its lease lapsed (the database was out of
+        reach, or its write lock held, for a while), the other nodes' leases may have run
+        out for the same reason: for one lease period after it renewed again it takes over
+        only from the leases that ran out a renewal interval or more after that, so that
+        every node cut off with it has had a turn to renew before its work is taken."""
+        since = self._steady_since
+        if since is None or self.db_now() >= since + dt.timedelta(seconds=self.ttl):
+            return None
+        return since + dt.timedelta(seconds=max(self.ttl / 3, _RETRY_EVERY))
 
     @property
     def seconds_since_renewal(self) -> float:
@@ -126,6 +140,8 @@ class NodeLease:
                     now, lapsed = renew_node(self.id, self.ttl)
                     if lapsed:  # expired or gone (pruned): make sure the row exists
                         self._reregister()
+                    if lapsed or self._failing:  # before the commit lets a claim through
+                        self._steady_since = now
             except Exception as exc:
                 self._failed(exc)
                 delay = _RETRY_EVERY

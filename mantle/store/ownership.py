@@ -86,9 +86,15 @@ def check_with_writes(database, mark: str, seq: int, fences: Iterable[tuple[str,
     batch.check = (mark, seq, sorted(fences), sorted(versions.items()))
 
 
-def claim_expired(node: str, limit: int = 100) -> list[tuple[str, int]]:
+def claim_expired(node: str, limit: int = 100, expired_since: dt.datetime | None = None
+                  ) -> list[tuple[str, int]]:
     """Take over running executions whose owner's lease expired (or that have no live owner
     row): each gets ``node`` as owner and a new epoch. Returns (id, epoch) of those claimed.
+
+    Only while ``node``'s own lease holds: a node whose lease ran out was itself paused or
+    cut off, and so, maybe, were the owners whose leases it would find expired.
+    ``expired_since``: only from leases that expired at or after it (``NodeLease.
+    takeover_floor``: a node back from an outage leaves the others time to renew).
 
     Never from ``node`` itself: a node whose own lease ran out (paused, say) still runs those
     executions, and renews its lease when it runs again; claiming them from itself would
@@ -101,13 +107,16 @@ def claim_expired(node: str, limit: int = 100) -> list[tuple[str, int]]:
     other and never both win a row."""
     sql = Statements.of_bound()
     p = sql.db.param
+    since = "" if expired_since is None else f"AND n.lease_expires_at >= {p} "
+    params = () if expired_since is None else (sql.stamp(expired_since),)
     return [(row[0], row[1]) for row in sql.rows(
         f"UPDATE workflow_executions SET owner = {p}, epoch = epoch + 1 WHERE id IN ("
         "SELECT e.id FROM workflow_executions e LEFT JOIN nodes n ON n.id = e.owner "
         f"WHERE e.status = 'running' AND (n.id IS NULL OR (n.lease_expires_at < {sql.now} "
-        f"AND n.id <> {p})) "
+        f"AND n.id <> {p} {since})) AND EXISTS (SELECT 1 FROM nodes me WHERE me.id = {p} "
+        f"AND me.lease_expires_at >= {sql.now}) "
         f"ORDER BY e.started_at LIMIT {p}{skip_locked_sql(sql.db, 'e')}) "
-        "RETURNING id, epoch", (node, node, limit))]
+        "RETURNING id, epoch", (node, node, *params, node, limit))]
 
 
 def close_orphaned_steps(limit: int = _CHUNK) -> list[str]:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -716,3 +717,52 @@ def test_a_cancel_committed_while_a_taken_over_execution_loads_ends_its_running_
         engine.shutdown(timeout=1)
     [step] = StepExecution.select().where(StepExecution.execution_id == orphan)
     assert (step.status, step.attempt, step.completed_at is not None) == ("cancelled", 1, True)
+
+
+HELD = """
+    name: held
+    steps:
+      - {{name: call, action: http/request, params: {{url: "{url}"}}}}
+"""
+
+
+def _lease_of(engine: Engine) -> dt.datetime:
+    return Node.get_by_id(engine.runner).lease_expires_at
+
+
+def test_a_node_back_from_an_outage_longer_than_the_lease_takes_over_no_live_nodes_work(
+        db, tmp_path, http_target):
+    """docs/engine.md: when the database is unreachable for longer than the lease, leases
+    are renewed again when it returns and nobody takes anything over.
+
+    Every lease ran out meanwhile; the node that reaches the database first must not take
+    over the executions of the others before they had a lease period to renew (then the
+    step running on the owner would be called a second time). Here the owner renewed just
+    before the outage, so its next renewal is a third of the lease away, while the other
+    node looks for expired leases every 2 s."""
+    http_target.route("/held", hold=True, body="ok")
+    apply(HELD.format(url=http_target.url("/held")))
+    owner = _engine(db, tmp_path, takeover=True, lease_ttl=12.0)  # renews every 4 s
+    other = None
+    try:
+        execution_id = owner.run("held").execution_id
+        http_target.wait_for_hits("/held", 1, timeout=10)
+        other = _engine(db, tmp_path, takeover=True, lease_ttl=12.0)
+        renewed = _lease_of(owner)
+        wait_until(lambda: _lease_of(owner) != renewed, timeout=10)
+        with transaction(db):  # the outage: every lease ran out
+            Node.update(lease_expires_at=mantle_db.fields.utcnow() - dt.timedelta(seconds=1)
+                        ).execute()
+        wait_until(lambda: all(_lease_of(engine) > mantle_db.fields.utcnow()
+                               for engine in (owner, other)), timeout=10)
+        time.sleep(2.5)  # a takeover round of the other node after both renewed
+        row = WorkflowExecution.get_by_id(execution_id)
+        assert (row.owner, row.epoch, http_target.hits("/held")) == (owner.runner, 1, 1)
+        http_target.release("/held")
+        detail = finish(owner, execution_id)
+    finally:
+        http_target.release()
+        owner.shutdown(timeout=1)
+        if other is not None:
+            other.shutdown(timeout=1)
+    assert (detail["status"], http_target.hits("/held")) == ("completed", 1)
