@@ -380,8 +380,8 @@ class Supervisor(pykka.ThreadingActor):
 
             def claim():
                 store.expire_dead_neighbours(node.id, node.host_key, pid_alive)
-                return store.close_orphaned_steps(), store.claim_expired(
-                    node.id, expired_since=node.takeover_floor())
+                return store.close_orphaned_steps(), node.claim(
+                    lambda floor: store.claim_expired(node.id, expired_since=floor))
 
             def claimed(result):
                 closed, taken = result

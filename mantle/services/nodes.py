@@ -83,6 +83,8 @@ class NodeLease:
         self._thread = threading.Thread(target=self._run, name="mantle-lease", daemon=True)
         self._failing = False
         self._steady_since: dt.datetime | None = None  # database time; see takeover_floor
+        # Held by a renewal from its first statement to its commit; see ``claim``.
+        self._renewing = threading.Lock()
 
     def start(self) -> NodeLease:
         """Register the node row (before any execution can name this node as its owner)."""
@@ -106,6 +108,23 @@ class NodeLease:
         if since is None or self.db_now() >= since + dt.timedelta(seconds=self.ttl):
             return None
         return since + dt.timedelta(seconds=max(self.ttl / 3, _RETRY_EVERY))
+
+    def claim(self, take: Callable[[dt.datetime | None], list]) -> list:
+        """``take(takeover_floor())``, or [] while a renewal of this lease is under way.
+
+        ``take`` runs a statement that reads this node's lease in the database; the floor
+        it is given must be of the same moment. A renewal that finds the lease lapsed sets
+        the floor and then commits the new lease: read in between, the floor is still the
+        old one while the statement already sees the renewed lease, and takes over work
+        of nodes that had no turn to renew yet. So a claim never runs alongside a renewal
+        (it is tried again at the next takeover round); it does not wait for one either,
+        as it may hold the database's write lock the renewal waits for (SQLite)."""
+        if not self._renewing.acquire(blocking=False):
+            return []
+        try:
+            return take(self.takeover_floor())
+        finally:
+            self._renewing.release()
 
     @property
     def seconds_since_renewal(self) -> float:
@@ -136,7 +155,7 @@ class NodeLease:
         delay = self.ttl / 3
         while not self._stop.wait(delay):
             try:
-                with transaction(self._db):
+                with self._renewing, transaction(self._db):
                     now, lapsed = renew_node(self.id, self.ttl)
                     if lapsed:  # expired or gone (pruned): make sure the row exists
                         self._reregister()
