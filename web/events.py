@@ -51,10 +51,11 @@ class Subscription:
     positioned after ``floor`` (what the stream reads from the database itself)."""
 
     def __init__(self, hub: EventHub, execution_id: str | None, workflow: str | None,
-                 floor: int):
+                 floor: int, before: frozenset[int] = frozenset()):
         self.execution_id = execution_id
         self.workflow = workflow
         self.floor = floor
+        self.before = before  # rows after ``floor`` committed before this began: not wanted
         self.closed = False
         self._hub = hub
         self._queue: collections.deque = collections.deque()
@@ -66,7 +67,7 @@ class Subscription:
         return self.floor // 2
 
     def wants(self, event: events.Event) -> bool:
-        if event.id <= self.floor:
+        if event.id <= self.floor or event.id // 2 in self.before:
             return False
         if self.execution_id is not None:
             return event.execution_id == self.execution_id
@@ -135,16 +136,23 @@ class EventHub:
         except Exception:  # nothing to close, or a broken connection: forget it
             pass
 
-    def subscribe(self, execution_id: str | None = None,
-                  workflow: str | None = None) -> Subscription:
+    def subscribe(self, execution_id: str | None = None, workflow: str | None = None,
+                  since_now: bool = False) -> Subscription:
         """A subscription to events from now on; its ``upto`` is where the caller's own
-        history ends. Raises TooManyStreams at the limit (and once closed)."""
+        history ends. ``since_now`` (a stream that reads no history): the rows already
+        committed that the poller has not passed yet are not handed to it, so it gets no
+        event of the past (on PostgreSQL an idle hub starts before the ids still missing
+        among the last ones: the rows after such a hole are old). Raises TooManyStreams at
+        the limit (and once closed)."""
         with self._lock:
             if self._closed or len(self._subscriptions) >= self.max_streams:
                 raise TooManyStreams(self.max_streams)
             if self._passed is None:
                 self._passed, self._gaps = self._start()
-            subscription = Subscription(self, execution_id, workflow, 2 * self._passed + 1)
+            before = (frozenset(events.ids_between(self._passed, events.last_row_id()))
+                      if since_now else frozenset())
+            subscription = Subscription(self, execution_id, workflow, 2 * self._passed + 1,
+                                        before)
             self._subscriptions.add(subscription)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="mantle-events",

@@ -486,3 +486,22 @@ def test_a_stream_of_all_executions_goes_on_after_retention_deleted_every_audit_
         got = stream.until("execution.finished", 10)
     assert got[-1].data["execution_id"] == after
     assert min(event.id for event in got) > max(event.id for event in before)
+
+
+@_POSTGRES
+def test_a_new_stream_of_all_executions_on_an_idle_server_gets_no_old_events(api, db):
+    """docs/api.md: ``GET /api/v1/events`` follows every execution from now on. PostgreSQL
+    leaves holes in the audit ids (a rolled-back transaction's, or rows retention deleted);
+    the executions that ended before the stream opened are not streamed to it."""
+    api.post("/api/v1/run/other", {})
+    wait_until(lambda: AuditEvent.select().where(
+        AuditEvent.action == "execution.finished").count() == 1)
+    with transaction():  # rolled back: a hole in the ids
+        AuditEvent.insert(timestamp=utcnow(), actor="cli", action="x", resource_type="x",
+                          resource_id="x", metadata={}).execute()
+        db.rollback()
+    api.post("/api/v1/run/other", {})
+    wait_until(lambda: AuditEvent.select().where(
+        AuditEvent.action == "execution.finished").count() == 2)
+    with open_stream(api.url, "/api/v1/events?timeout=5s") as stream:
+        assert stream.rest(10) == []

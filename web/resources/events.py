@@ -214,7 +214,7 @@ class AllEvents:
         params = query_params(req)
         timeout = _timeout(params)
         workflow = params.get("workflow")
-        subscription = _subscribe(self._hub, workflow=workflow)
+        subscription = _subscribe(self._hub, workflow=workflow, since_now=not after)
         waiter = _Waiter(req, subscription, timeout)
         _respond(resp, _Body(self._stream(after, workflow, waiter), subscription))
 
