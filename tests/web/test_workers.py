@@ -117,18 +117,25 @@ def test_a_worker_that_dies_is_restarted_and_its_executions_go_on(tmp_path, sqli
     assert victim_node not in {WorkflowExecution.get_by_id(i).owner for i in ids}
 
 
-def test_sigterm_to_the_parent_stops_every_worker_gracefully(tmp_path, sqlite_url):
-    apply_yaml("""
-        name: short
-        steps: [{name: nap, action: core/sleep, params: {duration: 1s}}]
+def _two_workers_running(tmp_path, sqlite_url, nap: str, shutdown_timeout: str):
+    """``serve --workers 2`` with one execution of a step sleeping ``nap`` running; returns
+    (the daemon, its workers' pids, the execution's id)."""
+    apply_yaml(f"""
+        name: nap
+        steps: [{{name: nap, action: core/sleep, params: {{duration: {nap}}}}}]
     """)
     daemon = Daemon(tmp_path, sqlite_url, args=("--workers", "2",
-                                                "--shutdown-timeout", "10s")).start()
+                                                "--shutdown-timeout", shutdown_timeout)).start()
     workers = wait_until(lambda: len(_children(daemon.process.pid)) == 2
                          and _children(daemon.process.pid), timeout=30)
-    execution_id = daemon.post("/api/v1/run/short", {}).json["execution_id"]
+    execution_id = daemon.post("/api/v1/run/nap", {}).json["execution_id"]
     wait_until(lambda: StepExecution.select().where(
         StepExecution.execution_id == execution_id, StepExecution.status == "running").exists())
+    return daemon, workers, execution_id
+
+
+def test_sigterm_to_the_parent_stops_every_worker_gracefully(tmp_path, sqlite_url):
+    daemon, workers, execution_id = _two_workers_running(tmp_path, sqlite_url, "1s", "10s")
     started = time.monotonic()
     daemon.send(signal.SIGTERM)
     assert daemon.wait(30) == 0
@@ -142,16 +149,7 @@ def test_after_sigterm_new_connections_are_refused_while_the_workers_drain(tmp_p
                                                                           sqlite_url):
     """10.3 step 2 with workers: the listener closes, so a client (or a load balancer) is
     refused at once instead of waiting in a backlog nobody accepts from any more."""
-    apply_yaml("""
-        name: long
-        steps: [{name: nap, action: core/sleep, params: {duration: 6s}}]
-    """)
-    daemon = Daemon(tmp_path, sqlite_url, args=("--workers", "2",
-                                                "--shutdown-timeout", "20s")).start()
-    wait_until(lambda: len(_children(daemon.process.pid)) == 2, timeout=30)
-    execution_id = daemon.post("/api/v1/run/long", {}).json["execution_id"]
-    wait_until(lambda: StepExecution.select().where(
-        StepExecution.execution_id == execution_id, StepExecution.status == "running").exists())
+    daemon, _, execution_id = _two_workers_running(tmp_path, sqlite_url, "6s", "20s")
     daemon.send(signal.SIGTERM)
     wait_until(lambda: daemon.messages().count("shutting down") == 3)  # the parent and both
     refused = []
@@ -170,22 +168,11 @@ def test_after_sigterm_new_connections_are_refused_while_the_workers_drain(tmp_p
     assert WorkflowExecution.get_by_id(execution_id).status == "completed"
 
 
-
 def test_workers_whose_parent_was_killed_shut_down(tmp_path, sqlite_url):
     """Nobody would restart them or forward a SIGTERM to them any more: they shut down as on
     SIGTERM (their executions stay for the next start) instead of serving the port and
     owning their executions for good."""
-    apply_yaml("""
-        name: long
-        steps: [{name: nap, action: core/sleep, params: {duration: 60s}}]
-    """)
-    daemon = Daemon(tmp_path, sqlite_url, args=("--workers", "2",
-                                                "--shutdown-timeout", "1s")).start()
-    workers = wait_until(lambda: len(_children(daemon.process.pid)) == 2
-                         and _children(daemon.process.pid), timeout=30)
-    execution_id = daemon.post("/api/v1/run/long", {}).json["execution_id"]
-    wait_until(lambda: StepExecution.select().where(
-        StepExecution.execution_id == execution_id, StepExecution.status == "running").exists())
+    daemon, workers, execution_id = _two_workers_running(tmp_path, sqlite_url, "60s", "1s")
     daemon.send(signal.SIGKILL)
     daemon.process.wait(10)
     try:
