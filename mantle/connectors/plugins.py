@@ -6,10 +6,20 @@ thread itself drives the pipes with a selector (no reader threads), so it can lo
 killed when the plugin exits, so background children cannot hold the pipes open or outlive
 their attempt. The leader is reaped only after the last kill, so its process-group id cannot
 have been reused by then.
+
+Linux only: the plugin dies with mantle, whatever kills mantle (SIGKILL, the OOM killer), so
+an attempt resumed by another process never runs alongside it. Before exec the child asks for
+SIGKILL when its parent dies (``prctl(PR_SET_PDEATHSIG)``). The kernel sends it when the
+*thread* that started the child ends, so ``run_plugin`` keeps its thread until the plugin is
+reaped (a pool thread ends only when idle). A parent that died before the request took hold
+is caught by comparing ``getppid()`` with the pid that started the child. The plugin's own
+children are not covered (the request is not inherited): they keep running, with pipes that
+no longer have a reader, unless they tie themselves to the plugin.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -44,6 +54,16 @@ _DRAIN_GRACE = 0.5
 # The only variables a plugin inherits (SPEC 13.1.4): never MANTLE_* (the database URL, the
 # encryption key, MANTLE_SECRET_*); its credential arrives on stdin.
 PASSED_VARIABLES = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR")
+# prctl(2), looked up once here: the child runs Python between fork and exec (preexec_fn) in a
+# process with many threads, so it only calls what is already resolved there.
+_PR_SET_PDEATHSIG = 1
+_SIGKILL = int(signal.SIGKILL)
+try:
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+    _prctl.argtypes = (ctypes.c_int,) + (ctypes.c_ulong,) * 4
+    _prctl.restype = ctypes.c_int
+except AttributeError:  # not Linux: plugins cannot run (see _die_with)
+    _prctl = None
 _JSON_TYPES = {list: "an array", str: "a string", bool: "a boolean", type(None): "null",
                int: "a number", float: "a number"}
 
@@ -77,9 +97,13 @@ def run_plugin(inv: Invocation, plugin: str, path: str) -> dict:
         proc = subprocess.Popen(
             [path], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             start_new_session=True, close_fds=True, env=plugin_environment(),
+            preexec_fn=_die_with(os.getpid()),
         )
     except OSError as exc:
         raise ConnectorError(f'plugin "{plugin}" failed: {exc.strerror or exc}') from None
+    except subprocess.SubprocessError:  # prctl refused (or missing): it would not die with us
+        raise ConnectorError(f'plugin "{plugin}" failed: cannot tie it to mantle '
+                             "(prctl PR_SET_PDEATHSIG, Linux only)") from None
     deadline = None
     if inv.step_timeout is None:
         deadline = time.monotonic() + parse_duration(DEFAULT_TIMEOUT)
@@ -89,6 +113,19 @@ def run_plugin(inv: Invocation, plugin: str, path: str) -> dict:
     finally:
         run.finish()
     return _result(plugin, outcome, run)
+
+
+def _die_with(parent: int):
+    """What the child runs before exec: SIGKILL when its parent thread dies, or exit now if
+    the parent is already gone (it died between fork and prctl)."""
+
+    def tie() -> None:
+        if _prctl is None or _prctl(_PR_SET_PDEATHSIG, _SIGKILL, 0, 0, 0) != 0:
+            raise OSError("prctl")
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return tie
 
 
 @dataclass

@@ -8,7 +8,9 @@ or one `mantle serve --workers 3` on SQLite, with a counting local HTTP target.
 - a process that comes back with its predecessor's hostname and pid resumes its executions;
 - cron fires once per minute across all nodes;
 - an in-process `mantle run` paused past its lease while a daemon runs repeats no step;
-- a cancel sent to a node that does not own the execution reaches the owner at once.
+- a cancel sent to a node that does not own the execution reaches the owner at once;
+- a plugin dies with the daemon or worker that started it (SIGKILL), so the attempt resumed
+  elsewhere never runs alongside it.
 
 Each process gets ``MANTLE_LEASE_TTL=3s`` so takeovers happen in seconds.
 """
@@ -21,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -99,6 +102,65 @@ def _submit(cluster: Cluster, workflow: str, key: str):
         if reply.status != 503 or time.monotonic() > deadline:
             return reply
         time.sleep(0.2)
+
+
+# Records its pid in params.runs; the first run holds (until killed), a later one reports which
+# earlier runs are still alive (not even a zombie), then ends.
+HOLD_PLUGIN = """\
+    #!{python}
+    import json, os, sys, time
+    runs = json.load(sys.stdin)["params"]["runs"]
+    earlier = open(runs).read().split() if os.path.exists(runs) else []
+    def alive(pid):
+        try:
+            stat = open(f"/proc/{{pid}}/stat").read()
+        except FileNotFoundError:
+            return False
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    with open(runs, "a") as handle:
+        handle.write(f"{{os.getpid()}}\\n")
+    if not earlier:
+        time.sleep(120)
+    print(json.dumps({{"overlapped": [pid for pid in earlier if alive(int(pid))]}}))
+"""
+
+
+def _hold_plugin(cwd) -> str:
+    """Install the ``hold`` plugin and a workflow running it; the file it records runs in."""
+    folder = cwd / ".mantle" / "plugins"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "hold"
+    path.write_text(textwrap.dedent(HOLD_PLUGIN.format(python=sys.executable)))
+    path.chmod(0o755)
+    runs = cwd / "runs.txt"
+    apply_yaml(f"""
+        name: hold
+        steps: [{{name: hold, action: hold/x, timeout: 5m, params: {{runs: "{runs}"}}}}]
+    """)
+    return str(runs)
+
+
+def _runs(path: str) -> list[int]:
+    try:
+        with open(path) as handle:
+            return [int(line) for line in handle.read().splitlines(keepends=True)
+                    if line.endswith("\n")]
+    except FileNotFoundError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie is dead: it may wait for a slow reaper in a container)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as handle:
+        return int(handle.read().rsplit(")", 1)[1].split()[1])
 
 
 def _node_of(pid: int) -> str | None:
@@ -410,3 +472,51 @@ def test_idempotency_keys_and_limits_hold_across_nodes(bound, backend, tmp_path)
         cluster.stop()
     assert statuses["completed"] == len(ids) + 1, statuses
     assert most == 1
+
+
+def test_a_plugin_dies_with_the_daemon_that_started_it(bound, tmp_path):
+    """A SIGKILLed (or OOM-killed) daemon runs no code: its plugin must still not outlive it,
+    or it runs on unsupervised (no timeout, no cancel) while the attempt is resumed."""
+    runs = _hold_plugin(tmp_path)
+    daemon = Daemon(tmp_path, bound, env=dict(TTL)).start()
+    pids = []
+    try:
+        daemon.post("/api/v1/run/hold", {})
+        pids = wait_until(lambda: _runs(runs), timeout=20)
+        assert _parent_of(pids[0]) == daemon.process.pid
+        daemon.send(signal.SIGKILL)
+        daemon.wait()
+        wait_until(lambda: not _alive(pids[0]), timeout=5,
+                   message="the plugin outlived the daemon that started it")
+    finally:
+        daemon.stop()
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_killed_workers_plugin_never_runs_alongside_the_resumed_attempt(
+        bound, tmp_path):
+    """``serve --workers 2``: SIGKILL the worker whose plugin runs; its sibling takes the
+    execution over at once and runs the step again, with the first plugin already dead."""
+    runs = _hold_plugin(tmp_path)
+    daemon = Daemon(tmp_path, bound, args=("--workers", "2"), env=dict(TTL)).start(timeout=60)
+    pids = []
+    try:
+        wait_until(lambda: len(_children(daemon.process.pid)) == 2, timeout=30)
+        execution_id = daemon.post("/api/v1/run/hold", {}).json["execution_id"]
+        pids = wait_until(lambda: _runs(runs), timeout=20)
+        worker = _parent_of(pids[0])
+        assert worker in _children(daemon.process.pid)
+        os.kill(worker, signal.SIGKILL)
+        detail = daemon.wait_for_status(execution_id, timeout=60)
+        pids = _runs(runs)
+    finally:
+        daemon.stop(timeout=60)
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert detail["status"] == "completed", detail
+    assert len(pids) == 2, pids
+    step = {step["name"]: step for step in detail["steps"]}["hold"]
+    assert step["output"] == {"overlapped": []}, "the killed worker's plugin still ran"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import textwrap
 import threading
@@ -286,3 +287,25 @@ def test_credential_printed_by_a_plugin_is_redacted(plugins_dir):
     assert invoke(plugins_dir, "leak/x", credential="hunter2") == {
         "said": "my key is ********"
     }
+
+
+# --- dying with mantle (Linux) --------------------------------------------------------------
+
+def test_plugin_is_set_to_be_killed_when_the_thread_that_started_it_dies(plugins_dir):
+    install(plugins_dir, "deathsig", f"#!{sys.executable}\n" + textwrap.dedent("""
+        import ctypes, json, os
+        prctl = ctypes.CDLL(None).prctl
+        value = ctypes.c_int(0)
+        prctl(2, ctypes.byref(value), 0, 0, 0)  # PR_GET_PDEATHSIG
+        print(json.dumps({"signal": value.value, "own_group": os.getpgrp() == os.getpid()}))
+    """))
+    assert invoke(plugins_dir, "deathsig/x") == {"signal": 9, "own_group": True}
+
+
+def test_plugin_whose_parent_died_before_the_kill_request_held_never_runs(plugins_dir, tmp_path):
+    """The race between fork and prctl: the child sees another parent and exits at once."""
+    ran = tmp_path / "ran"
+    path = install(plugins_dir, "late", f"#!/bin/sh\ntouch {ran}\n")
+    # Expecting our own parent: as if the child had already been adopted by another process.
+    child = subprocess.run([str(path)], preexec_fn=plugins._die_with(os.getppid()), timeout=10)
+    assert child.returncode == 1 and not ran.exists()
