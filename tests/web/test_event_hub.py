@@ -10,6 +10,7 @@ import uuid
 import psycopg
 import pytest
 
+from mantle.db import transaction
 from mantle.db.fields import dump_json, utcnow
 from mantle.db.models import AuditEvent, WorkflowExecution
 from web.events import EventHub, TooManyStreams
@@ -103,9 +104,10 @@ def test_a_hole_in_the_ids_is_passed_at_once_on_sqlite(hub, backend, db):
     events = hub(gap_wait=30.0)
     execution_id = _execution()
     subscription = events.subscribe(execution_id=execution_id)
-    hole = _started(execution_id, 1)
-    kept = _started(execution_id, 2)
-    AuditEvent.delete().where(AuditEvent.id == hole).execute()
+    with transaction():  # the poller never sees the row of the hole
+        hole = _started(execution_id, 1)
+        kept = _started(execution_id, 2)
+        AuditEvent.delete().where(AuditEvent.id == hole).execute()
     got = _collect(subscription, 1, timeout=2.0)
     assert [event.id for event in got] == [2 * kept]
 
