@@ -18,6 +18,7 @@ from mantle.db.connect import connect, is_postgres
 from mantle.db.models import StepExecution, WorkflowExecution
 from mantle.metrics import Metrics
 from tests.actors.conftest import apply, finish, run, steps_of, wait_until
+from tests.helpers.database import lock_waiters
 
 KID = """
     name: kid
@@ -155,13 +156,6 @@ def test_a_parent_cancelled_on_another_node_of_this_host_stops_forty_children_at
     assert {child.status for child in _children(parent)} == {"cancelled"}
 
 
-def _lock_waiters(session) -> int:
-    """Sessions of this test's database now waiting for a lock another session holds."""
-    return session.execute_sql(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-        "AND wait_event_type = 'Lock'").fetchone()[0]
-
-
 def test_a_cancel_committed_while_the_child_is_being_created_still_cancels_the_child(
         engine, db, migrated_db_url):
     """SPEC 13.3: cancelling a parent cancels its running children. Here the cancel commits
@@ -185,7 +179,7 @@ def test_a_cancel_committed_while_the_child_is_being_created_still_cancels_the_c
         holder.execute_sql("BEGIN")
         holder.execute_sql("SELECT 1 FROM workflows WHERE name = 'sleepy-kid' FOR UPDATE")
         parent = engine.run("parent").execution_id
-        wait_until(lambda: _lock_waiters(watcher) == 1)  # the creation waits for the row
+        wait_until(lambda: lock_waiters(watcher) == 1)  # the creation waits for the row
 
         def cancel_elsewhere():
             with transaction():
@@ -194,7 +188,7 @@ def test_a_cancel_committed_while_the_child_is_being_created_still_cancels_the_c
         cancel = threading.Thread(target=cancel_elsewhere)
         cancel.start()
         # committed, or waiting for the creation to end first
-        wait_until(lambda: not cancel.is_alive() or _lock_waiters(watcher) == 2)
+        wait_until(lambda: not cancel.is_alive() or lock_waiters(watcher) == 2)
     finally:
         holder.execute_sql("ROLLBACK")
         holder.close()
@@ -257,7 +251,7 @@ def test_a_step_timeout_while_the_child_is_being_created_cancels_that_child(
     holder, watcher = _held_creation(migrated_db_url)
     try:
         parent = engine.run("parent").execution_id
-        wait_until(lambda: _lock_waiters(watcher) == 1)  # the creation waits for the row
+        wait_until(lambda: lock_waiters(watcher) == 1)  # the creation waits for the row
         # the first attempt timed out: the write of its end waits behind the creation
         fence = (parent, WorkflowExecution.get_by_id(parent).epoch)
         wait_until(lambda: any(entry.fence == fence for entry in list(engine.journal._queue)))
@@ -290,7 +284,7 @@ def test_a_workflow_timeout_while_the_child_is_being_created_cancels_that_child(
     holder, watcher = _held_creation(migrated_db_url)
     try:
         parent = engine.run("parent").execution_id
-        wait_until(lambda: _lock_waiters(watcher) == 1 and http_target.hits("/hold") == 1)
+        wait_until(lambda: lock_waiters(watcher) == 1 and http_target.hits("/hold") == 1)
         wait_until(lambda: http_target.in_progress("/hold") == 0)  # the timeout came
     finally:
         _release(holder, watcher)

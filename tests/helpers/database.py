@@ -11,7 +11,7 @@ import pykka
 from mantle import db as mantle_db
 from mantle.db import migrations
 
-__all__ = ["bound_database"]
+__all__ = ["bound_database", "lock_waiters"]
 
 
 @contextlib.contextmanager
@@ -28,3 +28,10 @@ def bound_database(url: str, migrate: bool = False) -> Iterator[peewee.Database]
         pykka.ActorRegistry.stop_all(block=True, timeout=10)
         mantle_db.close_all(database)
         mantle_db.database_proxy.initialize(None)
+
+
+def lock_waiters(session: peewee.Database) -> int:
+    """Sessions of ``session``'s PostgreSQL database now waiting for a lock another holds."""
+    return session.execute_sql(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND wait_event_type = 'Lock'").fetchone()[0]

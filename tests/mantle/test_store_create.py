@@ -13,6 +13,7 @@ from mantle.db.fields import MAX_INTEGER
 from mantle.db.models import WorkflowExecution
 from mantle.errors import ExecutionFinished, VersionNotFound, WorkflowNotFound
 from tests.helpers import Background
+from tests.helpers.database import lock_waiters
 from tests.helpers.waiting import apply_yaml, wait_until
 
 TINY = "name: tiny\nsteps: [{name: a, action: core/log, params: {message: x}}]\n"
@@ -95,7 +96,7 @@ def test_a_key_sent_to_two_nodes_at_once_answers_the_original_at_the_reject_limi
                 database_proxy.close()  # this thread's connection
 
         calls = [Background(lambda node=node: create(node)) for node in ("n:1", "n:2")]
-        wait_until(lambda: _lock_waiters(watcher) == 2)
+        wait_until(lambda: lock_waiters(watcher) == 2)
     finally:
         holder.execute_sql("ROLLBACK")
         holder.close()
@@ -105,9 +106,3 @@ def test_a_key_sent_to_two_nodes_at_once_answers_the_original_at_the_reject_limi
     assert len({created.execution["id"] for created in results}) == 1
     assert sorted(created.existing for created in results) == [False, True]
     assert WorkflowExecution.select().count() == 1
-
-
-def _lock_waiters(session) -> int:
-    return session.execute_sql(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-        "AND wait_event_type = 'Lock'").fetchone()[0]

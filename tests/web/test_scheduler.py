@@ -21,6 +21,7 @@ from mantle import db as mantle_db
 from mantle.db.connect import connect, is_postgres
 from mantle.db.models import AuditEvent, WorkflowExecution, WorkflowTrigger
 from tests.helpers import Background
+from tests.helpers.database import lock_waiters
 from tests.web.support import apply_yaml, gone_database, wait_until
 
 EVERY_FIVE = """
@@ -133,13 +134,6 @@ def test_a_schedule_changed_after_its_minute_fired_does_not_fire_that_minute_aga
     assert len(_executions()) == 2
 
 
-def _lock_waiters(session) -> int:
-    """Sessions of this test's database now waiting for a lock another session holds."""
-    return session.execute_sql(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-        "AND wait_event_type = 'Lock'").fetchone()[0]
-
-
 def _in_thread(func):
     def call():
         try:
@@ -164,9 +158,9 @@ def _apply_racing_a_firing(engine, db, url: str, yaml: str, changed: str) -> lis
         holder.execute_sql("SELECT 1 FROM workflow_triggers FOR UPDATE")
         firing = Background(_in_thread(
             lambda: Scheduler(engine, db).tick(AT + dt.timedelta(seconds=1))))
-        wait_until(lambda: _lock_waiters(watcher) == 1)  # the claim waits for the row
+        wait_until(lambda: lock_waiters(watcher) == 1)  # the claim waits for the row
         applying = Background(_in_thread(lambda: apply_yaml(changed)))
-        wait_until(lambda: _lock_waiters(watcher) == 2 or applying.ended_at is not None)
+        wait_until(lambda: lock_waiters(watcher) == 2 or applying.ended_at is not None)
     finally:
         holder.execute_sql("ROLLBACK")
         holder.close()

@@ -13,6 +13,7 @@ from mantle.db.connect import connect, is_postgres
 from mantle.db.models import AuditEvent, WorkflowExecution
 from mantle.errors import WebhookPathTaken
 from tests.helpers import Background
+from tests.helpers.database import lock_waiters
 from tests.web.support import apply_yaml, wait_until
 
 ECHO = """
@@ -174,9 +175,9 @@ def test_two_applies_registering_one_path_at_once_refuse_the_second_by_name(
             return Background(call)
 
         first = apply("first")
-        wait_until(lambda: _lock_waiters(watcher) == 1)
+        wait_until(lambda: lock_waiters(watcher) == 1)
         second = apply("second")
-        wait_until(lambda: _lock_waiters(watcher) == 2)
+        wait_until(lambda: lock_waiters(watcher) == 2)
     finally:
         holder.execute_sql("ROLLBACK")
         holder.close()
@@ -186,9 +187,3 @@ def test_two_applies_registering_one_path_at_once_refuse_the_second_by_name(
     assert str(second.error) == ('webhook path "/hooks/shared" is already registered by '
                                  'workflow "first"')
     assert definitions.current_definition("second") is None
-
-
-def _lock_waiters(session) -> int:
-    return session.execute_sql(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-        "AND wait_event_type = 'Lock'").fetchone()[0]
