@@ -11,7 +11,7 @@ import hashlib
 
 from peewee import IntegrityError
 
-from mantle.db import audit, lock_for_update, write_transaction
+from mantle.db import audit, lock_for_update, upsert, write_transaction
 from mantle.db.fields import utcnow
 from mantle.db.models import Workflow as WorkflowRow
 from mantle.db.models import WorkflowDefinition, WorkflowTrigger
@@ -87,13 +87,18 @@ def apply_definition(raw: bytes, workflow: Workflow, actor: str = "cli") -> Appl
     """Store a new version unless the bytes equal the current one (then re-sync triggers)."""
     digest = content_hash(raw)
     with write_transaction():
+        now = utcnow()
+        # A new workflow's row, made first, is what a concurrent first apply waits on: without
+        # it both would find no version and store version 1 (a duplicate key on PostgreSQL).
+        # Uncommitted, it is seen by nobody else; a refused apply takes it back.
+        upsert(WorkflowRow, {"name": workflow.name, "current_version": 0, "created_at": now,
+                             "updated_at": now}, conflict=[WorkflowRow.name], update=[])
         triggers = _locked_triggers(workflow.name)
         current = current_definition(workflow.name)
         if current is not None and current.content_hash == digest:
             _sync_triggers(workflow.name, current.version, workflow, triggers)
             return ApplyResult(workflow.name, current.version, False)
         version = _max_version(workflow.name) + 1
-        now = utcnow()
         WorkflowDefinition.create(workflow_name=workflow.name, version=version,
                                   raw_yaml=raw.decode("utf-8"), definition=workflow.definition,
                                   content_hash=digest, created_at=now)
@@ -131,10 +136,8 @@ def rollback(name: str, to_version: int | None = None, actor: str = "cli") -> tu
 
 
 def _point_to(name: str, version: int, now) -> None:
-    updated = (WorkflowRow.update(current_version=version, updated_at=now)
-               .where(WorkflowRow.name == name).execute())
-    if not updated:
-        WorkflowRow.create(name=name, current_version=version, created_at=now, updated_at=now)
+    WorkflowRow.update(current_version=version, updated_at=now).where(
+        WorkflowRow.name == name).execute()
 
 
 def _locked_triggers(name: str) -> list[WorkflowTrigger]:
