@@ -473,7 +473,7 @@ class Attempts:
             run.status, run.attempt, run.started_at, run.stage = status, attempt, started_at, \
                 "writing"
             run.wait_kind, run.wait_until = wait
-            self._write(op, m.AttemptRowWritten(name, run.hook, attempt))
+            self._write(op, m.AttemptRowWritten(name, run.hook, attempt), starting=True)
             return
         self._finish_step(run, status, attempt, output, error, now)
 

@@ -27,7 +27,8 @@ from actors.context import EngineContext, internal_error, tell
 from actors.hooks import HookPhase
 from actors.runtime import PooledActor
 from mantle import store
-from mantle.errors import LeaseLost
+from mantle.errors import ExecutionStopped, LeaseLost
+from mantle.store import STARTING
 from mantle.states import StepStatus as S
 from mantle.timefmt import rfc3339
 from mantle.workflow import Workflow
@@ -81,19 +82,26 @@ class ExecutionActor(Attempts, HookPhase, Children, PooledActor):
     def on_failure(self, exc_type, exc_value, traceback):
         self._sup.tell(m.ExecutionEnded(self._id, self._wf.name, "unknown"))
 
-    def _write(self, op, event) -> None:
+    def _write(self, op, event, starting: bool = False) -> None:
         """Submit ``op`` under this execution's fence; tell ``event`` (or ``event(result)``)
-        to this actor once committed, WriteRefused/WriteFailed otherwise."""
+        to this actor once committed, WriteRefused/WriteFailed otherwise.
+
+        ``starting``: ``op`` starts an attempt (its ``running`` row) and is refused if the
+        execution is no longer running: ``StartRefused`` then carries ``event``."""
         ref = self.actor_ref
 
         def done(result):
             tell(ref, event(result) if callable(event) else event)
 
         def failed(exc):
-            tell(ref, m.WriteRefused() if isinstance(exc, LeaseLost) else m.WriteFailed(
-                str(exc).strip() or type(exc).__name__))
+            if isinstance(exc, ExecutionStopped):
+                tell(ref, m.StartRefused(event))
+            else:
+                tell(ref, m.WriteRefused() if isinstance(exc, LeaseLost) else m.WriteFailed(
+                    str(exc).strip() or type(exc).__name__))
 
-        self._ctx.journal.submit(op, done, failed, fence=self._fence)
+        fence = (*self._fence, STARTING) if starting else self._fence
+        self._ctx.journal.submit(op, done, failed, fence=fence)
 
     def _after(self, delay: float, message):
         ref = self.actor_ref
@@ -410,6 +418,13 @@ class ExecutionActor(Attempts, HookPhase, Children, PooledActor):
                 run.stage in ("running", "writing") for run in self._runs()):
             self._end("interrupted")
 
+    def _on_StartRefused(self, message: m.StartRefused) -> None:
+        """A cancel committed before this owner heard of it (its notice is late or lost):
+        stop as for the cancel; the attempt whose row was refused ends ``cancelled``
+        without starting (4.6)."""
+        self._on_Cancel(m.Cancel())
+        self._on_AttemptRowWritten(message.written)
+
     def _on_WriteRefused(self, _message: m.WriteRefused) -> None:
         self._on_LeaseLost(m.LeaseLost())
 
@@ -459,6 +474,7 @@ def _handlers() -> dict[type, object]:
         m.Begin: actor._on_Begin, m.Cancel: actor._on_Cancel,
         m.Shutdown: actor._on_Shutdown, m.StopNow: actor._on_StopNow,
         m.LeaseLost: actor._on_LeaseLost, m.WriteRefused: actor._on_WriteRefused,
+        m.StartRefused: actor._on_StartRefused,
         m.WriteFailed: actor._on_WriteFailed, m.ExecutionClosed: actor._on_ExecutionClosed,
         m.Prepared: actor._on_Prepared, m.PrepareAgain: actor._on_PrepareAgain,
         m.StepSlotGranted: actor._on_StepSlotGranted,

@@ -23,9 +23,9 @@ __all__ = [
     # Execution actor
     "Begin", "Cancel", "LeaseLost", "StepSlotGranted", "Prepared", "PrepareAgain",
     "AttemptRowWritten", "RetryRowsWritten", "StepRecorded", "HooksStarted", "ExecutionClosed",
-    "WriteRefused", "WriteFailed", "StepTimedOut", "BackoffEnded", "SleepEnded",
-    "InterruptGraceOver", "WorkflowTimedOut", "HooksTimedOut", "AttemptFinished", "ChildCreated",
-    "ChildFinished",
+    "WriteRefused", "WriteFailed", "StartRefused", "StepTimedOut", "BackoffEnded",
+    "SleepEnded", "InterruptGraceOver", "WorkflowTimedOut", "HooksTimedOut", "AttemptFinished",
+    "ChildCreated", "ChildFinished",
 ]
 
 
@@ -285,6 +285,12 @@ class AttemptRowWritten:
     step: str
     hook: bool
     attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class StartRefused:
+    """The attempt's ``running`` row was refused: the execution is no longer running."""
+    written: AttemptRowWritten
 
 
 @dataclass(frozen=True, slots=True)

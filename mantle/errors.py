@@ -27,6 +27,7 @@ __all__ = [
     "EngineSaturated",
     "JournalStopped",
     "LeaseLost",
+    "ExecutionStopped",
     "AlreadyClaimed",
 ]
 
@@ -170,3 +171,13 @@ class LeaseLost(MantleError):
     def __init__(self, execution_id: str):
         super().__init__("execution lease lost")
         self.execution_id = execution_id
+
+
+class ExecutionStopped(MantleError):
+    """A write that would start something was refused: the execution is no longer running
+    (a cancel committed that its owner had not heard of yet; SPEC 4.6)."""
+
+    def __init__(self, execution_id: str, status: str | None):
+        super().__init__(f"execution is {status}")
+        self.execution_id = execution_id
+        self.status = status

@@ -28,7 +28,7 @@ import peewee
 
 from mantle.db import is_outage, is_postgres, transaction
 from mantle.db.connect import backend_identity, commit_outcome, journal_check_refused
-from mantle.errors import GateClosed, JournalStopped, LeaseLost
+from mantle.errors import GateClosed, JournalStopped
 from mantle.store import (batch_scope, check_with_writes, forget_current_versions,
                           known_current_versions, refused_fences)
 from mantle.store.statements import Pending, settle
@@ -59,8 +59,14 @@ class _Entry:
         self.gate = gate
 
 
-# An operation skipped because its fence was refused (its ``failed`` gets LeaseLost).
-_REFUSED = object()
+class _Refused:
+    """The result of an operation skipped because its fence was refused: ``error``
+    (LeaseLost, ExecutionStopped) goes to its ``failed``."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException):
+        self.error = error
 
 
 class _Closed(Exception):
@@ -93,7 +99,9 @@ class Journal:
     ``fence=(execution_id, epoch)`` makes the operation conditional on the execution still
     having that epoch (SPEC 13.7): one check per batch for all its fences, inside the
     transaction; an operation whose fence is refused is not run and its ``failed`` receives
-    ``LeaseLost``.
+    ``LeaseLost``. ``(execution_id, epoch, STARTING)`` also needs the execution ``running``
+    (the operation starts an attempt), else ``failed`` receives ``ExecutionStopped``
+    (``mantle.store.ownership``).
 
     ``reads=workflow``: the operation looks up the workflow's current version (a run); the
     batch reads it with the fence check, in the same round trip on PostgreSQL.
@@ -150,7 +158,7 @@ class Journal:
 
     def submit(self, op: Callable[[], Any], done: Callable[[Any], None] | None = None,
                failed: Callable[[BaseException], None] | None = None,
-               fence: tuple[str, int] | None = None, reads: str | None = None,
+               fence: tuple | None = None, reads: str | None = None,
                gate: Callable[[], bool] | None = None) -> None:
         with self._ready:
             if self._stopping:
@@ -161,7 +169,7 @@ class Journal:
             self._ready.notify()
 
     def call(self, op: Callable[[], Any], timeout: float | None = 30.0,
-             fence: tuple[str, int] | None = None) -> Any:
+             fence: tuple | None = None) -> Any:
         """Run ``op`` through the journal and wait for its result (for non-actor callers);
         raises what the operation raised, LeaseLost for a refused fence, TimeoutError."""
         finished = threading.Event()
@@ -271,8 +279,8 @@ class Journal:
     def _finished(self, entry: _Entry, result) -> None:
         if isinstance(result, Pending):
             result = result.value
-        if result is _REFUSED:
-            self._callback(entry.failed, LeaseLost(entry.fence[0]))
+        if isinstance(result, _Refused):
+            self._callback(entry.failed, result.error)
         else:
             self._callback(entry.done, result)
 
@@ -321,8 +329,9 @@ class Journal:
                         fences = reads = ()
                     else:
                         check_with_writes(self._db, self._mark, self._seq)
-                refused = refused_fences(fences, reads) if fences or reads else ()
-                results = [_REFUSED if entry.fence in refused else entry.op()
+                refused = refused_fences(fences, reads) if fences or reads else {}
+                results = [_Refused(refused[entry.fence]) if entry.fence in refused
+                           else entry.op()
                            for entry in batch]
                 closed = [entry for entry in batch if entry.gate is not None
                           and entry.fence not in refused and not entry.gate()]

@@ -17,8 +17,9 @@ from mantle.store.executions import (MANUAL_TRIGGER, Cancelled, Created, Parent,
                                      fail_execution, final_results, finish_execution,
                                      mark_hooks_started, promote_queued, queued_workflows,
                                      workflow_of)
-from mantle.store.ownership import (cancelled_among, check_with_writes, claim_expired,
-                                    close_cancelled_steps, close_orphaned_steps, database_now,
+from mantle.store.ownership import (STARTING, cancelled_among, check_with_writes,
+                                    claim_expired, close_cancelled_steps, close_orphaned_steps,
+                                    database_now,
                                     expire_dead_neighbours, expire_node, node_channels,
                                     owned_running, refused_fences, register_node, renew_node)
 from mantle.store.statements import batch_scope, storable_text
@@ -31,7 +32,7 @@ __all__ = [
     "cancel_execution", "copy_steps", "create_execution", "execution_row",
     "execution_snapshot", "fail_execution", "finish_execution", "final_results",
     "mark_hooks_started", "promote_queued", "queued_workflows", "workflow_of",
-    "cancelled_among", "check_with_writes", "claim_expired", "close_cancelled_steps",
+    "STARTING", "cancelled_among", "check_with_writes", "claim_expired", "close_cancelled_steps",
     "close_orphaned_steps", "database_now", "expire_dead_neighbours", "expire_node",
     "node_channels", "owned_running", "refused_fences", "register_node", "renew_node",
     "batch_scope", "storable_text", "write_progress", "write_step", "model_of",

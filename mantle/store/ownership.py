@@ -17,13 +17,14 @@ from collections.abc import Callable, Iterable
 from mantle.db.engine import skip_locked_sql
 from mantle.db.fields import utcnow
 from mantle.db.models import Node
+from mantle.errors import ExecutionStopped, LeaseLost, MantleError
 from mantle.store.statements import Statements
 from mantle.store.versions import current_versions_query, note_current_versions
 
-__all__ = ["refused_fences", "check_with_writes", "claim_expired", "close_orphaned_steps",
-           "close_cancelled_steps", "expire_dead_neighbours", "owned_running",
-           "cancelled_among", "register_node", "renew_node", "expire_node", "node_channels",
-           "database_now"]
+__all__ = ["STARTING", "refused_fences", "check_with_writes", "claim_expired",
+           "close_orphaned_steps", "close_cancelled_steps", "expire_dead_neighbours",
+           "owned_running", "cancelled_among", "register_node", "renew_node", "expire_node",
+           "node_channels", "database_now"]
 
 _CHUNK = 500  # ids per IN (...) list
 
@@ -33,26 +34,36 @@ def _chunks(items: list, size: int = _CHUNK):
         yield items[start:start + size]
 
 
-def refused_fences(fences: Iterable[tuple[str, int]], workflows: Iterable[str] = ()
-                   ) -> set[tuple[str, int]]:
-    """The (execution id, epoch) pairs whose epoch is no longer the execution's: a writer
-    holding one of them lost the execution to another node and must not write for it.
+# The third element of a fence for a write that starts something (an attempt's ``running``
+# row, written before the attempt acts): the write also needs the execution still
+# ``running``. A cancel leaves the epoch alone, and its owner may hear of it only later (a
+# lost notice: up to a second); nothing may start meanwhile (SPEC 4.6).
+STARTING = 1
 
-    On PostgreSQL the rows read stay share-locked until the transaction ends, so no claim can
-    change their owner between this check and the commit of the writes it admits; and the
-    current versions of ``workflows`` (those the batch's runs will create executions of) are
-    read in the same message, so a journal transaction starts with one round trip, not two.
+
+def refused_fences(fences: Iterable[tuple], workflows: Iterable[str] = ()
+                   ) -> dict[tuple, MantleError]:
+    """The fences that no longer hold, each with the error its writer gets: ``LeaseLost``
+    when the execution's epoch is no longer the fence's (another node took it over: write
+    nothing more for it), ``ExecutionStopped`` for a ``STARTING`` fence of an execution no
+    longer ``running`` (cancelled: start nothing).
+
+    On PostgreSQL the rows read stay share-locked until the transaction ends, so no claim or
+    cancel can change them between this check and the commit of the writes it admits; and
+    the current versions of ``workflows`` (those the batch's runs will create executions of)
+    are read in the same message, so a journal transaction starts with one round trip, not
+    two.
     """
     fences = set(fences)
     sql = Statements.of_bound()
-    statements = [(f"SELECT id, epoch FROM workflow_executions WHERE id IN "
+    statements = [(f"SELECT id, epoch, status FROM workflow_executions WHERE id IN "
                    f"({sql.placeholders(len(chunk))}) ORDER BY id{sql.share_lock}", tuple(chunk))
-                  for chunk in _chunks(sorted({execution_id for execution_id, _ in fences}))]
+                  for chunk in _chunks(sorted({fence[0] for fence in fences}))]
     versions = None if sql.sqlite else current_versions_query(workflows)
-    current: dict[str, int] = {}
+    rows: list[tuple] = []
     if versions is None:
         for statement in statements:
-            current.update(sql.rows(*statement))
+            rows += sql.rows(*statement)
     else:
         statements.append(versions)
         results = sql.db.execute_together("; ".join(text for text, _ in statements),
@@ -60,13 +71,20 @@ def refused_fences(fences: Iterable[tuple[str, int]], workflows: Iterable[str] =
         try:
             for index in range(-len(statements), -1):  # from the end: BEGIN may come first
                 results.set_result(index)
-                current.update(results.fetchall())
+                rows += results.fetchall()
             results.set_result(-1)
             note_current_versions(versions[1], results.fetchall())
         finally:
             results.close()
-    return {(execution_id, epoch) for execution_id, epoch in fences
-            if current.get(execution_id) != epoch}
+    current = {execution_id: (epoch, status) for execution_id, epoch, status in rows}
+    refused: dict[tuple, MantleError] = {}
+    for fence in fences:
+        epoch, status = current.get(fence[0], (None, None))
+        if epoch != fence[1]:
+            refused[fence] = LeaseLost(fence[0])
+        elif fence[2:] == (STARTING,) and status != "running":
+            refused[fence] = ExecutionStopped(fence[0], status)
+    return refused
 
 
 def check_with_writes(database, mark: str, seq: int, fences: Iterable[tuple[str, int]] = (),
@@ -83,7 +101,8 @@ def check_with_writes(database, mark: str, seq: int, fences: Iterable[tuple[str,
     batch = Statements.of(database).batch
     versions = versions or {}
     batch.versions.update(versions)
-    batch.check = (mark, seq, sorted(fences), sorted(versions.items()))
+    batch.check = (mark, seq, sorted((fence[0], fence[1], fence[2] if len(fence) > 2 else 0)
+                                     for fence in fences), sorted(versions.items()))
 
 
 def claim_expired(node: str, limit: int = 100, expired_since: dt.datetime | None = None

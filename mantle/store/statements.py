@@ -181,7 +181,7 @@ class Batch:
         self.versions: dict[str, int | None] = {}  # current versions read in this batch
         # PostgreSQL journal transactions: (mark, seq, fences, versions) for
         # mantle_journal_check, sent ahead of the first writes (migration 009).
-        self.check: tuple[str, int, list[tuple[str, int]], list[tuple[str, int]]] | None = None
+        self.check: tuple[str, int, list[tuple], list[tuple[str, int]]] | None = None
 
     def flush(self, commit: bool = False) -> None:
         """Write what is held back; ``commit``: these are the transaction's last statements

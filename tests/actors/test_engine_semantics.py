@@ -358,6 +358,43 @@ def test_cancel_written_by_another_process_is_noticed_within_a_second(engine, db
     assert time.monotonic() - started < 1.5
 
 
+def test_no_step_starts_after_a_cancel_its_owner_has_not_heard_of_yet(engine, db,
+                                                                       http_target):
+    """SPEC 4.6: after a cancel commits, nothing new starts. The owner hears of a cancel
+    within milliseconds, or within a second when the notice is lost; meanwhile a step whose
+    dependency ended started (its ``running`` row is fenced by epoch, which a cancel leaves
+    alone) and called its target. Now the row that starts an attempt is refused once the
+    execution is no longer running: the step ends ``cancelled`` without being called."""
+    http_target.route("/first", hold=True)
+    http_target.route("/second")
+    apply(f"""
+        name: unheard-cancel
+        steps:
+          - {{name: first, action: http/request, params: {{url: "{http_target.url('/first')}"}}}}
+          - name: second
+            action: http/request
+            depends_on: [first]
+            params: {{url: "{http_target.url('/second')}"}}
+        hooks:
+          on_finish: [{{name: hook, action: http/request,
+                        params: {{url: "{http_target.url('/second')}"}}}}]
+    """)
+    execution_id = engine.run("unheard-cancel").execution_id
+    http_target.wait_for_hits("/first")
+    # A cancel committed by another node whose notice never arrived: no NOTIFY, no channel.
+    with transaction(db):
+        WorkflowExecution.update(status="cancelled", completed_at=utcnow()).where(
+            WorkflowExecution.id == execution_id).execute()
+    http_target.release("/first")
+    wait_until(lambda: engine.live_count() == 0, message="the owner did not stop")
+    steps = {row.step_name: row.status for row in StepExecution.select().where(
+        StepExecution.execution_id == execution_id)}
+    assert http_target.hits("/second") == 0
+    assert steps["second"] == "cancelled"
+    assert steps["first"] in ("completed", "cancelled")
+    assert WorkflowExecution.get_by_id(execution_id).status == "cancelled"
+
+
 def test_reject_limit_refuses_a_second_running_execution(engine):
     from mantle.errors import LimitReached
 

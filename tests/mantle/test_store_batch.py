@@ -112,7 +112,7 @@ def test_a_batch_reads_its_fences_and_its_runs_current_versions_in_one_message(d
         assert store.version_of("tiny", None)[0] == 1
         assert isinstance(store.version_of("absent", None), WorkflowNotFound)
         assert isinstance(store.version_of("nul\x00", None), WorkflowNotFound)
-    assert refused == {(execution_id, 2), ("gone", 1)}
+    assert set(refused) == {(execution_id, 2), ("gone", 1)}
     sent = [record.msg[0] for record in caplog.records if record.name == "peewee"]
     reads = [text for text in sent if "epoch" in text or "current_version" in text]
     if is_postgres(db):
@@ -153,7 +153,7 @@ def test_a_journal_transaction_with_its_checks_up_front_is_two_round_trips(db):
     running = _tiny_execution(db)
     with _sent(db) as sent:
         with transaction(db), store.batch_scope(db, ends_transaction=True):
-            assert store.refused_fences({(running, 1)}, ["tiny"]) == set()
+            assert store.refused_fences({(running, 1)}, ["tiny"]) == {}
             created = _a_run_and_a_checkpoint(running)
     assert [(kind, text.startswith('"BEGIN; SELECT id, epoch'), text.endswith('; COMMIT"'))
             for kind, text in sent] == [("Query", True, False), ("Query", False, True)]
@@ -197,6 +197,41 @@ def test_a_journal_check_that_no_longer_holds_refuses_the_whole_transaction(db, 
     assert journal_check_refused(refused.value)
     assert WorkflowExecution.select().count() == before
     assert db.execute_sql("SELECT count(*) FROM journal_marks").fetchone() == (0,)
+
+
+@pytest.mark.parametrize("status", ["running", "cancelled"])
+def test_a_starting_fence_also_needs_the_execution_running(db, status):
+    """SPEC 4.6, nothing starts after a cancel: a fence marked ``STARTING`` (the write of an
+    attempt's ``running`` row) is refused for an execution no longer ``running``, with
+    ``ExecutionStopped``; its plain fence, for the writes that record what already ran, still
+    holds; another epoch is ``LeaseLost`` as before. On PostgreSQL the one-message check
+    (``mantle_journal_check``, migration 010) refuses it the same way."""
+    execution_id = _tiny_execution(db)
+    if status == "cancelled":
+        with transaction(db):
+            store.cancel_execution(execution_id, "cli")
+    starting, plain = (execution_id, 1, store.STARTING), (execution_id, 1)
+    with transaction(db):
+        refused = store.refused_fences({starting, plain, (execution_id, 2, store.STARTING)})
+    assert {fence: type(error).__name__ for fence, error in refused.items()} == {
+        (execution_id, 2, store.STARTING): "LeaseLost",
+        **({starting: "ExecutionStopped"} if status == "cancelled" else {})}
+    if not is_postgres(db):
+        return
+
+    def start_attempt():
+        with transaction(db), store.batch_scope(db, ends_transaction=True):
+            store.check_with_writes(db, "mark-s", 1, {starting, plain}, {"tiny": 1})
+            store.write_step(execution_id, "a", 1, "running", audit_action="step.started")
+
+    if status == "running":
+        start_attempt()
+        assert StepExecution.select().count() == 1
+    else:
+        with pytest.raises(peewee.DatabaseError) as refused:
+            start_attempt()
+        assert journal_check_refused(refused.value)
+        assert StepExecution.select().count() == 0
 
 
 def test_writes_that_carry_the_commit_and_fail_leave_nothing_behind(db):

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import peewee
 
-__all__ = ["NAME", "up", "down", "REFUSED_SQLSTATE"]
+__all__ = ["NAME", "up", "down", "REFUSED_SQLSTATE", "check_function"]
 
 NAME = "009_journal_marks"
 
@@ -51,23 +51,34 @@ def up(database: peewee.Database) -> None:
     run = database.execute_sql
     run("CREATE TABLE journal_marks (journal TEXT PRIMARY KEY, seq BIGINT NOT NULL, "
         "written_at TIMESTAMP NOT NULL)")
+    run(check_function(starting=False))
+
+
+def check_function(starting: bool) -> str:
+    """``CREATE OR REPLACE`` of ``mantle_journal_check`` as this migration made it, or, with
+    ``starting``, as migration 010 does: a fence's third value 1 also needs the execution
+    ``running`` (the write starts an attempt: nothing starts after a cancel, SPEC 4.6)."""
     code = f"'{REFUSED_SQLSTATE}'"
-    # fences: [{"c0": execution id, "c1": epoch}]; versions: [{"c0": workflow, "c1": version}]
-    # (the journal's JSON rows, mantle.store.statements._json_rows).
-    run(f"""CREATE FUNCTION mantle_journal_check(mark TEXT, mark_seq BIGINT, fences JSON,
-                                                 versions JSON) RETURNS VOID
-        LANGUAGE plpgsql AS $$
+    # fences: [{"c0": execution id, "c1": epoch(, "c2": 1 if starting)}]; versions:
+    # [{"c0": workflow, "c1": version}] (the journal's JSON rows, mantle.store.statements).
+    columns, status, held = "c0 TEXT, c1 INT", "", ""
+    if starting:
+        columns, status = "c0 TEXT, c1 INT, c2 INT", ", status"
+        held = "\n                    AND (f.c2 = 0 OR e.status = 'running')"
+    return f"""CREATE OR REPLACE FUNCTION mantle_journal_check(mark TEXT, mark_seq BIGINT,
+                                                            fences JSON, versions JSON)
+        RETURNS VOID LANGUAGE plpgsql AS $$
         DECLARE
             wanted INT := json_array_length(fences);
             held INT;
         BEGIN
             IF wanted > 0 THEN
                 SELECT count(*) INTO held
-                FROM (SELECT id, epoch FROM workflow_executions
+                FROM (SELECT id, epoch{status} FROM workflow_executions
                       WHERE id IN (SELECT c0 FROM json_to_recordset(fences) AS f(c0 TEXT))
                       ORDER BY id FOR SHARE NOWAIT) AS e
-                JOIN json_to_recordset(fences) AS f(c0 TEXT, c1 INT)
-                    ON f.c0 = e.id AND f.c1 = e.epoch;
+                JOIN json_to_recordset(fences) AS f({columns})
+                    ON f.c0 = e.id AND f.c1 = e.epoch{held};
                 IF held <> wanted THEN
                     RAISE EXCEPTION 'an execution changed owner' USING ERRCODE = {code};
                 END IF;
@@ -84,7 +95,7 @@ def up(database: peewee.Database) -> None:
             VALUES (mark, mark_seq, now() AT TIME ZONE 'UTC')
             ON CONFLICT (journal) DO UPDATE SET seq = excluded.seq,
                                                 written_at = excluded.written_at;
-        END $$""")
+        END $$"""
 
 
 def down(database: peewee.Database) -> None:
