@@ -205,7 +205,8 @@ def test_a_starting_fence_also_needs_the_execution_running(db, status):
     attempt's ``running`` row) is refused for an execution no longer ``running``, with
     ``ExecutionStopped``; its plain fence, for the writes that record what already ran, still
     holds; another epoch is ``LeaseLost`` as before. On PostgreSQL the one-message check
-    (``mantle_journal_check``, migration 010) refuses it the same way."""
+    (``mantle_journal_check``, migration 010) refuses it the same way, and still takes
+    the plain fences of nodes of the release before."""
     execution_id = _tiny_execution(db)
     if status == "cancelled":
         with transaction(db):
@@ -232,6 +233,10 @@ def test_a_starting_fence_also_needs_the_execution_running(db, status):
             start_attempt()
         assert journal_check_refused(refused.value)
         assert StepExecution.select().count() == 0
+        # A node of the release before 010 (a rolling upgrade) sends plain fences only.
+        with transaction(db):
+            db.execute_sql("SELECT mantle_journal_check('mark-old', 1, %s::json, '[]')",
+                           (f'[{{"c0": "{execution_id}", "c1": 1}}]',))
 
 
 def test_writes_that_carry_the_commit_and_fail_leave_nothing_behind(db):

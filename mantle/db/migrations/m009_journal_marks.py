@@ -59,12 +59,13 @@ def check_function(starting: bool) -> str:
     ``starting``, as migration 010 does: a fence's third value 1 also needs the execution
     ``running`` (the write starts an attempt: nothing starts after a cancel, SPEC 4.6)."""
     code = f"'{REFUSED_SQLSTATE}'"
-    # fences: [{"c0": execution id, "c1": epoch(, "c2": 1 if starting)}]; versions:
-    # [{"c0": workflow, "c1": version}] (the journal's JSON rows, mantle.store.statements).
+    # fences: [{"c0": execution id, "c1": epoch(, "c2": 1 if starting)}] (no "c2" from a
+    # node of the release before 010: a plain fence); versions: [{"c0": workflow, "c1":
+    # version}] (the journal's JSON rows, mantle.store.statements).
     columns, status, held = "c0 TEXT, c1 INT", "", ""
     if starting:
         columns, status = "c0 TEXT, c1 INT, c2 INT", ", status"
-        held = "\n                    AND (f.c2 = 0 OR e.status = 'running')"
+        held = "\n                    AND (coalesce(f.c2, 0) = 0 OR e.status = 'running')"
     return f"""CREATE OR REPLACE FUNCTION mantle_journal_check(mark TEXT, mark_seq BIGINT,
                                                             fences JSON, versions JSON)
         RETURNS VOID LANGUAGE plpgsql AS $$
