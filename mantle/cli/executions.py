@@ -155,8 +155,9 @@ def drive(context: Context, start, lines, as_json: bool = False) -> int:
     config = context.config
     live = None if lines is not None or as_json else LiveLines()
     with _Signals() as signals:
-        engine = Engine(context.database(), plugins_dir=config.plugins_dir,
-                        env=config.env).start()
+        engine = Engine(context.database(), plugins_dir=config.plugins_dir, env=config.env,
+                        lease_ttl=config.lease_ttl_seconds,
+                        max_depth=config.max_depth).start()
         try:
             execution_id = start(engine)
             show = (lambda: _print_live(live, execution_id)) if live else None

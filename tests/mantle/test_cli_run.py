@@ -384,3 +384,19 @@ def test_a_retried_step_is_printed_once_and_hooks_follow_the_main_steps(cli):
                              "  tidy (hook): completed\n"
                              f"Execution {execution.id}: failed\n")
     assert StepExecution.select().where(StepExecution.step_name == "flaky").count() == 2
+
+
+def test_run_nests_sub_workflows_only_as_deep_as_the_configured_depth(cli, tmp_path):
+    """SPEC 13.3: a ``workflow/run`` deeper than ``engine.max_workflow_depth`` fails its step,
+    in every process that runs executions (13.7: ``mantle run`` is one). ``mantle run``
+    used to ignore the setting (and ``engine.lease_ttl``) and nest to the default 10."""
+    (tmp_path / "mantle.yaml").write_text("engine:\n  max_workflow_depth: 3\n")
+    apply("""
+        name: nest
+        steps: [{name: down, action: workflow/run, params: {workflow: nest}}]
+    """)
+    result = cli("run", "nest")
+    assert result.returncode == 1, result
+    levels = list(WorkflowExecution.select().order_by(WorkflowExecution.depth))
+    assert [row.depth for row in levels] == [1, 2, 3]
+    assert levels[-1].error == 'step "down" failed: maximum workflow depth 3 exceeded'
