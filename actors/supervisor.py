@@ -273,22 +273,30 @@ class Supervisor(pykka.ThreadingActor):
         unreadable, its rows not what this code expects) ends ``failed`` with ``internal
         error: <reason>`` (13.1.12). Left ``running`` under a live owner, nothing would ever
         take it over, and it would hold its workflow's ``max_parallel_executions`` slot for
-        good. Fenced: only while this node still owns it."""
+        good. Its running children end with it (cancelled, in the same transaction): no step
+        of it awaits them any more (13.3). Fenced: only while this node still owns it."""
         error = internal_error(reason)
         log.error("execution could not be started",
                   extra={"execution_id": execution_id, "error": error})
-        ref, metrics = self.actor_ref, self._ctx.metrics
+        ref, metrics, me = self.actor_ref, self._ctx.metrics, self._ctx.node_id
 
-        def op() -> str | None:
-            """The workflow of the execution ended, None when it was no longer running."""
+        def op():
+            """(the workflow of the execution ended, its children cancelled, their owners'
+            channels); None when it was no longer running."""
             if not store.fail_execution(execution_id, error):
                 return None
-            return workflow or store.workflow_of(execution_id)
+            cancelled = store.cancel_children(execution_id)
+            others = {owner for _, _, owner in cancelled if owner and owner != me}
+            return (workflow or store.workflow_of(execution_id), cancelled,
+                    store.node_channels(others))
 
-        def done(ended: str | None) -> None:
-            if ended is not None:
+        def done(result) -> None:
+            if result is not None:
+                ended, cancelled, channels = result
                 metrics.executions.labels(ended, "failed").inc()
                 tell(ref, m.ExecutionEnded(execution_id, ended, "failed"))
+                if cancelled:
+                    tell(ref, m.ChildrenCancelled(cancelled, channels))
 
         self._ctx.journal.submit(op, done, fence=(execution_id, epoch))
 

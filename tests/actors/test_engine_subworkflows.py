@@ -15,7 +15,8 @@ from actors.engine import Engine
 from mantle import store
 from mantle.db import transaction
 from mantle.db.connect import connect, is_postgres
-from mantle.db.models import StepExecution, WorkflowExecution
+from mantle.db.fields import utcnow
+from mantle.db.models import StepExecution, WorkflowDefinition, WorkflowExecution
 from mantle.metrics import Metrics
 from tests.actors.conftest import apply, finish, run, steps_of, wait_until
 from tests.helpers.database import lock_waiters
@@ -364,6 +365,37 @@ def test_a_hooks_timeout_that_passed_while_nobody_ran_the_parent_cancels_the_hoo
         assert (hook.status, hook.error) == ("failed", "hooks timed out after 1s")
         wait_until(lambda: _status(child) == "cancelled", timeout=5,
                    message="the child of a timed-out hook was not cancelled")
+    finally:
+        new.shutdown(timeout=1)
+
+
+def test_a_parent_its_next_owner_cannot_load_ends_failed_and_cancels_its_child(db, tmp_path):
+    """SPEC 13.3 and 13.1.12: a parent that its next owner cannot load (its version
+    unreadable, written by another release) ends ``failed`` with an internal error; no step
+    of it awaits its child any more, so the child is cancelled with it, as on any other
+    internal failure of the parent. It used to sleep on to its own end, parentless."""
+    apply(SLEEPY_KID)
+    apply("""
+        name: parent
+        steps: [{name: child, action: workflow/run, params: {workflow: sleepy-kid}}]
+    """)
+    old = _engine(db, tmp_path)
+    try:
+        parent = old.run("parent").execution_id
+        [child] = wait_until(lambda: _children(parent))
+        wait_until(lambda: _status(child.id) == "running")
+    finally:
+        old.shutdown(timeout=0.2)
+    with transaction(db):
+        WorkflowDefinition.insert(workflow_name="parent", version=2, raw_yaml="?",
+                                  definition={"name": "parent", "steps": "unreadable"},
+                                  content_hash="0" * 64, created_at=utcnow()).execute()
+        WorkflowExecution.update(version=2).where(WorkflowExecution.id == parent).execute()
+    new = _engine(db, tmp_path, takeover=True)
+    try:
+        wait_until(lambda: _status(parent) == "failed", timeout=10)
+        wait_until(lambda: _status(child.id) == "cancelled", timeout=5,
+                   message="the child of a parent that ended failed runs on")
     finally:
         new.shutdown(timeout=1)
 
