@@ -240,14 +240,15 @@ class Children:
 
     def _write_attempt_end(self, run: StepRun, attempt: int, status: S, op, event) -> None:
         """Write the end (``status``) of ``attempt`` of ``run`` (``op``, then ``event`` as
-        ``_write`` takes them). Unless it completed (its children have ended: its own
-        child's end is what completes a ``workflow/run``), the same transaction cancels the
-        attempt's children still running (its child, its tool children): a step, workflow
-        or hooks timeout of the parent cancels the child (13.3), also when the attempt ended
-        before its child was created, or while nobody ran the parent, and no crash comes
-        between the two."""
-        if not attempt or status in (S.COMPLETED, S.SKIPPED) or not may_have_children(
-                run.spec):
+        ``_write`` takes them). The same transaction cancels the attempt's children still
+        running (its child, its tool children): a step, workflow or hooks timeout of the
+        parent cancels the child (13.3), also when the attempt ended before its child was
+        created, or while nobody ran the parent, and no crash comes between the two. Not
+        when a ``workflow/run`` completed: its child's end is what completed it. An AI
+        attempt that completed may leave a tool's child whose call gave up waiting for its
+        creation (``_CREATE_TIMEOUT``), created afterwards: nothing awaits it any more."""
+        if not attempt or status == S.SKIPPED or not may_have_children(run.spec) or (
+                status == S.COMPLETED and run.spec.action == _ACTION):
             self._write(op, event)
             return
         self._write_cancelling_children(

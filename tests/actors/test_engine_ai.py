@@ -10,7 +10,10 @@ import time
 
 import pytest
 
+from actors.children import child_key
 from actors.engine import Engine
+from mantle import store
+from mantle.db import transaction
 from mantle.db.models import StepExecution, WorkflowExecution
 from mantle.metrics import Metrics
 from tests.actors.conftest import apply, finish, run, steps_of, wait_until
@@ -356,3 +359,27 @@ def test_a_step_timeout_of_an_ai_step_cancels_the_child_of_its_workflow_run_tool
     [child] = _children(detail["id"])
     wait_until(lambda: _status(child.id) == "cancelled", timeout=5,
                message="the child of a timed-out AI step's tool was not cancelled")
+
+
+def test_a_tool_child_left_running_ends_with_the_ai_attempt_that_completes(engine, fake):
+    """SPEC 13.3: no child runs on that no step of its parent awaits. A ``workflow/run``
+    tool's child may be left running by its call (one whose creation committed after the
+    call gave up on it, its COMMIT in doubt); when the AI attempt completes nothing awaits
+    it any more, and the attempt's end must cancel it, as every other end of an attempt
+    does. Completion used to skip the attempt's children, and the child ran on under a
+    parent that had completed. Here the leftover child is made while the model's last
+    answer is held."""
+    apply(SLEEPY_KID % "60s")
+    _agent_with_workflow_tool(fake, "nap", "sleepy-kid")
+    fake.script(text("done without it", hold=True))
+    parent = engine.run("agent").execution_id
+    fake.wait_for_requests(1, held=True)
+    with transaction():
+        left = store.create_execution(
+            "sleepy-kid", {}, None, None, engine.node.id, "engine",
+            child_key(parent, "ask", 1, call="0.0"),
+            parent=store.Parent(parent, "ask", 2, attempt=1)).execution["id"]
+    fake.release()
+    assert finish(engine, parent)["status"] == "completed"
+    wait_until(lambda: _status(left) == "cancelled", timeout=5,
+               message="a tool's child runs on after its AI attempt completed")
