@@ -117,7 +117,7 @@ def run_child_and_wait(ctx, supervisor, parent: dict, attempt: tuple[str, str | 
     the parent, by its cascade), and after a shutdown or a lost lease the parent's next owner
     makes the tool call again and finds this child under ``key`` (SPEC 13.3, 13.6)."""
     from actors.context import Reply
-    from actors.supervisor import submit_run
+    from actors.supervisor import ABANDON_MARGIN, submit_run
 
     parsed = _params(params)
     if isinstance(parsed, str):
@@ -129,11 +129,15 @@ def run_child_and_wait(ctx, supervisor, parent: dict, attempt: tuple[str, str | 
     workflow, version, inputs = parsed
     step, block, number = attempt
     reply = Reply()
+    give_up = time.monotonic() + _CREATE_TIMEOUT
+    # Not committed once the call has given up (``submit_run`` cuts a run off ABANDON_MARGIN
+    # before its deadline): the model is told the child was not created, and may call again.
     submit_run(ctx, supervisor, m.RunRequest(
         workflow, inputs, version, _trigger(parent["id"]), "engine", key, reply,
+        deadline=give_up + ABANDON_MARGIN,
         parent=Parent(parent["id"], step, depth, number, block is not None),
         fence=(parent["id"], parent["epoch"])))
-    created = _created(reply, token)
+    created = _created(reply, token, give_up)
     waiter = _Waiter()
     supervisor.tell(m.AwaitChild(created.execution_id, waiter, step, number,
                                  block is not None))
@@ -146,21 +150,30 @@ def run_child_and_wait(ctx, supervisor, parent: dict, attempt: tuple[str, str | 
     return output
 
 
-def _created(reply, token):
+def _created(reply, token, give_up: float):
     """The creation's answer (a RunResult); ConnectorInterrupted once ``token`` is set,
-    ConnectorError when the creation was refused or took too long."""
-    give_up = time.monotonic() + _CREATE_TIMEOUT
-    while True:
+    ConnectorError when the creation was refused or not committed by ``give_up``."""
+    while time.monotonic() <= give_up:
         try:
-            return reply.get(timeout=0.05)
+            return _answer(reply, 0.05)
         except pykka.Timeout:
             if token.is_set():
                 raise ConnectorInterrupted() from None
-            if time.monotonic() > give_up:
-                raise ConnectorError(f"{_ACTION}: the child execution was not created in "
-                                     "time") from None
-        except MantleError as exc:
-            raise ConnectorError(f"{_ACTION}: {exc.message}", retryable=False) from None
+    try:
+        if not reply.abandon():  # an answer came meanwhile: it counts
+            return _answer(reply, 0)
+    except pykka.Timeout:  # the run was cut off at ``give_up``
+        pass
+    # No child was created, nor will be (barring a COMMIT in doubt then, whose child the
+    # attempt's end cancels, ``_write_attempt_end``).
+    raise ConnectorError(f"{_ACTION}: the child execution was not created in time")
+
+
+def _answer(reply, timeout: float):
+    try:
+        return reply.get(timeout=timeout)
+    except MantleError as exc:
+        raise ConnectorError(f"{_ACTION}: {exc.message}", retryable=False) from None
 
 
 def _trigger(parent_id: str) -> dict:
@@ -246,7 +259,8 @@ class Children:
         created, or while nobody ran the parent, and no crash comes between the two. Not
         when a ``workflow/run`` completed: its child's end is what completed it. An AI
         attempt that completed may leave a tool's child whose call gave up waiting for its
-        creation (``_CREATE_TIMEOUT``), created afterwards: nothing awaits it any more."""
+        creation (``_created``), committed all the same (its COMMIT in doubt at the time):
+        nothing awaits it any more."""
         if not attempt or status == S.SKIPPED or not may_have_children(run.spec) or (
                 status == S.COMPLETED and run.spec.action == _ACTION):
             self._write(op, event)

@@ -14,9 +14,11 @@ from actors.children import child_key
 from actors.engine import Engine
 from mantle import store
 from mantle.db import transaction
+from mantle.db.connect import connect, is_postgres
 from mantle.db.models import StepExecution, WorkflowExecution
 from mantle.metrics import Metrics
 from tests.actors.conftest import apply, finish, run, steps_of, wait_until
+from tests.helpers.database import lock_waiters
 from tests.helpers.fake_openai import (EMBEDDINGS, FakeOpenAI, embedding, text,
                                        tool_calls)
 
@@ -383,3 +385,37 @@ def test_a_tool_child_left_running_ends_with_the_ai_attempt_that_completes(engin
     assert finish(engine, parent)["status"] == "completed"
     wait_until(lambda: _status(left) == "cancelled", timeout=5,
                message="a tool's child runs on after its AI attempt completed")
+
+
+def test_a_workflow_run_tool_that_gave_up_on_its_childs_creation_created_no_child(
+        engine, db, migrated_db_url, fake, monkeypatch):
+    """SPEC 13.3 (one child per tool call) and 13.6 (a tool's failure is sent to the
+    model, which may call again): a ``workflow/run`` tool whose child's creation is held up
+    in the database past the call's wait fails the call ("not created in time"); the
+    creation must then not commit once the database lets it. It used to: the model was told
+    the child was not created while it ran, and a second call ran a second one beside it."""
+    if not is_postgres(db):
+        pytest.skip("holds a row lock from another session")
+    from actors import children
+
+    monkeypatch.setattr(children, "_CREATE_TIMEOUT", 0.3)  # 60 s in production
+    apply((SLEEPY_KID % "60s") + "    max_parallel_executions: 5\n")
+    _agent_with_workflow_tool(fake, "nap", "sleepy-kid")
+    fake.script(tool_calls(("nap", {}, "n1")), text("done without it"))
+    holder, watcher = connect(migrated_db_url), connect(migrated_db_url)
+    try:
+        holder.execute_sql("BEGIN")  # the creation's limit check locks the workflow's row
+        holder.execute_sql("SELECT 1 FROM workflows WHERE name = 'sleepy-kid' FOR UPDATE")
+        parent = engine.run("agent").execution_id
+        wait_until(lambda: lock_waiters(watcher) == 1)  # the creation waits for the row
+        # the call gave up: the round's checkpoint (fenced) waits behind the creation
+        fence = (parent, WorkflowExecution.get_by_id(parent).epoch)
+        wait_until(lambda: any(entry.fence == fence for entry in list(engine.journal._queue)))
+    finally:
+        holder.execute_sql("ROLLBACK")
+        holder.close()
+        watcher.close()
+    detail = finish(engine, parent)
+    assert detail["status"] == "completed", detail
+    assert "not created in time" in _tool_results(fake)[0]["error"]
+    assert [(c.id, c.status) for c in _children(parent)] == []
