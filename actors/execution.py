@@ -193,6 +193,15 @@ class ExecutionActor(Attempts, HookPhase, Children, PooledActor):
             first = min(failures, key=lambda run: (run.completed_at is None,
                                                    run.completed_at or 0))
             self._first_failure = (first.spec.name, first.error)
+        # A main step cancelled while its dependencies were all resolved was cancelled by the
+        # workflow timeout: in a running execution nothing else cancels it (a cancel ends the
+        # execution, a failed dependency is not resolved). Its row carries no error, and the
+        # owner may have stopped before it wrote the outcome (4.7).
+        if self._wf.timeout_seconds and any(
+                run.status == S.CANCELLED and all(
+                    self._steps[name].resolved for name in run.spec.dependencies)
+                for run in self._steps.values()):
+            self._timed_out = True
 
     def _reload_hook(self, name: str, row: dict) -> None:
         """A final hook is never re-run; one that failed without ``continue_on_error``

@@ -766,3 +766,56 @@ def test_a_node_back_from_an_outage_longer_than_the_lease_takes_over_no_live_nod
         if other is not None:
             other.shutdown(timeout=1)
     assert (detail["status"], http_target.hits("/held")) == ("completed", 1)
+
+
+def test_a_workflow_timeout_that_only_cancelled_steps_still_fails_after_a_restart(
+        db, tmp_path):
+    """SPEC 4.7 (workflow timeout: pending steps ``cancelled``, the execution ``failed``
+    with the timeout's error, ``on_failure`` runs), 4.11 (resume from the rows).
+
+    The 1 s timeout fired while ``wait`` waited for its ``max_parallel`` slot and ``after``
+    for ``wait``: both were committed ``cancelled`` (attempt 0), and the runner died before
+    its next write (the hooks' outcome, or the final status). No row carries the timeout's
+    error, so the next owner used to find no failure and end the execution ``completed``,
+    running ``on_success``. A main step cancelled while all its dependencies were resolved
+    has only one cause in a running execution: the workflow timeout."""
+    apply("""
+        name: timed-out-waiting
+        timeout: 1s
+        steps:
+          - {name: first, action: core/log, params: {message: one}}
+          - {name: wait, action: core/log, max_parallel: 1, depends_on: [first],
+             params: {message: two}}
+          - {name: after, action: core/log, depends_on: [wait], params: {message: three}}
+        hooks:
+          on_success:
+            - {name: cheer, action: core/log, params: {message: fine}}
+          on_failure:
+            - {name: alert, action: core/log, params: {message: "{{ execution.error }}"}}
+    """)
+    execution_id = "00000000-0000-4000-8000-0000000000d3"
+    now = mantle_db.fields.utcnow()
+    with transaction(db):  # as a runner killed right after the timeout's cancels leaves it
+        WorkflowExecution.create(id=execution_id, workflow_name="timed-out-waiting",
+                                 version=1, status="running", inputs={},
+                                 trigger={"type": "manual", "payload": None},
+                                 started_at=now - dt.timedelta(seconds=5),
+                                 running_since=now - dt.timedelta(seconds=5),
+                                 owner="gone-node", epoch=1)
+        StepExecution.insert(execution=execution_id, step_name="first", attempt=1,
+                             status="completed", output={"message": "one"},
+                             started_at=now - dt.timedelta(seconds=5),
+                             completed_at=now - dt.timedelta(seconds=5)).execute()
+        for name in ("wait", "after"):
+            StepExecution.insert(execution=execution_id, step_name=name, attempt=0,
+                                 status="cancelled",
+                                 completed_at=now - dt.timedelta(seconds=4)).execute()
+    engine = _engine(db, tmp_path, takeover=True)
+    try:
+        detail = _final(execution_id)
+    finally:
+        engine.shutdown(timeout=1)
+    hooks = {h["name"]: (h["status"], h["output"]) for h in detail["hooks"]}
+    assert (detail["status"], detail["error"], hooks) == (
+        "failed", "workflow timed out after 1s",
+        {"alert": ("completed", {"message": "workflow timed out after 1s"})})
