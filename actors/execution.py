@@ -289,6 +289,11 @@ class ExecutionActor(Attempts, HookPhase, Children, PooledActor):
     def _on_WorkflowTimedOut(self, _message: m.WorkflowTimedOut) -> None:
         if self._phase != "main":
             return
+        if all(run.status.is_final for run in self._steps.values()):
+            # Every main step has its outcome, only checkpoints are still being written: the
+            # timeout has nothing left to fail or cancel, and the outcome stands (as it does
+            # when the final status goes with the last checkpoint, ``_closing_outcome``).
+            return
         self._timed_out = True
         for run in self._steps.values():
             if run.stage == "running":

@@ -11,6 +11,7 @@ import pytest
 from peewee import fn
 
 from actors.engine import Engine
+from mantle import db as mantle_db
 from mantle import store
 from mantle.db import transaction
 from mantle.db.fields import utcnow
@@ -311,6 +312,49 @@ def test_hooks_timeout_fails_the_running_hook_and_skips_the_rest(engine):
     assert detail["status"] == "completed"
     assert [(h["name"], h["status"]) for h in detail["hooks"]] == [("slow", "failed")]
     assert detail["hooks"][0]["error"] == "hooks timed out after 200ms"
+
+
+LATE_CHECKPOINT = """
+    name: late-checkpoint
+    timeout: 2s
+    steps:
+      - {{name: call, action: http/request, params: {{url: "{url}"}}}}
+    hooks:
+      on_success: [{{name: cheer, action: core/log, params: {{message: fine}}}}]
+      on_failure:
+        - {{name: alert, action: core/log, params: {{message: "{{{{ execution.error }}}}"}}}}
+"""
+
+
+def test_a_workflow_timeout_due_while_the_last_steps_outcome_is_written_changes_nothing(
+        engine, backend, migrated_db_url, http_target):
+    """SPEC 4.7: the workflow timeout fails the steps still running and cancels the pending
+    ones; when it falls due, every main step here has its outcome already (``call``
+    answered well before the deadline), only the checkpoint waits for the database (a row
+    lock, an outage). The execution completes, as it does without hooks (its final status
+    is written with that checkpoint); with hooks it used to end ``failed`` with the
+    timeout's error, running ``on_failure``, though no step failed or was cancelled."""
+    http_target.route("/call", hold=True, body="answered")
+    apply(LATE_CHECKPOINT.format(url=http_target.url("/call")))
+    execution_id = engine.run("late-checkpoint").execution_id
+    http_target.wait_for_hits("/call", 1, timeout=10)
+    since = WorkflowExecution.get_by_id(execution_id).running_since
+    other = mantle_db.connect(migrated_db_url)
+    try:
+        with transaction(other):  # the database keeps the checkpoint waiting
+            if backend == "postgres":
+                other.execute_sql("SELECT id FROM workflow_executions WHERE id = %s "
+                                  "FOR UPDATE", (execution_id,))
+            http_target.release("/call")  # answered at once: well inside the 2 s
+            wait_until(lambda: utcnow() > since + dt.timedelta(seconds=2.5), timeout=10)
+            assert StepExecution.get(StepExecution.execution_id == execution_id
+                                     ).status == "running"  # not written yet
+    finally:
+        mantle_db.close_all(other)
+    detail = finish(engine, execution_id)
+    hooks = [(h["name"], h["status"]) for h in detail["hooks"]]
+    assert (detail["status"], detail["error"], steps_of(detail)["call"]["status"], hooks) == (
+        "completed", None, "completed", [("cheer", "completed")])
 
 
 def test_cancel_interrupts_a_sixty_second_sleep_within_a_second(engine):
