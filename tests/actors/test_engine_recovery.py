@@ -819,3 +819,50 @@ def test_a_workflow_timeout_that_only_cancelled_steps_still_fails_after_a_restar
     assert (detail["status"], detail["error"], hooks) == (
         "failed", "workflow timed out after 1s",
         {"alert": ("completed", {"message": "workflow timed out after 1s"})})
+
+
+SKIPPED_HOOK = """
+    name: skipped-hook
+    steps:
+      - {name: main, action: core/log, params: {message: main}}
+    hooks:
+      on_finish:
+        - {name: check, action: core/log, if: "false", params: {message: never}}
+        - {name: report, action: core/log,
+           params: {message: "{{ hooks.check.status }} {{ hooks.check.output }}"}}
+"""
+
+
+def test_a_skipped_hook_reads_as_it_did_before_a_restart_in_the_hooks(db, tmp_path):
+    """SPEC 3.1: ``hooks.<name>`` is ``{output, error, status}`` of a hook already run, its
+    ``output`` ``{}`` when skipped (as for ``steps``); 13.1.8: the hooks resume after a
+    crash. The runner died after ``check`` was skipped, before ``report``: the next owner
+    read the skipped hook's stored output (``null``) as its ``output``, so ``report``
+    logged ``skipped null`` where it logs ``skipped {}`` without the crash."""
+    apply(SKIPPED_HOOK)
+    engine = _engine(db, tmp_path, takeover=True)
+    try:
+        live = _final(engine.run("skipped-hook").execution_id)
+        execution_id = "00000000-0000-4000-8000-0000000000b7"
+        now = mantle_db.fields.utcnow()
+        with transaction(db):  # as a runner killed right after ``check`` was skipped leaves it
+            WorkflowExecution.create(
+                id=execution_id, workflow_name="skipped-hook", version=1, status="running",
+                inputs={}, trigger={"type": "manual", "payload": None},
+                started_at=now - dt.timedelta(seconds=2),
+                running_since=now - dt.timedelta(seconds=2), hooks_since=now,
+                outcome={"status": "completed", "error": None, "failed_step": None,
+                         "duration_ms": 5}, owner="gone-node", epoch=1)
+            StepExecution.insert(execution=execution_id, step_name="main", attempt=1,
+                                 status="completed", output={"message": "main"},
+                                 started_at=now, completed_at=now).execute()
+            StepExecution.insert(execution=execution_id, step_name="check", attempt=1,
+                                 status="skipped", is_hook=True, hook_block="on_finish",
+                                 started_at=now, completed_at=now).execute()
+        resumed = _final(execution_id)
+    finally:
+        engine.shutdown(timeout=1)
+    outputs = [{h["name"]: (h["status"], h["output"]) for h in detail["hooks"]}
+               for detail in (live, resumed)]
+    assert outputs == [{"check": ("skipped", None),
+                        "report": ("completed", {"message": "skipped {}"})}] * 2, outputs
