@@ -24,7 +24,8 @@ from mantle.errors import ConfigError, DatabaseUnavailable
 __all__ = ["database_proxy", "connect", "bind", "unwrap", "is_sqlite", "is_postgres",
            "OUTAGE_ERRORS", "is_outage", "close_all", "release_connection", "reset_connection",
            "SQLITE_BUSY_TIMEOUT_MS", "PG_CONNECT_TIMEOUT_S", "PG_STATEMENT_TIMEOUT_MS",
-           "backend_identity", "commit_outcome", "journal_check_refused"]
+           "backend_identity", "commit_outcome", "journal_check_refused",
+           "transaction_conflict"]
 
 # The CLI and a daemon share one SQLite file: a writer waits this long for the other's lock.
 SQLITE_BUSY_TIMEOUT_MS = 10_000
@@ -339,10 +340,21 @@ def commit_outcome(database, mark: str, seq: int, backend: tuple[int, Any]) -> s
 def journal_check_refused(exc: BaseException) -> bool:
     """``exc`` is ``mantle_journal_check`` refusing a transaction (a fence or a version no
     longer held, or a row it found locked: migration 009)."""
+    return any(state in _JOURNAL_CHECK_REFUSED for state in _sqlstates(exc))
+
+
+def transaction_conflict(exc: BaseException) -> bool:
+    """``exc`` is PostgreSQL rolling a transaction back to end a conflict with another
+    (SQLSTATE class 40: a deadlock, a serialization failure): nothing of it committed, the
+    server is fine, and the same transaction written again at once goes through."""
+    return any(state.startswith("40") for state in _sqlstates(exc))
+
+
+def _sqlstates(exc: BaseException) -> list[str]:
     # peewee wraps the driver's error: the original is its first argument and its context
     candidates = (exc, exc.__cause__, exc.__context__, *getattr(exc, "args", ())[:1])
-    return any(getattr(candidate, "sqlstate", None) in _JOURNAL_CHECK_REFUSED
-               for candidate in candidates)
+    return [state for state in (getattr(candidate, "sqlstate", None) for candidate in candidates)
+            if isinstance(state, str)]
 
 
 def _postgres_database(url: str) -> peewee.PostgresqlDatabase:

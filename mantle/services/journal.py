@@ -27,7 +27,8 @@ from typing import Any
 import peewee
 
 from mantle.db import is_outage, is_postgres, transaction
-from mantle.db.connect import backend_identity, commit_outcome, journal_check_refused
+from mantle.db.connect import (backend_identity, commit_outcome, journal_check_refused,
+                               transaction_conflict)
 from mantle.errors import GateClosed, JournalStopped
 from mantle.store import (batch_scope, check_with_writes, forget_current_versions,
                           known_current_versions, refused_fences)
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 _MAX_BATCH = 500
 _BACKOFF_START = 0.5
 _BACKOFF_MAX = 5.0
+# Conflicts (a deadlock) in a row written again at once before they count as an outage.
+_CONFLICT_RETRIES = 5
 # A commit waiting longer than this (SQLite waiting out another process's write lock, up to
 # its 10 s busy timeout) makes the journal unhealthy: callers answer 503 instead of waiting.
 _STALLED_AFTER = 2.0
@@ -224,7 +227,7 @@ class Journal:
         """Commit ``batch``, waiting out an outage; ``uncertain``: an earlier commit of it
         whose outcome is not known yet; ``top_up``: newer operations may join it (not
         while older ones wait their turn one by one)."""
-        delay = _BACKOFF_START
+        delay, conflicts = _BACKOFF_START, 0
         while True:
             try:
                 results = self._outcome(uncertain) if uncertain is not None else None
@@ -239,6 +242,14 @@ class Journal:
                 self._drop(batch, exc.entries)
                 continue
             except Exception as exc:
+                if transaction_conflict(exc) and conflicts < _CONFLICT_RETRIES:
+                    # The database rolled it back to end a deadlock with another writer
+                    # (two nodes locking two limited workflows' rows in opposite orders):
+                    # no outage, and the other writer has gone on.
+                    conflicts += 1
+                    log.warning("database write retried after a conflict",
+                                extra={"error": str(exc).strip()})
+                    continue
                 if not is_outage(exc):
                     self._write_one_by_one(batch)
                     return
@@ -340,8 +351,8 @@ class Journal:
                     raise _Closed(closed)
             return results
         except Exception as exc:
-            if journal_check_refused(exc) or not is_outage(exc):  # a refusal is no outage
-                raise
+            if journal_check_refused(exc) or transaction_conflict(exc) or not is_outage(exc):
+                raise  # a refusal or a conflict is no outage, and nothing of it committed
             self._reset_connection()
             # Broken while its last writes and COMMIT were in flight: it may have committed.
             if results is not None and backend is not None:

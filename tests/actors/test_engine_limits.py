@@ -31,7 +31,7 @@ from mantle.config import load_config
 from mantle.daemon.daemon import SWITCH_INTERVAL
 from mantle.daemon.daemon import Daemon as ServeDaemon
 from mantle.daemon.readiness import Readiness
-from mantle.db import transaction
+from mantle.db import connect, is_postgres, transaction
 from mantle.db.fields import utcnow
 from mantle.db.models import Node, StepExecution, WorkflowDefinition, WorkflowExecution
 from mantle.metrics import Metrics
@@ -40,6 +40,7 @@ from mantle.services.channel import channel_name
 from mantle.services.timers import Timers
 from mantle.store import executions as store_executions
 from tests.actors.conftest import apply, finish, wait_until
+from tests.helpers.database import lock_waiters
 from tests.web.support import call
 from web.app import create_app
 
@@ -621,3 +622,72 @@ def test_cancel_notices_for_a_frozen_node_of_this_host_never_hold_up_the_supervi
         assert engine.live_count() == 0  # the Supervisor has dealt with every cancel
         elapsed = time.monotonic() - started
     assert elapsed < 2.0, f"{count} cancels held the Supervisor up for {elapsed:.1f} s"
+
+
+def test_a_deadlock_between_two_nodes_is_written_again_at_once_not_taken_for_an_outage(
+        db, migrated_db_url, caplog):
+    """SPEC 4.9, 13.7: each run of a workflow with ``max_parallel_executions`` locks the
+    workflow's row for its limit check until its journal transaction commits, and a
+    transaction carries every operation queued meanwhile. One node's transaction held
+    ``wa`` and waited for ``wb`` while another's held ``wb`` and waited for ``wa``:
+    PostgreSQL ended one after a second (``deadlock detected``), and its journal, taking
+    that for an outage, logged ERROR ``database unavailable``, reported itself unhealthy and
+    held all of its writes back for half a second more. A conflict the database resolved by
+    rolling one transaction back is now written again at once (WARN ``database write
+    retried after a conflict``). Here both transactions are made to start together: a third
+    session holds ``wc`` (each node's first transaction) and then ``wa`` and ``wb``."""
+    if not is_postgres(db):
+        pytest.skip("holds row locks from another session (SQLite has a single writer)")
+    for name in ("wa", "wb", "wc"):
+        apply(f"""
+            name: {name}
+            max_parallel_executions: 5
+            steps: [{{name: say, action: core/log, params: {{message: hi}}}}]
+        """)
+    nodes = [Engine(db, metrics=Metrics()).start() for _ in range(2)]
+    first, second, watcher = (connect(migrated_db_url) for _ in range(3))
+    created: dict[str, object] = {}
+    threads = []
+
+    def run(node: Engine, workflow: str, backlog: int) -> None:
+        def create():
+            try:
+                created[f"{workflow}{nodes.index(node)}"] = node.run(workflow).execution_id
+            except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+                created[f"{workflow}{nodes.index(node)}"] = exc
+
+        threads.append(threading.Thread(target=create))
+        threads[-1].start()
+        wait_until(lambda: node.journal.backlog == backlog)  # queued behind the first
+
+    caplog.set_level(logging.INFO, logger="mantle")
+    try:
+        second.execute_sql("BEGIN")
+        second.execute_sql("SELECT 1 FROM workflows WHERE name IN ('wa', 'wb') FOR UPDATE")
+        first.execute_sql("BEGIN")
+        first.execute_sql("SELECT 1 FROM workflows WHERE name = 'wc' FOR UPDATE")
+        for index, order in enumerate((("wa", "wb"), ("wb", "wa"))):
+            run(nodes[index], "wc", 0)
+            wait_until(lambda: lock_waiters(watcher) == index + 1)  # its transaction waits
+            for backlog, workflow in enumerate(order, start=1):
+                run(nodes[index], workflow, backlog)
+        first.execute_sql("ROLLBACK")  # both nodes' next transactions begin, and wait
+        wait_until(lambda: "wc0" in created and "wc1" in created, timeout=10)
+        wait_until(lambda: lock_waiters(watcher) == 2, timeout=10)
+        released = time.monotonic()
+        second.execute_sql("ROLLBACK")
+        for thread in threads:
+            thread.join(30)
+        elapsed = time.monotonic() - released
+    finally:
+        for session in (first, second, watcher):
+            session.close()
+        for node in nodes:
+            node.shutdown(timeout=1)
+    problems = [record.getMessage() for record in caplog.records
+                if record.levelno >= logging.WARNING]
+    assert sorted(created) == ["wa0", "wa1", "wb0", "wb1", "wc0", "wc1"]
+    assert all(isinstance(value, str) for value in created.values()), created
+    # PostgreSQL ends a deadlock after its deadlock_timeout (1 s); the rest is the retry.
+    assert problems in ([], ["database write retried after a conflict"]), problems
+    assert elapsed < 2.0, elapsed
