@@ -505,3 +505,31 @@ def test_a_new_stream_of_all_executions_on_an_idle_server_gets_no_old_events(api
         AuditEvent.action == "execution.finished").count() == 2)
     with open_stream(api.url, "/api/v1/events?timeout=5s") as stream:
         assert stream.rest(10) == []
+
+
+def test_the_stream_of_a_finished_execution_whose_events_retention_deleted_ends_at_once(
+        api, engine):
+    """docs/api.md: an execution's stream "ends after execution.finished (at once for a
+    finished execution)". ``retention.audit_days`` may be shorter than ``execution_days``:
+    the execution stays while its audit rows, the stream's history, are gone. Its stream
+    waited for the first keep-alive (15 s) to notice that the execution had ended; it now
+    sends the finish from the execution's row at once and ends."""
+    execution_id = api.post("/api/v1/run/other", {}).json["execution_id"]
+    engine.wait(execution_id, timeout=10)
+    # SQLite keeps the newest audit row of all: make it another execution's.
+    engine.wait(api.post("/api/v1/run/other", {}).json["execution_id"], timeout=10)
+    later = utcnow() + dt.timedelta(days=3)
+    assert retention.sweep(retention.Retention(audit_days=1), now=later).audit > 0
+    started = time.monotonic()
+    with open_stream(api.url, f"/api/v1/executions/{execution_id}/events") as stream:
+        got = stream.rest(10)
+    assert [(event.event, event.data["status"]) for event in got] == \
+        [("execution.finished", "completed")]
+    assert time.monotonic() - started < 5
+    assert got[0].data["time"] == api.get(f"/api/v1/executions/{execution_id}").json[
+        "completed_at"]
+    # Resumed after that finish (or from beyond it): nothing more, and the stream ends.
+    for resume in (got[0].id, got[0].id + 100):
+        with open_stream(api.url, f"/api/v1/executions/{execution_id}/events",
+                         {"Last-Event-ID": str(resume)}) as stream:
+            assert stream.rest(5) == []

@@ -19,6 +19,7 @@ from mantle import events, queries
 from mantle.db.models import WorkflowExecution
 from mantle.durations import parse_duration
 from mantle.errors import ExecutionNotFound
+from mantle.timefmt import rfc3339
 from web.errors import OUTAGE_ERRORS, ApiError, reset_connection
 from web.events import EventHub, Subscription, TooManyStreams, wire
 from web.parsing import query_params
@@ -32,6 +33,7 @@ KEEPALIVE = 15.0
 _LOOKBACK = 2000
 _LAST_ID = re.compile(r"[0-9]{1,18}")
 _MAX_TIMEOUT = 86400.0
+_GONE = (None, None, None)
 
 
 def format_event(event: events.Event) -> bytes:
@@ -138,23 +140,33 @@ class ExecutionEvents:
         timeout = _timeout(query_params(req))
         if not queries.is_uuid(id):
             raise ExecutionNotFound(id)
-        row = (WorkflowExecution.select(WorkflowExecution.workflow_name)
+        row = (WorkflowExecution.select(WorkflowExecution.workflow_name,
+                                        WorkflowExecution.status)
                .where(WorkflowExecution.id == id).first())
         if row is None:
             raise ExecutionNotFound(id)
         subscription = _subscribe(self._hub, execution_id=id)
         waiter = _Waiter(req, subscription, timeout)
-        _respond(resp, _Body(self._stream(id, row.workflow_name, after, waiter), subscription))
+        final = row.status in events.FINAL
+        _respond(resp, _Body(self._stream(id, row.workflow_name, final, after, waiter),
+                             subscription))
 
-    def _stream(self, execution_id: str, workflow: str, after: int, waiter: _Waiter):
+    def _stream(self, execution_id: str, workflow: str, final: bool, after: int,
+                waiter: _Waiter):
         try:
-            yield from self._events(execution_id, workflow, after, waiter)
+            yield from self._events(execution_id, workflow, final, after, waiter)
         except OUTAGE_ERRORS:  # the client resumes with Last-Event-ID once it is back
             reset_connection(self._hub.database)
 
-    def _events(self, execution_id: str, workflow: str, after: int, waiter: _Waiter):
+    def _events(self, execution_id: str, workflow: str, final: bool, after: int,
+                waiter: _Waiter):
+        """``final``: the execution had ended when the stream opened."""
         upto = waiter.subscription.upto
         history, ended = events.execution_history(execution_id, workflow, after, upto)
+        if final and not ended:  # its finish is not stored (retention) or not polled yet
+            rest, ended = self._ended_meanwhile(execution_id, workflow,
+                                                history[-1].id if history else after)
+            history += rest
         self._hub.idle_connection()
         last = history[-1].id if history else after
         # The history in one write; with none, a comment: headers and a first byte, so that
@@ -176,30 +188,37 @@ class ExecutionEvents:
                 return
             if keepalive:
                 yield b": keep-alive\n\n"
-                rest = self._ended_meanwhile(execution_id, workflow, last)
+                rest, ended = self._ended_meanwhile(execution_id, workflow, last)
                 self._hub.idle_connection()
                 if rest:
                     yield b"".join(map(format_event, rest))
+                if ended:
                     return
 
     @staticmethod
-    def _ended_meanwhile(execution_id: str, workflow: str, last: int) -> list[events.Event]:
-        """For a stream idle for a while: if the execution has ended without the poller
-        delivering its finish (it ended before migration 005, or rows were written after its
-        finish), the events after ``last`` from storage, the finish last; else nothing."""
-        status, error = (WorkflowExecution.select(WorkflowExecution.status,
-                                                  WorkflowExecution.error)
-                         .where(WorkflowExecution.id == execution_id).tuples().first()
-                         or (None, None))
+    def _ended_meanwhile(execution_id: str, workflow: str,
+                         last: int) -> tuple[list[events.Event], bool]:
+        """For a stream idle for a while, or of an execution that had ended when it opened:
+        whether the execution has ended (or is gone) without the poller delivering its
+        finish (it ended before migration 005, retention deleted its audit rows, or rows were
+        written after its finish), and then the events after ``last`` from storage, the
+        finish last (none when the client had it)."""
+        status, error, completed = (
+            WorkflowExecution.select(WorkflowExecution.status, WorkflowExecution.error,
+                                     WorkflowExecution.completed_at)
+            .where(WorkflowExecution.id == execution_id).tuples().first() or _GONE)
+        if status is None:  # deleted by retention meanwhile: nothing more to tell
+            return [], True
         if status not in events.FINAL:
-            return []
+            return [], False
         rest, ended = events.execution_history(execution_id, workflow, last, None)
-        if ended:
-            return rest
-        position = max(last, 2 * events.last_execution_row(execution_id)) + 1
+        position = 2 * events.last_execution_row(execution_id) + 1
+        if ended or last >= position:  # the client had it (or resumed from beyond it)
+            return rest, True
         return rest + [events.Event(position, "execution.finished", execution_id, workflow,
                                     {"execution_id": execution_id, "workflow": workflow,
-                                     "status": status, "error": error, "time": None})]
+                                     "status": status, "error": error,
+                                     "time": rfc3339(completed)})], True
 
 
 class AllEvents:
