@@ -8,6 +8,7 @@ like a wrong one, but it does not open the API again when it was the last one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -18,7 +19,8 @@ import threading
 import time
 import weakref
 
-from mantle.db import audit, database_proxy, unwrap, write_transaction
+from mantle.db import audit, database_proxy, is_sqlite, unwrap, write_transaction
+from mantle.db.connect import SQLITE_BUSY_TIMEOUT_MS
 from mantle.db.fields import utcnow
 from mantle.db.models import ApiKey
 from mantle.durations import parse_since
@@ -36,6 +38,9 @@ _NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # ``last_used_at`` is rewritten at most this often per key, so that authenticated traffic does
 # not turn every API request into a database write.
 TOUCH_EVERY = dt.timedelta(seconds=30)
+# How long that write waits for another writer's SQLite lock: it is bookkeeping on the path of
+# a request that may only read (reads are not blocked by the lock, so they answer at once).
+TOUCH_LOCK_WAIT_MS = 100
 # How long the API uses the keys it read before reading them again (``current_keys``): the
 # longest a key created or revoked by another process (``mantle keys``) waits to apply.
 KEYS_FRESH_FOR = 1.0
@@ -200,9 +205,27 @@ def match_key(presented: str, keys: list[ActiveKey]) -> ActiveKey | None:
 
 
 def touch_key(key: ActiveKey, now: dt.datetime | None = None) -> None:
-    """Record a use of ``key`` unless one was recorded within TOUCH_EVERY."""
+    """Record a use of ``key`` unless one was recorded within TOUCH_EVERY. On SQLite it
+    waits at most TOUCH_LOCK_WAIT_MS for the write lock, then raises the "database is
+    locked" OperationalError (a later request records the use)."""
     now = now or utcnow()
     if key.last_used_at is not None and now - key.last_used_at < TOUCH_EVERY:
         return
-    ApiKey.update(last_used_at=now).where(ApiKey.name == key.name).execute()
+    with _lock_wait(unwrap(database_proxy), TOUCH_LOCK_WAIT_MS):
+        ApiKey.update(last_used_at=now).where(ApiKey.name == key.name).execute()
     key.last_used_at = now  # the cached key (``current_keys``) knows it was just recorded
+
+
+@contextlib.contextmanager
+def _lock_wait(database, milliseconds: int):
+    """This thread's SQLite connection waits at most ``milliseconds`` for the write lock
+    inside the block (the busy timeout of every connection is SQLITE_BUSY_TIMEOUT_MS)."""
+    if not is_sqlite(database):
+        yield
+        return
+    connection = database.connection()
+    connection.execute(f"PRAGMA busy_timeout = {milliseconds}")
+    try:
+        yield
+    finally:
+        connection.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")

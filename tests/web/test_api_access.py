@@ -294,3 +294,23 @@ def test_api_settings_come_from_mantle_yaml_too(tmp_path):
     default = ApiSettings.from_config(load_config({}, {}, cwd=tmp_path / "nowhere"))
     assert (default.rate_limit, default.max_event_streams, default.metrics_require_key,
             default.auth_audit_interval) == (0.0, 100, False, 60.0)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_reads_with_a_key_answer_at_once_while_another_process_holds_the_write_lock(
+        api, migrated_db_url):
+    """docs/api.md: on SQLite another process holding the write lock blocks writers only,
+    "so reads keep answering 200". With API keys, a request refreshes its key's
+    ``last_used_at`` (at most every 30 s): that write waited the busy timeout (10 s) for the
+    lock before the read was answered, and since it failed it was tried again, for 10 s,
+    on every request with that key while the lock was held."""
+    key = _bearer(apikeys.create_key("reader", role="viewer"))
+    with _audit_table_held(migrated_db_url):  # on SQLite: the write lock
+        for _ in range(3):
+            started = time.monotonic()
+            reply = api.get("/api/v1/workflows", headers=key)
+            took = time.monotonic() - started
+            assert reply.status == 200 and took < 2.0, (reply.status, took)
+    # The lock gone, the use is recorded again.
+    assert api.get("/api/v1/workflows", headers=key).status == 200
+    assert ApiKey.get(ApiKey.name == "reader").last_used_at is not None
