@@ -533,3 +533,19 @@ def test_the_stream_of_a_finished_execution_whose_events_retention_deleted_ends_
         with open_stream(api.url, f"/api/v1/executions/{execution_id}/events",
                          {"Last-Event-ID": str(resume)}) as stream:
             assert stream.rest(5) == []
+
+
+def test_a_stream_of_all_executions_resumed_from_beyond_every_event_still_goes_live(
+        api, engine):
+    """docs/api.md: ``GET /api/v1/events`` follows every execution from now on, and a
+    ``Last-Event-ID`` resumes right after that event. An id beyond every stored event (a
+    client of a database since restored from a backup, or of another server) was taken as
+    the stream's position: every later event, its id below it, was dropped and the stream
+    stayed silent. Such an id now resumes from the newest event."""
+    engine.wait(api.post("/api/v1/run/other", {}).json["execution_id"], timeout=10)
+    with open_stream(api.url, "/api/v1/events?workflow=other",
+                     {"Last-Event-ID": str(10**15)}) as stream:
+        assert stream.status == 200
+        later = api.post("/api/v1/run/other", {}).json["execution_id"]
+        got = stream.until("execution.finished", 10)
+    assert {event.data["execution_id"] for event in got} == {later}

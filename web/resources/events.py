@@ -41,12 +41,16 @@ def format_event(event: events.Event) -> bytes:
 
 
 def _last_event_id(req) -> int:
+    """The ``Last-Event-ID`` header, 0 without one. An id beyond every stored event, which
+    this database never gave (a client of a database since restored from a backup, or of
+    another one), counts as the newest event: the stream goes on with those written after."""
     text = req.get_header("Last-Event-ID")
     if text is None:
         return 0
     if not _LAST_ID.fullmatch(text):
         raise ApiError(400, "invalid Last-Event-ID header: must be an event id")
-    return int(text)
+    after = int(text)
+    return min(after, 2 * events.last_row_id() + 1) if after else 0
 
 
 def _timeout(params: dict[str, str]) -> float | None:
