@@ -29,7 +29,7 @@ from mantle import store
 from mantle.connectors import ConnectorError, ConnectorInterrupted, Invocation
 from mantle.errors import LeaseLost, MantleError
 from mantle.states import StepStatus as S
-from mantle.store import Parent
+from mantle.store import CHILD_KEY_PREFIX, Parent
 from mantle.workflow import Step
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ def child_key(parent_id: str, step: str, attempt: int, block: str | None = None,
     ``store.cancel_children`` finds an attempt's tool children with its own child."""
     digest = hashlib.sha256(step.encode()).hexdigest()[:16]
     where = f"{digest}:{attempt}" if block is None else f"{digest}:{block}:{attempt}"
-    key = f"mantle-child:{parent_id}:{where}"
+    key = f"{CHILD_KEY_PREFIX}{parent_id}:{where}"
     if call is None:
         return key
     if len(call) > 40:

@@ -81,7 +81,8 @@ _STREAM = {"description": "text/event-stream: each event has an id (increasing),
 _IDEMPOTENCY = {"name": "Idempotency-Key", "in": "header", "required": False,
                 "schema": {"type": "string", "minLength": 1, "maxLength": 255},
                 "description": "a repeat for the same workflow answers 200 with the original "
-                               "execution's body"}
+                               "execution's body; a key beginning with mantle-child: (the "
+                               "engine's keys for sub-workflows) is 400"}
 
 
 def _workflow_links() -> dict:

@@ -11,8 +11,9 @@ can batch them freely. Reads used by the CLI and the REST API live in ``mantle.q
 - ``statements``: the hand-written SQL of the hot writes and the batch scope.
 """
 
-from mantle.store.executions import (MANUAL_TRIGGER, Cancelled, Created, Parent, Snapshot,
-                                     cancel_children, cancel_execution, copy_steps,
+from mantle.store.executions import (CHILD_KEY_PREFIX, MANUAL_TRIGGER, Cancelled, Created,
+                                     Parent, Snapshot, cancel_children, cancel_execution,
+                                     copy_steps,
                                      create_execution, execution_row, execution_snapshot,
                                      fail_execution, final_results, finish_execution,
                                      mark_hooks_started, promote_queued, queued_workflows,
@@ -28,8 +29,8 @@ from mantle.store.versions import (forget_current_versions, known_current_versio
                                    model_of, stored_version, version_of)
 
 __all__ = [
-    "MANUAL_TRIGGER", "Cancelled", "Created", "Parent", "Snapshot", "cancel_children",
-    "cancel_execution", "copy_steps", "create_execution", "execution_row",
+    "CHILD_KEY_PREFIX", "MANUAL_TRIGGER", "Cancelled", "Created", "Parent", "Snapshot",
+    "cancel_children", "cancel_execution", "copy_steps", "create_execution", "execution_row",
     "execution_snapshot", "fail_execution", "finish_execution", "final_results",
     "mark_hooks_started", "promote_queued", "queued_workflows", "workflow_of",
     "STARTING", "cancelled_among", "check_with_writes", "claim_expired", "close_cancelled_steps",

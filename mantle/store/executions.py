@@ -30,10 +30,13 @@ __all__ = ["Created", "Parent", "Cancelled", "create_execution", "finish_executi
            "fail_execution", "cancel_execution", "cancel_children", "promote_queued",
            "workflow_of", "queued_workflows", "execution_snapshot", "execution_row",
            "copy_steps", "mark_hooks_started", "final_results", "Snapshot", "Promotion",
-           "MANUAL_TRIGGER"]
+           "MANUAL_TRIGGER", "CHILD_KEY_PREFIX"]
 
 _ACTIVE = (ExecutionStatus.PENDING.value, ExecutionStatus.RUNNING.value)
 MANUAL_TRIGGER = {"type": "manual", "payload": None}
+# How the idempotency keys of sub-workflow children begin (``actors.children.child_key``); a
+# client's key may not, or its execution would be taken for a parent step's child.
+CHILD_KEY_PREFIX = "mantle-child:"
 _COLUMNS = ("id", "workflow_name", "version", "status", "inputs", "trigger", "error",
             "started_at", "completed_at", "owner", "epoch", "running_since", "hooks_since",
             "retry_of", "parent_execution_id", "parent_step", "depth")

@@ -160,3 +160,38 @@ def test_cancel_of_a_completed_execution_returns_409_with_its_status(client, eng
     reply = client.simulate_post(f"/api/v1/cancel/{execution_id}")
     assert (reply.status_code, reply.json) == (409, {
         "error": f"execution {execution_id} is already completed", "status": "completed"})
+
+
+def test_an_idempotency_key_of_the_form_the_engine_gives_sub_workflows_is_refused(
+        client, engine, http_target):
+    """SPEC 13.3: a ``workflow/run`` step creates its child with an idempotency key derived
+    from the parent, the step and the attempt (``mantle-child:...``), and a resumed attempt
+    takes the execution under that key as its child. A client sending that key to ``run``
+    before the step started had its own execution (its inputs, no parent) taken as the
+    parent's child: the parent's step ended with that execution's outcome and its real child
+    never ran. The prefix is the engine's: such a key is 400."""
+    from actors.children import child_key
+
+    http_target.route("/hold", hold=True)
+    apply_yaml("""
+        name: kid
+        inputs: {who: {type: string}}
+        steps: [{name: greet, action: core/log, params: {message: "hi {{ inputs.who }}"}}]
+    """)
+    apply_yaml(f"""
+        name: parent
+        steps:
+          - {{name: wait, action: http/request, params: {{url: "{http_target.url('/hold')}"}}}}
+          - {{name: call, action: workflow/run, depends_on: [wait],
+              params: {{workflow: kid, inputs: {{who: ann}}}}}}
+    """)
+    parent = _run(client, "parent", {}).json["execution_id"]
+    http_target.wait_for_hits("/hold", 1, timeout=10)
+    forged = _run(client, "kid", {"inputs": {"who": "mallory"}},
+                  {"Idempotency-Key": child_key(parent, "call", 1)})
+    http_target.release("/hold")
+    assert engine.wait(parent, timeout=20) == "completed"
+    assert (forged.status_code, forged.json) == (400, {
+        "error": 'Idempotency-Key must not begin with "mantle-child:"'})
+    [child] = WorkflowExecution.select().where(WorkflowExecution.workflow_name == "kid")
+    assert (child.parent_execution_id, child.inputs) == (parent, {"who": "ann"})

@@ -10,6 +10,7 @@ import falcon
 from mantle import queries
 from mantle.errors import ExecutionNotFound
 from mantle.retries import plan_retry
+from mantle.store import CHILD_KEY_PREFIX
 from web.errors import UNAVAILABLE, ApiError
 from web.parsing import json_object_body
 
@@ -22,9 +23,13 @@ ENGINE_TIMEOUT = 10.0
 
 
 def idempotency_key(req: falcon.Request) -> str | None:
+    """The ``Idempotency-Key`` header (1-255 characters), or None; never one of the form
+    the engine gives sub-workflow children (``CHILD_KEY_PREFIX``)."""
     key = req.get_header("Idempotency-Key")
     if key is not None and not 1 <= len(key) <= 255:
         raise ApiError(400, "Idempotency-Key must be 1 to 255 characters")
+    if key is not None and key.startswith(CHILD_KEY_PREFIX):
+        raise ApiError(400, f'Idempotency-Key must not begin with "{CHILD_KEY_PREFIX}"')
     return key
 
 
