@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 import urllib.parse
 from typing import Any
 
@@ -17,6 +18,7 @@ __all__ = ["read_body", "parse_json", "json_object_body", "query_params", "NotJs
 # A surrogate code point left after decoding is an unpaired ``\ud800``-style escape: valid
 # JSON syntax, but not text (no database or encoder can store it).
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_LARGEST_DOUBLE = sys.float_info.max
 
 
 class NotJson(ValueError):
@@ -42,6 +44,13 @@ def _finite(text: str) -> float:
     return value
 
 
+def _within_double(text: str) -> int:
+    value = int(text)
+    if abs(value) > _LARGEST_DOUBLE:  # 1 and 400 zeros: no expression can hold it
+        raise NotJson(f"{text[:20]}... is out of range")
+    return value
+
+
 def _has_lone_surrogate(value: Any) -> bool:
     stack = [value]  # iterative: the document may be nested as deep as the parser allows
     while stack:
@@ -60,12 +69,13 @@ def _has_lone_surrogate(value: Any) -> bool:
 def parse_json(raw: bytes) -> Any:
     """Decode one JSON document; NotJson when it is not valid UTF-8 JSON.
 
-    Stricter than ``json.loads``: no NaN or Infinity, no number beyond a double, no unpaired
-    surrogate escape. Integers with more digits than Python converts are refused too.
+    Stricter than ``json.loads``: no NaN or Infinity, no number beyond a double (written as
+    an integer too), no unpaired surrogate escape. Integers with more digits than Python
+    converts are refused too.
     """
     try:
         value = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant,
-                           parse_float=_finite)
+                           parse_float=_finite, parse_int=_within_double)
     except (ValueError, RecursionError) as exc:  # JSON, UTF-8 and int-digit-limit errors
         raise NotJson(str(exc)) from None
     if _has_lone_surrogate(value):

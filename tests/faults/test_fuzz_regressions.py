@@ -24,6 +24,7 @@ from tests.web.support import Daemon, apply_yaml
 
 MANY_DAYS = "1" * 400 + "d"
 LONG_INTEGER = "1" * 5000  # Python refuses int() of more than 4300 digits
+HUGE_INTEGER = "1" + "0" * 400  # beyond a double (about 1.8e308)
 
 
 @pytest.fixture(scope="module", params=[
@@ -128,6 +129,20 @@ def test_run_body_with_a_number_beyond_a_double_is_not_valid_json(daemon):
     assert (reply.status, reply.json) == (400, {"error": "request body is not valid JSON"})
 
 
+def test_run_body_with_an_integer_beyond_a_double_is_not_valid_json(daemon):
+    """docs/api.md: "a number beyond a double (1e400)" makes the body 400. Written as an
+    integer (1 and 400 zeros) it was accepted as a ``number`` input, and every expression
+    that read ``inputs`` then failed to convert it (OverflowError, not an expression
+    error): the execution stayed ``running`` with its steps pending, for ever."""
+    for number in (HUGE_INTEGER, "-" + HUGE_INTEGER):
+        reply = _run(daemon, f'{{"inputs": {{"n": {number}}}}}')
+        assert (reply.status, reply.json) == (400, {"error": "request body is not valid JSON"})
+    # The largest integers a double holds are numbers as before.
+    largest = str(int(1.7976931348623157e308))
+    reply = _run(daemon, f'{{"inputs": {{"n": {largest}}}}}')
+    assert reply.status == 202, reply.body
+
+
 def test_run_body_with_an_integer_of_more_digits_than_python_converts_is_not_valid_json(
         daemon):
     reply = _run(daemon, f'{{"inputs": {{"n": {LONG_INTEGER}}}}}')
@@ -135,7 +150,7 @@ def test_run_body_with_an_integer_of_more_digits_than_python_converts_is_not_val
 
 
 @pytest.mark.parametrize("body", ['{"text": "\\ud800"}', '{"n": 1e400}',
-                                  f'{{"n": {LONG_INTEGER}}}'])
+                                  f'{{"n": {LONG_INTEGER}}}', f'{{"n": {HUGE_INTEGER}}}'])
 def test_webhook_body_that_is_not_strict_json_is_passed_on_as_text(daemon, body):
     reply = daemon.post("/hooks/fuzz", body=body)
     assert reply.status == 202, reply.body
