@@ -288,6 +288,8 @@ def _evaluate_cel(expr: str, activation: dict[str, Any], cache: ActivationCache 
         variables = (cache or ActivationCache(activation)).variables(program)
     except RecursionError:
         raise ExpressionError("a variable's value is nested too deeply") from None
+    except OverflowError:  # a JSON integer beyond a double (an HTTP response's, say)
+        raise ExpressionError("a variable's value holds a number beyond a double") from None
     return run_program(program, variables)
 
 
