@@ -122,9 +122,12 @@ class _Dispatcher(ThreadedTaskDispatcher):
 
     def add_task(self, channel) -> None:
         """Called for the connection's first waiting request (waitress serves one request
-        per task and adds the connection again for the next)."""
+        per task and adds the connection again for the next). A request waitress could not
+        parse has no method or path: it goes to the shared threads, which answer its error."""
         request = channel.requests[0] if channel.requests else None
-        if request is not None and request.command == "GET" and request.path in PROBE_PATHS:
+        if (request is not None and request.error is None
+                and getattr(request, "command", None) == "GET"
+                and getattr(request, "path", None) in PROBE_PATHS):
             self.probes.add_task(channel)
         else:
             super().add_task(channel)

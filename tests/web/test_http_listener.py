@@ -155,3 +155,33 @@ def test_a_request_sent_before_the_listener_closes_counts_as_in_flight_until_ans
         if client is not None:
             client.close()
         server.stop()
+
+
+def test_a_request_waitress_cannot_parse_is_answered_with_its_error():
+    """A malformed request (a method in lower case, a control character or a space in a
+    header, a Content-Length that is not a number) is answered by waitress itself with its
+    400. The listener's dispatcher looked at the parsed request's method to route probes to
+    their own threads; a request that failed to parse has none, so the dispatcher raised and
+    the connection was closed without any answer."""
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+        return [b"ok"]
+
+    server = HttpServer(app, "127.0.0.1:0", threads=2)
+    host, port = server.bind().rsplit(":", 1)
+    requests = {
+        b"get /healthz HTTP/1.1\r\nHost: x\r\n\r\n": b"400",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Bad: a\x01b\r\n\r\n": b"400",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX Bad: v\r\n\r\n": b"400",
+        b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: x\r\n\r\n": b"400",
+    }
+    try:
+        for request, status in requests.items():
+            with socket.create_connection((host, int(port)), timeout=10) as sock:
+                sock.sendall(request)
+                answer = b""
+                while chunk := sock.recv(65536):
+                    answer += chunk
+            assert answer.split(b" ")[1:2] == [status], (request[:40], answer[:200])
+    finally:
+        server.stop()
