@@ -20,7 +20,7 @@ import uuid
 
 import pytest
 
-from mantle import retention
+from mantle import apikeys, retention
 from mantle.db import transaction
 from mantle.db.fields import utcnow
 from mantle.db.models import AuditEvent
@@ -549,3 +549,26 @@ def test_a_stream_of_all_executions_resumed_from_beyond_every_event_still_goes_l
         later = api.post("/api/v1/run/other", {}).json["execution_id"]
         got = stream.until("execution.finished", 10)
     assert {event.data["execution_id"] for event in got} == {later}
+
+
+def test_an_open_stream_ends_once_its_key_no_longer_opens_the_api(api, workflows):
+    """docs/api.md: a key revoked by ``mantle keys`` applies within 1 s, an expired key is
+    refused, and once a key exists every request needs one. A stream is one request that
+    goes on for hours: streams opened with a key that was then revoked or expired, or
+    opened while the API was open and keys then created, went on sending every event."""
+    execution_id = _held_run(api, workflows)
+    path = f"/api/v1/executions/{execution_id}/events"
+    with open_stream(api.url, "/api/v1/events") as unauthenticated:
+        assert unauthenticated.status == 200
+        key = apikeys.create_key("watcher", role="viewer")
+        assert unauthenticated.rest(10) == []  # ended, within the 10 s
+    bearer = {"Authorization": f"Bearer {key}"}
+    short = {"Authorization": f"Bearer {apikeys.create_key('short', expires_in=1)}"}
+    with open_stream(api.url, "/api/v1/events", bearer) as revoked, \
+            open_stream(api.url, path, short) as expiring:
+        assert revoked.status == expiring.status == 200
+        assert len([expiring.next(10) for _ in range(4)]) == 4  # its history
+        apikeys.revoke_key("watcher")
+        assert revoked.rest(10) == []
+        assert expiring.rest(10) == []
+    workflows.release("/hold")

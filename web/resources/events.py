@@ -15,8 +15,9 @@ from __future__ import annotations
 import re
 import time
 
-from mantle import events, queries
+from mantle import apikeys, events, queries
 from mantle.db.models import WorkflowExecution
+from mantle.db.fields import utcnow
 from mantle.durations import parse_duration
 from mantle.errors import ExecutionNotFound
 from mantle.timefmt import rfc3339
@@ -105,17 +106,39 @@ def _subscribe(hub: EventHub, **what) -> Subscription:
 
 class _Waiter:
     """The live part of a stream: wait for events, keep-alive comments, the end conditions
-    (the client left, the ``timeout`` parameter passed, the daemon is stopping)."""
+    (the client left, the ``timeout`` parameter passed, the daemon is stopping, the API
+    would no longer let the request in: its key was revoked or expired, or keys were
+    created while it came without one)."""
 
-    def __init__(self, req, subscription: Subscription, timeout: float | None):
+    def __init__(self, req, hub: EventHub, subscription: Subscription,
+                 timeout: float | None):
         self.subscription = subscription
+        self._hub = hub
+        self._key = req.context.get("key")
         self._gone = req.env.get("waitress.client_disconnected") or (lambda: False)
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._quiet_since = time.monotonic()
 
     def over(self) -> bool:
         expired = self._deadline is not None and time.monotonic() >= self._deadline
-        return expired or self.subscription.closed or self._gone()
+        return expired or self.subscription.closed or self._gone() or self._shut_out()
+
+    def _shut_out(self) -> bool:
+        """Whether ``web.auth.Authentication`` would refuse the request now. The keys are
+        read at most once a second for the whole process (``apikeys.current_keys``); during
+        an outage the stream goes on as its keys were."""
+        try:
+            keys = apikeys.current_keys()
+        except OUTAGE_ERRORS:
+            reset_connection(self._hub.database)
+            return False
+        finally:
+            self._hub.idle_connection()
+        if not keys:
+            return False
+        now = utcnow()
+        return self._key is None or not any(
+            key.name == self._key.name and not key.expired(now) for key in keys)
 
     def next(self) -> tuple[list[tuple[events.Event, bytes]], bool]:
         """((event, wire form) pairs, whether a keep-alive comment is due)."""
@@ -150,7 +173,7 @@ class ExecutionEvents:
         if row is None:
             raise ExecutionNotFound(id)
         subscription = _subscribe(self._hub, execution_id=id)
-        waiter = _Waiter(req, subscription, timeout)
+        waiter = _Waiter(req, self._hub, subscription, timeout)
         final = row.status in events.FINAL
         _respond(resp, _Body(self._stream(id, row.workflow_name, final, after, waiter),
                              subscription))
@@ -238,7 +261,7 @@ class AllEvents:
         timeout = _timeout(params)
         workflow = params.get("workflow")
         subscription = _subscribe(self._hub, workflow=workflow, since_now=not after)
-        waiter = _Waiter(req, subscription, timeout)
+        waiter = _Waiter(req, self._hub, subscription, timeout)
         _respond(resp, _Body(self._stream(after, workflow, waiter), subscription))
 
     def _stream(self, after: int, workflow: str | None, waiter: _Waiter):
