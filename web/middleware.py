@@ -19,6 +19,10 @@ __all__ = ["RouteLabels", "RequestMetrics", "BodyLimit", "MethodCheck", "allowed
 log = logging.getLogger("mantle.http")
 
 _CONVERTER = re.compile(r"\{(\w+):[^}]*\}")
+# The methods of HTTP itself (RFC 9110, PATCH); any other a client makes up is ``other`` in
+# the metrics, whose label sets must stay few (SPEC 9.1: never a raw value).
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",
+                      "PATCH"})
 
 
 class RouteLabels:
@@ -62,12 +66,13 @@ class RequestMetrics:
         elapsed = time.perf_counter() - req.context.get("started", time.perf_counter())
         route = self._labels(req)
         status = falcon.http_status_to_code(resp.status)
-        key = (req.method, route, status)
+        method = req.method if req.method in _METHODS else "other"
+        key = (method, route, status)
         series = self._series.get(key)
         if series is None:
             series = self._series[key] = (
-                self._metrics.http_requests.labels(req.method, route, str(status)),
-                self._metrics.http_duration.labels(req.method, route))
+                self._metrics.http_requests.labels(method, route, str(status)),
+                self._metrics.http_duration.labels(method, route))
         series[0].inc()
         series[1].observe(elapsed)
         if log.isEnabledFor(logging.DEBUG):

@@ -7,6 +7,7 @@ import time
 import uuid
 
 import falcon.testing
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mantle import db as mantle_db
@@ -200,6 +201,26 @@ def test_metrics_expose_every_metric_and_label_requests_by_route_template(client
     assert _sample(client, "mantle_workflow_executions_total", workflow="tiny",
                    status="completed") == 1
     assert execution_id not in reply.text
+
+
+@pytest.mark.filterwarnings("ignore:Unknown REQUEST_METHOD")  # the test client validates
+def test_request_metrics_keep_a_bounded_set_of_method_labels(client):
+    """SPEC 9.1: labels are never raw values (``route`` is a template). The ``method`` label
+    took the request's method as sent, so every new made-up method (``XA``, ``XB``, ...,
+    any client, authenticated or not) added a counter and a histogram to the process for
+    good and a series to every scrape. Methods outside HTTP's own count as ``other``."""
+    made_up = [f"X{index:04d}" for index in range(200)]
+    for method in made_up:
+        assert client.simulate_request(method, "/api/v1/executions").status_code == 405
+    client.simulate_request("PUT", "/api/v1/executions")
+    client.simulate_get("/api/v1/executions")
+    methods = set()
+    for family in text_string_to_metric_families(client.simulate_get("/metrics").text):
+        if family.name.startswith("mantle_http_request"):
+            methods.update(sample.labels["method"] for sample in family.samples)
+    assert methods == {"GET", "PUT", "other"}
+    assert _sample(client, "mantle_http_requests_total", method="other",
+                   route="/api/v1/executions", status="405") == len(made_up)
 
 
 def test_each_request_is_logged_at_debug_with_its_route_and_status(client, caplog):
