@@ -88,7 +88,7 @@ class WorkflowNotFound(MantleError):
 
 
 class VersionNotFound(MantleError):
-    def __init__(self, name: str, version: int):
+    def __init__(self, name: str, version: int | str):
         super().__init__(f'workflow "{name}" version {version} not found')
         self.name = name
         self.version = version

@@ -172,10 +172,13 @@ def test_workflow_endpoints_answer_404_and_400_with_the_exact_bodies(client):
                  "/api/v1/workflows/ghost/versions/1"):
         reply = client.simulate_get(path)
         assert (reply.status_code, reply.json) == (404, missing), path
-    for version in ("3", "99999999999999999999"):
+    # Beyond the integer column too, also with more digits than Python's int() takes (5000:
+    # that was a 500), and written with leading zeros.
+    for version, shown in (("3", "3"), ("99999999999999999999", "99999999999999999999"),
+                           ("9" * 5000, "9" * 5000), ("0003", "3"), ("00" + "9" * 20, "9" * 20)):
         reply = client.simulate_get(f"/api/v1/workflows/daily-report/versions/{version}")
         assert (reply.status_code, reply.json) == \
-            (404, {"error": f'workflow "daily-report" version {version} not found'})
-    for version in ("0", "-1", "x", "1.0", "+1"):
+            (404, {"error": f'workflow "daily-report" version {shown} not found'}), version
+    for version in ("0", "000", "-1", "x", "1.0", "+1"):
         reply = client.simulate_get(f"/api/v1/workflows/daily-report/versions/{version}")
         assert (reply.status_code, reply.json) == (400, {"error": "invalid version number"})

@@ -76,12 +76,14 @@ class VersionCollection:
 class VersionItem:
     def on_get(self, req, resp, name: str, version: str) -> None:
         # Digits only, so "+1", " 1" and "1.0" are refused like "x".
-        if not re.fullmatch(r"[0-9]+", version) or int(version) < 1:
+        digits = version.lstrip("0")
+        if not re.fullmatch(r"[0-9]+", version) or not digits:
             raise ApiError(400, "invalid version number")
         _pointer(name)
-        number = int(version)
-        if number > MAX_INTEGER:  # would overflow the integer column; cannot exist anyway
-            raise VersionNotFound(name, number)
-        row = _definition(name, number)
+        # Beyond the integer column it cannot exist (and the query would overflow it); the
+        # digits are compared as text: int() refuses more than 4300 of them.
+        if len(digits) > len(str(MAX_INTEGER)) or int(digits) > MAX_INTEGER:
+            raise VersionNotFound(name, digits)
+        row = _definition(name, int(digits))
         resp.media = {"name": name, "version": row.version,
                       "definition": redacted(row.definition)}
