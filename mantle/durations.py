@@ -49,10 +49,12 @@ def parse_duration(text: str) -> float:
 
 
 def parse_since(text: str) -> float:
-    """Parse a ``since`` filter: a positive duration or ``<positive integer>d``; seconds."""
+    """Parse a ``since`` filter: a positive duration or ``<positive integer>d``; seconds,
+    ``inf`` for more days than a float holds (so "since" reaches back beyond everything,
+    never an OverflowError or Python's 4,300-digit limit on ``int``)."""
     match = _SINCE_DAYS.fullmatch(text or "")
     if match:
-        return int(match.group(1)) * 86400.0
+        return float(match.group(1)) * 86400.0
     seconds = parse_duration(text)
     if seconds <= 0:
         raise ValueError(f"not a positive duration: {text!r}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import re
+import threading
 from collections.abc import Callable
 
 from peewee import SQL, fn
@@ -82,6 +83,8 @@ def retention_from(config: Config, execution_days: str | None = None,
         audit = _days(config.retention_audit_days, "retention.audit_days", ConfigError)
     try:
         interval = parse_since(config.retention_interval)
+        if interval >= threading.TIMEOUT_MAX:  # longer than a thread can wait (292 years)
+            raise ValueError(interval)
     except ValueError:
         raise ConfigError(f'invalid retention.interval value "{config.retention_interval}": '
                           "must be a positive duration such as 24h or 7d") from None

@@ -28,6 +28,14 @@ def test_since_accepts_days_and_positive_durations():
             parse_since(bad)
 
 
+@pytest.mark.parametrize("text", ["1" + "0" * 400 + "d", "9" * 5000 + "d", "1" + "0" * 400 + "h"])
+def test_a_since_beyond_a_float_is_forever_not_an_error(text):
+    """``mantle logs/audit --since``, ``GET /api/v1/executions?since=``: a count of days
+    beyond a float (or beyond Python's 4,300 digits for ``int``) reaches back beyond
+    everything: it crashed the CLI with an OverflowError traceback."""
+    assert parse_since(text) == float("inf")
+
+
 def test_step_durations_format_as_seconds_or_milliseconds():
     assert format_seconds(1.243) == "1.2s"
     assert format_seconds(0.015) == "15ms"

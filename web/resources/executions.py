@@ -29,8 +29,6 @@ def list_filters(params: dict[str, str]) -> dict:
     if since is not None:
         try:
             since = parse_since(since)
-        except OverflowError:  # more days than a float holds: reaches back beyond year 1 too
-            since = _SINCE_FOREVER
         except ValueError:
             raise ApiError(400, "invalid since parameter: must be a positive duration such as "
                                 "90s, 30m, 1h30m or 7d") from None
