@@ -19,7 +19,7 @@ from typing import Any
 
 from actors import messages as m
 from actors.children import child_key, run_child_and_wait
-from actors.context import tell
+from actors.context import internal_error, tell
 from actors.step import (is_instant, is_sleep, run_inline, run_on_pool, sleep_output,
                          sleep_seconds)
 from mantle import store
@@ -116,7 +116,19 @@ def _has_templates(value: Any) -> bool:
 def prepare(spec: Step, hook: bool, activation: dict, secrets, check_condition: bool
             ) -> m.Prepared:
     """Evaluate a step's ``if``, templates and credential (4.2, 4.5, 5.3): on an evaluation
-    pool thread, or inline when there is nothing to evaluate."""
+    pool thread, or inline when there is nothing to evaluate. Always answers: an error no
+    evaluation expected (a bug) fails the step with ``internal error: <reason>``; unanswered,
+    the step would wait ``pending`` and its execution ``running`` for ever."""
+    try:
+        return _prepare(spec, hook, activation, secrets, check_condition)
+    except Exception as exc:
+        log.exception("step preparation failed", extra={"step": spec.name})
+        return m.Prepared(spec.name, hook, error=internal_error(
+            f"{type(exc).__name__}: {exc}"))
+
+
+def _prepare(spec: Step, hook: bool, activation: dict, secrets, check_condition: bool
+             ) -> m.Prepared:
     cache = ActivationCache(activation)
     try:
         if check_condition and spec.condition is not None and not evaluate_condition(

@@ -172,11 +172,16 @@ def from_cel(value: Any) -> Any:
 
 
 def _key_text(key: Any) -> str:
+    """A map key as JSON text: CEL's key types are string, bool, int and uint; any other
+    (celpy builds maps keyed by bytes, doubles or types too) is an expression error."""
     if isinstance(key, str):
         return str(key)
     if isinstance(key, bool | celtypes.BoolType):
         return "true" if key else "false"
-    return str(int(key))
+    if isinstance(key, int):  # IntType and UintType are ints
+        return str(int(key))
+    raise ExpressionError(f"map key of type {_TYPE_NAMES.get(type(key), type(key).__name__)} "
+                          "has no JSON form")
 
 
 def compact_json(value: Any) -> str:

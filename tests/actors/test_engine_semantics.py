@@ -241,6 +241,28 @@ def test_expression_errors_fail_the_step_without_retry(engine):
     assert steps["notbool"]["error"].startswith("evaluating if condition: ")
 
 
+def test_a_map_keyed_by_a_type_json_has_no_key_for_fails_the_step(engine):
+    """SPEC 4.5: an expression whose result has no JSON form fails its step. celpy builds
+    maps keyed by bytes, doubles or types; turning one into JSON raised ValueError or
+    TypeError, not an expression error: the evaluation task died, the step stayed
+    ``pending`` and the execution ``running`` for ever."""
+    apply("""
+        name: odd-maps
+        steps:
+          - {name: bytes-key, action: core/log, params: {message: "{{ {b'a': 1} }}"}}
+          - {name: type-key, action: core/log, params: {message: "{{ {type(1): 1} }}"}}
+          - {name: fine, action: core/log, params: {message: "{{ {1: 2} }}"}}
+    """)
+    detail = run(engine, "odd-maps")
+    steps = steps_of(detail)
+    assert detail["status"] == "failed"
+    assert steps["bytes-key"]["error"] == "resolving params: map key of type bytes has no " \
+                                          "JSON form"
+    assert steps["type-key"]["error"] == "resolving params: map key of type type has no " \
+                                         "JSON form"
+    assert steps["fine"]["status"] == "completed"
+
+
 def test_unknown_action_fails_without_retry(engine):
     apply("""
         name: unknown
