@@ -2,8 +2,10 @@
 
 The exchange (connect, redirects, body) runs on the calling thread (the engine's step pool).
 A cancel, and the whole-request deadline (a timer on a shared thread), shut the socket down
-from another thread, so a blocked read returns at once; only DNS resolution cannot be broken
-and ends with its own timeout. No thread per request: one pool thread per request in flight.
+from another thread, so a blocked connect, TLS handshake or read returns at once (the socket
+is made here, not by http.client, so it can be reached before it is connected); only DNS
+resolution cannot be broken and ends with its own timeout. No thread per request: one pool
+thread per request in flight.
 """
 
 from __future__ import annotations
@@ -243,6 +245,7 @@ class _Exchange:
         self.aborted: str | None = None  # "cancel" | "timeout", the first abort's reason
         self._lock = threading.Lock()
         self._conn: http.client.HTTPConnection | None = None
+        self._sock: socket.socket | None = None  # the socket in use, from before its connect
 
     def run(self) -> None:
         try:
@@ -257,7 +260,7 @@ class _Exchange:
         with self._lock:
             if self.aborted is None:
                 self.aborted = reason
-            sock = self._conn.sock if self._conn is not None else None
+            sock = self._sock
         if sock is not None:
             try:
                 # The plain-socket method: SSLSocket.shutdown would tear TLS state down under
@@ -281,7 +284,8 @@ class _Exchange:
     def _send(self, req: _Request) -> http.client.HTTPResponse:
         parts = _split(req.url)
         remaining = max(self.deadline - time.monotonic(), 0.001)
-        if parts.scheme.lower() == "https":
+        https = parts.scheme.lower() == "https"
+        if https:
             conn = http.client.HTTPSConnection(
                 parts.hostname, parts.port, timeout=remaining, context=_tls_context()
             )
@@ -291,12 +295,42 @@ class _Exchange:
             if self.aborted:
                 raise _Failure("aborted")
             self._conn = conn
-        conn.connect()
-        with self._lock:  # an abort during connect found no socket to shut down
-            if self.aborted:
-                raise _Failure("aborted")
+        conn.sock = self._connect(conn.host, conn.port, remaining, https)  # http.client's own
         conn.request(req.method, _target(parts), body=req.body, headers=req.headers)
         return conn.getresponse()
+
+    def _connect(self, host: str, port: int, timeout: float, https: bool) -> socket.socket:
+        """socket.create_connection (and the TLS handshake) with each socket made visible to
+        ``abort`` before it blocks: shutting down a connecting socket ends its connect."""
+        error: OSError | None = None
+        for family, kind, proto, _, address in socket.getaddrinfo(host, port, 0,
+                                                                  socket.SOCK_STREAM):
+            sock = self._use(socket.socket(family, kind, proto))
+            try:
+                sock.settimeout(timeout)
+                sock.connect(address)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if https:
+                    sock = self._use(_tls_context().wrap_socket(
+                        sock, server_hostname=host, do_handshake_on_connect=False))
+                    sock.do_handshake()
+                return sock
+            except OSError as exc:
+                sock.close()
+                with self._lock:
+                    if self.aborted:
+                        raise _Failure("aborted") from None
+                error = exc
+        raise error or OSError(f"no address for {host}")
+
+    def _use(self, sock: socket.socket) -> socket.socket:
+        """Make ``sock`` the one ``abort`` shuts down; after an abort, close it and stop."""
+        with self._lock:
+            if not self.aborted:
+                self._sock = sock
+                return sock
+        sock.close()
+        raise _Failure("aborted")
 
     def _read(self, response: http.client.HTTPResponse) -> dict:
         if (response.length or 0) > MAX_BODY_BYTES:
@@ -311,7 +345,7 @@ class _Exchange:
 
     def _close(self) -> None:
         with self._lock:
-            conn, self._conn = self._conn, None
+            conn, self._conn, self._sock = self._conn, None, None
         if conn is not None:
             conn.close()
 

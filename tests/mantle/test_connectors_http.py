@@ -16,6 +16,7 @@ from mantle.connectors import ConnectorError, ConnectorInterrupted, Invocation, 
 from tests.helpers import Background
 from tests.helpers.fixtures import http_target  # noqa: F401
 from tests.helpers.http_target import HttpTarget
+from tests.helpers.waiting import wait_until
 
 
 def call(params, credential=None, cancel=None):
@@ -363,6 +364,53 @@ def test_cancel_interrupts_a_slow_body(http_target):
     cancelled_at = time.monotonic()
     cancel.set()
     call_.join(2)
+    assert isinstance(call_.error, ConnectorInterrupted)
+    assert call_.ended_at - cancelled_at < 0.5
+
+
+def _syn_sent_to(port: int) -> bool:
+    """Whether a TCP connect to 127.0.0.1:``port`` is waiting for the server (SYN_SENT)."""
+    with open("/proc/net/tcp") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    return any(row[2] == f"0100007F:{port:04X}" and row[3] == "02" for row in rows)
+
+
+def test_cancel_interrupts_a_connect_that_gets_no_answer():
+    # A server whose accept queue is full drops the SYN, as a firewall does: the connect
+    # waits for an answer that never comes. Cancel must not wait for the request's timeout.
+    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+    port = listener.getsockname()[1]
+    queued = socket.create_connection(("127.0.0.1", port))  # fills the queue
+    cancel = threading.Event()
+    try:
+        call_ = Background(lambda: call({"url": f"http://127.0.0.1:{port}/", "timeout": "20s"},
+                                        cancel=cancel))
+        wait_until(lambda: _syn_sent_to(port), timeout=5, message="the connect is waiting")
+        cancelled_at = time.monotonic()
+        cancel.set()
+        call_.join(10)
+    finally:
+        queued.close()
+        listener.close()
+    assert isinstance(call_.error, ConnectorInterrupted)
+    assert call_.ended_at - cancelled_at < 0.5
+
+
+def test_cancel_interrupts_a_tls_handshake_the_server_never_answers():
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    threading.Thread(target=lambda: accepted.append(listener.accept()[0]), daemon=True).start()
+    url = f"https://127.0.0.1:{listener.getsockname()[1]}/"
+    cancel = threading.Event()
+    try:
+        call_ = Background(lambda: call({"url": url, "timeout": "20s"}, cancel=cancel))
+        wait_until(lambda: accepted, timeout=5, message="the server accepted the connection")
+        cancelled_at = time.monotonic()
+        cancel.set()
+        call_.join(10)
+    finally:
+        for sock in accepted + [listener]:
+            sock.close()
     assert isinstance(call_.error, ConnectorInterrupted)
     assert call_.ended_at - cancelled_at < 0.5
 
