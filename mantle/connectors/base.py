@@ -8,6 +8,7 @@ engine's worker thread; the engine interrupts it from another thread by setting
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ __all__ = [
     "ConnectorInterrupted",
     "TICK",
     "as_text",
+    "parse_json",
+    "without_surrogates",
     "params_of",
     "wait_for",
 ]
@@ -155,6 +158,37 @@ def as_text(value: Any) -> str:
     if isinstance(value, str):
         return value
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# A JSON escape of a UTF-16 surrogate: the only way a lone one gets into decoded text.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def parse_json(text: str) -> Any:
+    """JSON text from outside (a response body, a plugin's stdout) as a value that can be
+    stored: ValueError (or RecursionError) when it is not JSON, NaN and Infinity included;
+    lone surrogates replaced as ``without_surrogates`` does."""
+    value = json.loads(text, parse_constant=_not_json)
+    return without_surrogates(value) if _SURROGATE_ESCAPE.search(text) else value
+
+
+def without_surrogates(value: Any) -> Any:
+    """``value`` with each lone UTF-16 surrogate in its strings (map keys too) replaced by
+    U+FFFD, as invalid UTF-8 is. JSON's ``"\\ud800"`` (a string cut inside an emoji) decodes
+    to one, and no database, JSON document or HTTP body can carry it."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {without_surrogates(key): without_surrogates(item)
+                for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_surrogates(item) for item in value]
+    return value
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # NaN and Infinity: the output could not be stored
 
 
 def params_of(inv: Invocation) -> dict:

@@ -30,6 +30,7 @@ from mantle.connectors.base import (
     Invocation,
     as_text,
     params_of,
+    parse_json,
 )
 from mantle.connectors.credentials import Credential, auth_headers
 from mantle.durations import parse_duration
@@ -385,15 +386,10 @@ def _output(response: http.client.HTTPResponse, data: bytes) -> dict:
     text = data.decode("utf-8", "replace")
     output: dict[str, Any] = {"status": response.status, "headers": headers, "body": text}
     try:
-        output["json"] = json.loads(text, parse_constant=_reject_constant)
+        output["json"] = parse_json(text)
     except (ValueError, RecursionError):
         pass
     return output
-
-
-def _reject_constant(name: str) -> Any:
-    # NaN and Infinity are not JSON: the output could not be stored.
-    raise ValueError(f"not JSON: {name}")
 
 
 _deadline_timers: Timers | None = None

@@ -18,6 +18,8 @@ import re
 import uuid
 from typing import Any
 
+from mantle.connectors.base import without_surrogates
+
 __all__ = ["placeholders", "to_json", "MAX_EXACT_INT"]
 
 MAX_EXACT_INT = 2 ** 53  # beyond it a JSON number read as a double loses digits
@@ -107,8 +109,10 @@ def _block_comment(sql: str, i: int) -> int:
 
 def to_json(value: Any) -> Any:
     """One result value as JSON (recursively for arrays and json/jsonb documents)."""
-    if value is None or isinstance(value, (bool, str)):
+    if value is None or isinstance(value, bool):
         return value
+    if isinstance(value, str):  # json keeps "\ud800" escapes as written: see without_surrogates
+        return without_surrogates(value)
     if isinstance(value, int):
         return value if -MAX_EXACT_INT <= value <= MAX_EXACT_INT else str(value)
     if isinstance(value, float):
@@ -128,7 +132,7 @@ def to_json(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [to_json(item) for item in value]
     if isinstance(value, dict):
-        return {str(key): to_json(item) for key, item in value.items()}
+        return {to_json(str(key)): to_json(item) for key, item in value.items()}
     if isinstance(value, uuid.UUID):
         return str(value)
     return str(value)  # inet, ranges, enums...: their text form

@@ -29,7 +29,8 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 
-from mantle.connectors.base import TICK, ConnectorError, ConnectorInterrupted, Invocation
+from mantle.connectors.base import (TICK, ConnectorError, ConnectorInterrupted, Invocation,
+                                    parse_json)
 from mantle.connectors.credentials import longest_secret
 from mantle.durations import parse_duration
 
@@ -263,16 +264,12 @@ def _parse_output(data: bytes) -> tuple[dict | None, str | None]:
     if not text.strip():
         return None, "no output"
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = parse_json(text)
     except (ValueError, RecursionError) as exc:
         return None, str(exc) or "not JSON"
     if not isinstance(value, dict):
         return None, f"expected a JSON object, got {_JSON_TYPES.get(type(value), 'a value')}"
     return value, None
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not JSON")
 
 
 def _failure(code: int, stderr: bytes) -> str:

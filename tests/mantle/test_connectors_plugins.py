@@ -145,6 +145,13 @@ def test_stdout_that_is_not_one_json_object_is_invalid_output(plugins_dir, stdou
     assert error.retryable
 
 
+def test_stdout_with_an_escaped_lone_surrogate_keeps_a_replacement_character(plugins_dir):
+    install(plugins_dir, "cut", PY + 'sys.stdout.write(\'{"t": "a\\\\udc00", "\\\\ud800": 1}\')\n')
+    output = invoke(plugins_dir, "cut/x")
+    assert output == {"t": "a\ufffd", "\ufffd": 1}
+    json.dumps(output, ensure_ascii=False).encode("utf-8")  # storable
+
+
 def test_stdout_that_is_not_utf8_is_invalid_output(plugins_dir):
     install(plugins_dir, "bin", PY + 'sys.stdout.buffer.write(b\'{"a": "\\xff"}\')\n')
     error = fails(plugins_dir, "bin/x")

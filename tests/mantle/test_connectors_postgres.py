@@ -4,6 +4,7 @@ statement on the server. Placeholder translation is checked on its own first."""
 
 from __future__ import annotations
 
+import json
 import threading
 
 import psycopg
@@ -115,6 +116,16 @@ def test_values_map_to_json_as_the_spec_says(target):
         "day": "2026-03-18", "clock": "09:30:00", "span": "P1DT2H3M4.5S", "raw": "AP8Q",
         "id": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "doc": {"a": [1, {"b": None}]},
         "list": [1, 2], "ints": [1, 2, None], "days": ["2026-01-01"], "addr": "10.0.0.1/8"}
+
+
+@pytest.mark.postgres
+def test_a_json_value_with_an_escaped_lone_surrogate_keeps_a_replacement_character(target):
+    # The json type keeps its text as written: "\ud800" decodes to a lone surrogate, which
+    # no database, JSON document or HTTP body can carry (storing the output failed).
+    url, _ = target
+    row = query(url, """SELECT '{"t": "a\\ud800", "\\udfff": 1}'::json AS doc""")["rows"][0]
+    assert row == {"doc": {"t": "a\ufffd", "\ufffd": 1}}
+    json.dumps(row, ensure_ascii=False).encode("utf-8")  # storable
 
 
 @pytest.mark.postgres
