@@ -17,8 +17,8 @@ from typing import Any
 from mantle.connectors.base import ConnectorError
 
 __all__ = ["Credential", "TYPES", "resolve_credential", "environment_credential",
-           "credential_variable", "not_found", "auth_headers", "redact", "longest_secret",
-           "REDACTED"]
+           "credential_variable", "not_found", "auth_headers", "AUTH_HEADERS", "redact",
+           "longest_secret", "REDACTED"]
 
 REDACTED = "********"  # SPEC 13.8: the one redaction marker
 
@@ -78,6 +78,11 @@ def resolve_credential(name: str, environ: Mapping[str, str] = os.environ) -> Cr
     if credential is None:
         raise not_found(name)
     return credential
+
+
+# Every header ``auth_headers`` may add: each carries a credential value, so none of them
+# follows a redirect to another origin.
+AUTH_HEADERS = ("Authorization", "OpenAI-Organization")
 
 
 def auth_headers(credential: Credential | None) -> dict[str, str]:

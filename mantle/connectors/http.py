@@ -32,7 +32,7 @@ from mantle.connectors.base import (
     params_of,
     parse_json,
 )
-from mantle.connectors.credentials import Credential, auth_headers
+from mantle.connectors.credentials import AUTH_HEADERS, Credential, auth_headers
 from mantle.durations import parse_duration
 from mantle.services.timers import Timers
 
@@ -362,7 +362,8 @@ def _redirected(req: _Request, status: int, url: str, origin: tuple) -> _Request
         for name in _BODY_HEADERS:
             _drop(headers, name)
     if _origin(url) != origin:
-        _drop(headers, "Authorization")
+        for name in AUTH_HEADERS:
+            _drop(headers, name)
     return replace(req, method=method, url=url, headers=headers, body=body)
 
 

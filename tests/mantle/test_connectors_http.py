@@ -335,6 +335,18 @@ def test_redirect_to_another_port_drops_credential_for_the_rest_of_the_chain(htt
         assert other.requests("/new")[0].header("Authorization") is None
 
 
+def test_redirect_to_another_host_drops_every_header_the_credential_added(http_target):
+    # An openai credential adds OpenAI-Organization (its org_id field, a credential value
+    # like any other) beside Authorization: neither goes to another origin.
+    http_target.route("/old", status=302, redirect_to=f"http://localhost:{http_target.port}/new")
+    http_target.route("/new", body="ok")
+    call({"url": http_target.url("/old")},
+         credential=Credential("ai", "openai", {"api_key": "sk-1", "org_id": "org-7"}))
+    assert http_target.requests("/old")[0].header("OpenAI-Organization") == "org-7"
+    assert http_target.requests("/new")[0].header("Authorization") is None
+    assert http_target.requests("/new")[0].header("OpenAI-Organization") is None
+
+
 def test_more_than_10_redirects_fails(http_target):
     for hop in range(11):
         http_target.route(f"/r{hop}", status=302, redirect_to=f"/r{hop + 1}")
