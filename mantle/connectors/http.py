@@ -37,12 +37,14 @@ from mantle.durations import parse_duration
 from mantle.services.timers import Timers
 
 __all__ = ["request", "send", "HttpFailure", "METHODS", "MAX_BODY_BYTES", "MAX_REDIRECTS",
-           "DEFAULT_TIMEOUT"]
+           "DEFAULT_TIMEOUT", "LONGEST_TIMEOUT"]
 
 METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 MAX_BODY_BYTES = 10 * 1024 * 1024
 MAX_REDIRECTS = 10
 DEFAULT_TIMEOUT = "30s"
+# A longer timeout is one no socket can wait for (OverflowError): it counts as this, 31 years.
+LONGEST_TIMEOUT = 1e9
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _BODY_HEADERS = frozenset({"content-type", "content-length", "transfer-encoding"})
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -88,6 +90,7 @@ def send(method: str, url: str, headers: dict[str, str], body: bytes | None,
 
     ``cancel`` is a ``CancelToken`` in the engine; a plain ``threading.Event`` (direct callers)
     is watched by a helper thread."""
+    seconds = min(seconds, LONGEST_TIMEOUT)
     exchange = _Exchange(_Request(method, url, headers, body), time.monotonic() + seconds)
     finished = threading.Event()
     token = cancel if isinstance(cancel, CancelToken) else CancelToken.following(cancel,

@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 # Below this size a heap is never worth rebuilding.
 _COMPACT_MIN = 64
+# The longest single wait of the timer thread (a day); a later due time is waited for in turns.
+_LONGEST_WAIT = 86400.0
 
 
 class TimerHandle:
@@ -88,7 +90,10 @@ class Timers:
                 while not self._stopped and (
                         not self._heap or self._heap[0][0] > time.monotonic()):
                     timeout = self._heap[0][0] - time.monotonic() if self._heap else None
-                    self._wake.wait(timeout)
+                    # A wait longer than a lock can do raised OverflowError and ended the
+                    # thread, and with it every timer of the process; the due time is
+                    # looked at again on waking anyway.
+                    self._wake.wait(None if timeout is None else min(timeout, _LONGEST_WAIT))
                 if self._stopped:
                     return
                 _, _, handle = heapq.heappop(self._heap)

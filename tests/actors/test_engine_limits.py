@@ -191,6 +191,21 @@ def test_a_thousand_cancelled_long_timers_are_freed_at_once():
         timers.stop()
 
 
+def test_a_timer_due_later_than_a_thread_can_wait_leaves_the_timer_thread_running():
+    # Waiting 10^12 s raised OverflowError on the timer thread and ended it: no timer of the
+    # process fired again.
+    timers = Timers()
+    try:
+        far = timers.schedule(1e12, lambda: None)
+        for _ in range(3):  # after each, the far one is the next due again
+            fired = threading.Event()
+            timers.schedule(0.05, fired.set)
+            assert fired.wait(5)
+        far.cancel()
+    finally:
+        timers.stop()
+
+
 def test_run_answers_503_engine_is_saturated_while_the_journal_backlog_is_over_its_limit(
         engine, db, monkeypatch):
     apply(HELLO)

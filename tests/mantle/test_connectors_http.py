@@ -255,6 +255,44 @@ def test_timeout_covers_a_slow_body(http_target):
     )
 
 
+def _drip_server() -> socket.socket:
+    """A server answering one request with a 100-byte body sent a byte every 50 ms: each read
+    gets data in time, only a whole-request deadline stops it."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def drip():
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            try:
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+                for _ in range(100):
+                    time.sleep(0.05)
+                    conn.sendall(b"x")
+            except OSError:
+                pass
+
+    threading.Thread(target=drip, daemon=True).start()
+    return listener
+
+
+def test_a_timeout_too_long_to_wait_on_leaves_every_request_deadline_working(http_target):
+    # 10^14 hours is more than a thread or a socket can wait: it failed the request with
+    # "timestamp out of range for platform time_t" and killed the process's one deadline
+    # thread, so no later http/request or AI request ever ended at its timeout again.
+    http_target.route("/ok", body="ok")
+    assert call({"url": http_target.url("/ok"), "timeout": "99999999999999h"})["body"] == "ok"
+    listener = _drip_server()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/"
+    started = time.monotonic()
+    try:
+        error = fails({"url": url, "timeout": "300ms"})
+    finally:
+        listener.close()
+    assert error.message == f"http/request: GET {url} timed out after 300ms"
+    assert time.monotonic() - started < 2
+
+
 def test_body_over_10_mib_fails(http_target):
     http_target.route("/huge", stream=10 * 1024 * 1024 + 1)
     assert fails({"url": http_target.url("/huge")}).message == (
