@@ -14,9 +14,13 @@ from mantle.connectors.base import (
 from mantle.connectors.credentials import redact
 from mantle.durations import parse_duration
 
-__all__ = ["sleep", "sleep_seconds", "sleep_output", "log", "fail", "DEFAULT_FAIL_MESSAGE"]
+__all__ = ["sleep", "sleep_seconds", "sleep_output", "log", "fail", "DEFAULT_FAIL_MESSAGE",
+           "MAX_SLEEP_SECONDS"]
 
 DEFAULT_FAIL_MESSAGE = "failed by core/fail"
+# The longest sleep (about 31 years): a longer one's due time (stored, SPEC 13.1.11) is past
+# what a timestamp holds, and no thread can wait that long.
+MAX_SLEEP_SECONDS = 1e9
 _steps_log = logging.getLogger("mantle.steps")
 
 
@@ -30,7 +34,7 @@ def sleep_seconds(inv: Invocation) -> float:
         seconds = parse_duration(raw)
     except ValueError:
         seconds = -1.0
-    if seconds < 0:
+    if not 0 <= seconds <= MAX_SLEEP_SECONDS:
         raise ConnectorError(f'core/sleep: invalid duration "{as_text(raw)}"')
     return seconds
 

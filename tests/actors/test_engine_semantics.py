@@ -273,6 +273,23 @@ def test_unknown_action_fails_without_retry(engine):
     assert step["attempt"] == 1
 
 
+def test_a_sleep_too_long_to_store_fails_its_step_with_invalid_duration(engine):
+    # Its due time (stored, 13.1.11) cannot be written: the execution ended failed with
+    # "internal error: Python int too large to convert to C int" and its steps cancelled.
+    apply("""
+        name: forever
+        inputs:
+          d: {type: string, default: 99999999999999999h}
+        steps:
+          - {name: nap, action: core/sleep, params: {duration: "{{ inputs.d }}"}}
+    """)
+    detail = run(engine, "forever")
+    assert detail["status"] == "failed"
+    assert steps_of(detail)["nap"]["status"] == "failed"
+    assert steps_of(detail)["nap"]["error"] == \
+        'core/sleep: invalid duration "99999999999999999h"'
+
+
 def test_step_timeout_fails_the_attempt_and_is_retried(engine):
     apply("""
         name: slow

@@ -41,7 +41,8 @@ def test_sleep_without_duration_fails(params):
 
 
 @pytest.mark.parametrize("value, shown", [("soon", "soon"), ("-1s", "-1s"), ("10", "10"),
-                                          (5, "5"), ([1], "[1]"), ("", "")])
+                                          (5, "5"), ([1], "[1]"), ("", ""),
+                                          ("99999999999999999h", "99999999999999999h")])
 def test_sleep_with_invalid_or_negative_duration_fails(value, shown):
     error = fails("core/sleep", {"duration": value})
     assert error.message == f'core/sleep: invalid duration "{shown}"'
