@@ -204,7 +204,7 @@ def _user_headers(raw: Any) -> dict[str, str | None]:
     headers: dict[str, str | None] = {}
     for name, value in raw.items():
         text = None if value is None else as_text(value)
-        if not _HEADER_NAME.fullmatch(name) or (text and _HEADER_VALUE_BAD.search(text)):
+        if not _HEADER_NAME.fullmatch(name) or (text and not _sendable(text)):
             raise ConnectorError(f'http/request: invalid header "{name}"')
         headers[name] = text
     return headers

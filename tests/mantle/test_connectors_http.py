@@ -109,6 +109,15 @@ def test_header_value_with_newline_fails():
     assert error.message == 'http/request: invalid header "X-A"'
 
 
+
+def test_header_value_outside_latin1_fails_as_an_invalid_header(http_target):
+    # HTTP/1.1 header text is Latin-1: http.client's refusal came out as a network error,
+    # "GET <url>: 'latin-1' codec can't encode character..." after the connection was made.
+    http_target.route("/x", body="ok")
+    error = fails({"url": http_target.url("/x"), "headers": {"X-Name": "Zoë €"}})
+    assert error.message == 'http/request: invalid header "X-Name"'
+    assert http_target.hits("/x") == 0
+
 # --- body and headers -----------------------------------------------------------------------
 
 def test_string_body_is_sent_as_is_with_text_plain(http_target):
