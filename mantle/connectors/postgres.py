@@ -47,12 +47,13 @@ def query(inv: Invocation) -> dict:
     if wait_for(job.done, inv.cancel, None) == "cancel":
         # A cancel request travels on a connection of its own and may reach the server
         # before the statement does, finding nothing to stop: sent again until it stops.
+        # While still connecting there is nothing to stop: the statement will not start.
         deadline = time.monotonic() + _CANCEL_GRACE
-        while True:
-            job.cancel()
+        while job.cancel():
             left = deadline - time.monotonic()
             if job.done.wait(min(_CANCEL_AGAIN, max(left, 0))) or left <= 0:
-                raise ConnectorInterrupted()
+                break
+        raise ConnectorInterrupted()
     if job.error is not None:
         raise _hidden(job.error, url)
     return job.output
@@ -161,17 +162,19 @@ class _Job:
                     for row in cursor.fetchall()]
             return {"rows": rows, "row_count": len(rows)}
 
-    def cancel(self) -> None:
-        """Runs on the step's thread: stop the statement on the server, if one runs."""
+    def cancel(self) -> bool:
+        """Runs on the step's thread: stop the statement on the server, if one runs. False
+        when none can run: not connected yet (``_execute`` then runs nothing) or ended."""
         with self._lock:
             self._cancelled = True
             conn = self._conn
         if conn is None:
-            return
+            return False
         try:
             conn.cancel_safe(timeout=_CANCEL_GRACE)
         except (psycopg.Error, OSError):
             pass  # the statement ended meanwhile, or the server is gone: nothing runs
+        return True
 
 
 def _connect_options(url: str) -> dict:
