@@ -109,6 +109,16 @@ def test_text_that_parses_as_json_is_also_given_as_json(fake):
     assert invoke("ai/completion", ask(fake))["json"] == {"a": [1, 2]}
 
 
+def test_json_text_with_an_escaped_lone_surrogate_keeps_a_replacement_character(fake):
+    # The answer's text is JSON whose "\ud83d" lost its pair: decoded as is, the step
+    # output held a lone surrogate no database can store (the execution ended with
+    # "internal error").
+    fake.script(text('{"a": "cut \\ud83d"}'))
+    output = invoke("ai/completion", ask(fake))
+    assert output["json"] == {"a": "cut \ufffd"}
+    json.dumps(output, ensure_ascii=False).encode("utf-8")  # storable
+
+
 def test_non_string_prompt_is_sent_as_compact_json(fake):
     fake.script(text("ok"))
     invoke("ai/completion", ask(fake, prompt={"rows": [1, 2]}))

@@ -7,6 +7,8 @@ tests/actors/test_engine_ai.py.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from mantle.connectors import ConnectorError, ConnectorInterrupted
@@ -50,6 +52,19 @@ def test_tool_calls_then_text_runs_the_tool_and_feeds_the_result_back(fake):
         {"role": "tool", "tool_call_id": "call-1",
          "content": '{"status":200,"json":{"temp":-3}}'},
     ]
+
+
+def test_arguments_with_an_escaped_lone_surrogate_reach_the_tool_and_output_storable(fake):
+    fake.script(tool_calls(("note", '{"message": "cut \\ud83d"}', "c1")),
+                tool_calls(("note", '{"message": "again \\udc00"}', "c2")))
+    recorder = Recorder({"core/log": {"message": "logged"}})
+    output = invoke("ai/completion", ask(fake, tools=[LOG_TOOL], max_tool_rounds=1),
+                    recorder=recorder)
+    assert recorder.tool_calls == [("core/log", {"message": "cut \ufffd"})]
+    # the final answer's calls (rounds exhausted) are shown with their arguments decoded
+    assert output["tool_calls"] == [{"id": "c2", "name": "note",
+                                     "arguments": {"message": "again \ufffd"}}]
+    json.dumps(output, ensure_ascii=False).encode("utf-8")  # storable
 
 
 def test_each_call_of_a_round_gets_its_own_result_in_order(fake):

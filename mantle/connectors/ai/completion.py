@@ -25,7 +25,7 @@ from mantle.connectors.ai.client import Client
 from mantle.connectors.ai.params import ACTION, CompletionParams, completion_params
 from mantle.connectors.ai.tools import answer_call, tool_message, unanswered_calls
 from mantle.connectors.ai.usage import add_usage, read_usage, zero_usage
-from mantle.connectors.base import ConnectorError, Invocation
+from mantle.connectors.base import ConnectorError, Invocation, parse_json
 from mantle.connectors.credentials import redact
 
 __all__ = ["completion", "FINAL_ANSWER_PROMPT", "PROGRESS_VERSION"]
@@ -209,7 +209,7 @@ def _tool_calls(client: Client, raw: Any, round_number: int) -> list[dict]:
 def _output(params: CompletionParams, answer: _Answer, state: _State) -> dict:
     output: dict[str, Any] = {"text": answer.text}
     try:
-        output["json"] = json.loads(answer.text, parse_constant=_not_json)
+        output["json"] = parse_json(answer.text)
     except (ValueError, RecursionError):
         pass
     output.update(finish_reason=answer.finish_reason, model=answer.model or params.model,
@@ -230,11 +230,7 @@ def _shown(call: dict) -> dict:
     """A tool call as the step output shows it: arguments decoded when they are JSON."""
     arguments: Any = call["function"]["arguments"]
     try:
-        arguments = json.loads(arguments, parse_constant=_not_json)
+        arguments = parse_json(arguments)
     except (ValueError, RecursionError):
         pass
     return {"id": call["id"], "name": call["function"]["name"], "arguments": arguments}
-
-
-def _not_json(name: str) -> Any:
-    raise ValueError(f"not JSON: {name}")  # NaN and Infinity could not be stored

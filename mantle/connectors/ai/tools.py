@@ -15,7 +15,7 @@ import json
 from typing import Any, Callable
 
 from mantle.connectors.ai.params import CompletionParams
-from mantle.connectors.base import ConnectorError, ConnectorInterrupted, Invocation
+from mantle.connectors.base import ConnectorError, ConnectorInterrupted, Invocation, parse_json
 
 __all__ = ["LIMIT_EXCEEDED", "tool_message", "unanswered_calls", "answer_call"]
 
@@ -80,8 +80,8 @@ def _arguments(raw: Any) -> tuple[dict, str | None]:
         if not raw.strip():
             return {}, None
         try:
-            raw = json.loads(raw)
-        except ValueError as exc:
+            raw = parse_json(raw)
+        except (ValueError, RecursionError) as exc:
             return {}, f"invalid arguments: not JSON ({exc})"
     if not isinstance(raw, dict):
         return {}, "invalid arguments: must be a JSON object"
