@@ -19,7 +19,9 @@ import urllib.parse
 from typing import Any
 
 import psycopg
+import psycopg.adapt
 import psycopg.conninfo
+import psycopg.pq
 from psycopg.types.json import Jsonb
 
 from mantle.connectors.base import (ConnectorError, ConnectorInterrupted, Invocation,
@@ -34,6 +36,35 @@ APPLICATION_NAME = "mantle postgres/query"  # unless the URL sets application_na
 _CANCEL_GRACE = 1.0  # how long a cancelled attempt waits for its statement to stop
 _CANCEL_AGAIN = 0.05  # meanwhile, how often it asks the server again
 _NO_URL = "postgres/query: a credential with the connection URL is required"
+
+
+class _Lenient(psycopg.adapt.Loader):
+    """A date/time loader that gives PostgreSQL's text for what Python's types cannot hold
+    (``infinity``, years past 9999 or BC, ``24:00:00``) instead of failing the query."""
+
+    base: type  # the loader it wraps: the one psycopg has for the type
+
+    def __init__(self, oid: int, context=None):
+        super().__init__(oid, context)
+        self._inner = self.base(oid, context)
+
+    def load(self, data) -> Any:
+        try:
+            return self._inner.load(data)
+        except psycopg.DataError:
+            return bytes(data).decode()
+
+
+def _lenient_adapters() -> psycopg.adapt.AdaptersMap:
+    adapters = psycopg.adapt.AdaptersMap(psycopg.adapters)
+    for name in ("date", "time", "timetz", "timestamp", "timestamptz", "interval"):
+        oid = adapters.types[name].oid
+        base = adapters.get_loader(oid, psycopg.pq.Format.TEXT)
+        adapters.register_loader(oid, type(f"Lenient_{name}", (_Lenient,), {"base": base}))
+    return adapters
+
+
+_ADAPTERS = _lenient_adapters()  # results are read as text: only text loaders are needed
 
 
 def query(inv: Invocation) -> dict:
@@ -146,7 +177,7 @@ class _Job:
 
     def _execute(self) -> dict:
         options = _connect_options(self.url)
-        conn = psycopg.connect(**options)
+        conn = psycopg.connect(**options, context=_ADAPTERS)
         with self._lock:
             self._conn = conn
             if self._cancelled:

@@ -122,6 +122,22 @@ def test_values_map_to_json_as_the_spec_says(target):
 
 
 @pytest.mark.postgres
+def test_dates_and_times_a_python_date_cannot_hold_come_as_postgres_text(target):
+    # 'infinity' (an open-ended validity), BC or year 10000 dates and 24:00:00 are valid
+    # PostgreSQL values: a SELECT meeting one failed ("timestamp too large (after year 10K)").
+    url, _ = target
+    row = query(url, """
+        SELECT 'infinity'::timestamptz AS open_end, '-infinity'::timestamp AS start,
+               'infinity'::date AS day, '10000-01-01'::date AS far, '0044-03-15 BC'::date AS bc,
+               '24:00:00'::time AS midnight, ARRAY['infinity'::timestamptz] AS list,
+               '2026-03-18 09:00:00+00'::timestamptz AS usual
+    """)["rows"][0]
+    assert row == {"open_end": "infinity", "start": "-infinity", "day": "infinity",
+                   "far": "10000-01-01", "bc": "0044-03-15 BC", "midnight": "24:00:00",
+                   "list": ["infinity"], "usual": "2026-03-18T09:00:00Z"}
+
+
+@pytest.mark.postgres
 def test_a_json_value_with_an_escaped_lone_surrogate_keeps_a_replacement_character(target):
     # The json type keeps its text as written: "\ud800" decodes to a lone surrogate, which
     # no database, JSON document or HTTP body can carry (storing the output failed).
