@@ -7,23 +7,12 @@ from __future__ import annotations
 import pytest
 
 from mantle import definitions
-from mantle.db import database_proxy
-from mantle.db.connect import connect, is_postgres
+from mantle.db.connect import is_postgres
 from mantle.db.models import WorkflowDefinition
-from tests.helpers import Background
-from tests.helpers.database import lock_waiters
-from tests.helpers.waiting import apply_yaml, wait_until
+from tests.helpers.database import two_applies_at_once
+from tests.helpers.waiting import apply_yaml
 
 NEW = "name: fresh\nsteps: [{{name: a, action: core/log, params: {{message: {}}}}}]\n"
-
-
-def _apply_in_thread(text: str) -> Background:
-    def call():
-        try:
-            return apply_yaml(text)
-        finally:
-            database_proxy.close()  # this thread's connection
-    return Background(call)
 
 
 def _versions(name: str) -> list[tuple[int, str]]:
@@ -41,21 +30,10 @@ def test_two_applies_creating_one_new_workflow_at_once_store_versions_one_and_tw
     changes when its bytes are the first's."""
     if not is_postgres(db):
         pytest.skip("holds a table lock from another session (SQLite: applies take turns)")
-    holder, watcher = connect(migrated_db_url), connect(migrated_db_url)
-    try:
-        holder.execute_sql("BEGIN")
-        # The first apply's last write (its audit row) waits, its inserts not yet committed.
-        holder.execute_sql("LOCK TABLE audit_events IN EXCLUSIVE MODE")
-        first = _apply_in_thread(NEW.format("one"))
-        wait_until(lambda: lock_waiters(watcher) == 1)
-        second = _apply_in_thread(NEW.format("one" if same else "two"))
-        wait_until(lambda: lock_waiters(watcher) == 2)
-    finally:
-        holder.execute_sql("ROLLBACK")
-        holder.close()
-        watcher.close()
-    assert first.join(10).error is None, first.error
-    assert second.join(10).error is None, second.error
+    first, second = two_applies_at_once(migrated_db_url, NEW.format("one"),
+                                        NEW.format("one" if same else "two"))
+    assert first.error is None, first.error
+    assert second.error is None, second.error
     if same:
         assert _versions("fresh") == [(1, "one")]
     else:

@@ -8,13 +8,11 @@ import hmac
 import pytest
 
 from mantle import definitions
-from mantle.db import database_proxy
-from mantle.db.connect import connect, is_postgres
+from mantle.db.connect import is_postgres
 from mantle.db.models import AuditEvent, WorkflowExecution
 from mantle.errors import WebhookPathTaken
-from tests.helpers import Background
-from tests.helpers.database import lock_waiters
-from tests.web.support import apply_yaml, wait_until
+from tests.helpers.database import two_applies_at_once
+from tests.web.support import apply_yaml
 
 ECHO = """
     name: echo
@@ -160,30 +158,11 @@ def test_two_applies_registering_one_path_at_once_refuse_the_second_by_name(
         pytest.skip("holds a table lock from another session (SQLite: applies take turns)")
     yaml = "name: {}\ntriggers: [{{type: webhook, path: /hooks/shared}}]\n" \
            "steps: [{{name: a, action: core/log, params: {{message: x}}}}]\n"
-    holder, watcher = connect(migrated_db_url), connect(migrated_db_url)
-    try:
-        holder.execute_sql("BEGIN")
-        # The applies' last write waits: the first holds the path's row until released.
-        holder.execute_sql("LOCK TABLE audit_events IN EXCLUSIVE MODE")
-
-        def apply(name: str):
-            def call():
-                try:
-                    return apply_yaml(yaml.format(name))
-                finally:
-                    database_proxy.close()  # this thread's connection
-            return Background(call)
-
-        first = apply("first")
-        wait_until(lambda: lock_waiters(watcher) == 1)
-        second = apply("second")
-        wait_until(lambda: lock_waiters(watcher) == 2)
-    finally:
-        holder.execute_sql("ROLLBACK")
-        holder.close()
-        watcher.close()
-    assert first.join(10).error is None, first.error
-    assert isinstance(second.join(10).error, WebhookPathTaken), second.error
+    # The first holds the path's row until its last write goes through.
+    first, second = two_applies_at_once(migrated_db_url, yaml.format("first"),
+                                        yaml.format("second"))
+    assert first.error is None, first.error
+    assert isinstance(second.error, WebhookPathTaken), second.error
     assert str(second.error) == ('webhook path "/hooks/shared" is already registered by '
                                  'workflow "first"')
     assert definitions.current_definition("second") is None
