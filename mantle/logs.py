@@ -6,6 +6,7 @@ import itertools
 import json
 import logging
 import queue
+import re
 import select
 import sys
 import threading
@@ -35,6 +36,14 @@ _PIPE_BUF = getattr(select, "PIPE_BUF", 512)  # the largest write a pipe keeps w
 # refers to itself.
 _encode_chunks = json.encoder.c_make_encoder(
     None, str, json.encoder.encode_basestring, None, ":", ",", False, False, True)
+# A lone surrogate (text decoded with ``surrogateescape``: an environment variable or a file
+# name that is not UTF-8) is kept by that encoder, but no UTF-8 stream can write it; as its
+# JSON escape the line stays valid JSON and keeps the value.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _escape_surrogate(match: re.Match) -> str:
+    return f"\\u{ord(match.group()):04x}"
 
 
 class JsonFormatter(logging.Formatter):
@@ -71,7 +80,10 @@ class JsonFormatter(logging.Formatter):
                 line[key] = value
         if record.exc_info and "error" not in line:
             line["error"] = self.formatException(record.exc_info)
-        return "".join(_encode_chunks(line, 0))
+        text = "".join(_encode_chunks(line, 0))
+        if not text.isascii() and _SURROGATE.search(text):  # isascii: O(1), the usual case
+            text = _SURROGATE.sub(_escape_surrogate, text)
+        return text
 
 
 class BackgroundStreamHandler(logging.Handler):

@@ -153,3 +153,22 @@ def test_processes_sharing_a_pipe_never_split_each_others_lines():
     lines = data.decode().splitlines()
     assert len(lines) == 9000
     assert all(json.loads(line)["msg"] == "line" for line in lines)
+
+
+def test_a_lone_surrogate_is_escaped_and_costs_no_line():
+    """SPEC 9.2: one JSON object per line. A value decoded with ``surrogateescape`` (an
+    ``env.<KEY>`` from a variable that is not UTF-8, a config key) holds a lone surrogate,
+    which UTF-8 cannot encode: the daemon's writer dropped the whole batch of lines it was
+    in, other executions' lines with it. It is written as the JSON escape ``\\udce9``."""
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding="utf-8", errors="strict")
+    handler = BackgroundStreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    handler.handle(_record(1773824400.412, "before"))
+    handler.handle(_record(1773824400.412, "caf\udce9", workflow="w\ud800"))
+    handler.handle(_record(1773824400.412, "after"))
+    handler.close()
+    lines = raw.getvalue().decode("utf-8").splitlines()
+    assert [json.loads(line)["msg"] for line in lines] == ["before", "caf\udce9", "after"]
+    assert json.loads(lines[1])["workflow"] == "w\ud800"
+    assert "\\udce9" in lines[1]
