@@ -206,4 +206,8 @@ def setup_logging(level: str, stream: TextIO | None = None,
             old.close()  # writes what it still holds, ends its thread
     root.addHandler(handler)
     root.setLevel(LEVELS[level])
+    # Debug logs are about requests and executions, not SQL text or actor bookkeeping; SQL
+    # lines would also carry every statement's parameters, webhook secrets among them.
+    for noisy in ("peewee", "pykka"):
+        logging.getLogger(noisy).setLevel(logging.INFO)
     return handler

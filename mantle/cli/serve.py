@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from mantle.cli.context import Context
@@ -26,9 +25,6 @@ def serve(args, context: Context) -> int:
     setup_logging("info", sys.stdout, background=True)
     config = context.config
     setup_logging(config.log_level, sys.stdout, background=True)
-    # Debug logs are about requests and executions, not SQL text or actor bookkeeping.
-    for noisy in ("peewee", "pykka"):
-        logging.getLogger(noisy).setLevel(logging.INFO)
     timeout = config.shutdown_timeout_seconds
     config.address()  # a bad address is a configuration error: before touching the database
     config.lease_ttl_seconds, config.max_depth  # the same for these

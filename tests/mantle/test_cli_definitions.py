@@ -252,6 +252,31 @@ def test_webhook_path_owned_by_another_workflow_is_refused(cli):
     assert cli("rollback", "intruder").stderr == 'Error: workflow "intruder" not found\n'
 
 
+def test_a_webhook_secret_reaches_no_log_line_even_at_debug(cli):
+    """SPEC 13.8, 13.1.1: a webhook secret is never shown (``********``). At ``--log-level
+    debug`` every SQL statement was logged with its parameters (peewee's DEBUG lines): the
+    trigger row and the stored definition carried the secret into stderr."""
+    secret = "whsec-do-not-log-4f1c"
+    cli.write("hook.yaml", f"""\
+        name: hooked
+        steps: [{{name: a, action: core/log, params: {{message: hi}}}}]
+        triggers: [{{type: webhook, path: /hooks/hooked, secret: {secret}}}]
+    """)
+    cli.write("hook2.yaml", f"""\
+        name: hooked
+        description: second
+        steps: [{{name: a, action: core/log, params: {{message: hi}}}}]
+        triggers: [{{type: webhook, path: /hooks/hooked, secret: {secret}}}]
+    """)
+    results = [cli("--log-level", "debug", "apply", "hook.yaml"),
+               cli("--log-level", "debug", "apply", "hook2.yaml"),
+               cli("--log-level", "debug", "rollback", "hooked"),
+               cli("--log-level", "debug", "plan", "hook2.yaml")]
+    assert [result.returncode for result in results] == [0, 0, 0, 0], results
+    for result in results:
+        assert secret not in result.stdout + result.stderr, result
+
+
 def test_apply_and_rollback_write_audit_events(cli, migrated_db_url):
     from mantle import db
     from mantle.db.models import AuditEvent
