@@ -369,6 +369,11 @@ class ExecutionActor(Attempts, HookPhase, Children, PooledActor):
     def _on_ExecutionClosed(self, message: m.ExecutionClosed) -> None:
         if self._phase == "ended":
             return
+        for name, hook in message.closed:  # interrupted, their rows closed with the end
+            run = self._run_of(name, hook) or (self._resumed_hooks.get(name) if hook else None)
+            if run is not None:
+                run.status, run.completed_at = S.CANCELLED, message.completed_at
+                self._observe(run)
         if not message.changed:  # a cancel was committed first (it counted the execution)
             log.info("execution finished", extra={**self._context, "status": "cancelled"})
             self._end("cancelled")
@@ -478,9 +483,10 @@ class ExecutionActor(Attempts, HookPhase, Children, PooledActor):
             self._release_slot(run)
         error = internal_error(reason)
         # its children end with it: no step of it awaits them any more (13.3)
-        self._write_cancelling_children(lambda: store.fail_execution(self._id, error),
-                                        lambda changed: m.ExecutionClosed("failed", changed),
-                                        None)
+        self._write_cancelling_children(
+            lambda: store.fail_execution(self._id, error),
+            lambda failed: m.ExecutionClosed("failed", failed.changed, failed.closed,
+                                             failed.completed_at), None)
 
 
 def _handlers() -> dict[type, object]:

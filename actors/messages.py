@@ -322,10 +322,14 @@ class HooksStarted:
 
 @dataclass(frozen=True, slots=True)
 class ExecutionClosed:
-    """The execution's final status is committed, unless a cancel won (``changed``)."""
+    """The execution's final status is committed, unless a cancel won (``changed``);
+    ``closed``: the steps whose open rows it ended ``cancelled`` at ``completed_at``, as
+    (step, is_hook) (the internal-error path, 13.1.12)."""
 
     status: str
     changed: bool
+    closed: tuple = ()
+    completed_at: dt.datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

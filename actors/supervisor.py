@@ -283,7 +283,7 @@ class Supervisor(pykka.ThreadingActor):
         def op():
             """(the workflow of the execution ended, its children cancelled, their owners'
             channels); None when it was no longer running."""
-            if not store.fail_execution(execution_id, error):
+            if not store.fail_execution(execution_id, error).changed:
                 return None
             cancelled = store.cancel_children(execution_id)
             others = {owner for _, _, owner in cancelled if owner and owner != me}

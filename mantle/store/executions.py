@@ -27,7 +27,7 @@ from mantle.workflow import Workflow as WorkflowModel
 from mantle.workflow import check_inputs
 
 __all__ = ["Created", "Parent", "Cancelled", "create_execution", "finish_execution",
-           "fail_execution", "cancel_execution", "cancel_children", "promote_queued",
+           "fail_execution", "Failed", "cancel_execution", "cancel_children", "promote_queued",
            "workflow_of", "queued_workflows", "execution_snapshot", "execution_row",
            "copy_steps", "mark_hooks_started", "final_results", "Snapshot", "Promotion",
            "MANUAL_TRIGGER", "CHILD_KEY_PREFIX"]
@@ -275,18 +275,30 @@ def finish_execution(execution_id: str, status: str, error: str | None) -> bool 
     return bool(sql.run(sql.finish_execution, params))
 
 
-def fail_execution(execution_id: str, error: str) -> bool:
+@dataclasses.dataclass(frozen=True, slots=True)
+class Failed:
+    """Outcome of ``fail_execution``: whether the execution was still running (``changed``),
+    and the step rows it closed ``cancelled`` at ``completed_at``, as (step, is_hook)."""
+
+    changed: bool
+    closed: tuple[tuple[str, bool], ...] = ()
+    completed_at: dt.datetime | None = None
+
+
+def fail_execution(execution_id: str, error: str) -> Failed:
     """End an execution ``failed`` after an engine or storage error (SPEC 13.1.12): the
     execution row, and any step row still pending or running, which becomes ``cancelled``
-    (interrupted). False when the execution was no longer running."""
+    (interrupted). Not ``changed`` when the execution was no longer running."""
     now = utcnow()
     sql = Statements.of_bound()
     sql.flush()
-    (StepExecution.update(status="cancelled", completed_at=now)
-     .where(StepExecution.execution_id == execution_id,
-            StepExecution.status.in_(_ACTIVE)).execute())
-    return bool(sql.run(sql.finish_execution, ("failed", storable_text(error),
-                                               sql.stamp(now), execution_id)))
+    p = sql.db.param
+    closed = sql.rows(f"UPDATE step_executions SET status = 'cancelled', completed_at = {p} "
+                      f"WHERE execution_id = {p} AND status IN ('pending', 'running') "
+                      "RETURNING step_name, is_hook", (sql.stamp(now), execution_id))
+    changed = bool(sql.run(sql.finish_execution, ("failed", storable_text(error),
+                                                  sql.stamp(now), execution_id)))
+    return Failed(changed, tuple((name, bool(hook)) for name, hook in closed), now)
 
 
 def workflow_of(execution_id: str) -> str | None:

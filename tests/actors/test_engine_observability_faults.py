@@ -248,3 +248,49 @@ def test_a_shutdown_while_the_final_status_is_written_after_the_hooks_still_repo
                    {"workflow": "closing", "status": "completed"}) == 1
     assert [r.status for r in _records(caplog, "execution finished", execution_id)] == [
         "completed"]
+
+
+# --- 6. an execution ended by the internal-error path: its open steps end cancelled ---------
+
+@SQLITE_ONLY
+def test_steps_closed_by_an_internal_error_are_counted_and_logged_as_cancelled(
+        engine, db, http_target, caplog):
+    """SPEC 9.1: `mantle_step_executions_total` counts every main step reaching `cancelled`;
+    13.1.3: each step attempt logs `step finished`; 13.1.12: a write the database refuses
+    ends the execution `failed` (`internal error: ...`), its running steps interrupted.
+
+    Those steps' rows end `cancelled` in the same transaction as the execution
+    (``store.fail_execution``), but the owner interrupted them as if it had lost them: no
+    count, no `step finished` line, for the step whose write was refused nor for the one
+    still running beside it."""
+    caplog.set_level(logging.INFO)
+    http_target.route("/poison", body="poison")
+    http_target.route("/slow", hold=True, body="slow")
+    db.execute_sql("""CREATE TRIGGER refuse_poison BEFORE UPDATE ON step_executions
+        WHEN NEW.status = 'completed' AND instr(NEW.output, 'poison') > 0
+        BEGIN SELECT RAISE(ABORT, 'refused by the test trigger'); END""")
+    apply(f"""
+        name: refused
+        steps:
+          - {{name: slow, action: http/request, params: {{url: "{http_target.url('/slow')}"}}}}
+          - {{name: poison, action: http/request,
+             params: {{url: "{http_target.url('/poison')}"}}}}
+    """)
+    try:
+        execution_id = engine.run("refused").execution_id
+        assert engine.wait(execution_id, timeout=15) == "failed"
+    finally:
+        http_target.release("/slow")
+    detail = WorkflowExecution.get_by_id(execution_id)
+    assert detail.error.startswith("internal error: ")
+    rows = {row.step_name: row.status for row in StepExecution.select().where(
+        StepExecution.execution_id == execution_id)}
+    assert rows == {"slow": "cancelled", "poison": "cancelled"}
+    for step in ("slow", "poison"):
+        assert _sample(engine, "mantle_step_executions_total",
+                       {"workflow": "refused", "step": step, "status": "cancelled"}) == 1, step
+    finished = {r.step: r.status for r in _records(caplog, "step finished", execution_id)}
+    assert finished == {"slow": "cancelled", "poison": "cancelled"}
+    assert _sample(engine, "mantle_workflow_executions_total",
+                   {"workflow": "refused", "status": "failed"}) == 1
+    wait_until(lambda: _sample(engine, "mantle_active_executions") == 0)
