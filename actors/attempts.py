@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from actors import messages as m
@@ -61,7 +62,7 @@ class StepRun:
     __slots__ = ("spec", "block", "status", "attempt", "output", "error", "started_at",
                  "completed_at", "params", "credential", "progress", "wait_kind",
                  "wait_until", "stage", "reason", "token", "timers", "slot", "resuming",
-                 "child")
+                 "child", "clock")
 
     def __init__(self, spec: Step, block: str | None = None):
         self.spec = spec
@@ -78,6 +79,9 @@ class StepRun:
         self.slot: int | None = None  # the token of the max_parallel slot held
         self.resuming = False  # the attempt was running when the last owner stopped
         self.child: str | None = None  # workflow/run: the child execution awaited
+        # monotonic start of an attempt this actor runs itself (a sleep's timer, a child
+        # awaited): timed when it ends, as ``actors.step.finished`` times the others
+        self.clock: float | None = None
 
     @property
     def hook(self) -> bool:
@@ -277,6 +281,7 @@ class Attempts:
         elif is_sleep(spec.action):
             self._sleep(run, invocation)
         elif spec.action == "workflow/run":
+            run.clock = time.monotonic()
             self._start_child(run, invocation)
         else:
             run_on_pool(self._ctx, self.actor_ref, invocation, run.hook)
@@ -297,6 +302,7 @@ class Attempts:
         if seconds is None:
             self._on_AttemptFinished(run_inline(invocation, run.hook, self._ctx.metrics))
             return
+        run.clock = time.monotonic()
         left = seconds
         if run.wait_kind == "sleep" and run.wait_until is not None:
             left = (run.wait_until - self._ctx.node.db_now()).total_seconds()
@@ -369,6 +375,10 @@ class Attempts:
             return  # a late report of an attempt already dealt with
         run.cancel_timers()
         self._release_slot(run)
+        if run.clock is not None:  # 9.1: every attempt of every action
+            self._ctx.metrics.connector_duration.labels(run.spec.action).observe(
+                time.monotonic() - run.clock)
+            run.clock = None
         reason, run.reason, run.token, run.stage, run.child = run.reason, None, None, None, None
         if reason == "lost":
             return

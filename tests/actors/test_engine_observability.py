@@ -203,3 +203,38 @@ def test_execution_finished_comes_after_the_last_steps_audit_rows(engine):
                if e.action != "workflow.applied"]
     assert actions == ["workflow.executed", "step.started", "step.completed",
                        "execution.finished"], execution_id
+
+
+def test_sleep_and_sub_workflow_attempts_are_timed_like_every_connector(engine):
+    """SPEC 9.1: `mantle_connector_duration_seconds{action}` observes each connector
+    invocation, every attempt, hooks too. `core/sleep` (a timer of the Execution actor) and
+    `workflow/run` (a child execution awaited by the actor) run without the step pool, and
+    were never observed; an interrupted one counts as any interrupted attempt does."""
+    apply("""
+        name: leaf
+        steps: [{name: c, action: core/log, params: {message: x}}]
+    """)
+    apply("""
+        name: nested
+        steps:
+          - {name: nap, action: core/sleep, params: {duration: 50ms}}
+          - {name: sub, action: workflow/run, params: {workflow: leaf}}
+        hooks:
+          on_success: [{name: rest, action: core/sleep, params: {duration: 10ms}}]
+    """)
+    assert run(engine, "nested")["status"] == "completed"
+    count = "mantle_connector_duration_seconds_count"
+    assert _sample(engine, count, {"action": "core/sleep"}) == 2
+    assert _sample(engine, count, {"action": "workflow/run"}) == 1
+    assert _sample(engine, "mantle_connector_duration_seconds_sum",
+                   {"action": "core/sleep"}) >= 0.05  # the two sleeps, give or take a timer tick
+    apply("""
+        name: long-nap
+        steps: [{name: nap, action: core/sleep, params: {duration: 60s}}]
+    """)
+    execution_id = engine.run("long-nap").execution_id
+    wait_until(lambda: StepExecution.select().where(
+        StepExecution.execution_id == execution_id, StepExecution.status == "running").exists())
+    engine.cancel(execution_id)
+    finish(engine, execution_id)
+    assert _sample(engine, count, {"action": "core/sleep"}) == 3
