@@ -294,6 +294,8 @@ class Supervisor(pykka.ThreadingActor):
             if result is not None:
                 ended, cancelled, channels = result
                 metrics.executions.labels(ended, "failed").inc()
+                log.info("execution finished", extra={
+                    "workflow": ended, "execution_id": execution_id, "status": "failed"})
                 tell(ref, m.ExecutionEnded(execution_id, ended, "failed"))
                 if cancelled:
                     tell(ref, m.ChildrenCancelled(cancelled, channels))
@@ -432,6 +434,9 @@ class Supervisor(pykka.ThreadingActor):
                     log.error("execution could not be started",
                               extra={"execution_id": execution_id, "error": error})
                     metrics.executions.labels(promotion.workflow, "failed").inc()
+                    log.info("execution finished", extra={
+                        "workflow": promotion.workflow, "execution_id": execution_id,
+                        "status": "failed"})
                     tell(ref, m.ExecutionEnded(execution_id, promotion.workflow, "failed"))
             tell(ref, m.Promoted(tuple(started for promotion in promotions
                                        for started in promotion.started)))

@@ -308,3 +308,38 @@ def test_steps_closed_by_an_internal_error_are_counted_and_logged_as_cancelled(
     assert _sample(engine, "mantle_workflow_executions_total",
                    {"workflow": "refused", "status": "failed"}) == 1
     wait_until(lambda: _sample(engine, "mantle_active_executions") == 0)
+
+
+# --- 7. executions ended failed before any actor ran them: logged as they are counted ------
+
+@SQLITE_ONLY
+def test_an_execution_that_cannot_be_started_logs_execution_finished(db, caplog):
+    """SPEC 9.2: INFO `execution finished` (`status`) for an execution that ends; 9.1 counts
+    it. A running execution taken over and a queued one promoted whose version is missing
+    end `failed` (`internal error: ...`) in the Supervisor, counted there, but only ERROR
+    `execution could not be started` was logged: no `execution finished` line."""
+    caplog.set_level(logging.INFO)
+    apply("""
+        name: fragile
+        steps: [{name: say, action: core/log, params: {message: hi}}]
+    """)
+    taken, queued = ("00000000-0000-4000-8000-0000000000b1",
+                     "00000000-0000-4000-8000-0000000000b2")
+    with transaction(db):
+        for execution_id, status in ((taken, "running"), (queued, "pending")):
+            WorkflowExecution.create(id=execution_id, workflow_name="fragile", version=9,
+                                     status=status, inputs={},
+                                     trigger={"type": "manual", "payload": None},
+                                     started_at=mantle_db.fields.utcnow(), owner="gone-node")
+    engine = Engine(db, metrics=Metrics(), resume_orphans=True).start()
+    try:
+        for execution_id in (taken, queued):
+            assert engine.wait(execution_id, timeout=10) == "failed"
+        counted = _sample(engine, "mantle_workflow_executions_total",
+                          {"workflow": "fragile", "status": "failed"})
+    finally:
+        engine.shutdown(timeout=1)
+    assert counted == 2
+    for execution_id in (taken, queued):
+        lines = _records(caplog, "execution finished", execution_id)
+        assert [(r.status, r.workflow) for r in lines] == [("failed", "fragile")], execution_id
