@@ -320,6 +320,17 @@ def _started_lines(caplog, execution_id: str) -> list[tuple[str, int]]:
             == execution_id]
 
 
+def _left_running(execution_id: str, workflow: str, now: dt.datetime) -> None:
+    """The row of an execution of ``workflow`` (version 1) running for five seconds when its
+    owner, ``gone-node``, was killed."""
+    WorkflowExecution.create(id=execution_id, workflow_name=workflow, version=1,
+                             status="running", inputs={},
+                             trigger={"type": "manual", "payload": None},
+                             started_at=now - dt.timedelta(seconds=5),
+                             running_since=now - dt.timedelta(seconds=5),
+                             owner="gone-node", epoch=1)
+
+
 def _past(moment: dt.datetime, seconds: float) -> bool:
     return mantle_db.fields.utcnow() > moment + dt.timedelta(seconds=seconds)
 
@@ -479,12 +490,7 @@ def test_a_resumed_execution_names_the_step_that_failed_first_not_the_first_stor
     execution_id = "00000000-0000-4000-8000-0000000000e3"
     now = mantle_db.fields.utcnow()
     with transaction(db):  # as a runner killed while ``wait`` ran leaves it
-        WorkflowExecution.create(id=execution_id, workflow_name="failed-before", version=1,
-                                 status="running", inputs={},
-                                 trigger={"type": "manual", "payload": None},
-                                 started_at=now - dt.timedelta(seconds=5),
-                                 running_since=now - dt.timedelta(seconds=5),
-                                 owner="gone-node", epoch=1)
+        _left_running(execution_id, "failed-before", now)
         for name, message, seconds in (("later", "second to fail", 1),
                                        ("early", "first to fail", 3)):
             StepExecution.insert(execution=execution_id, step_name=name, attempt=1,
@@ -562,12 +568,7 @@ def test_a_step_ready_at_a_crash_is_cancelled_not_started_when_the_timeout_has_p
     execution_id = "00000000-0000-4000-8000-0000000000d2"
     now = mantle_db.fields.utcnow()
     with transaction(db):  # as a runner killed right after a's checkpoint leaves it
-        WorkflowExecution.create(id=execution_id, workflow_name="overdue-ready", version=1,
-                                 status="running", inputs={},
-                                 trigger={"type": "manual", "payload": None},
-                                 started_at=now - dt.timedelta(seconds=5),
-                                 running_since=now - dt.timedelta(seconds=5),
-                                 owner="gone-node", epoch=1)
+        _left_running(execution_id, "overdue-ready", now)
         StepExecution.insert(execution=execution_id, step_name="a", attempt=1,
                              status="completed", output={"message": "a"},
                              started_at=now - dt.timedelta(seconds=5),
@@ -796,12 +797,7 @@ def test_a_workflow_timeout_that_only_cancelled_steps_still_fails_after_a_restar
     execution_id = "00000000-0000-4000-8000-0000000000d3"
     now = mantle_db.fields.utcnow()
     with transaction(db):  # as a runner killed right after the timeout's cancels leaves it
-        WorkflowExecution.create(id=execution_id, workflow_name="timed-out-waiting",
-                                 version=1, status="running", inputs={},
-                                 trigger={"type": "manual", "payload": None},
-                                 started_at=now - dt.timedelta(seconds=5),
-                                 running_since=now - dt.timedelta(seconds=5),
-                                 owner="gone-node", epoch=1)
+        _left_running(execution_id, "timed-out-waiting", now)
         StepExecution.insert(execution=execution_id, step_name="first", attempt=1,
                              status="completed", output={"message": "one"},
                              started_at=now - dt.timedelta(seconds=5),

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from typing import Any, Callable
 
-__all__ = ["Background"]
+__all__ = ["Background", "cancelled_once_accepted"]
 
 
 class Background:
@@ -41,3 +42,27 @@ class Background:
     @property
     def running(self) -> bool:
         return self._thread.is_alive()
+
+
+def cancelled_once_accepted(call: Callable[[int, threading.Event], Any]
+                            ) -> tuple[Background, float]:
+    """Run ``call(port, cancel)`` against a local server that accepts the connection and
+    never says a word (a TLS handshake or a protocol's startup left unanswered); set
+    ``cancel`` once the connection is accepted. Returns the ended call and how many seconds
+    after the cancel it ended."""
+    from tests.helpers.waiting import wait_until
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    threading.Thread(target=lambda: accepted.append(listener.accept()[0]), daemon=True).start()
+    cancel = threading.Event()
+    try:
+        ongoing = Background(lambda: call(listener.getsockname()[1], cancel))
+        wait_until(lambda: accepted, timeout=5, message="the server accepted no connection")
+        cancelled_at = time.monotonic()
+        cancel.set()
+        ongoing.join(10)
+    finally:
+        for sock in accepted + [listener]:
+            sock.close()
+    return ongoing, ongoing.ended_at - cancelled_at

@@ -14,7 +14,7 @@ import pytest
 
 from mantle.connectors.credentials import Credential
 from mantle.connectors import ConnectorError, ConnectorInterrupted, Invocation, run_action
-from tests.helpers import Background
+from tests.helpers import Background, cancelled_once_accepted
 from tests.helpers.fixtures import http_target  # noqa: F401
 from tests.helpers.http_target import HttpTarget
 from tests.helpers.waiting import wait_until
@@ -467,22 +467,10 @@ def test_cancel_interrupts_a_connect_that_gets_no_answer():
 
 
 def test_cancel_interrupts_a_tls_handshake_the_server_never_answers():
-    listener = socket.create_server(("127.0.0.1", 0))
-    accepted: list[socket.socket] = []
-    threading.Thread(target=lambda: accepted.append(listener.accept()[0]), daemon=True).start()
-    url = f"https://127.0.0.1:{listener.getsockname()[1]}/"
-    cancel = threading.Event()
-    try:
-        call_ = Background(lambda: call({"url": url, "timeout": "20s"}, cancel=cancel))
-        wait_until(lambda: accepted, timeout=5, message="the server accepted the connection")
-        cancelled_at = time.monotonic()
-        cancel.set()
-        call_.join(10)
-    finally:
-        for sock in accepted + [listener]:
-            sock.close()
-    assert isinstance(call_.error, ConnectorInterrupted)
-    assert call_.ended_at - cancelled_at < 0.5
+    ended, after_cancel = cancelled_once_accepted(lambda port, cancel: call(
+        {"url": f"https://127.0.0.1:{port}/", "timeout": "20s"}, cancel=cancel))
+    assert isinstance(ended.error, ConnectorInterrupted)
+    assert after_cancel < 0.5
 
 
 def test_held_response_is_answered_once_released(http_target):

@@ -5,9 +5,7 @@ statement on the server. Placeholder translation is checked on its own first."""
 from __future__ import annotations
 
 import json
-import socket
 import threading
-import time
 
 import psycopg
 import pytest
@@ -16,7 +14,7 @@ from mantle.connectors import ConnectorError, ConnectorInterrupted, Invocation, 
 from mantle.connectors.credentials import Credential
 from mantle.connectors.pgvalues import placeholders
 from mantle.connectors.postgres import APPLICATION_NAME
-from tests.helpers import Background
+from tests.helpers import cancelled_once_accepted
 from tests.helpers.pgproxy import QueryDelayer
 from tests.helpers.waiting import wait_until
 
@@ -239,22 +237,11 @@ def test_a_cancel_while_connecting_ends_the_attempt_at_once():
     # No statement can run yet (the connection, once made, sees the cancel and runs
     # nothing), so there is nothing to wait for: the attempt waited out its 1 s grace, past
     # the 50 ms in which a cancel must interrupt a running step (SPEC 13.7).
-    listener = socket.create_server(("127.0.0.1", 0))  # accepts, never answers the startup
-    url = f"postgresql://u:pw@127.0.0.1:{listener.getsockname()[1]}/db?connect_timeout=20"
-    accepted: list[socket.socket] = []
-    threading.Thread(target=lambda: accepted.append(listener.accept()[0]), daemon=True).start()
-    cancel = threading.Event()
-    try:
-        call_ = Background(lambda: query(url, "SELECT 1", cancel=cancel))
-        wait_until(lambda: accepted, timeout=5, message="the connection never came")
-        cancelled_at = time.monotonic()
-        cancel.set()
-        call_.join(5)
-    finally:
-        for sock in accepted + [listener]:
-            sock.close()
-    assert isinstance(call_.error, ConnectorInterrupted)
-    assert call_.ended_at - cancelled_at < 0.2
+    ended, after_cancel = cancelled_once_accepted(lambda port, cancel: query(
+        f"postgresql://u:pw@127.0.0.1:{port}/db?connect_timeout=20", "SELECT 1",
+        cancel=cancel))  # the server accepts, and never answers the startup
+    assert isinstance(ended.error, ConnectorInterrupted)
+    assert after_cancel < 0.2
 
 
 @pytest.mark.postgres
