@@ -20,6 +20,7 @@ from mantle.db import transaction
 from mantle.db.models import AuditEvent, StepExecution, WorkflowExecution
 from mantle.metrics import Metrics
 from tests.actors.conftest import apply, finish, wait_until
+from tests.helpers.database import refuse_poison
 
 SQLITE_ONLY = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 
@@ -252,22 +253,6 @@ def test_a_shutdown_while_the_final_status_is_written_after_the_hooks_still_repo
 
 # --- 6. an execution ended by the internal-error path: its open steps end cancelled ---------
 
-REFUSE_POISON = {
-    "sqlite": ["""CREATE TRIGGER refuse_poison BEFORE UPDATE ON step_executions
-        WHEN NEW.status = 'completed' AND instr(NEW.output, 'poison') > 0
-        BEGIN SELECT RAISE(ABORT, 'refused by the test trigger'); END"""],
-    "postgres": ["""CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-          IF NEW.status = 'completed' AND strpos(NEW.output::text, 'poison') > 0 THEN
-            RAISE EXCEPTION 'refused by the test trigger';
-          END IF;
-          RETURN NEW;
-        END $$""",
-                 """CREATE TRIGGER refuse_poison BEFORE INSERT OR UPDATE ON step_executions
-        FOR EACH ROW EXECUTE FUNCTION refuse_poison()"""],
-}
-
-
 def test_steps_closed_by_an_internal_error_are_counted_and_logged_as_cancelled(
         engine, db, backend, http_target, caplog):
     """SPEC 9.1: `mantle_step_executions_total` counts every main step reaching `cancelled`;
@@ -281,8 +266,7 @@ def test_steps_closed_by_an_internal_error_are_counted_and_logged_as_cancelled(
     caplog.set_level(logging.INFO)
     http_target.route("/poison", body="poison")
     http_target.route("/slow", hold=True, body="slow")
-    for statement in REFUSE_POISON[backend]:
-        db.execute_sql(statement)
+    refuse_poison(db, backend)
     apply(f"""
         name: refused
         steps:

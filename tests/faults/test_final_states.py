@@ -16,6 +16,7 @@ from mantle.db.models import WorkflowExecution
 from tests.faults.conftest import dump_database
 from tests.faults.support import (hooks_of, kill, no_log_line, rows, run, start_daemon,
                                   status, steps_of)
+from tests.helpers.database import refuse_poison
 from tests.helpers.sampling import RunningSampler
 from tests.web.support import Daemon, apply_yaml, cli, wait_until
 
@@ -109,29 +110,6 @@ GUARDED = """
          params: {{url: "{base}/{{{{ inputs.path }}}}"}}}}
 """
 
-REFUSE_SQL = {
-    # Refuse the completed row of the one step whose output holds the word "poison".
-    "sqlite": [
-        """CREATE TRIGGER refuse_poison BEFORE UPDATE ON step_executions
-           WHEN NEW.status = 'completed' AND instr(NEW.output, 'poison') > 0
-           BEGIN SELECT RAISE(ABORT, 'refused by the test trigger'); END""",
-        """CREATE TRIGGER refuse_poison_insert BEFORE INSERT ON step_executions
-           WHEN NEW.status = 'completed' AND instr(NEW.output, 'poison') > 0
-           BEGIN SELECT RAISE(ABORT, 'refused by the test trigger'); END""",
-    ],
-    "postgres": [
-        """CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
-           BEGIN
-             IF NEW.status = 'completed' AND strpos(NEW.output::text, 'poison') > 0 THEN
-               RAISE EXCEPTION 'refused by the test trigger';
-             END IF;
-             RETURN NEW;
-           END $$""",
-        """CREATE TRIGGER refuse_poison BEFORE INSERT OR UPDATE ON step_executions
-           FOR EACH ROW EXECUTE FUNCTION refuse_poison()""",
-    ],
-}
-
 
 def test_a_write_the_database_refuses_ends_the_execution_failed_and_returns_its_slot(
         bound, backend, tmp_path, http_target):
@@ -139,8 +117,7 @@ def test_a_write_the_database_refuses_ends_the_execution_failed_and_returns_its_
     http_target.route("/fine", body="fine")
     apply_yaml(GUARDED.format(base=http_target.base_url))
     database = mantle_db.database_proxy.obj
-    for statement in REFUSE_SQL[backend]:
-        database.execute_sql(statement)
+    refuse_poison(database, backend)
     daemon = start_daemon(tmp_path, bound)
     try:
         refused = run(daemon, "guarded", {"path": "poison"})

@@ -11,7 +11,7 @@ import pykka
 from mantle import db as mantle_db
 from mantle.db import migrations
 
-__all__ = ["bound_database", "lock_waiters", "two_applies_at_once"]
+__all__ = ["bound_database", "lock_waiters", "two_applies_at_once", "refuse_poison"]
 
 
 @contextlib.contextmanager
@@ -68,3 +68,34 @@ def two_applies_at_once(url: str, first: str, second: str):
         holder.close()
         watcher.close()
     return calls[0].join(10), calls[1].join(10)
+
+
+_REFUSE_POISON = {
+    # Refuse the completed row of the one step whose output holds the word "poison".
+    "sqlite": [
+        """CREATE TRIGGER refuse_poison BEFORE UPDATE ON step_executions
+           WHEN NEW.status = 'completed' AND instr(NEW.output, 'poison') > 0
+           BEGIN SELECT RAISE(ABORT, 'refused by the test trigger'); END""",
+        """CREATE TRIGGER refuse_poison_insert BEFORE INSERT ON step_executions
+           WHEN NEW.status = 'completed' AND instr(NEW.output, 'poison') > 0
+           BEGIN SELECT RAISE(ABORT, 'refused by the test trigger'); END""",
+    ],
+    "postgres": [
+        """CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN
+             IF NEW.status = 'completed' AND strpos(NEW.output::text, 'poison') > 0 THEN
+               RAISE EXCEPTION 'refused by the test trigger';
+             END IF;
+             RETURN NEW;
+           END $$""",
+        """CREATE TRIGGER refuse_poison BEFORE INSERT OR UPDATE ON step_executions
+           FOR EACH ROW EXECUTE FUNCTION refuse_poison()""",
+    ],
+}
+
+
+def refuse_poison(database: peewee.Database, backend: str) -> None:
+    """Make ``database`` refuse (a trigger) the ``completed`` row of any step whose output
+    holds the word "poison": a write that is not an outage, which no retry will get past."""
+    for statement in _REFUSE_POISON[backend]:
+        database.execute_sql(statement)
