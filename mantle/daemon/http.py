@@ -8,6 +8,7 @@ accepting, wait for requests in flight, then close every connection and stop the
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -15,7 +16,7 @@ import time
 import waitress
 from waitress import wasyncore
 from waitress.channel import HTTPChannel
-from waitress.task import ThreadedTaskDispatcher
+from waitress.task import ErrorTask, ThreadedTaskDispatcher
 
 from mantle.config import parse_address
 from mantle.errors import MantleError
@@ -82,6 +83,23 @@ def _bind(address: str, reuse_port: bool = False) -> socket.socket:
         raise ListenError(address, reason) from None
 
 
+class _JsonErrorTask(ErrorTask):
+    """waitress's own answer to a request it could not read (malformed, headers too large),
+    in the form of every other mantle error: ``{"error": "<reason>: <detail>"}``
+    (docs/api.md), where waitress writes plain text."""
+
+    def execute(self):
+        error = self.request.error
+        message = "internal server error" if error.code >= 500 else \
+            f"{error.reason.lower()}: {error.body}"
+        body = json.dumps({"error": message}).encode()
+        self.status = f"{error.code} {error.reason}"
+        self.response_headers.append(("Content-Type", "application/json"))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
 class _Channel(HTTPChannel):
     """waitress's connection, without its event loop spinning while a response is written.
 
@@ -93,6 +111,8 @@ class _Channel(HTTPChannel):
     from the thread it is waiting for (bench/README.md, item 23). While another thread holds
     the lock the loop leaves the connection out: that thread sends what it wrote and wakes
     the loop (``pull_trigger``) whenever it leaves bytes unsent or finishes the request."""
+
+    error_task_class = _JsonErrorTask
 
     def writable(self):
         if self.will_close or self.close_when_flushed:

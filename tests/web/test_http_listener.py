@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -157,12 +158,13 @@ def test_a_request_sent_before_the_listener_closes_counts_as_in_flight_until_ans
         server.stop()
 
 
-def test_a_request_waitress_cannot_parse_is_answered_with_its_error():
+def test_a_request_waitress_cannot_parse_is_answered_with_its_error_as_json():
     """A malformed request (a method in lower case, a control character or a space in a
     header, a Content-Length that is not a number) is answered by waitress itself with its
     400. The listener's dispatcher looked at the parsed request's method to route probes to
     their own threads; a request that failed to parse has none, so the dispatcher raised and
-    the connection was closed without any answer."""
+    the connection was closed without any answer. And that answer was plain text, where
+    every mantle error is ``{"error": ...}`` (docs/api.md)."""
     def app(environ, start_response):
         start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
         return [b"ok"]
@@ -183,5 +185,9 @@ def test_a_request_waitress_cannot_parse_is_answered_with_its_error():
                 while chunk := sock.recv(65536):
                     answer += chunk
             assert answer.split(b" ")[1:2] == [status], (request[:40], answer[:200])
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert b"\r\nContent-Type: application/json\r\n" in head, head
+            error = json.loads(body)["error"]
+            assert error.startswith("bad request: "), error
     finally:
         server.stop()
