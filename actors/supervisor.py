@@ -326,6 +326,10 @@ class Supervisor(pykka.ThreadingActor):
             return
         if reply is not None:
             reply.set(cancelled.previous)
+        if cancelled.previous == "pending":  # queued: no actor ran it, none logs its end
+            log.info("execution finished", extra={
+                "workflow": cancelled.workflow, "execution_id": msg.request.execution_id,
+                "status": "cancelled"})
         self._cancelled(cancelled.cancelled, msg.channels)
 
     def _on_ChildrenCancelled(self, msg: m.ChildrenCancelled) -> None:

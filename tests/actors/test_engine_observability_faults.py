@@ -327,3 +327,27 @@ def test_an_execution_that_cannot_be_started_logs_execution_finished(db, caplog)
     for execution_id in (taken, queued):
         lines = _records(caplog, "execution finished", execution_id)
         assert [(r.status, r.workflow) for r in lines] == [("failed", "fragile")], execution_id
+
+
+def test_a_queued_execution_that_is_cancelled_logs_execution_finished_once(engine, caplog):
+    """SPEC 9.2: INFO `execution finished` (`status`) for every execution that ends. A
+    cancelled queued execution never had an actor to log it: it was counted by the node that
+    committed the cancel, and no line was written. A running one is still logged once, by
+    its owner."""
+    caplog.set_level(logging.INFO)
+    apply("""
+        name: one-at-a-time
+        max_parallel_executions: 1
+        steps: [{name: nap, action: core/sleep, params: {duration: 60s}}]
+    """)
+    running = engine.run("one-at-a-time").execution_id
+    queued = engine.run("one-at-a-time").execution_id
+    assert WorkflowExecution.get_by_id(queued).status == "pending"
+    for execution_id in (queued, running):
+        engine.cancel(execution_id)
+        assert engine.wait(execution_id, timeout=10) == "cancelled"
+    wait_until(lambda: engine.live_count() == 0)
+    for execution_id in (queued, running):
+        lines = _records(caplog, "execution finished", execution_id)
+        assert [(r.status, r.workflow) for r in lines] == [("cancelled", "one-at-a-time")], \
+            execution_id
