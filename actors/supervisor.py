@@ -242,7 +242,8 @@ class Supervisor(pykka.ThreadingActor):
         execution = snapshot.execution
         mine = execution["owner"] == self._ctx.node_id and execution["epoch"] == msg.start.epoch
         if mine and (heard or execution["status"] == "cancelled"):
-            self._close_cancelled(execution_id, msg.start.epoch, snapshot.rows)
+            self._close_cancelled(execution_id, msg.start.epoch, execution["workflow"],
+                                  snapshot.rows)
             return
         if not mine or execution["status"] != "running":
             return
@@ -252,14 +253,28 @@ class Supervisor(pykka.ThreadingActor):
         else:
             self._start(execution, snapshot.model, snapshot.rows, msg.start.resumed)
 
-    def _close_cancelled(self, execution_id: str, epoch: int, rows) -> None:
+    def _close_cancelled(self, execution_id: str, epoch: int, workflow: str, rows) -> None:
         """An execution this node owns (taken over, restarted) was cancelled before its
         actor started: no actor records its steps that were running when its last owner
         stopped, and no other node closes the steps of a live owner; so they end
         ``cancelled`` here (4.6), as the actor would have ended them. Fenced."""
         if any(row["status"] in ("pending", "running") for row in rows):
-            self._ctx.journal.submit(lambda: store.close_cancelled_steps(execution_id),
-                                     fence=(execution_id, epoch))
+            self._ctx.journal.submit(
+                lambda: store.close_cancelled_steps(execution_id),
+                lambda steps: self._steps_closed(execution_id, workflow, steps),
+                fence=(execution_id, epoch))
+
+    def _steps_closed(self, execution_id: str, workflow: str, steps) -> None:
+        """Steps of a cancelled execution that no actor recorded, ended ``cancelled`` by
+        this node: logged, and counted as an actor counts its main steps (9.1)."""
+        if not steps:
+            return
+        log.info("steps of a cancelled execution closed", extra={
+            "workflow": workflow, "execution_id": execution_id,
+            "steps": [step for step, _ in steps]})
+        for step, hook in steps:
+            if not hook:
+                self._ctx.metrics.steps.labels(workflow, step, "cancelled").inc()
 
     def _on_StartFailed(self, msg: m.StartFailed) -> None:
         self._starting.discard(msg.execution_id)
@@ -399,9 +414,8 @@ class Supervisor(pykka.ThreadingActor):
 
             def claimed(result):
                 closed, taken = result
-                for execution_id in closed:  # the cancel's owner died before recording it
-                    log.info("steps of a cancelled execution closed",
-                             extra={"execution_id": execution_id})
+                for execution_id, workflow, steps in closed:  # its owner died first
+                    self._steps_closed(execution_id, workflow, steps)
                 return m.Claimed(tuple(taken))
 
             self._write(claim, claimed)

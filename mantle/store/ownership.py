@@ -138,9 +138,10 @@ def claim_expired(node: str, limit: int = 100, expired_since: dt.datetime | None
         "RETURNING id, epoch", (node, node, *params, node, limit))]
 
 
-def close_orphaned_steps(limit: int = _CHUNK) -> list[str]:
+def close_orphaned_steps(limit: int = _CHUNK) -> list[tuple[str, str, list[tuple[str, bool]]]]:
     """End ``cancelled`` the steps still pending or running in cancelled executions whose
-    owner's lease has expired; returns those executions' ids.
+    owner's lease has expired; returns, per execution, (id, workflow, the (step, is_hook)
+    rows closed).
 
     A cancel commits ``cancelled`` at once and leaves the running attempts to the owner,
     which records them when it has interrupted them (SPEC 4.6). An owner that died first
@@ -152,33 +153,43 @@ def close_orphaned_steps(limit: int = _CHUNK) -> list[str]:
     p = sql.db.param
     # CROSS JOIN keeps SQLite's planner on the small index first (PostgreSQL plans it as
     # any join): by the status of executions it would go through every cancelled one.
-    ids = [row[0] for row in sql.rows(
-        "SELECT DISTINCT s.execution_id FROM step_executions s "
+    workflows = dict(sql.rows(
+        "SELECT DISTINCT s.execution_id, e.workflow_name FROM step_executions s "
         "CROSS JOIN workflow_executions e LEFT JOIN nodes n ON n.id = e.owner "
         "WHERE e.id = s.execution_id AND s.status IN ('pending', 'running') "
         "AND e.status = 'cancelled' "
-        f"AND (n.id IS NULL OR n.lease_expires_at < {sql.now}) LIMIT {p}", (limit,))]
-    if ids:
-        _close_steps(sql, ids)
-    return ids
+        f"AND (n.id IS NULL OR n.lease_expires_at < {sql.now}) LIMIT {p}", (limit,)))
+    closed = _close_steps(sql, list(workflows)) if workflows else {}
+    return [(execution_id, workflow, closed.get(execution_id, []))
+            for execution_id, workflow in workflows.items()]
 
 
-def close_cancelled_steps(execution_id: str) -> None:
+def close_cancelled_steps(execution_id: str) -> list[tuple[str, bool]]:
     """End ``cancelled`` the steps still pending or running of ``execution_id`` if it is
     cancelled: a node that took it over (or restarts it) heard the cancel before it started
     an actor, so no actor of it records them, and its owner is alive, so
-    ``close_orphaned_steps`` never will."""
+    ``close_orphaned_steps`` never will. Returns the (step, is_hook) rows closed."""
     sql = Statements.of_bound()
     p = sql.db.param
     if sql.rows(f"SELECT 1 FROM workflow_executions WHERE id = {p} AND status = 'cancelled'",
                 (execution_id,)):
-        _close_steps(sql, [execution_id])
+        return _close_steps(sql, [execution_id]).get(execution_id, [])
+    return []
 
 
-def _close_steps(sql: Statements, execution_ids: list[str]) -> None:
-    sql.run(f"UPDATE step_executions SET status = 'cancelled', completed_at = {sql.db.param} "
+def _close_steps(sql: Statements, execution_ids: list[str]
+                 ) -> dict[str, list[tuple[str, bool]]]:
+    """The rows closed, (step, is_hook), by execution: counted and logged by the caller as
+    an actor does its steps (9.1)."""
+    closed: dict[str, list[tuple[str, bool]]] = {}
+    for execution_id, step, hook in sql.rows(
+            f"UPDATE step_executions SET status = 'cancelled', completed_at = {sql.db.param} "
             "WHERE status IN ('pending', 'running') AND execution_id IN "
-            f"({sql.placeholders(len(execution_ids))})", (sql.stamp(utcnow()), *execution_ids))
+            f"({sql.placeholders(len(execution_ids))}) "
+            "RETURNING execution_id, step_name, is_hook",
+            (sql.stamp(utcnow()), *execution_ids)):
+        closed.setdefault(execution_id, []).append((step, bool(hook)))
+    return closed
 
 
 def owned_running(node: str) -> list[tuple[str, int]]:

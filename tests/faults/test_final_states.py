@@ -375,5 +375,8 @@ def test_a_cancel_committed_after_its_owner_died_still_ends_the_running_step(bou
                                execution_id=execution_id)
         step = steps_of(successor.get(f"/api/v1/executions/{execution_id}").json)["nap"]
         assert step["completed_at"] is not None
+        # counted as an actor counts the steps it ends (9.1): no actor ended this one
+        assert 'mantle_step_executions_total{status="cancelled",step="nap",' \
+               'workflow="napping"} 1.0' in successor.get("/metrics").text
     finally:
         successor.stop()
