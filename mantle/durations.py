@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["parse_duration", "parse_since", "format_seconds"]
+__all__ = ["parse_duration", "parse_since", "since_filter", "format_seconds"]
 
 _UNITS = {
     "ns": 1e-9,
@@ -18,6 +18,9 @@ _UNITS = {
 }
 _GROUP = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 _SINCE_DAYS = re.compile(r"([1-9]\d*)d")
+# A "since" of about 950 years: no row is older, and much further back than that (year 1),
+# ``now - since`` cannot be computed.
+_SINCE_FOREVER = 3e10
 
 
 def parse_duration(text: str) -> float:
@@ -59,6 +62,15 @@ def parse_since(text: str) -> float:
     if seconds <= 0:
         raise ValueError(f"not a positive duration: {text!r}")
     return seconds
+
+
+def since_filter(text: str | None) -> float | None:
+    """A ``since`` filter's seconds, or None when there is none or it reaches back so far
+    that it filters nothing; ValueError as :func:`parse_since`."""
+    if text is None:
+        return None
+    seconds = parse_since(text)
+    return None if seconds >= _SINCE_FOREVER else seconds
 
 
 def format_seconds(seconds: float) -> str:

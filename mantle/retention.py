@@ -83,11 +83,12 @@ def retention_from(config: Config, execution_days: str | None = None,
         audit = _days(config.retention_audit_days, "retention.audit_days", ConfigError)
     try:
         interval = parse_since(config.retention_interval)
-        if interval >= threading.TIMEOUT_MAX:  # longer than a thread can wait (292 years)
-            raise ValueError(interval)
     except ValueError:
+        interval = None
+    # Longer than a thread can wait (292 years) is refused like any other bad value.
+    if interval is None or interval >= threading.TIMEOUT_MAX:
         raise ConfigError(f'invalid retention.interval value "{config.retention_interval}": '
-                          "must be a positive duration such as 24h or 7d") from None
+                          "must be a positive duration such as 24h or 7d")
     return Retention(executions, audit, interval)
 
 

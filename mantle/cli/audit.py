@@ -6,7 +6,7 @@ import datetime as dt
 import re
 
 from mantle.cli.context import Context
-from mantle.durations import parse_since
+from mantle.durations import since_filter
 from mantle.errors import InvalidInput
 from mantle.cli.output import print_json, wants_json
 from mantle.timefmt import rfc3339, rfc3339_seconds
@@ -14,19 +14,14 @@ from mantle.timefmt import rfc3339, rfc3339_seconds
 __all__ = ["audit", "DEFAULT_LIMIT"]
 
 DEFAULT_LIMIT = 50
-# A --since reaching back beyond year 1 cannot be computed; it filters nothing anyway.
-_SINCE_FOREVER = 3e10
 
 
 def _since(text: str | None) -> float | None:
-    if text is None:
-        return None
     try:
-        seconds = parse_since(text)
+        return since_filter(text)
     except ValueError:
         raise InvalidInput(f'invalid --since value "{text}": must be a positive duration such '
                            "as 90s, 30m, 1h30m or 7d") from None
-    return None if seconds >= _SINCE_FOREVER else seconds
 
 
 def _limit(text: str | None) -> int:

@@ -20,7 +20,7 @@ from mantle.cli.context import Context
 from mantle.cli.output import print_json, wants_json
 from mantle.cli.progress import LiveLines
 from mantle.connectors.ai import usage_line
-from mantle.durations import format_seconds, parse_since
+from mantle.durations import format_seconds, since_filter
 from mantle.errors import (ExecutionNotFound, InvalidInput, MantleError, WorkflowNotFound)
 from mantle.timefmt import rfc3339_seconds, table_time
 
@@ -34,8 +34,6 @@ _STEP_FINAL = ("completed", "failed", "skipped", "cancelled")
 _INT = re.compile(r"-?[0-9]+")
 # Plain decimal notation only: float() would also take "nan", "inf", "1_000" and spaces.
 _FLOAT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
-# A --since reaching back beyond year 1 cannot be computed; it filters nothing anyway.
-_SINCE_FOREVER = 3e10
 # After the database shows a final status, how long the engine may take to settle the rows of
 # interrupted steps before the summary is printed from whatever is stored.
 _SETTLE_GRACE = 5.0
@@ -380,15 +378,11 @@ def _list_filters(args) -> tuple[str | None, float | None, int]:
     if args.status is not None and args.status not in _STATUSES:
         raise InvalidInput(f'invalid status "{args.status}": must be one of '
                            "pending, running, completed, failed, cancelled")
-    since = None
-    if args.since is not None:
-        try:
-            since = parse_since(args.since)
-        except ValueError:
-            raise InvalidInput(f'invalid --since value "{args.since}": must be a positive '
-                               "duration such as 90s, 30m, 1h30m or 7d") from None
-        if since >= _SINCE_FOREVER:
-            since = None
+    try:
+        since = since_filter(args.since)
+    except ValueError:
+        raise InvalidInput(f'invalid --since value "{args.since}": must be a positive '
+                           "duration such as 90s, 30m, 1h30m or 7d") from None
     limit = 20
     if args.limit is not None:
         if not re.fullmatch(r"[0-9]+", args.limit) or not 1 <= int(args.limit) <= 1000:

@@ -10,6 +10,7 @@ import time
 import pytest
 from peewee import fn
 
+from actors.attempts import prepare
 from actors.engine import Engine
 from mantle import db as mantle_db
 from mantle import store
@@ -18,6 +19,7 @@ from mantle.db.fields import utcnow
 from mantle.db.models import AuditEvent, Node, StepExecution, WorkflowExecution
 from mantle.errors import InvalidInput, VersionNotFound, WorkflowNotFound
 from mantle.metrics import Metrics
+from mantle.workflow import load_workflow
 from tests.actors.conftest import apply, finish, run, steps_of, wait_until
 
 
@@ -261,6 +263,21 @@ def test_a_map_keyed_by_a_type_json_has_no_key_for_fails_the_step(engine):
     assert steps["type-key"]["error"] == "resolving params: map key of type type has no " \
                                          "JSON form"
     assert steps["fine"]["status"] == "completed"
+
+
+def test_step_preparation_answers_an_error_no_evaluation_expected_with_internal_error():
+    """The backstop behind the map-key fix above: whatever goes wrong while a step's ``if``,
+    templates or credential are evaluated, preparation answers (and the step fails with
+    ``internal error: <reason>``), so no step waits ``pending`` for ever. Here the activation
+    itself is broken, which no evaluation anticipates."""
+    spec = load_workflow(b"""
+name: broken
+steps: [{name: a, action: core/log, params: {message: "{{ inputs.x }}"}}]
+""").steps[0]
+    prepared = prepare(spec, False, None, None, True)
+    assert (prepared.step, prepared.params) == ("a", None)
+    assert prepared.error == ("internal error: TypeError: argument of type 'NoneType' is not "
+                              "iterable")
 
 
 def test_unknown_action_fails_without_retry(engine):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from mantle.durations import format_seconds, parse_duration, parse_since
+from mantle.durations import format_seconds, parse_duration, parse_since, since_filter
 
 
 @pytest.mark.parametrize("text, seconds", [
@@ -34,6 +34,17 @@ def test_a_since_beyond_a_float_is_forever_not_an_error(text):
     beyond a float (or beyond Python's 4,300 digits for ``int``) reaches back beyond
     everything: it crashed the CLI with an OverflowError traceback."""
     assert parse_since(text) == float("inf")
+
+
+def test_a_since_filter_reaching_back_a_millennium_filters_nothing():
+    """One rule for ``mantle logs``, ``mantle audit`` and ``GET /api/v1/executions``: no row
+    is that old, and ``now - since`` before year 1 cannot be computed."""
+    assert since_filter(None) is None
+    assert since_filter("7d") == 7 * 86400
+    assert since_filter("300000d") == 300000 * 86400  # about 820 years
+    assert since_filter("1000000d") is None and since_filter("9" * 5000 + "d") is None
+    with pytest.raises(ValueError):
+        since_filter("0d")
 
 
 def test_step_durations_format_as_seconds_or_milliseconds():

@@ -8,15 +8,13 @@ import re
 import falcon
 
 from mantle import queries
-from mantle.durations import parse_since
+from mantle.durations import since_filter
 from web.errors import ApiError
 from web.parsing import query_params
 
 __all__ = ["ExecutionCollection", "ExecutionItem", "StepOutput", "list_filters"]
 
 _STATUSES = ("pending", "running", "completed", "failed", "cancelled")
-# A ``since`` reaching back beyond year 1 cannot be computed; it filters nothing anyway.
-_SINCE_FOREVER = 3e10
 
 
 def list_filters(params: dict[str, str]) -> dict:
@@ -25,15 +23,11 @@ def list_filters(params: dict[str, str]) -> dict:
     if status is not None and status not in _STATUSES:
         raise ApiError(400, "invalid status: must be one of pending, running, completed, "
                             "failed, cancelled")
-    since = params.get("since")
-    if since is not None:
-        try:
-            since = parse_since(since)
-        except ValueError:
-            raise ApiError(400, "invalid since parameter: must be a positive duration such as "
-                                "90s, 30m, 1h30m or 7d") from None
-        if since >= _SINCE_FOREVER:
-            since = None
+    try:
+        since = since_filter(params.get("since"))
+    except ValueError:
+        raise ApiError(400, "invalid since parameter: must be a positive duration such as "
+                            "90s, 30m, 1h30m or 7d") from None
     limit = params.get("limit", "20")
     if not re.fullmatch(r"[0-9]{1,7}", limit) or not 1 <= int(limit) <= 1000:
         raise ApiError(400, "invalid limit parameter: must be an integer from 1 to 1000")
