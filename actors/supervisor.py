@@ -261,20 +261,25 @@ class Supervisor(pykka.ThreadingActor):
         if any(row["status"] in ("pending", "running") for row in rows):
             self._ctx.journal.submit(
                 lambda: store.close_cancelled_steps(execution_id),
-                lambda steps: self._steps_closed(execution_id, workflow, steps),
+                lambda steps: self._closed_unrun(execution_id, workflow, steps),
                 fence=(execution_id, epoch))
+        else:
+            self._closed_unrun(execution_id, workflow, [])
 
-    def _steps_closed(self, execution_id: str, workflow: str, steps) -> None:
-        """Steps of a cancelled execution that no actor recorded, ended ``cancelled`` by
-        this node: logged, and counted as an actor counts its main steps (9.1)."""
-        if not steps:
-            return
-        log.info("steps of a cancelled execution closed", extra={
-            "workflow": workflow, "execution_id": execution_id,
-            "steps": [step for step, _ in steps]})
+    def _closed_unrun(self, execution_id: str, workflow: str, steps) -> None:
+        """A cancelled execution that no actor stopped (its owner died first, or the cancel
+        came while this node loaded it), whose steps still open this node ended
+        ``cancelled``: logged as an actor logs its end, and its main steps counted (9.1).
+        The node that committed the cancel counted the execution."""
+        if steps:
+            log.info("steps of a cancelled execution closed", extra={
+                "workflow": workflow, "execution_id": execution_id,
+                "steps": [step for step, _ in steps]})
         for step, hook in steps:
             if not hook:
                 self._ctx.metrics.steps.labels(workflow, step, "cancelled").inc()
+        log.info("execution finished", extra={
+            "workflow": workflow, "execution_id": execution_id, "status": "cancelled"})
 
     def _on_StartFailed(self, msg: m.StartFailed) -> None:
         self._starting.discard(msg.execution_id)
@@ -415,7 +420,7 @@ class Supervisor(pykka.ThreadingActor):
             def claimed(result):
                 closed, taken = result
                 for execution_id, workflow, steps in closed:  # its owner died first
-                    self._steps_closed(execution_id, workflow, steps)
+                    self._closed_unrun(execution_id, workflow, steps)
                 return m.Claimed(tuple(taken))
 
             self._write(claim, claimed)

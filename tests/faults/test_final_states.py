@@ -373,6 +373,9 @@ def test_a_cancel_committed_after_its_owner_died_still_ends_the_running_step(bou
         wait_until(lambda: rows(execution_id) == [("nap", 1, "cancelled")], timeout=15)
         successor.wait_for_log("steps of a cancelled execution closed",
                                execution_id=execution_id)
+        # the end is logged once, as an actor logs it (9.3): no actor ran it to its end
+        successor.wait_for_log("execution finished", execution_id=execution_id,
+                               status="cancelled", workflow="napping")
         step = steps_of(successor.get(f"/api/v1/executions/{execution_id}").json)["nap"]
         assert step["completed_at"] is not None
         # counted as an actor counts the steps it ends (9.1): no actor ended this one
