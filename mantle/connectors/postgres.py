@@ -13,6 +13,7 @@ helper closes the connection as soon as the statement ends.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import urllib.parse
@@ -133,18 +134,26 @@ def _url(credential: Credential | None) -> str:
 
 def _hidden(error: ConnectorError, url: str) -> ConnectorError:
     """``error`` with the URL's password replaced (``run_action`` hides the whole URL)."""
-    password = _password(url)
-    if not password:
-        return error
-    return ConnectorError(redact(error.message, password), redact(error.output, password),
-                          error.retryable)
+    for password in _passwords(url):
+        error = ConnectorError(redact(error.message, password), redact(error.output, password),
+                               error.retryable)
+    return error
 
 
-def _password(url: str) -> str:
+def _passwords(url: str) -> list[str]:
+    """The URL's password as libpq reads it; for a URL libpq cannot parse, every spelling of
+    one its error may quote: the user info's and each ``password=`` parameter's, as written
+    (libpq quotes the token it cannot decode) and decoded."""
     try:
-        return psycopg.conninfo.conninfo_to_dict(url).get("password") or ""
+        return [psycopg.conninfo.conninfo_to_dict(url).get("password") or ""]
     except psycopg.Error:
-        return urllib.parse.urlsplit(url).password or ""
+        pass
+    try:
+        found = [urllib.parse.urlsplit(url).password or ""]
+    except ValueError:  # "Invalid IPv6 URL": libpq's error then quotes the whole URL
+        found = []
+    found += re.findall(r"[?&]password=([^&#]*)", url)
+    return [form for raw in found for form in {raw, urllib.parse.unquote(raw)} if form]
 
 
 class _Job:

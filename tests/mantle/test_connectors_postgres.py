@@ -195,6 +195,18 @@ def test_a_connection_failure_never_shows_the_password(pg_cluster):
     assert "hunter2-Pw" not in error.message and "hunter2-Pw" not in str(error.output)
 
 
+@pytest.mark.parametrize("url, shown", [
+    # libpq quotes the token it cannot decode: here the password of a password= parameter
+    ("postgresql://bob@127.0.0.1:1/db?password=hunter2%ZZ", "invalid percent-encoded token"),
+    # libpq quotes the whole URL, which Python's URL parser refuses too
+    ("postgresql://bob:hunter2@[::1/db", "looking for matching"),
+])
+def test_a_url_libpq_cannot_parse_is_refused_without_showing_its_password(url, shown):
+    error = failure(url, "SELECT 1")
+    assert error.message.startswith("postgres/query: invalid connection URL: ")
+    assert shown in error.message and "hunter2" not in error.message
+
+
 def _backends(conn, marker: str) -> list[tuple]:
     return conn.execute("SELECT pid, state, query FROM pg_stat_activity "
                         "WHERE application_name = %s AND query LIKE %s",
