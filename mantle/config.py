@@ -223,4 +223,11 @@ def _reason(exc: BaseException) -> str:
         return exc.strerror or str(exc)
     if isinstance(exc, UnicodeDecodeError):
         return "not valid UTF-8"
+    if isinstance(exc, yaml.MarkedYAMLError):
+        # By line and column only: PyYAML's own text quotes the lines, and the one at fault
+        # may hold the encryption key or the database password.
+        parts = [f"{text} (line {mark.line + 1}, column {mark.column + 1})" if mark else text
+                 for text, mark in ((exc.context, exc.context_mark),
+                                    (exc.problem, exc.problem_mark)) if text]
+        return ": ".join(parts) or "not valid YAML"
     return " ".join(str(exc).split())

@@ -54,6 +54,21 @@ def test_invalid_config_file_is_an_error(tmp_path):
     assert str(caught.value).startswith(f'cannot read config file "{path}": ')
 
 
+
+@pytest.mark.parametrize("text, reason", [
+    ('encryption:\n  key: "{key}\nlog:\n  level: info\n',
+     "while scanning a quoted scalar (line 2, column 8): found unexpected end of stream "
+     "(line 5, column 1)"),
+    ("encryption:\n  key: {key}: x\n", "mapping values are not allowed here (line 2, column 72)"),
+])
+def test_a_config_file_that_is_not_yaml_is_refused_without_quoting_its_lines(tmp_path, text,
+                                                                               reason):
+    key = "00112233445566778899aabbccddeeff" + "ffeeddccbbaa99887766554433221100"
+    path = write(tmp_path, text.format(key=key))
+    with pytest.raises(ConfigError) as caught:
+        load_config({}, {}, cwd=tmp_path)
+    assert str(caught.value) == f'cannot read config file "{path}": {reason}'
+
 def test_unknown_config_keys_log_a_warning(tmp_path, caplog):
     write(tmp_path, "colour: blue\ndatabase:\n  url: sqlite:///x.db\n  pool: 3\n")
     config = load_config({}, {}, cwd=tmp_path)
