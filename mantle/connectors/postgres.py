@@ -13,10 +13,8 @@ helper closes the connection as soon as the statement ends.
 
 from __future__ import annotations
 
-import re
 import threading
 import time
-import urllib.parse
 from typing import Any
 
 import psycopg
@@ -29,6 +27,7 @@ from mantle.connectors.base import (ConnectorError, ConnectorInterrupted, Invoca
                                     params_of, wait_for)
 from mantle.connectors.credentials import Credential, redact
 from mantle.connectors.pgvalues import placeholders, to_json
+from mantle.db.connect import url_passwords
 
 __all__ = ["query", "CONNECT_TIMEOUT", "APPLICATION_NAME"]
 
@@ -141,19 +140,13 @@ def _hidden(error: ConnectorError, url: str) -> ConnectorError:
 
 
 def _passwords(url: str) -> list[str]:
-    """The URL's password as libpq reads it; for a URL libpq cannot parse, every spelling of
-    one its error may quote: the user info's and each ``password=`` parameter's, as written
-    (libpq quotes the token it cannot decode) and decoded."""
+    """The password libpq reads from ``url`` (a URL or ``key=value`` text), and every spelling
+    of one in a URL it cannot parse, whose error may quote them."""
     try:
-        return [psycopg.conninfo.conninfo_to_dict(url).get("password") or ""]
+        password = psycopg.conninfo.conninfo_to_dict(url).get("password")
     except psycopg.Error:
-        pass
-    try:
-        found = [urllib.parse.urlsplit(url).password or ""]
-    except ValueError:  # "Invalid IPv6 URL": libpq's error then quotes the whole URL
-        found = []
-    found += re.findall(r"[?&]password=([^&#]*)", url)
-    return [form for raw in found for form in {raw, urllib.parse.unquote(raw)} if form]
+        return url_passwords(url)
+    return [password] if password else []
 
 
 class _Job:

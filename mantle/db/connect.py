@@ -25,7 +25,7 @@ __all__ = ["database_proxy", "connect", "bind", "unwrap", "is_sqlite", "is_postg
            "OUTAGE_ERRORS", "is_outage", "close_all", "release_connection", "reset_connection",
            "SQLITE_BUSY_TIMEOUT_MS", "PG_CONNECT_TIMEOUT_S", "PG_STATEMENT_TIMEOUT_MS",
            "backend_identity", "commit_outcome", "journal_check_refused",
-           "transaction_conflict"]
+           "transaction_conflict", "url_passwords"]
 
 # The CLI and a daemon share one SQLite file: a writer waits this long for the other's lock.
 SQLITE_BUSY_TIMEOUT_MS = 10_000
@@ -170,12 +170,33 @@ def connect(url: str) -> peewee.Database:
 
 
 def _invalid(url: str, reason: str) -> ConfigError:
+    """The error for ``url``, with its passwords replaced, in the URL and in the reason
+    (libpq's quotes the whole URL, or the token of it that it cannot decode)."""
+    for password in url_passwords(url or ""):
+        reason = reason.replace(password, "***")
     return ConfigError(f'invalid database URL "{_mask_password(url)}": {reason}')
+
+
+# A password in the user info (split as libpq does) and in a ``password=`` parameter.
+_USERINFO_PASSWORD = re.compile(r"^([^:/]+://[^:@/]*:)([^@/]*)@")
+_PARAMETER_PASSWORD = re.compile(r"([?&]password=)([^&#]*)")
 
 
 def _mask_password(url: str) -> str:
     """The URL with any password replaced, so error messages never leak it."""
-    return re.sub(r"^([^:/]+://[^:@/]*:)[^@/]*@", r"\1***@", url or "")
+    url = _USERINFO_PASSWORD.sub(r"\1***@", url or "")
+    return _PARAMETER_PASSWORD.sub(r"\1***", url)
+
+
+def url_passwords(url: str) -> list[str]:
+    """Every password a connection URL holds, in its user info or as a ``password=``
+    parameter, as written and percent-decoded, longest first (hiding the longer ones first
+    leaves no part of them), even in a URL libpq cannot parse: error texts about the URL
+    replace them."""
+    found = [match.group(2) for pattern in (_USERINFO_PASSWORD, _PARAMETER_PASSWORD)
+             for match in pattern.finditer(url)]
+    forms = {form for raw in found for form in (raw, urllib.parse.unquote(raw)) if form}
+    return sorted(forms, key=len, reverse=True)
 
 
 def _sqlite_database(url: str) -> peewee.SqliteDatabase:

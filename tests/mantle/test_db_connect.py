@@ -51,12 +51,23 @@ def test_malformed_sqlite_url_is_a_config_error(url):
 
 @pytest.mark.parametrize("url", ["postgresql://u:s3cret@h:notaport/db",
                                  "postgres://u:s3cret@h/db?nosuchparam=1",
-                                 "postgresql://u:s3cret@127.0.0.1:5432"])
+                                 "postgresql://u:s3cret@127.0.0.1:5432",
+                                 # libpq's reason quotes the whole URL, or the token it
+                                 # cannot decode
+                                 "postgresql://u:s3cret@[::1/db",
+                                 "postgresql://u:s3cret%ZZ@h/db"])
 def test_malformed_postgres_url_is_a_config_error_without_the_password(url):
     with pytest.raises(ConfigError, match="invalid database URL") as caught:
         db.connect(url)
     assert "s3cret" not in str(caught.value)
     assert "u:***@" in str(caught.value)
+
+
+def test_a_password_given_as_a_url_parameter_is_hidden_too():
+    with pytest.raises(ConfigError) as caught:
+        db.connect("postgresql://u@h/db?password=s3cret%ZZ&sslmode=disable")
+    assert str(caught.value) == ('invalid database URL "postgresql://u@h/db?password=***'
+                                 '&sslmode=disable": invalid percent-encoded token: "***"')
 
 
 def test_relative_sqlite_url_is_resolved_against_the_working_directory(tmp_path, monkeypatch):
