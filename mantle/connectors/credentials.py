@@ -14,7 +14,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from mantle.connectors.base import ConnectorError
+from mantle.connectors.base import ConnectorError, without_surrogates
 
 __all__ = ["Credential", "TYPES", "resolve_credential", "environment_credential",
            "credential_variable", "not_found", "auth_headers", "AUTH_HEADERS", "redact",
@@ -125,17 +125,22 @@ def redact(value: Any, credential: Credential | str | None) -> Any:
 def longest_secret(credential: Credential | None) -> int:
     """The length in UTF-8 bytes of the longest form of a secret ``redact`` hides (0 without
     a credential). A text cut at an arbitrary point may begin with the end of a secret,
-    shorter than this, which no longer reads as the secret and so escapes ``redact``."""
+    shorter than this, which no longer reads as the secret and so escapes ``redact``.
+    A value read from the OS with bytes that are not UTF-8 holds lone surrogates: each
+    counts as the three bytes a UTF-8 encoder that lets it through writes."""
     if not credential:
         return 0
-    return max((len(form.encode()) for form in _spellings(credential.secrets())), default=0)
+    return max((len(form.encode("utf-8", "surrogatepass"))
+                for form in _spellings(credential.secrets())), default=0)
 
 
 def _spellings(secrets: tuple[str, ...]) -> tuple[str, ...]:
     """Each secret as written and as JSON encoders escape it (``\\u00e9``, ``\\/``), longest
-    first, so a response body that echoes it JSON-encoded is caught too."""
+    first, so a response body that echoes it JSON-encoded is caught too; a secret with lone
+    surrogates (bytes that are not UTF-8, read from the OS) also as an echo of it reads
+    back: each one U+FFFD (``without_surrogates``, undecodable bytes decoded)."""
     forms = set()
-    for secret in secrets:
+    for secret in secrets + tuple(without_surrogates(secret) for secret in secrets):
         forms.add(secret)
         for ascii_only in (True, False):
             escaped = json.dumps(secret, ensure_ascii=ascii_only)[1:-1]

@@ -296,6 +296,25 @@ def test_credential_printed_by_a_plugin_is_redacted(plugins_dir):
     }
 
 
+
+def test_a_credential_that_is_not_utf8_reaches_the_plugin_and_is_redacted(plugins_dir):
+    # MANTLE_SECRET_* and `secrets create --field` values come from the OS as text with the
+    # bytes that are not UTF-8 as lone surrogates (Python's surrogateescape)
+    key = os.fsdecode(b"hunter2-\xff")
+    install(plugins_dir, "leak", PY + textwrap.dedent("""
+        key = json.load(sys.stdin)["credential"]["key"]
+        print(json.dumps({"said": "my key is " + key, "length": len(key)}))
+    """))
+    assert invoke(plugins_dir, "leak/x", credential=key) == {
+        "said": "my key is ********", "length": 9}
+    install(plugins_dir, "raw", PY + textwrap.dedent("""
+        key = json.load(sys.stdin)["credential"]["key"]
+        sys.stderr.buffer.write(b"bad key " + key.encode("utf-8", "surrogateescape"))
+        sys.exit(1)
+    """))
+    assert fails(plugins_dir, "raw/x", credential=key).message == (
+        'plugin "raw" failed: bad key ********')
+
 # --- dying with mantle (Linux) --------------------------------------------------------------
 
 def test_plugin_is_set_to_be_killed_when_the_thread_that_started_it_dies(plugins_dir):
