@@ -229,6 +229,17 @@ def test_provider_message_is_read_from_ollama_style_error_and_plain_bodies(fake)
     assert fails("ai/completion", ask(fake)).message == "ai/completion: 401 go away"
 
 
+
+def test_a_provider_message_cut_inside_the_echoed_key_keeps_no_part_of_it(fake):
+    # The message is cut at 500 characters: here 12 characters into the key it quotes.
+    key = "sk-test-Zq8vN2kLw7pX4rT9f3c1a7e5"
+    said = "Incorrect API key provided: ".ljust(488, ".") + key
+    fake.script(error(401, said))
+    message = fails("ai/completion", ask(fake),
+                    credential=Credential("ai", "openai", {"api_key": key})).message
+    assert message.startswith("ai/completion: 401 Incorrect API key provided: ...")
+    assert key[:12] not in message
+
 @pytest.mark.parametrize("header, expected", [
     ("2", 2.0), ("0.5", 0.5), ("120", 30.0), ("soon", 1.0), ("-3", 1.0), (None, 1.0)])
 def test_retry_after_is_honoured_up_to_30_seconds(header, expected):

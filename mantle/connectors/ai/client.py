@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 from mantle import __version__
 from mantle.connectors.base import ConnectorError, ConnectorInterrupted, Invocation, as_text
-from mantle.connectors.credentials import auth_headers
+from mantle.connectors.credentials import auth_headers, redact
 from mantle.connectors.http import MAX_BODY_BYTES, HttpFailure, send
 
 __all__ = ["Client", "DEFAULT_BASE_URL", "MAX_TRIES", "MAX_RETRY_AFTER", "BACKOFF",
@@ -93,7 +93,10 @@ class Client:
             if 200 <= status < 300:
                 return self._decoded(response)
             if not (status == 429 or status >= 500) or try_number == MAX_TRIES:
-                raise ConnectorError(f"{self.action}: {status} {provider_message(response)}")
+                # Redacted before provider_message cuts it: a cut inside an echoed
+                # credential would leave its beginning, which run_action no longer knows.
+                said = provider_message(redact(response, self.inv.credential))
+                raise ConnectorError(f"{self.action}: {status} {said}")
             if self.inv.cancel.wait(retry_delay(response, try_number)):
                 raise ConnectorInterrupted()
         raise AssertionError("unreachable")
