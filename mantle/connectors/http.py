@@ -36,8 +36,8 @@ from mantle.connectors.credentials import AUTH_HEADERS, Credential, auth_headers
 from mantle.durations import parse_duration
 from mantle.services.timers import Timers
 
-__all__ = ["request", "send", "HttpFailure", "METHODS", "MAX_BODY_BYTES", "MAX_REDIRECTS",
-           "DEFAULT_TIMEOUT", "LONGEST_TIMEOUT"]
+__all__ = ["request", "send", "credential_headers", "HttpFailure", "METHODS", "MAX_BODY_BYTES",
+           "MAX_REDIRECTS", "DEFAULT_TIMEOUT", "LONGEST_TIMEOUT"]
 
 METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 MAX_BODY_BYTES = 10 * 1024 * 1024
@@ -152,17 +152,25 @@ def _parse(params: dict, credential: Credential | None) -> tuple[_Request, str, 
     headers = {"User-Agent": f"mantle/{__version__}"}
     if content_type:
         headers["Content-Type"] = content_type
-    for name, value in auth_headers(credential).items():
-        if not _sendable(value):  # http.client's refusal would quote the value in the error
-            raise ConnectorError(f'http/request: credential "{credential.name}" cannot be '
-                                 f"sent in the {name} header (line break, NUL or a "
-                                 "character outside Latin-1)", retryable=False)
-        headers[name] = value
+    headers.update(credential_headers("http/request", credential))
     for name, value in _user_headers(params.get("headers")).items():
         _drop(headers, name)
         if value is not None:
             headers[name] = value
     return _Request(method.upper(), url, headers, body), timeout_text, seconds
+
+
+def credential_headers(action: str, credential: Credential | None) -> dict[str, str]:
+    """``auth_headers(credential)`` for a request of ``action``; a value that cannot go out
+    as a header value fails the step without retry, without quoting it (http.client's
+    refusal would, in a spelling ``redact`` does not know)."""
+    headers = auth_headers(credential)
+    for name, value in headers.items():
+        if not _sendable(value):
+            raise ConnectorError(f'{action}: credential "{credential.name}" cannot be sent in '
+                                 f"the {name} header (line break, NUL or a character outside "
+                                 "Latin-1)", retryable=False)
+    return headers
 
 
 def _timeout(raw: Any) -> tuple[str, float]:

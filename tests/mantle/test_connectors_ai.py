@@ -148,6 +148,20 @@ def test_credential_sends_authorization_and_openai_organization(fake, credential
     assert {k: sent[k] for k in ("authorization", "openai-organization") if k in sent} == headers
 
 
+
+@pytest.mark.parametrize("credential, header", [
+    (Credential("oa", "openai", {"api_key": "sk-p\xe4ss\n"}), "Authorization"),
+    (Credential("oa", "openai", {"api_key": "sk-1", "org_id": "org-\x00"}),
+     "OpenAI-Organization"),
+])
+def test_a_credential_that_cannot_be_a_header_value_fails_without_retry_or_showing_it(
+        fake, credential, header):
+    exc = fails("ai/completion", ask(fake), credential=credential)
+    assert (exc.message, exc.retryable) == (
+        f'ai/completion: credential "oa" cannot be sent in the {header} header '
+        "(line break, NUL or a character outside Latin-1)", False)
+    assert fake.requests() == []
+
 # --- structured output --------------------------------------------------------------------------
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string"},

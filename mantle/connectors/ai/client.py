@@ -21,8 +21,8 @@ from urllib.parse import urlsplit
 
 from mantle import __version__
 from mantle.connectors.base import ConnectorError, ConnectorInterrupted, Invocation, as_text
-from mantle.connectors.credentials import auth_headers, redact
-from mantle.connectors.http import MAX_BODY_BYTES, HttpFailure, send
+from mantle.connectors.credentials import redact
+from mantle.connectors.http import MAX_BODY_BYTES, HttpFailure, credential_headers, send
 
 __all__ = ["Client", "DEFAULT_BASE_URL", "MAX_TRIES", "MAX_RETRY_AFTER", "BACKOFF",
            "REQUEST_LIMIT", "base_url_of", "param_error"]
@@ -84,7 +84,8 @@ class Client:
         """The decoded JSON object of a 2xx answer; ConnectorError for anything else."""
         body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
         headers = {"Content-Type": "application/json", "Accept": "application/json",
-                   "User-Agent": f"mantle/{__version__}", **auth_headers(self.inv.credential)}
+                   "User-Agent": f"mantle/{__version__}",
+                   **credential_headers(self.action, self.inv.credential)}
         for try_number in range(1, MAX_TRIES + 1):
             if self.inv.cancel.is_set():
                 raise ConnectorInterrupted()
