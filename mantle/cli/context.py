@@ -10,7 +10,7 @@ from mantle.config import Config, load_config
 from mantle.errors import CannotRead, SchemaOutdated
 from mantle.logs import setup_logging
 
-__all__ = ["Context", "read_workflow_file", "MAX_WORKFLOW_BYTES"]
+__all__ = ["Context", "read_workflow_file", "is_utf8", "MAX_WORKFLOW_BYTES"]
 
 MAX_WORKFLOW_BYTES = 1024 * 1024
 _FLAGS = ("database_url", "log_level", "api_address", "shutdown_timeout", "plugins_dir",
@@ -65,3 +65,13 @@ def read_workflow_file(path: str) -> bytes:
     if len(raw) > MAX_WORKFLOW_BYTES:
         raise CannotRead(path, f"file is larger than {MAX_WORKFLOW_BYTES} bytes")
     return raw
+
+
+def is_utf8(text: str) -> bool:
+    """False for an argument holding bytes that are not UTF-8 (Python keeps them as lone
+    surrogates, which no database column, JSON document or HTTP body can carry)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -16,7 +16,7 @@ import time
 
 from mantle import queries
 from mantle.cli import remote
-from mantle.cli.context import Context
+from mantle.cli.context import Context, is_utf8
 from mantle.cli.output import print_json, wants_json
 from mantle.cli.progress import LiveLines
 from mantle.connectors.ai import usage_line
@@ -54,20 +54,10 @@ def parse_inputs(pairs: list[str], declared: dict) -> dict:
         spec = declared.get(key)
         if spec is None:
             raise InvalidInput(f'unknown input "{key}"')
-        if not _utf8(text):  # bytes the terminal's encoding is not: nothing can store them
+        if not is_utf8(text):  # bytes the terminal's encoding is not: nothing can store them
             raise InvalidInput(f'input "{key}" must be UTF-8 text')
         inputs[key] = _typed(key, text, spec.type)
     return inputs
-
-
-def _utf8(text: str) -> bool:
-    """False for an argument holding bytes that are not UTF-8 (Python keeps them as lone
-    surrogates, which no database column, JSON document or HTTP body can carry)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _typed(key: str, text: str, kind: str | None):

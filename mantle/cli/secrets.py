@@ -10,7 +10,7 @@ import logging
 import re
 
 from mantle import credentials
-from mantle.cli.context import Context
+from mantle.cli.context import Context, is_utf8
 from mantle.cli.output import print_json, wants_json
 from mantle.errors import InvalidInput
 from mantle.timefmt import rfc3339, table_time
@@ -33,6 +33,8 @@ def _field_pairs(pairs: list[str]) -> dict[str, str]:
         if not sep or not key:
             # Not echoed: a mistyped pair ("token:abc") may well be the secret itself.
             raise InvalidInput("invalid --field argument: expected key=value")
+        if not is_utf8(value):  # kept, it would be another secret than the one given
+            raise InvalidInput(f'field "{key}" must be UTF-8 text')
         fields[key] = value  # a repeated field: the last one counts
     return fields
 

@@ -4,6 +4,7 @@ exact output, errors that store nothing, values absent from the database's bytes
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import sqlite3
@@ -75,6 +76,9 @@ def test_bad_secrets_commands_answer_the_specs_errors_and_store_nothing(secrets_
          'invalid credential name "Bad_Name": must match ^[a-z][a-z0-9-]*$'),
         (["create", "--name", "a", "--type", "generic", "--field", "v-without-key"], OLD,
          "invalid --field argument: expected key=value"),
+        # bytes that are not UTF-8: stored, they would be another secret than the one given
+        (["create", "--name", "a", "--type", "generic", "--field", os.fsdecode(b"key=v\xff")],
+         OLD, 'field "key" must be UTF-8 text'),
         (["delete", "--name", "ghost"], OLD, 'credential "ghost" not found'),
         (["rotate-key"], None, "encryption key is not configured — set MANTLE_ENCRYPTION_KEY"),
         (["rotate-key", "--new-key", "xyz"], OLD,
