@@ -19,6 +19,7 @@ import time
 from mantle import apikeys
 from mantle.db import audit, transaction
 from mantle.db.fields import utcnow
+from mantle.db.models import AuditEvent
 from mantle.timefmt import rfc3339
 from web.errors import OUTAGE_ERRORS, ApiError, reset_connection
 
@@ -130,6 +131,7 @@ class _Tally:
     first_address: str | None
     count: int = 0
     last_at: object = None
+    written_at: object = None  # the timestamp of its row, once a write of it was tried
     errors: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     addresses: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
@@ -155,6 +157,9 @@ class AuthFailures:
     the writer gets to it; the ones after it are summed into the row written when the
     interval has passed (metadata ``count``, ``errors``, ``addresses``, ``first_at``,
     ``last_at``). ``close()`` writes what is left.
+
+    A row whose COMMIT was sent when the connection broke may have committed: it is written
+    again only if no row of its route carries its timestamp (``_Tally.written_at``).
     """
 
     def __init__(self, database, interval: float = 60.0):
@@ -163,6 +168,7 @@ class AuthFailures:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._ready: list[tuple[str, _Tally]] = []  # first refusals, each to be written alone
+        self._unsure: list[tuple[str, _Tally]] = []  # rows whose COMMIT's outcome was lost
         self._pending: dict[str, _Tally] = {}
         self._written: dict[str, float] = {}  # route -> monotonic time its interval began
         self._thread: threading.Thread | None = None
@@ -207,12 +213,12 @@ class AuthFailures:
         while True:
             with self._lock:
                 due, wait = self._take_due()
-                if not due and not self._closed:
+                if not due and not self._unsure and not self._closed:
                     self._wake.wait(wait)
                     continue
                 closed = self._closed
+            due, self._unsure = self._unsure + due, []
             if due and not self._write(due):
-                self._put_back(due)
                 if closed:
                     return
                 time.sleep(1.0)  # an outage: keep the counts and try again
@@ -253,15 +259,37 @@ class AuthFailures:
                 self._pending[route] = tally
 
     def _write(self, due: list[tuple[str, _Tally]]) -> bool:
+        """Write ``due`` in one transaction; False after an outage, the counts kept: those
+        whose COMMIT may have gone through as they are (``_unsure``), the others put back."""
+        committing = False
+        tried = [tally.written_at is not None for _, tally in due]
         try:
             with transaction(self._database):
                 for route, tally in due:
+                    if tally.written_at is not None and _written(route, tally.written_at):
+                        continue  # its COMMIT's answer was lost, but it committed
+                    tally.written_at = tally.written_at or utcnow()
                     audit.record_audit("api", "auth.failed", "http_request", route,
-                                       tally.metadata())
+                                       tally.metadata(), timestamp=tally.written_at)
+                committing = True
             return True
         except OUTAGE_ERRORS:
             reset_connection(self._database)
+            if committing:
+                self._unsure = due
+                return False
+            for (_, tally), unsure in zip(due, tried):
+                tally.written_at = tally.written_at if unsure else None  # rolled back
+            self._unsure = [row for row, unsure in zip(due, tried) if unsure]
+            self._put_back([row for row, unsure in zip(due, tried) if not unsure])
             return False
         except Exception:  # never let the writer die: the counts are only bookkeeping
             log.exception("auth.failed audit write failed")
             return True
+
+
+def _written(route: str, timestamp) -> bool:
+    """An ``auth.failed`` row of ``route`` stamped ``timestamp`` exists."""
+    return AuditEvent.select().where(
+        AuditEvent.timestamp == timestamp, AuditEvent.action == "auth.failed",
+        AuditEvent.resource_id == route).exists()

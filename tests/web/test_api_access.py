@@ -14,9 +14,12 @@ import time
 import pytest
 
 from mantle import apikeys
+from mantle import db as mantle_db
 from mantle.db.connect import connect, is_postgres
 from mantle.db.fields import utcnow
 from mantle.db.models import ApiKey, AuditEvent
+from tests.helpers.database import bound_database
+from tests.helpers.pgproxy import CommitCutter
 from tests.web.served import served
 from tests.web.support import Daemon, apply_yaml, cli, wait_until, wait_until_keys_apply
 from web.auth import AuthFailures
@@ -112,6 +115,26 @@ def test_the_first_refusal_after_a_quiet_interval_gets_a_row_of_its_own_however_
     rows = [row.metadata for row in _refusal_rows() if row.resource_id == "/api/v1/executions"]
     assert [(row["count"], row["error"]) for row in rows] == [
         (1, "missing Authorization header"), (1, "invalid API key")]
+
+
+@pytest.mark.parametrize("lose", ["answer", "commit"])
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_a_refusal_row_whose_commit_outcome_was_lost_is_written_exactly_once(
+        db, migrated_db_url, lose):
+    """The connection breaks while the COMMIT of an ``auth.failed`` row is in flight, after
+    the server committed it (``answer``) or before (``commit``): the writer takes either for
+    an outage, and writes the row again only if it did not commit (refusals counted once)."""
+    with CommitCutter(migrated_db_url, b"audit_events", lose=lose) as proxy:
+        with bound_database(proxy.url) as database:
+            failures = AuthFailures(database, interval=0.2)
+            proxy.armed.set()
+            try:
+                failures.record("/api/v1/executions", "GET", "127.0.0.1", "invalid API key")
+                assert proxy.cut.wait(10), "the proxy never saw the COMMIT"
+            finally:
+                failures.close()
+    mantle_db.bind(db)  # bound_database unbound the models
+    assert [row.metadata["count"] for row in _refusal_rows()] == [1]
 
 
 @pytest.fixture
