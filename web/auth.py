@@ -18,6 +18,7 @@ import time
 
 from mantle import apikeys
 from mantle.db import audit, transaction
+from mantle.db.connect import backend_ended, backend_identity
 from mantle.db.fields import utcnow
 from mantle.db.models import AuditEvent
 from mantle.timefmt import rfc3339
@@ -158,8 +159,9 @@ class AuthFailures:
     interval has passed (metadata ``count``, ``errors``, ``addresses``, ``first_at``,
     ``last_at``). ``close()`` writes what is left.
 
-    A row whose COMMIT was sent when the connection broke may have committed: it is written
-    again only if no row of its route carries its timestamp (``_Tally.written_at``).
+    A row whose COMMIT was sent when the connection broke may have committed, or commit yet:
+    it is written again only once the server process it was sent to has ended (PostgreSQL),
+    and only if no row of its route carries its timestamp (``_Tally.written_at``).
     """
 
     def __init__(self, database, interval: float = 60.0):
@@ -169,6 +171,7 @@ class AuthFailures:
         self._wake = threading.Condition(self._lock)
         self._ready: list[tuple[str, _Tally]] = []  # first refusals, each to be written alone
         self._unsure: list[tuple[str, _Tally]] = []  # rows whose COMMIT's outcome was lost
+        self._backend = None  # the PostgreSQL server process their COMMIT was sent to
         self._pending: dict[str, _Tally] = {}
         self._written: dict[str, float] = {}  # route -> monotonic time its interval began
         self._thread: threading.Thread | None = None
@@ -259,12 +262,15 @@ class AuthFailures:
                 self._pending[route] = tally
 
     def _write(self, due: list[tuple[str, _Tally]]) -> bool:
-        """Write ``due`` in one transaction; False after an outage, the counts kept: those
-        whose COMMIT may have gone through as they are (``_unsure``), the others put back."""
-        committing = False
+        """Write ``due`` in one transaction; False after an outage, the counts kept."""
         tried = [tally.written_at is not None for _, tally in due]
+        committing, backend = False, None
         try:
+            if self._backend is not None and not backend_ended(self._database, self._backend):
+                return self._keep(due, tried)  # it was asked to end: its COMMIT may land yet
+            self._backend = None
             with transaction(self._database):
+                backend = backend_identity(self._database)
                 for route, tally in due:
                     if tally.written_at is not None and _written(route, tally.written_at):
                         continue  # its COMMIT's answer was lost, but it committed
@@ -275,17 +281,23 @@ class AuthFailures:
             return True
         except OUTAGE_ERRORS:
             reset_connection(self._database)
-            if committing:
-                self._unsure = due
-                return False
-            for (_, tally), unsure in zip(due, tried):
-                tally.written_at = tally.written_at if unsure else None  # rolled back
-            self._unsure = [row for row, unsure in zip(due, tried) if unsure]
-            self._put_back([row for row, unsure in zip(due, tried) if not unsure])
+            if not committing:
+                return self._keep(due, tried)
+            self._unsure, self._backend = due, backend
             return False
         except Exception:  # never let the writer die: the counts are only bookkeeping
             log.exception("auth.failed audit write failed")
+            self._backend = None
             return True
+
+    def _keep(self, due: list[tuple[str, _Tally]], tried: list[bool]) -> bool:
+        """After a write of ``due`` that did not commit: the rows whose COMMIT was sent
+        before (``tried``) stay as they are, the others go back to their routes' counts."""
+        for (_, tally), unsure in zip(due, tried):
+            tally.written_at = tally.written_at if unsure else None  # rolled back
+        self._unsure = [row for row, unsure in zip(due, tried) if unsure]
+        self._put_back([row for row, unsure in zip(due, tried) if not unsure])
+        return False
 
 
 def _written(route: str, timestamp) -> bool:

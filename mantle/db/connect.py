@@ -24,7 +24,7 @@ from mantle.errors import ConfigError, DatabaseUnavailable
 __all__ = ["database_proxy", "connect", "bind", "unwrap", "is_sqlite", "is_postgres",
            "OUTAGE_ERRORS", "is_outage", "close_all", "release_connection", "reset_connection",
            "SQLITE_BUSY_TIMEOUT_MS", "PG_CONNECT_TIMEOUT_S", "PG_STATEMENT_TIMEOUT_MS",
-           "backend_identity", "commit_outcome", "journal_check_refused",
+           "backend_identity", "backend_ended", "commit_outcome", "journal_check_refused",
            "transaction_conflict", "url_passwords"]
 
 # The CLI and a daemon share one SQLite file: a writer waits this long for the other's lock.
@@ -348,14 +348,22 @@ def commit_outcome(database, mark: str, seq: int, backend: tuple[int, Any]) -> s
     which rolls back a transaction waiting for its client and leaves a commit under way to
     finish, and the outcome is ``in progress`` (ask again). Once it is gone its transaction
     has ended, and the mark tells how."""
-    running = database.execute_sql(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = %s "
-        "AND backend_start = %s", backend).fetchone()
-    if running is not None:
+    if not backend_ended(database, backend):
         return "in progress"
     row = database.execute_sql("SELECT seq FROM journal_marks WHERE journal = %s",
                                (mark,)).fetchone()
     return "committed" if row is not None and row[0] >= seq else "aborted"
+
+
+def backend_ended(database, backend: tuple[int, Any]) -> bool:
+    """Whether the server process ``backend`` (``backend_identity``) has ended, so that a
+    transaction it was sent can no longer commit. While it lives it is asked to end (which
+    rolls back a transaction waiting for its client, and lets a commit under way finish):
+    ask again."""
+    running = database.execute_sql(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = %s "
+        "AND backend_start = %s", backend).fetchone()
+    return running is None
 
 
 def journal_check_refused(exc: BaseException) -> bool:

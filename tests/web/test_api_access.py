@@ -19,7 +19,7 @@ from mantle.db.connect import connect, is_postgres
 from mantle.db.fields import utcnow
 from mantle.db.models import ApiKey, AuditEvent
 from tests.helpers.database import bound_database
-from tests.helpers.pgproxy import CommitCutter
+from tests.helpers.pgproxy import CommitCutter, LateCommit
 from tests.web.served import served
 from tests.web.support import Daemon, apply_yaml, cli, wait_until, wait_until_keys_apply
 from web.auth import AuthFailures
@@ -132,6 +132,45 @@ def test_a_refusal_row_whose_commit_outcome_was_lost_is_written_exactly_once(
                 failures.record("/api/v1/executions", "GET", "127.0.0.1", "invalid API key")
                 assert proxy.cut.wait(10), "the proxy never saw the COMMIT"
             finally:
+                failures.close()
+    mantle_db.bind(db)  # bound_database unbound the models
+    assert [row.metadata["count"] for row in _refusal_rows()] == [1]
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_a_refusal_row_whose_commit_is_still_in_the_network_is_written_once(
+        db, migrated_db_url):
+    """The COMMIT of an ``auth.failed`` row is held up in the network while its connection
+    breaks; its server process, idle in the transaction, would commit it when it arrives.
+    The writer must not write the row again while that process lives (it ends it first)."""
+    def written() -> int:
+        return db.execute_sql("SELECT count(*) FROM audit_events "
+                              "WHERE action = 'auth.failed'").fetchone()[0]
+
+    with LateCommit(migrated_db_url, b"COMMIT") as proxy:
+        with bound_database(proxy.url) as database:
+            failures = AuthFailures(database, interval=0.2)
+            proxy.armed.set()
+            try:
+                failures.record("/api/v1/executions", "GET", "127.0.0.1", "invalid API key")
+                assert proxy.cut.wait(10), "the proxy never saw the COMMIT"
+                old_pid = wait_until(lambda: db.execute_sql(
+                    "SELECT pid FROM pg_stat_activity WHERE state = 'idle in transaction' "
+                    "AND query LIKE '%%INSERT INTO \"audit_events\"%%'").fetchone(),
+                    timeout=10)[0]
+                wait_until(lambda: written() == 1, timeout=10,
+                           message="the writer never wrote the row again")
+                proxy.deliver.set()  # the held COMMIT reaches the old server process now
+
+                def old_transaction_over():
+                    row = db.execute_sql("SELECT state FROM pg_stat_activity WHERE pid = %s",
+                                         (old_pid,)).fetchone()
+                    return row is None or row[0] == "idle"
+
+                wait_until(old_transaction_over, timeout=10)
+            finally:
+                proxy.deliver.set()
+                proxy.finish.set()
                 failures.close()
     mantle_db.bind(db)  # bound_database unbound the models
     assert [row.metadata["count"] for row in _refusal_rows()] == [1]
