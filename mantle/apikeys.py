@@ -125,8 +125,10 @@ def revoke_key(name: str, actor: str = "cli") -> int:
         row = ApiKey.get_or_none(ApiKey.name == name)
         if row is None:
             raise KeyNotFound(name)
-        if row.revoked_at is None:
-            ApiKey.update(revoked_at=utcnow()).where(ApiKey.id == row.id).execute()
+        # Only a key not revoked meanwhile: a revoke at once whose commit this UPDATE
+        # waited for (PostgreSQL) revoked and audited it already.
+        if row.revoked_at is None and ApiKey.update(revoked_at=utcnow()).where(
+                ApiKey.id == row.id, ApiKey.revoked_at.is_null()).execute():
             audit.record_audit(actor, "apikey.revoked", "api_key", name)
         remaining = ApiKey.select().where(ApiKey.revoked_at.is_null()).count()
     _forget_keys()

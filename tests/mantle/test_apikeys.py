@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
+
+import pytest
 
 from mantle.apikeys import ActiveKey, hash_key, match_key
 
@@ -70,3 +73,43 @@ def test_the_api_reads_keys_at_most_once_a_second_and_sees_this_processes_change
     assert apikeys.current_keys()[0].last_used_at is not None
     apikeys.revoke_key("other")
     assert apikeys.current_keys() == []  # at once
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_two_revokes_of_one_key_at_once_revoke_and_audit_it_once(db, migrated_db_url):
+    """Revoking a revoked key again changes nothing (docs/api.md). Two ``mantle keys
+    revoke`` of one key at once (PostgreSQL) both read it not revoked; the one whose UPDATE
+    waited for the other's must then find it revoked: one ``apikey.revoked`` row, and the
+    time of the first revocation kept."""
+    from mantle import apikeys
+    from mantle.db.connect import connect
+    from mantle.db.models import ApiKey, AuditEvent
+    from tests.helpers.database import lock_waiters
+    from tests.helpers.waiting import wait_until
+
+    apikeys.create_key("ci")
+    holder = connect(migrated_db_url)  # holds the key's row until both revokes wait for it
+    holder.execute_sql("BEGIN")
+    holder.execute_sql("SELECT 1 FROM api_keys WHERE name = 'ci' FOR UPDATE")
+    remaining = []
+    def revoke():
+        try:
+            remaining.append(apikeys.revoke_key("ci"))
+        except Exception as exc:
+            remaining.append(exc)
+            raise
+
+    threads = [threading.Thread(target=revoke) for _ in range(2)]
+    try:
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: lock_waiters(db) == 2, timeout=10)
+    finally:
+        holder.execute_sql("ROLLBACK")
+        for thread in threads:
+            thread.join(10)
+        holder.close()
+    assert remaining == [0, 0]
+    revoked = AuditEvent.select().where(AuditEvent.action == "apikey.revoked")
+    assert [(row.actor, row.resource_id) for row in revoked] == [("cli", "ci")]
+    assert ApiKey.get(ApiKey.name == "ci").revoked_at <= revoked[0].timestamp
