@@ -19,6 +19,8 @@ import threading
 import time
 import weakref
 
+import peewee
+
 from mantle.db import audit, database_proxy, is_sqlite, unwrap, write_transaction
 from mantle.db.connect import SQLITE_BUSY_TIMEOUT_MS
 from mantle.db.fields import utcnow
@@ -103,8 +105,11 @@ def create_key(name: str, actor: str = "cli", role: str = "admin",
     with write_transaction():
         if ApiKey.get_or_none(ApiKey.name == name) is not None:
             raise KeyExists(name)
-        ApiKey.create(name=name, prefix=key[:9], key_hash=hash_key(key), created_at=now,
-                      role=role, expires_at=expires_at)
+        try:
+            ApiKey.create(name=name, prefix=key[:9], key_hash=hash_key(key), created_at=now,
+                          role=role, expires_at=expires_at)
+        except peewee.IntegrityError:  # created meanwhile (PostgreSQL: the name is unique)
+            raise KeyExists(name) from None
         metadata = {"role": role}
         if expires_at is not None:
             metadata["expires_at"] = rfc3339(expires_at)

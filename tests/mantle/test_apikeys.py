@@ -113,3 +113,37 @@ def test_two_revokes_of_one_key_at_once_revoke_and_audit_it_once(db, migrated_db
     revoked = AuditEvent.select().where(AuditEvent.action == "apikey.revoked")
     assert [(row.actor, row.resource_id) for row in revoked] == [("cli", "ci")]
     assert ApiKey.get(ApiKey.name == "ci").revoked_at <= revoked[0].timestamp
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_a_key_created_meanwhile_under_the_same_name_is_refused_as_existing(db, migrated_db_url):
+    """Two ``mantle keys create ci`` at once (PostgreSQL): the one whose INSERT waited for
+    the other's commit answers ``API key "ci" already exists`` (SPEC 6.3), not the
+    database's unique-constraint error."""
+    from mantle import apikeys
+    from mantle.db.connect import connect
+    from tests.helpers.database import lock_waiters
+    from tests.helpers.waiting import wait_until
+
+    other = connect(migrated_db_url)  # the other create, its row not committed yet
+    other.execute_sql("BEGIN")
+    other.execute_sql("INSERT INTO api_keys (name, prefix, key_hash, created_at, role) "
+                      "VALUES ('ci', 'mk_000000', %s, now(), 'admin')", ("0" * 64,))
+    outcome = []
+
+    def create():
+        try:
+            outcome.append(apikeys.create_key("ci"))
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=create)
+    try:
+        thread.start()
+        wait_until(lambda: lock_waiters(db) == 1, timeout=10)
+    finally:
+        other.execute_sql("COMMIT")
+        thread.join(10)
+        other.close()
+    assert [str(error) for error in outcome] == ['API key "ci" already exists']
+    assert isinstance(outcome[0], apikeys.KeyExists)
