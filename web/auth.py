@@ -37,6 +37,10 @@ OPERATOR_ROUTES = frozenset({
     ("POST", "/api/v1/retry/{execution}"), ("POST", "/hooks/{path}")})
 # Addresses kept per route and interval in an auth.failed row (the busiest ones).
 _ADDRESSES = 20
+# Addresses counted per route between two rows, at most: past it only the busiest half is
+# kept, so a flood from ever new addresses (an IPv6 /64 has 2**64) cannot grow the count
+# without bound, between two rows or through an outage, and the busy ones stay exact.
+_ADDRESSES_COUNTED = 1000
 
 
 def _under(path: str, prefixes) -> bool:
@@ -142,6 +146,16 @@ class _Tally:
         self.last_at = later.last_at
         self.errors.update(later.errors)
         self.addresses.update(later.addresses)
+        self._bound_addresses()
+
+    def count_address(self, address: str) -> None:
+        self.addresses[address] += 1
+        self._bound_addresses()
+
+    def _bound_addresses(self) -> None:
+        if len(self.addresses) > _ADDRESSES_COUNTED:
+            self.addresses = collections.Counter(
+                dict(self.addresses.most_common(_ADDRESSES_COUNTED // 2)))
 
     def metadata(self) -> dict:
         return {"count": self.count, "error": self.first_error, "method": self.first_method,
@@ -195,7 +209,7 @@ class AuthFailures:
             tally.last_at = now
             tally.errors[error] += 1
             if address is not None:
-                tally.addresses[address] += 1
+                tally.count_address(address)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="mantle-auth-audit",
                                                 daemon=True)

@@ -117,6 +117,27 @@ def test_the_first_refusal_after_a_quiet_interval_gets_a_row_of_its_own_however_
         (1, "missing Authorization header"), (1, "invalid API key")]
 
 
+def test_refusals_from_ever_new_addresses_keep_the_busiest_ones_in_bounded_memory(db):
+    """A flood of refusals from ever new client addresses (one IPv6 /64 holds 2**64 of
+    them) between two rows, or through a database outage, must not grow the count per
+    address without bound; the busiest addresses are still counted exactly."""
+    route = "/api/v1/executions"
+    failures = AuthFailures(db, interval=3600.0)
+    try:
+        failures.record(route, "GET", "10.0.0.1", "invalid API key")  # a row of its own
+        for index in range(20_000):
+            failures.record(route, "GET", f"2001:db8::{index:x}", "invalid API key")
+            if index % 10 == 0:
+                failures.record(route, "GET", "10.0.0.2", "invalid API key")
+        assert len(failures._pending[route].addresses) <= 1000
+    finally:
+        failures.close()
+    rows = [row.metadata for row in _refusal_rows()]
+    assert [row["count"] for row in rows] == [1, 22_000]
+    assert rows[1]["addresses"]["10.0.0.2"] == 2000
+    assert len(rows[1]["addresses"]) == 20
+
+
 @pytest.mark.parametrize("lose", ["answer", "commit"])
 @pytest.mark.parametrize("backend", ["postgres"], indirect=True)
 def test_a_refusal_row_whose_commit_outcome_was_lost_is_written_exactly_once(
