@@ -7,6 +7,7 @@ before it touches the database.
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 from mantle.durations import parse_duration
 from mantle.errors import ConfigError
@@ -55,7 +56,8 @@ class ApiSettings:
             interval = parse_duration(config.api_auth_audit_interval)
         except ValueError:
             interval = -1.0
-        if interval <= 0:
+        # Longer than a thread can wait (292 years) is refused like any other bad value.
+        if not 0 < interval < threading.TIMEOUT_MAX:
             raise ConfigError(f'invalid api.auth_audit_interval '
                               f'"{config.api_auth_audit_interval}": must be a positive duration')
         flag = config.metrics_require_key.strip().lower()

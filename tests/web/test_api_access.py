@@ -379,6 +379,22 @@ def test_api_settings_come_from_mantle_yaml_too(tmp_path):
             default.auth_audit_interval) == (0.0, 100, False, 60.0)
 
 
+@pytest.mark.parametrize("env,message", [
+    ({"MANTLE_API_AUTH_AUDIT_INTERVAL": "3000000h"},
+     'invalid api.auth_audit_interval "3000000h": must be a positive duration'),
+])
+def test_api_settings_the_api_could_not_run_with_are_refused(tmp_path, env, message):
+    """Values that passed the checks, then failed at run time: an interval longer than a
+    thread can wait (292 years) killed the ``auth.failed`` writer at its first wait (no row
+    written after it)."""
+    from mantle.config import load_config
+    from mantle.errors import ConfigError
+
+    with pytest.raises(ConfigError) as refused:
+        ApiSettings.from_config(load_config({}, env, cwd=tmp_path))
+    assert str(refused.value) == message
+
+
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 def test_reads_with_a_key_answer_at_once_while_another_process_holds_the_write_lock(
         api, migrated_db_url):
