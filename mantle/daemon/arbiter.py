@@ -19,7 +19,8 @@ A worker that dies is restarted (at most once a second per slot); its executions
 over by its siblings at once (same host, process gone). A worker whose parent dies shuts down
 as on SIGTERM. SIGTERM or SIGINT: ``STOPPING=1``, the parent closes its copies of the
 sockets (so the port refuses connections once each worker has closed its own), SIGTERM to
-every worker (a second signal is forwarded too: the workers jump to their deadline); the
+every worker (a second signal is passed on as ``HURRY``: the workers jump to their deadline;
+a worker takes no SIGTERM for that, as systemd's stop sends one to every process); the
 parent exits 0 when all have exited, killing any still alive ``shutdown_timeout`` +
 ``STOP_MARGIN`` seconds after the first signal. A signal while the parent migrates stops it
 once the migrations are done, before any worker starts.
@@ -36,6 +37,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from mantle.daemon.daemon import HURRY
 from mantle.daemon.http import format_address, listen
 from mantle.daemon.notify import Notifier, watchdog_interval
 from mantle.db import migrations
@@ -182,7 +184,9 @@ class Arbiter:
                 self._notifier.notify("STOPPING=1")
                 for sock in sockets:  # no worker starts any more: the listener closes
                     sock.close()  # when each worker closes its own copy (10.3 step 2)
-            self._signal_all(signal.SIGTERM)
+                self._signal_all(signal.SIGTERM)
+            else:
+                self._signal_all(HURRY)
 
     def _signal_all(self, signum: int) -> None:
         for pid in list(self._workers):

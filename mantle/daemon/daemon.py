@@ -30,7 +30,7 @@ from mantle.errors import DatabaseUnavailable
 from mantle.metrics import Metrics
 from mantle.retention import retention_from
 
-__all__ = ["Daemon", "Signals", "SWITCH_INTERVAL"]
+__all__ = ["Daemon", "HURRY", "Signals", "SWITCH_INTERVAL"]
 
 log = logging.getLogger("mantle.server")
 
@@ -44,22 +44,40 @@ SWITCH_INTERVAL = 0.005
 # After ``shutdown_timeout``, the most the rest of a shutdown may take (docs/systemd.md: 30 s
 # + 8 s stays inside the shipped unit's TimeoutStopSec=45 with 7 s to spare).
 STOP_MARGIN = 8.0
+# What a ``serve --workers`` parent sends its workers for a second SIGTERM/SIGINT.
+HURRY = signal.SIGUSR1
 
 
 class Signals:
-    """Counts SIGTERM/SIGINT; the handlers only record (see the module docstring)."""
+    """Counts SIGTERM/SIGINT; the handlers only record (see the module docstring).
+
+    ``hurry``: skip the rest of the grace period. Without a ``hurry`` signal a second stop
+    signal says so. A ``serve --workers`` worker has one (HURRY): systemd's stop sends
+    SIGTERM to every process of the service, so the parent's relay of it is the worker's
+    second SIGTERM, not an operator's second request."""
 
     def __init__(self):
         self.count = 0
+        self.hurry = False
         self.arrived = threading.Event()
+        self._second_hurries = True
 
-    def install(self, signals=(signal.SIGTERM, signal.SIGINT)) -> Signals:
+    def install(self, signals=(signal.SIGTERM, signal.SIGINT), hurry=None) -> Signals:
+        self._second_hurries = hurry is None
         for sig in signals:
             signal.signal(sig, self._handle)
+        if hurry is not None:
+            signal.signal(hurry, self._hurry)
         return self
 
     def _handle(self, *_args) -> None:
         self.count += 1
+        if self.count > 1 and self._second_hurries:
+            self.hurry = True
+        self.arrived.set()
+
+    def _hurry(self, *_args) -> None:
+        self.hurry = True
         self.arrived.set()
 
 
@@ -97,8 +115,10 @@ class Daemon:
     def run(self) -> int:
         """Start, serve until a signal, shut down; the exit code. Startup failures raise."""
         sys.setswitchinterval(SWITCH_INTERVAL)
-        self._signals.install((signal.SIGTERM,) if self._heartbeat else
-                              (signal.SIGTERM, signal.SIGINT))
+        if self._heartbeat is not None:  # the parent relays SIGTERM and sends HURRY
+            self._signals.install((signal.SIGTERM,), hurry=HURRY)
+        else:
+            self._signals.install((signal.SIGTERM, signal.SIGINT))
         self._start()
         while not self._signals.arrived.wait(0.5):
             if self._heartbeat is not None and self._heartbeat.parent_gone():
@@ -113,7 +133,7 @@ class Daemon:
         overrun_at = signalled_at + self._timeout + STOP_MARGIN
         while stopper.is_alive():
             stopper.join(0.05)
-            if self._signals.count > 1 and not hurried:
+            if self._signals.hurry and not hurried:
                 hurried = True
                 self._jump_to_deadline()
             if time.monotonic() > overrun_at:
