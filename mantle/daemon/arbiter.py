@@ -12,8 +12,8 @@ is safe; it waits on one self-pipe for signals and on one pipe per worker for it
   (never after ``STOPPING=1``);
 - ``W`` (alive, every second or twice per watchdog period if that is shorter, while the
   worker's engine answers): the parent sends systemd ``WATCHDOG=1`` only while every worker
-  has spoken lately, and kills a worker silent for ``SILENT_AFTER`` seconds (it is then
-  restarted like any dead worker).
+  has spoken lately, and kills a worker silent for ``SILENT_AFTER`` seconds, also one whose
+  startup has not ended that long after its fork (it is then restarted like any dead worker).
 
 A worker that dies is restarted (at most once a second per slot); its executions are taken
 over by its siblings at once (same host, process gone). A worker whose parent dies shuts down
@@ -219,9 +219,12 @@ class Arbiter:
                     self._spawn(slot, sockets)
 
     def _kill_silent(self, now: float) -> None:
+        """Kill a worker silent for SILENT_AFTER: a ready one whose engine stopped answering,
+        or one whose startup hangs (it says nothing before ready; heard_at is its fork)."""
         for worker in list(self._workers.values()):
-            if worker.ready and now - worker.heard_at > SILENT_AFTER:
-                log.error("worker not responding; killing it", extra={"pid": worker.pid})
+            if now - worker.heard_at > SILENT_AFTER:
+                log.error("worker not responding; killing it",
+                          extra={"pid": worker.pid, "ready": worker.ready})
                 try:
                     os.kill(worker.pid, signal.SIGKILL)
                 except ProcessLookupError:

@@ -7,9 +7,11 @@ import os
 import signal
 import socket
 import sqlite3
+import subprocess
 import time
 from collections import Counter
 
+from mantle.daemon.arbiter import SILENT_AFTER, Arbiter, _Worker
 from mantle.db.fields import utcnow
 from mantle.db.models import Node, StepExecution, WorkflowExecution
 from tests.web.support import Daemon, apply_yaml, cli, wait_until
@@ -322,3 +324,23 @@ def test_the_parent_pings_systemd_every_half_watchdog_period_also_when_it_is_sho
         assert daemon.stop() == 0
         systemd.close()
     assert pings >= 12, f"{pings} WATCHDOG=1 in 4 s, with WatchdogSec=0.4s (20 are due)"
+
+
+def test_a_worker_whose_startup_hangs_is_killed_like_a_silent_one():
+    """Only workers that had said ready were watched: one whose startup hung (stopped, or
+    waiting on a lock for good) was never killed or restarted, no READY=1 or WATCHDOG=1 went
+    to systemd, and the connections the kernel queued on its slot's socket were never
+    accepted. Its silence counts from its fork; one that just started is left alone."""
+    arbiter = Arbiter(None, None, workers=2, threads=1, shutdown_timeout=1.0)
+    hung, starting = (subprocess.Popen(["sleep", "30"]) for _ in range(2))
+    try:
+        now = time.monotonic()
+        arbiter._workers = {hung.pid: _Worker(0, hung.pid, -1, heard_at=now - SILENT_AFTER - 1),
+                            starting.pid: _Worker(1, starting.pid, -1, heard_at=now - 1)}
+        arbiter._kill_silent(now)
+        assert hung.wait(2) == -signal.SIGKILL
+        assert starting.poll() is None
+    finally:
+        for process in (hung, starting):
+            process.kill()
+            process.wait()
