@@ -37,7 +37,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from mantle.daemon.daemon import HURRY
+from mantle.daemon.daemon import HURRY, database_failure
 from mantle.daemon.http import format_address, listen
 from mantle.daemon.notify import Notifier, watchdog_interval
 from mantle.db import migrations
@@ -109,7 +109,8 @@ class Arbiter:
         self._install_signals(wake_write)  # a signal while migrating: stop after it
         sockets = listen(self._config.api_address, self._count)
         database = self._context.database(require_head=False)
-        migrations.migrate(database)
+        with database_failure():
+            migrations.migrate(database)
         log.info("migrations complete")
         self._context.close()  # no connection may cross a fork
         log.info("server listening", extra={

@@ -11,6 +11,7 @@ anywhere, even inside a lock the engine needs).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -30,7 +31,7 @@ from mantle.errors import DatabaseUnavailable
 from mantle.metrics import Metrics
 from mantle.retention import retention_from
 
-__all__ = ["Daemon", "HURRY", "Signals", "SWITCH_INTERVAL"]
+__all__ = ["Daemon", "HURRY", "Signals", "SWITCH_INTERVAL", "database_failure"]
 
 log = logging.getLogger("mantle.server")
 
@@ -46,6 +47,17 @@ SWITCH_INTERVAL = 0.005
 STOP_MARGIN = 8.0
 # What a ``serve --workers`` parent sends its workers for a second SIGTERM/SIGINT.
 HURRY = signal.SIGUSR1
+
+
+@contextlib.contextmanager
+def database_failure():
+    """A database reachable at connect that fails a startup statement (locked past the busy
+    timeout, gone since, a role that may not write): SPEC 10.2's ``Error: failed to connect
+    to database: <detail>``, exit 1, not a traceback."""
+    try:
+        yield
+    except peewee.PeeweeException as exc:
+        raise DatabaseUnavailable(str(exc).strip() or type(exc).__name__) from exc
 
 
 class Signals:
@@ -156,10 +168,8 @@ class Daemon:
         from web.app import ApiRuntime, create_app
         from web.settings import ApiSettings
 
-        try:
+        with database_failure():
             migrations.migrate(self._database)
-        except peewee.PeeweeException as exc:  # reachable at connect, failing now
-            raise DatabaseUnavailable(str(exc).strip() or type(exc).__name__) from exc
         log.info("migrations complete")
         config = self._config
         metrics = Metrics()
@@ -168,10 +178,12 @@ class Daemon:
         self._checkpoints = WalCheckpointer.for_database(self._database)
         if self._checkpoints is not None:
             self._checkpoints.start()
-        self._engine = Engine(self._database, metrics=metrics, plugins_dir=config.plugins_dir,
-                              env=config.env, resume_orphans=True, kind=self._kind,
-                              lease_ttl=config.lease_ttl_seconds,
-                              max_depth=config.max_depth).start()
+        with database_failure():  # its first write: the node's row
+            self._engine = Engine(self._database, metrics=metrics,
+                                  plugins_dir=config.plugins_dir, env=config.env,
+                                  resume_orphans=True, kind=self._kind,
+                                  lease_ttl=config.lease_ttl_seconds,
+                                  max_depth=config.max_depth).start()
         self._readiness.watch(self._engine.problem)
         settings = ApiSettings.from_config(config)
         self._api = ApiRuntime(self._database, settings)
