@@ -16,14 +16,16 @@ is safe; it waits on one self-pipe for signals and on one pipe per worker for it
   startup has not ended that long after its fork (it is then restarted like any dead worker).
 
 A worker that dies is restarted (at most once a second per slot); its executions are taken
-over by its siblings at once (same host, process gone). A worker whose parent dies shuts down
-as on SIGTERM. SIGTERM or SIGINT: ``STOPPING=1``, the parent closes its copies of the
-sockets (so the port refuses connections once each worker has closed its own), SIGTERM to
-every worker (a second signal is passed on as ``HURRY``: the workers jump to their deadline;
-a worker takes no SIGTERM for that, as systemd's stop sends one to every process); the
-parent exits 0 when all have exited, killing any still alive ``shutdown_timeout`` +
-``STOP_MARGIN`` seconds after the first signal. A signal while the parent migrates stops it
-once the migrations are done, before any worker starts.
+over by its siblings at once (same host, process gone). One that exits (not killed) before
+the first ``READY=1`` without having said ready failed the server's start: the parent stops
+the others and exits 1, as one process whose start fails does (SPEC 10.2). A worker whose
+parent dies shuts down as on SIGTERM. SIGTERM or SIGINT: ``STOPPING=1``, the parent closes
+its copies of the sockets (so the port refuses connections once each worker has closed its
+own), SIGTERM to every worker (a second signal is passed on as ``HURRY``: the workers jump
+to their deadline; a worker takes no SIGTERM for that, as systemd's stop sends one to every
+process); the parent exits 0 when all have exited, killing any still alive
+``shutdown_timeout`` + ``STOP_MARGIN`` seconds after the first signal. A signal while the
+parent migrates stops it once the migrations are done, before any worker starts.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from mantle.daemon.daemon import HURRY, database_failure
 from mantle.daemon.http import format_address, listen
 from mantle.daemon.notify import Notifier, watchdog_interval
 from mantle.db import migrations
+from mantle.errors import MantleError
 
 __all__ = ["Arbiter", "SILENT_AFTER", "STOP_MARGIN"]
 
@@ -96,6 +99,7 @@ class Arbiter:
         self._restart_at: dict[int, float] = {}  # slot -> earliest restart
         self._signals: list[int] = []
         self._stopping_since: float | None = None
+        self._code = 0  # the exit code
         self._announced_ready = False
         # systemd's WATCHDOG=1 period; the workers speak at least twice in it, so that every
         # one has spoken lately whenever a ping is due
@@ -125,7 +129,7 @@ class Arbiter:
             for sock in sockets:
                 sock.close()
         log.info("server stopped")
-        return 0
+        return self._code
 
     # --- the parent's loop ---
 
@@ -180,14 +184,17 @@ class Arbiter:
             if signum == signal.SIGCHLD:
                 continue
             if self._stopping_since is None:
-                self._stopping_since = time.monotonic()
-                log.info("shutting down")
-                self._notifier.notify("STOPPING=1")
-                for sock in sockets:  # no worker starts any more: the listener closes
-                    sock.close()  # when each worker closes its own copy (10.3 step 2)
-                self._signal_all(signal.SIGTERM)
+                self._stop(sockets)
             else:
                 self._signal_all(HURRY)
+
+    def _stop(self, sockets: list[socket.socket]) -> None:
+        self._stopping_since = time.monotonic()
+        log.info("shutting down")
+        self._notifier.notify("STOPPING=1")
+        for sock in sockets:  # no worker starts any more: the listener closes
+            sock.close()  # when each worker closes its own copy (10.3 step 2)
+        self._signal_all(signal.SIGTERM)
 
     def _signal_all(self, signum: int) -> None:
         for pid in list(self._workers):
@@ -211,7 +218,11 @@ class Arbiter:
             if self._stopping_since is None:
                 log.error("worker exited", extra={"pid": pid, "status": _status(status),
                                                   "slot": worker.slot})
-                self._restart_at[worker.slot] = time.monotonic() + _RESTART_EVERY
+                if worker.ready or self._announced_ready or not os.WIFEXITED(status):
+                    self._restart_at[worker.slot] = time.monotonic() + _RESTART_EVERY
+                else:  # its start failed, so the server's did (SPEC 10.2): exit 1
+                    self._code = 1
+                    self._stop(sockets)
         if self._stopping_since is None:
             now = time.monotonic()
             for slot, when in list(self._restart_at.items()):
@@ -267,6 +278,8 @@ class Arbiter:
                     other.close()  # only the parent keeps every slot's socket
             heartbeat = _PipeNotifier(write_fd, parent, self._alive_every)
             code = self._work(sockets[slot], heartbeat, sweeps=slot == 0)
+        except MantleError as exc:  # a startup failure, said as ``mantle serve`` says it
+            print(f"Error: {exc}", file=sys.stderr)
         except BaseException:  # never let a worker return into the parent's loop
             logging.getLogger("mantle.server").exception("worker failed")
         finally:

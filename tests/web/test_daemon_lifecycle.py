@@ -193,7 +193,7 @@ def test_a_database_that_refuses_the_nodes_row_at_startup_is_an_error_line(tmp_p
     """SPEC 10.2 step 2: migrations that could not run ended as ``Error: failed to connect to
     database: <detail>``, but a database that failed the engine's first write (its node row:
     a read-only role here; on SQLite a write lock held past the busy timeout) printed a
-    Python traceback."""
+    Python traceback; ``serve --workers`` the same, exit 1."""
     import psycopg
 
     role = f"reader_{uuid.uuid4().hex[:8]}"
@@ -204,6 +204,8 @@ def test_a_database_that_refuses_the_nodes_row_at_startup_is_an_error_line(tmp_p
         url = migrated_db_url.replace("://postgres@", f"://{role}@", 1)
         assert url != migrated_db_url
         result = cli(tmp_path, url, "serve", "--api-address", "127.0.0.1:0", timeout=30)
+        workers = cli(tmp_path, url, "serve", "--workers", "2", "--api-address",
+                      "127.0.0.1:0", timeout=20)
     finally:
         with psycopg.connect(migrated_db_url, autocommit=True) as conn:
             conn.execute(f"DROP OWNED BY {role}")  # its grants
@@ -211,6 +213,10 @@ def test_a_database_that_refuses_the_nodes_row_at_startup_is_an_error_line(tmp_p
     assert result.returncode == 1
     assert result.stderr.startswith("Error: failed to connect to database: "), result.stderr
     assert result.stderr.count("\n") == 1, result.stderr
+    # with workers the parent restarted them once a second for good, each failing the same
+    # way (a traceback logged), and never exited: now their failure is the start's
+    assert workers.returncode == 1, workers.stdout[-2000:]
+    assert set(workers.stderr.splitlines()) == {result.stderr.strip()}
 
 
 def test_a_cron_trigger_fires_in_the_running_daemon(tmp_path, sqlite_url):
