@@ -268,7 +268,9 @@ class Arbiter:
             return
         for sig in (signal.SIGTERM, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent forwards SIGTERM
+        # The terminal's Ctrl-C reaches the workers too; the parent forwards SIGTERM. Caught,
+        # not SIG_IGN: an ignored signal stays ignored across exec, in every plugin.
+        signal.signal(signal.SIGINT, _unheeded)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
         os.close(read_fd)
         code = 1
@@ -297,6 +299,10 @@ class Arbiter:
         return Daemon(self._config, database, threads=self._threads,
                       shutdown_timeout=self._timeout, kind="worker", listener=sock,
                       heartbeat=heartbeat, sweeps=sweeps).run()
+
+
+def _unheeded(_signum, _frame) -> None:
+    """A worker's SIGINT handler."""
 
 
 def _status(status: int) -> str:

@@ -17,6 +17,13 @@ from mantle.db.models import Node, StepExecution, WorkflowExecution
 from tests.web.support import Daemon, apply_yaml, cli, wait_until
 
 
+# Answers the mask of signals it ignores (/proc/PID/status SigIgn, hexadecimal).
+_SIGNALS_PLUGIN = r"""#!/bin/sh
+cat >/dev/null
+printf '{"mask": "%s"}\n' "$(awk '/^SigIgn/ {print $2}' /proc/$$/status)"
+"""
+
+
 def _children(pid: int) -> list[int]:
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as handle:
@@ -51,6 +58,14 @@ def test_workers_serve_one_port_as_separate_nodes_and_tell_systemd_once(tmp_path
         name: hello
         steps: [{name: say, action: core/log, params: {message: hi}}]
     """)
+    apply_yaml("""
+        name: signals
+        steps: [{name: ignored, action: probe/act}]
+    """)
+    plugin = tmp_path / ".mantle" / "plugins" / "probe"
+    plugin.parent.mkdir(parents=True)
+    plugin.write_text(_SIGNALS_PLUGIN)
+    plugin.chmod(0o755)
     systemd = _Systemd(str(tmp_path / "notify.sock"))
     daemon = Daemon(tmp_path, sqlite_url, args=("--workers", "3"),
                     env={"NOTIFY_SOCKET": systemd.path, "WATCHDOG_USEC": "400000"})
@@ -65,6 +80,12 @@ def test_workers_serve_one_port_as_separate_nodes_and_tell_systemd_once(tmp_path
         replies = [daemon.post("/api/v1/run/hello", {}) for _ in range(12)]
         for reply in replies:
             daemon.wait_for_status(reply.json["execution_id"], ("completed",))
+        # a plugin starts with the signal dispositions of any program: workers ignored
+        # SIGINT (the terminal's Ctrl-C is for the parent), and their plugins inherited that
+        probe = daemon.post("/api/v1/run/signals", {}).json["execution_id"]
+        detail = daemon.wait_for_status(probe, ("completed",))
+        mask = int(detail["steps"][0]["output"]["mask"], 16)
+        assert not mask & (1 << (signal.SIGINT - 1)), f"the plugin ignores SIGINT: {mask:x}"
         # X-Mantle-Node names the worker that answered: the owner of the run it accepted
         worker_nodes = {row.id for row in Node.select() if row.pid in workers}
         for reply in replies:
