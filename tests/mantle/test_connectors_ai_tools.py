@@ -206,6 +206,23 @@ def test_resume_from_any_checkpoint_never_repeats_a_finished_model_or_tool_call(
                                "total_tokens": 66}
 
 
+
+def test_an_id_made_up_for_a_call_never_repeats_one_the_server_sent(fake):
+    # The second call has no id; the one made up for it must not be the first call's, or its
+    # result would count as given: a resume after the first call would never run it.
+    fake.script(tool_calls(("note", {"message": "a"}, "call_1_1"), ("note", {}, "")),
+                text("done"))
+    first_run = Recorder()
+    invoke("ai/completion", ask(fake, tools=[LOG_TOOL]), recorder=first_run)
+    ids = [m["tool_call_id"] for m in tool_messages(fake.requests()[1])]
+    assert len(set(ids)) == 2 and ids[0] == "call_1_1"
+
+    fake.script(text("done"))
+    resumed = Recorder()
+    invoke("ai/completion", ask(fake, tools=[LOG_TOOL]), recorder=resumed,
+           progress=first_run.checkpoints[1])  # after the first call's action ran
+    assert [params for _, params in resumed.tool_calls] == [{"message": "default"}]
+
 def test_a_checkpoint_that_refuses_stops_the_attempt(fake):
     fake.script(tool_calls(("note", {}, "c1")), text("never asked"))
 

@@ -182,8 +182,8 @@ def _text(client: Client, content: Any) -> str:
 
 
 def _tool_calls(client: Client, raw: Any, round_number: int) -> list[dict]:
-    """Tool calls with an id each (made up when a server sends none or repeats one) and
-    their arguments as JSON text, as they must be sent back."""
+    """Tool calls with an id each, unique in the round (made up when a server sends none or
+    repeats one) and their arguments as JSON text, as they must be sent back."""
     if raw is None:
         return []
     if not isinstance(raw, list):
@@ -199,7 +199,10 @@ def _tool_calls(client: Client, raw: Any, round_number: int) -> list[dict]:
                                    separators=(",", ":"), ensure_ascii=False)
         call_id = call.get("id")
         if not isinstance(call_id, str) or not call_id or call_id in seen:
-            call_id = f"call_{round_number}_{index}"
+            call_id, extra = f"call_{round_number}_{index}", 0
+            while call_id in seen:  # the server sent this one: results are matched by id
+                extra += 1
+                call_id = f"call_{round_number}_{index}_{extra}"
         seen.add(call_id)
         calls.append({"id": call_id, "type": "function",
                       "function": {"name": function["name"], "arguments": arguments}})
