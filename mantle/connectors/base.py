@@ -8,7 +8,9 @@ engine's worker thread; the engine interrupts it from another thread by setting
 from __future__ import annotations
 
 import json
+import math
 import re
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -167,10 +169,26 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 def parse_json(text: str) -> Any:
     """JSON text from outside (a response body, a plugin's stdout) as a value that can be
-    stored: ValueError (or RecursionError) when it is not JSON, NaN and Infinity included;
-    lone surrogates replaced as ``without_surrogates`` does."""
-    value = json.loads(text, parse_constant=_not_json)
+    stored: ValueError (or RecursionError) when it is not JSON, NaN and Infinity included,
+    and so is a number beyond a double (``1e999`` would decode as inf and be stored and
+    served as ``Infinity``); lone surrogates replaced as ``without_surrogates`` does."""
+    value = json.loads(text, parse_constant=_not_json, parse_float=_finite,
+                       parse_int=_within_double)
     return without_surrogates(value) if _SURROGATE_ESCAPE.search(text) else value
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:20]} is out of range")
+    return value
+
+
+def _within_double(text: str) -> int:
+    value = int(text)
+    if abs(value) > sys.float_info.max:  # no float (no expression, no vector) holds it
+        raise ValueError(f"{text[:20]}... is out of range")
+    return value
 
 
 def without_surrogates(value: Any) -> Any:

@@ -59,6 +59,10 @@ def test_embed_retries_5xx_and_counts_metrics(fake):
      "2 embedding(s) for 1 input(s)"),
     (Answer(json={"data": [{"embedding": "AAAA"}]}), "data[0].embedding is not a list of numbers"),
     (Answer(json={"object": "list"}), "data is not a list of embeddings"),
+    # inf (then "Infinity" in the output), or an integer no float holds (an internal error)
+    (Answer(body=b'{"data": [{"embedding": [0.5, 1e999]}]}'), "the body is not JSON"),
+    (Answer(body=b'{"data": [{"embedding": [0.5, 1' + b"0" * 400 + b']}]}'),
+     "the body is not JSON"),
 ])
 def test_malformed_embeddings_are_invalid_responses(fake, answer, reason):
     fake.script(answer, path=EMBEDDINGS)
