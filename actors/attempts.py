@@ -611,14 +611,21 @@ class Attempts:
                 key = child_key(parent["id"], step, attempt, block, call=call_id or "")
                 return run_child_and_wait(ctx, supervisor, parent, (step, block, attempt),
                                           key, params, token)
-            resolved = None
-            if credential is not None:
-                try:
-                    resolved = resolve_credential(credential, ctx.secrets)
-                except OUTAGE_ERRORS:
-                    raise ConnectorError(f'credential "{credential}" cannot be read: '
-                                         "database unavailable") from None
+            resolved = None if credential is None else tool_credential(credential)
             return run_action(Invocation(action, params, token, credential=resolved, **base))
+
+        def tool_credential(name: str):
+            """Read on this thread's own connection, which a server that dropped it left
+            broken: reset, it is read once more on a fresh one before the call fails."""
+            for last in (False, True):
+                try:
+                    return resolve_credential(name, ctx.secrets)
+                except OUTAGE_ERRORS:
+                    reset_connection(database_proxy)
+                    if last:
+                        raise ConnectorError(f'credential "{name}" cannot be read: '
+                                             "database unavailable") from None
+            raise AssertionError("unreachable")
 
         return run_tool
 

@@ -419,3 +419,36 @@ def test_a_workflow_run_tool_that_gave_up_on_its_childs_creation_created_no_chil
     assert detail["status"] == "completed", detail
     assert "not created in time" in _tool_results(fake)[0]["error"]
     assert [(c.id, c.status) for c in _children(parent)] == []
+
+
+
+def test_a_tools_credential_is_read_again_on_a_fresh_connection_after_one_was_dropped(
+        db, tmp_path, fake, http_target, tool_secrets):
+    """The step thread reads a tool's credential on its own pooled connection. The server
+    dropping it (a restart, a failover, an idle timeout) broke every later read of that
+    attempt: the model was told 'credential "weather" cannot be read: database
+    unavailable' with the database up."""
+    if not is_postgres(db):
+        pytest.skip("PostgreSQL: the server drops the step thread's connection")
+    engine = Engine(db, metrics=Metrics(), plugins_dir=str(tmp_path), env={},
+                    secrets=tool_secrets).start()
+    try:
+        http_target.route("/weather", echo=True)
+        fake.script(tool_calls(("weather", {"city": "x"}, "w1")),
+                    tool_calls(("weather", {"city": "y"}, "w2"), hold=True), text("done"))
+        apply(_with_tool_credential(fake, http_target))
+        before = [row[0] for row in db.execute_sql(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()")]
+        result = engine.run("agent", None)
+        fake.wait_for_requests(2, held=True)  # the first tool call has read its credential
+        dropped = db.execute_sql(  # the connections opened since: the step thread's
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = "
+            "current_database() AND NOT (pid = ANY(%s))", (before,)).fetchall()
+        assert dropped and all(ok for ok, in dropped)
+        fake.release()
+        assert finish(engine, result.execution_id)["status"] == "completed"
+    finally:
+        engine.shutdown(timeout=2)
+    results = [m["content"] for m in fake.requests()[2].json["messages"] if m["role"] == "tool"]
+    assert len(results) == 2 and all('"status":200' in result for result in results), results
+    assert len(http_target.requests("/weather")) == 2
