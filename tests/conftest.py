@@ -22,6 +22,7 @@ import pytest
 
 from mantle import db as mantle_db
 from mantle.db import migrations
+from tests.helpers.alone import pytest_runtest_protocol  # noqa: F401 -- the alone mark
 from tests.helpers.database import bound_database
 from tests.helpers.fixtures import *  # noqa: F401,F403 -- shared fixtures live there
 from tests.pg import PgCluster, started_or_skip

@@ -206,6 +206,7 @@ def test_a_timer_due_later_than_a_thread_can_wait_leaves_the_timer_thread_runnin
         timers.stop()
 
 
+@pytest.mark.alone
 def test_run_answers_503_engine_is_saturated_while_the_journal_backlog_is_over_its_limit(
         engine, db, monkeypatch):
     apply(HELLO)
@@ -275,6 +276,7 @@ def _cancel_latencies(engine, count: int) -> list[float]:
     return took
 
 
+@pytest.mark.alone
 def test_slow_if_conditions_do_not_hold_up_the_cancel_of_another_execution(
         engine, db, daemon_switch_interval):
     """Before issue 11.9 conditions were evaluated on the actors' dispatcher threads, and
@@ -283,6 +285,7 @@ def test_slow_if_conditions_do_not_hold_up_the_cancel_of_another_execution(
     assert max(took) < 0.5, [f"{t * 1000:.0f} ms" for t in took]
 
 
+@pytest.mark.alone
 def test_eight_slow_if_conditions_delay_the_cancel_of_another_execution_by_under_100_ms(
         engine, db, daemon_switch_interval):
     took = _cancel_latencies(engine, 5)
@@ -607,6 +610,7 @@ def test_a_cancel_heard_before_a_new_execution_reaches_the_supervisor_keeps_it_f
     assert engine.wait(execution_id, timeout=1) == "cancelled"
 
 
+@pytest.mark.alone
 def test_cancel_notices_for_a_frozen_node_of_this_host_never_hold_up_the_supervisor(engine):
     """SPEC 13.7 "Cancel anywhere" and docs/engine.md (a node paused past its lease): a node
     of this host that is frozen (SIGSTOP, a frozen VM) keeps its cancel channel's socket but
@@ -639,6 +643,7 @@ def test_cancel_notices_for_a_frozen_node_of_this_host_never_hold_up_the_supervi
     assert elapsed < 2.0, f"{count} cancels held the Supervisor up for {elapsed:.1f} s"
 
 
+@pytest.mark.alone
 def test_a_deadlock_between_two_nodes_is_written_again_at_once_not_taken_for_an_outage(
         db, migrated_db_url, caplog):
     """SPEC 4.9, 13.7: each run of a workflow with ``max_parallel_executions`` locks the

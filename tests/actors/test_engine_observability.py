@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import time
 
+import pytest
+
 from mantle.db.models import AuditEvent, StepExecution, WorkflowExecution
 from tests.actors.conftest import apply, finish, run, steps_of, wait_until
 
@@ -119,6 +121,7 @@ def test_plugin_steps_run_as_subprocesses_with_params(engine, tmp_path):
     assert step["output"] == {"hello": "world", "action": "greeter/say"}
 
 
+@pytest.mark.alone
 def test_cancel_aborts_an_in_flight_http_request(engine, http_target):
     http_target.route("/hang", hold=True)
     apply(f"""

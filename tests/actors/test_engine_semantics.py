@@ -89,6 +89,7 @@ def test_false_if_skips_step_and_dependents_still_run(engine):
     assert steps["after"]["output"] == {"message": "skipped {}"}
 
 
+@pytest.mark.alone
 def test_independent_steps_run_concurrently(engine):
     apply("""
         name: parallel
@@ -440,6 +441,7 @@ def test_a_workflow_timeout_due_while_the_last_steps_outcome_is_written_changes_
         "completed", None, "completed", [("cheer", "completed")])
 
 
+@pytest.mark.alone
 def test_cancel_interrupts_a_sixty_second_sleep_within_a_second(engine):
     apply("""
         name: sleeper
@@ -464,6 +466,7 @@ def test_cancel_interrupts_a_sixty_second_sleep_within_a_second(engine):
     assert detail["hooks"] == []
 
 
+@pytest.mark.alone
 def test_cancel_written_by_another_process_is_noticed_within_a_second(engine, db):
     from mantle import store
     from mantle.db import transaction

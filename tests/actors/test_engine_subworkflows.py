@@ -106,6 +106,7 @@ def test_unknown_child_workflow_or_bad_inputs_fail_the_step_without_retry(engine
         'workflow/run: input "who" must be a string', 1)
 
 
+@pytest.mark.alone
 def test_cancelling_the_parent_cancels_its_running_child_within_a_second(engine):
     apply("""
         name: sleepy-kid
@@ -127,6 +128,7 @@ def test_cancelling_the_parent_cancels_its_running_child_within_a_second(engine)
     assert detail["status"] == "cancelled"
 
 
+@pytest.mark.alone
 def test_a_parent_cancelled_on_another_node_of_this_host_stops_forty_children_at_once(
         db, tmp_path):
     """SPEC 13.3 and 13.7 "Cancel anywhere": the node that receives the cancel of a parent

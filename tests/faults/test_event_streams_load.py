@@ -20,6 +20,8 @@ import os
 import threading
 import time
 
+import pytest
+
 from tests.faults.test_load import _percentile, _Readers
 from tests.faults import test_load
 from tests.web.sse import open_stream
@@ -29,6 +31,8 @@ STREAMS = int(os.environ.get("MANTLE_STREAMS_LOAD_STREAMS", "20"))
 CLIENTS = int(os.environ.get("MANTLE_STREAMS_LOAD_CLIENTS", "10"))
 SECONDS = float(os.environ.get("MANTLE_STREAMS_LOAD_SECONDS", "10"))
 RUN_EVERY = 0.1  # a new execution every 100 ms while the load lasts
+# p99 latencies are measured: no other test may load the machine meanwhile
+pytestmark = pytest.mark.alone
 P99_MS = float(os.environ.get("MANTLE_STREAMS_LOAD_P99_MS", "500"))
 
 

@@ -28,6 +28,7 @@ def _fastest(presented: str, keys: list[ActiveKey], rounds: int = 15) -> float:
     return best
 
 
+@pytest.mark.alone
 def test_matching_a_key_takes_as_long_whichever_key_it_is_or_none():
     """An early exit would make the first key ~400 times faster to find than the last (or a
     wrong key): a timing oracle for which keys exist. Minimum of 15 rounds, so a busy machine

@@ -306,6 +306,7 @@ def test_unreachable_server_fails_with_method_url_and_reason():
 
 # --- cancel -----------------------------------------------------------------------------------------
 
+@pytest.mark.alone
 def test_cancel_aborts_a_slow_answer_at_once(fake):
     fake.script(text("late", hold=True))
     cancel = threading.Event()
@@ -318,6 +319,7 @@ def test_cancel_aborts_a_slow_answer_at_once(fake):
     assert call.ended_at - cancelled_at < 0.2
 
 
+@pytest.mark.alone
 def test_cancel_ends_a_retry_wait_at_once(fake):
     fake.script(error(429, "wait", retry_after="30"))
     cancel = threading.Event()

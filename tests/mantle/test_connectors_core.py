@@ -48,6 +48,7 @@ def test_sleep_with_invalid_or_negative_duration_fails(value, shown):
     assert error.message == f'core/sleep: invalid duration "{shown}"'
 
 
+@pytest.mark.alone
 def test_sleep_is_cut_short_by_cancel():
     cancel = threading.Event()
     call = Background(lambda: run_action(invocation("core/sleep", {"duration": "1h"}, cancel)))

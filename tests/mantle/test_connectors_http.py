@@ -247,6 +247,7 @@ def test_network_error_names_method_url_and_reason():
     assert error.retryable
 
 
+@pytest.mark.alone
 def test_timeout_fails_with_the_timeout_as_written(http_target):
     http_target.route("/slow", hold=True)
     url = http_target.url("/slow")
@@ -412,6 +413,7 @@ def test_exactly_10_redirects_are_followed(http_target):
 
 # --- cancellation ---------------------------------------------------------------------------
 
+@pytest.mark.alone
 def test_cancel_interrupts_a_request_to_a_silent_server_within_100ms(http_target):
     http_target.route("/silent", hold=True)
     cancel = threading.Event()
@@ -426,6 +428,7 @@ def test_cancel_interrupts_a_request_to_a_silent_server_within_100ms(http_target
     assert latency < 0.5
 
 
+@pytest.mark.alone
 def test_cancel_interrupts_a_slow_body(http_target):
     http_target.route("/slow-body", body="x" * 100, hold_body=True)
     cancel = threading.Event()
@@ -445,6 +448,7 @@ def _syn_sent_to(port: int) -> bool:
     return any(row[2] == f"0100007F:{port:04X}" and row[3] == "02" for row in rows)
 
 
+@pytest.mark.alone
 def test_cancel_interrupts_a_connect_that_gets_no_answer():
     # A server whose accept queue is full drops the SYN, as a firewall does: the connect
     # waits for an answer that never comes. Cancel must not wait for the request's timeout.
@@ -466,6 +470,7 @@ def test_cancel_interrupts_a_connect_that_gets_no_answer():
     assert call_.ended_at - cancelled_at < 0.5
 
 
+@pytest.mark.alone
 def test_cancel_interrupts_a_tls_handshake_the_server_never_answers():
     ended, after_cancel = cancelled_once_accepted(lambda port, cancel: call(
         {"url": f"https://127.0.0.1:{port}/", "timeout": "20s"}, cancel=cancel))

@@ -234,6 +234,7 @@ def test_default_timeout_is_60s():
     assert plugins.DEFAULT_TIMEOUT == "60s"
 
 
+@pytest.mark.alone
 def test_plugin_over_the_default_timeout_fails_and_its_group_is_killed(plugins_dir, tmp_path,
                                                                        monkeypatch):
     monkeypatch.setattr(plugins, "DEFAULT_TIMEOUT", "200ms")
@@ -253,6 +254,7 @@ def test_step_timeout_replaces_the_default_timeout(plugins_dir, monkeypatch):
 
 # --- cancellation and the process group -----------------------------------------------------
 
+@pytest.mark.alone
 def test_cancel_kills_the_plugin_and_its_grandchildren_within_100ms(plugins_dir, tmp_path):
     pid_file = tmp_path / "pids"
     install(plugins_dir, "hang", f"#!/bin/sh\nsleep 1000 &\necho $$ $! > {pid_file}\nwait\n")
@@ -270,6 +272,7 @@ def test_cancel_kills_the_plugin_and_its_grandchildren_within_100ms(plugins_dir,
     wait_until_gone(grandchild_pid)
 
 
+@pytest.mark.alone
 def test_background_child_holding_stdout_does_not_block_or_outlive_the_plugin(plugins_dir,
                                                                               tmp_path):
     pid_file = tmp_path / "child.pid"

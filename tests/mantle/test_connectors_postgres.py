@@ -245,6 +245,7 @@ def test_a_cancel_stops_the_statement_on_the_server(target):
                message="the statement still runs on the server")
 
 
+@pytest.mark.alone
 def test_a_cancel_while_connecting_ends_the_attempt_at_once():
     # No statement can run yet (the connection, once made, sees the cancel and runs
     # nothing), so there is nothing to wait for: the attempt waited out its 1 s grace, past

@@ -220,6 +220,7 @@ def test_concurrent_evaluations_do_not_interfere():
     assert not errors
 
 
+@pytest.mark.alone
 def test_an_evaluation_that_runs_past_its_time_limit_fails_instead_of_hanging(activation):
     """Issue 6: macros over large inputs nest into 10^7 and more steps; evaluation stops at
     MAX_EVALUATION_SECONDS, also when CEL would absorb an error (``true || ...``)."""

@@ -45,6 +45,7 @@ def _refusal_rows() -> list[AuditEvent]:
                 .order_by(AuditEvent.id))
 
 
+@pytest.mark.alone
 def test_a_flood_of_refused_requests_writes_one_audit_row_per_route_and_interval(
         tmp_path, db, migrated_db_url):
     apikeys.create_key("ci")
@@ -395,6 +396,7 @@ def test_api_settings_the_api_could_not_run_with_are_refused(tmp_path, env, mess
     assert str(refused.value) == message
 
 
+@pytest.mark.alone
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 def test_reads_with_a_key_answer_at_once_while_another_process_holds_the_write_lock(
         api, migrated_db_url):

@@ -118,6 +118,7 @@ def test_readyz_reports_pending_migrations(blank_db):
     readiness.stop()
 
 
+@pytest.mark.alone
 def test_readyz_never_waits_on_the_database_and_names_a_dead_engine(db):
     """The answer comes from the last background probe, at once (13.7); a dead engine actor
     makes it 503 naming the engine (issue 11.6)."""

@@ -9,6 +9,7 @@ import threading
 import time
 import urllib.request
 
+import pytest
 from waitress import wasyncore
 
 from mantle.daemon.http import HttpServer
@@ -22,6 +23,7 @@ def _thread_cpu_seconds(native_id: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+@pytest.mark.alone
 def test_the_event_loop_does_not_spin_while_a_worker_thread_writes_a_response():
     """A worker writing a response holds its connection's output lock from adding the bytes
     until it has sent them. waitress's loop saw the connection writable meanwhile and went
