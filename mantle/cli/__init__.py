@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from mantle.cli.context import Context
 from mantle.cli.parser import UsageError, build_parser
+from mantle.db.connect import database_failure
 from mantle.errors import MantleError, ValidationFailed
 
 __all__ = ["main"]
@@ -68,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if exc.code in (0, None) else 1
     context = Context(args)
     try:
-        return _commands()[args.command](args, context)
+        with database_failure():
+            return _commands()[args.command](args, context)
     except ValidationFailed:
         print("Error: validation failed", file=sys.stderr)
         return 1

@@ -39,10 +39,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from mantle.daemon.daemon import HURRY, database_failure
+from mantle.daemon.daemon import HURRY
 from mantle.daemon.http import format_address, listen
 from mantle.daemon.notify import Notifier, watchdog_interval
 from mantle.db import migrations
+from mantle.db.connect import database_failure
 from mantle.errors import MantleError
 
 __all__ = ["Arbiter", "SILENT_AFTER", "STOP_MARGIN"]

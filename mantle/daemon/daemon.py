@@ -11,7 +11,6 @@ anywhere, even inside a lock the engine needs).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
@@ -19,19 +18,17 @@ import sys
 import threading
 import time
 
-import peewee
-
 from mantle.config import Config
 from mantle.daemon.http import HttpServer
 from mantle.daemon.notify import Notifier, Watchdog, watchdog_interval
 from mantle.daemon.readiness import Readiness
 from mantle.daemon.retention import RetentionSweeper
 from mantle.db import migrations
-from mantle.errors import DatabaseUnavailable
+from mantle.db.connect import database_failure
 from mantle.metrics import Metrics
 from mantle.retention import retention_from
 
-__all__ = ["Daemon", "HURRY", "Signals", "SWITCH_INTERVAL", "database_failure"]
+__all__ = ["Daemon", "HURRY", "Signals", "SWITCH_INTERVAL"]
 
 log = logging.getLogger("mantle.server")
 
@@ -47,17 +44,6 @@ SWITCH_INTERVAL = 0.005
 STOP_MARGIN = 8.0
 # What a ``serve --workers`` parent sends its workers for a second SIGTERM/SIGINT.
 HURRY = signal.SIGUSR1
-
-
-@contextlib.contextmanager
-def database_failure():
-    """A database reachable at connect that fails a startup statement (locked past the busy
-    timeout, gone since, a role that may not write): SPEC 10.2's ``Error: failed to connect
-    to database: <detail>``, exit 1, not a traceback."""
-    try:
-        yield
-    except peewee.PeeweeException as exc:
-        raise DatabaseUnavailable(str(exc).strip() or type(exc).__name__) from exc
 
 
 class Signals:

@@ -7,6 +7,7 @@ each get their own.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sqlite3
@@ -25,7 +26,7 @@ __all__ = ["database_proxy", "connect", "bind", "unwrap", "is_sqlite", "is_postg
            "OUTAGE_ERRORS", "is_outage", "close_all", "release_connection", "reset_connection",
            "SQLITE_BUSY_TIMEOUT_MS", "PG_CONNECT_TIMEOUT_S", "PG_STATEMENT_TIMEOUT_MS",
            "backend_identity", "backend_ended", "commit_outcome", "journal_check_refused",
-           "transaction_conflict", "url_passwords"]
+           "transaction_conflict", "url_passwords", "database_failure"]
 
 # The CLI and a daemon share one SQLite file: a writer waits this long for the other's lock.
 SQLITE_BUSY_TIMEOUT_MS = 10_000
@@ -437,3 +438,15 @@ def _detail(database: peewee.Database, exc: BaseException) -> str:
             message = f'directory "{folder}" does not exist'
         return f'cannot open SQLite database "{path}": {message}'
     return message
+
+
+@contextlib.contextmanager
+def database_failure():
+    """A database reachable at connect that fails a statement no caller turned into an error
+    of its own (locked past the busy timeout, gone since, a role that may not write): SPEC
+    10.2's ``failed to connect to database: <detail>`` (``serve`` at startup, every CLI
+    command), on one line, not a traceback."""
+    try:
+        yield
+    except peewee.PeeweeException as exc:
+        raise DatabaseUnavailable(" ".join(str(exc).split()) or type(exc).__name__) from exc

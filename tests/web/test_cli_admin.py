@@ -40,6 +40,19 @@ def mantle(migrated_db_url, capsys, tmp_path, monkeypatch):
     mantle_db.database_proxy.initialize(None)
 
 
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_a_statement_the_database_refuses_is_an_error_line_not_a_traceback(read_only_url,
+                                                                           mantle, capsys):
+    """SPEC 6 (common errors): a database that fails a command's statement (here a role that
+    may only read; else a statement timeout, a lock held past the busy timeout) printed a
+    Python traceback; it is ``Error: failed to connect to database: <detail>``, exit 1."""
+    assert main(["keys", "create", "ci", "--database-url", read_only_url]) == 1
+    out, err = capsys.readouterr()
+    assert (out, err) == ("", "Error: failed to connect to database: permission denied for "
+                              "table api_keys\n")
+    assert mantle("keys", "list")[1] == "(no API keys)\n"  # nothing half written
+
+
 def test_keys_create_prints_the_key_once_and_stores_only_its_hash(mantle):
     code, out, err = mantle("keys", "create", "ci-deploy")
     assert (code, err) == (0, "")
