@@ -15,9 +15,12 @@ import time
 from web.auth import PROTECTED
 from web.errors import ApiError
 
-__all__ = ["TokenBuckets", "RateLimit", "RATE_LIMITED"]
+__all__ = ["TokenBuckets", "RateLimit", "RATE_LIMITED", "LONGEST_RETRY_AFTER"]
 
 RATE_LIMITED = "rate limit exceeded"
+# The longest Retry-After (seconds; 31 years): as slow a rate as the settings allow
+# (``api.rate_limit: 1e-300``) would wait beyond any float, and no integer holds that.
+LONGEST_RETRY_AFTER = 1e9
 
 
 class TokenBuckets:
@@ -69,5 +72,5 @@ class RateLimit:
         bucket = f"key:{key.name}" if key is not None else f"addr:{req.remote_addr}"
         wait = self._buckets.take(bucket)
         if wait > 0:
-            raise ApiError(429, RATE_LIMITED,
-                           headers={"Retry-After": str(max(1, math.ceil(wait)))})
+            seconds = max(1, math.ceil(min(wait, LONGEST_RETRY_AFTER)))
+            raise ApiError(429, RATE_LIMITED, headers={"Retry-After": str(seconds)})

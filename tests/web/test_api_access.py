@@ -11,6 +11,7 @@ import contextlib
 import datetime as dt
 import time
 
+import falcon.testing
 import pytest
 
 from mantle import apikeys
@@ -23,6 +24,8 @@ from tests.helpers.pgproxy import CommitCutter, LateCommit
 from tests.web.served import served
 from tests.web.support import Daemon, apply_yaml, cli, wait_until, wait_until_keys_apply
 from web.auth import AuthFailures
+from web.errors import ApiError
+from web.ratelimit import RateLimit, TokenBuckets
 from web.settings import ApiSettings
 
 NAP = """
@@ -341,6 +344,18 @@ def test_the_rate_limit_answers_429_with_retry_after_per_address_and_per_key(
                     for _ in range(4)]
         assert statuses == [200, 200, 200, 429]
         assert daemon.get("/api/v1/workflows", headers=_bearer(second)).status == 200
+
+
+def test_a_rate_as_slow_as_the_settings_allow_still_answers_429_with_a_retry_after():
+    """``api.rate_limit: 1e-320`` is a number >= 0: the wait for the next token is beyond any
+    float, and turning it into ``Retry-After`` raised OverflowError (a 500 for every request
+    after the first of each client)."""
+    limit = RateLimit(TokenBuckets(1e-320, 1.0))
+    request = falcon.testing.create_req(path="/api/v1/workflows", remote_addr="192.0.2.7")
+    limit.process_request(request, None)  # the first token of a new bucket
+    with pytest.raises(ApiError) as refused:
+        limit.process_request(request, None)
+    assert (refused.value.status, refused.value.headers) == (429, {"Retry-After": "1000000000"})
 
 
 def test_without_a_configured_rate_limit_no_request_is_refused(api):
