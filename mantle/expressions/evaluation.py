@@ -23,7 +23,13 @@ from celpy.evaluation import Activation, CELEvalError, Evaluator, NameContainer
 from mantle.expressions.functions import CALL_OVERRIDES, FUNCTIONS, type_name
 from mantle.expressions.messages import error_message, key_text, reword_call_error
 from mantle.expressions.syntax import ParseFailure, parse, variable_usage
-from mantle.expressions.values import ExpressionError, from_cel, to_cel
+from mantle.expressions.values import (
+    MAX_VALUE_SIZE,
+    ExpressionError,
+    from_cel,
+    size_error,
+    to_cel,
+)
 
 __all__ = [
     "ActivationCache",
@@ -148,6 +154,7 @@ class _LongEvaluations:
 
 
 _long_evaluations = _LongEvaluations()
+_SIZED = (str, bytes, list)
 
 
 class _Evaluator(Evaluator):
@@ -182,6 +189,14 @@ class _Evaluator(Evaluator):
                 _long_evaluations.begin()
             time.sleep(0)
         return super().visit(tree)
+
+    def addition(self, tree: lark.Tree) -> Any:
+        # ``a + a`` doubles, and a few steps of it would otherwise build gigabytes within the
+        # time limit; every other operation that can grow a value is a function that checks.
+        result = super().addition(tree)
+        if isinstance(result, _SIZED) and len(result) > MAX_VALUE_SIZE:
+            return CELEvalError(size_error(), tree=tree)
+        return result
 
     def primary(self, tree: lark.Tree) -> Any:
         child = tree.children[0]
@@ -294,15 +309,19 @@ def _evaluate_cel(expr: str, activation: dict[str, Any], cache: ActivationCache 
 
 
 def evaluate(
-    expr: str, activation: dict[str, Any], cache: ActivationCache | None = None
+    expr: str,
+    activation: dict[str, Any],
+    cache: ActivationCache | None = None,
+    budget: list[int] | None = None,
 ) -> Any:
     """Evaluate ``expr`` and return a plain JSON-able value; raise ExpressionError.
 
-    ``cache`` lets several expressions over the same activation share converted values.
+    ``cache`` lets several expressions over the same activation share converted values;
+    ``budget`` lets several results share one size limit (``from_cel``).
     """
     result = _evaluate_cel(expr, activation, cache)
     try:
-        return from_cel(result)
+        return from_cel(result, budget)
     except RecursionError:
         raise ExpressionError("result is nested too deeply") from None
 

@@ -19,12 +19,14 @@ from celpy import celtypes
 from celpy.evaluation import CELEvalError
 
 from mantle.expressions.values import (
+    MAX_VALUE_SIZE,
     ExpressionError,
     compact_json,
     format_duration,
     format_timestamp_rfc3339,
     from_cel,
     render_text,
+    size_error,
     to_cel,
 )
 
@@ -114,7 +116,12 @@ def trim(text: Any) -> Any:
 
 @_cel_function("replace")
 def replace(text: Any, old: Any, new: Any) -> Any:
-    return celtypes.StringType(_string(text).replace(_string(old), _string(new)))
+    text, old, new = _string(text), _string(old), _string(new)
+    if len(new) > len(old):  # the result's length, known before it is built
+        count = len(text) + 1 if old == "" else text.count(old)
+        if len(text) + count * (len(new) - len(old)) > MAX_VALUE_SIZE:
+            raise _Failure(size_error())
+    return celtypes.StringType(text.replace(old, new))
 
 
 @_cel_function("split")
@@ -186,6 +193,8 @@ def obj(*args: Any) -> Any:
 def flatten(items: Any) -> Any:
     if not isinstance(items, list):
         raise _Failure(f"argument must be a list, got {type_name(items)}")
+    if sum(len(item) if isinstance(item, list) else 1 for item in items) > MAX_VALUE_SIZE:
+        raise _Failure(size_error())
     result = celtypes.ListType()
     for item in items:
         if isinstance(item, list):

@@ -7,7 +7,7 @@ from typing import Any
 
 from mantle.expressions.evaluation import ActivationCache, evaluate
 from mantle.expressions.syntax import MAX_TEMPLATE_LENGTH, split_template
-from mantle.expressions.values import ExpressionError, render_text
+from mantle.expressions.values import MAX_VALUE_SIZE, ExpressionError, render_text, size_error
 
 __all__ = ["resolve_params", "resolve_string"]
 
@@ -39,32 +39,59 @@ def _plan(text: str) -> tuple[tuple[str, str | None], ...] | str:
 
 
 def resolve_string(
-    text: str, activation: dict[str, Any], cache: ActivationCache | None = None
+    text: str,
+    activation: dict[str, Any],
+    cache: ActivationCache | None = None,
+    budget: list[int] | None = None,
 ) -> Any:
-    """Resolve one params string: a lone template keeps its result's type, else text."""
+    """Resolve one params string: a lone template keeps its result's type, else text.
+
+    The results count against ``budget`` (``[remaining]`` characters and items, shared by the
+    strings given it; one of MAX_VALUE_SIZE if none), so one large value named many times
+    cannot join into a string of any size.
+    """
     if "{{" not in text:
         return text
     cache = cache or ActivationCache(activation)
+    budget = budget if budget is not None else [MAX_VALUE_SIZE]
     plan = _plan(text)
     if isinstance(plan, str):
-        return evaluate(plan, activation, cache)
+        return evaluate(plan, activation, cache, budget)
     # Results are placed into the output, never re-scanned, so a value that itself contains
     # "{{ }}" stays literal.
     return "".join(
-        piece if expr is None else render_text(evaluate(expr, activation, cache))
+        piece if expr is None else _text(evaluate(expr, activation, cache, budget), budget)
         for piece, expr in plan
     )
 
 
+def _text(value: Any, budget: list[int]) -> str:
+    if isinstance(value, str):  # counted already
+        return value
+    text = render_text(value)
+    budget[0] -= len(text)
+    if budget[0] < 0:
+        raise ExpressionError(size_error())
+    return text
+
+
 def resolve_params(
-    value: Any, activation: dict[str, Any], cache: ActivationCache | None = None
+    value: Any,
+    activation: dict[str, Any],
+    cache: ActivationCache | None = None,
+    budget: list[int] | None = None,
 ) -> Any:
-    """Resolve every string in nested dicts and lists; keys and non-strings are left alone."""
+    """Resolve every string in nested dicts and lists; keys and non-strings are left alone.
+
+    All of the results together are bounded as in ``resolve_string``.
+    """
     cache = cache or ActivationCache(activation)
+    budget = budget if budget is not None else [MAX_VALUE_SIZE]
     if isinstance(value, str):
-        return resolve_string(value, activation, cache)
+        return resolve_string(value, activation, cache, budget)
     if isinstance(value, dict):
-        return {key: resolve_params(item, activation, cache) for key, item in value.items()}
+        return {key: resolve_params(item, activation, cache, budget)
+                for key, item in value.items()}
     if isinstance(value, list):
-        return [resolve_params(item, activation, cache) for item in value]
+        return [resolve_params(item, activation, cache, budget) for item in value]
     return value

@@ -14,7 +14,9 @@ from mantle.errors import MantleError
 
 __all__ = [
     "ExpressionError",
+    "MAX_VALUE_SIZE",
     "compact_json",
+    "size_error",
     "format_duration",
     "format_timestamp_rfc3339",
     "from_cel",
@@ -28,6 +30,17 @@ class ExpressionError(MantleError):
 
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+# The most characters (of a string), bytes or items (of a list) a value built by an expression
+# may hold, and the most characters plus items of one result and of one step's params together.
+# Above an HTTP response body (10 MiB, as text and parsed) and an API request (16 MiB): a few
+# steps of replace(), flatten() or ``+``, or references to one value repeated, would otherwise
+# ask for gigabytes, in single calls that the evaluation's time limit cannot interrupt.
+MAX_VALUE_SIZE = 32 * 1024 * 1024
+
+
+def size_error() -> str:
+    return f"value exceeds the size limit of {MAX_VALUE_SIZE} characters or items"
 
 
 # celpy's constructors run type checks and build closures on every call; values decoded from
@@ -137,13 +150,22 @@ _TYPE_NAMES = {
 }
 
 
-def from_cel(value: Any) -> Any:
+def from_cel(value: Any, budget: list[int] | None = None) -> Any:
     """Convert a CEL result to plain JSON-able Python.
 
     Timestamps and durations become their RFC 3339 / ``<n>s`` strings, bytes become base64 (the
     protobuf JSON mapping), non-string map keys their JSON text. Infinite and NaN doubles have no
-    JSON form and raise ExpressionError.
+    JSON form and raise ExpressionError. Every string character and every value counts against
+    ``budget`` (``[remaining]``, shared by the calls given it; one of MAX_VALUE_SIZE if none):
+    a list may hold one large value many times over, which must not be written out unbounded.
     """
+    return _plain(value, budget if budget is not None else [MAX_VALUE_SIZE])
+
+
+def _plain(value: Any, budget: list[int]) -> Any:
+    budget[0] -= len(value) + 1 if isinstance(value, str | bytes) else 1
+    if budget[0] < 0:
+        raise ExpressionError(size_error())
     if value is None:
         return None
     if isinstance(value, bool | celtypes.BoolType):
@@ -157,9 +179,9 @@ def from_cel(value: Any) -> Any:
     if isinstance(value, str):
         return str(value)
     if isinstance(value, dict):
-        return {_key_text(k): from_cel(v) for k, v in value.items()}
+        return {_key_text(k): _plain(v, budget) for k, v in value.items()}
     if isinstance(value, list):
-        return [from_cel(item) for item in value]
+        return [_plain(item, budget) for item in value]
     if isinstance(value, datetime.datetime):
         return format_timestamp_rfc3339(value)
     if isinstance(value, datetime.timedelta):

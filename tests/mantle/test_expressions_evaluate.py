@@ -13,6 +13,8 @@ from mantle.expressions import (
     compile_expression,
     evaluate,
     evaluate_condition,
+    resolve_params,
+    resolve_string,
 )
 from tests.helpers.waiting import wait_until
 
@@ -262,3 +264,48 @@ def test_a_long_evaluation_shortens_the_gil_switch_interval_until_it_ends(activa
         assert sys.getswitchinterval() == 0.005
     finally:
         sys.setswitchinterval(before)
+
+
+def _timed_size_error(run):
+    started = time.monotonic()
+    with pytest.raises(ExpressionError, match=r"exceeds the size limit of 33554432 "):
+        run()
+    assert time.monotonic() - started < MAX_EVALUATION_SECONDS
+
+
+def test_a_string_or_list_that_grows_past_the_size_limit_fails_at_once(activation):
+    """One call can multiply its input (replace, flatten) and ``+`` doubles: without a bound
+    a short expression asked for gigabytes and ran for many seconds past the 1 s limit, as a
+    single call the deadline cannot interrupt (eight chained replaces: 1 GiB, 6 s)."""
+    replaces = '"aaaaaaaa"' + '.replace("a", "aaaaaaaa")' * 10 + ".size()"
+    _timed_size_error(lambda: evaluate(replaces, activation))
+    tens = "[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]"
+    nested = tens
+    for _ in range(8):
+        nested = f"[{nested}].map(l, flatten({tens}.map(i, l)))[0]"
+    _timed_size_error(lambda: evaluate(f"size({nested})", activation))
+    activation["inputs"]["text"] = "x" * 20_000_000
+    _timed_size_error(lambda: evaluate("size(inputs.text + inputs.text)", activation))
+    assert evaluate("size(inputs.text + 'y')", activation) == 20_000_001  # under it: fine
+
+
+def test_a_result_of_shared_values_past_the_size_limit_fails_instead_of_expanding(activation):
+    """``[s, s, ...]`` holds ten references to one string; nested, a few dozen steps name 10^8
+    copies, which jsonEncode, toString or a template's result would have written out."""
+    activation["inputs"]["text"] = "x" * 1_000_000
+    tens = "[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]"
+    shared = f"{tens}.map(i, {tens}.map(j, inputs.text))"
+    for expr in (f"jsonEncode({shared})", f"toString({shared})", shared):
+        _timed_size_error(lambda: evaluate(expr, activation))
+    _timed_size_error(lambda: resolve_params({"body": "{{ " + shared + " }}"}, activation))
+
+
+def test_a_steps_templates_together_stay_within_the_size_limit(activation):
+    """Each template is bounded and so are the step's params together: many pieces naming one
+    large value would otherwise join into a string of any size."""
+    activation["inputs"]["text"] = "x" * 12_000_000
+    params = {"a": "{{ inputs.text }}", "b": ["<{{ inputs.text }}>", "{{ inputs.text }}"]}
+    _timed_size_error(lambda: resolve_params(params, activation))
+    _timed_size_error(lambda: resolve_string("{{ inputs.text }}" * 3, activation))
+    resolved = resolve_params({"a": "{{ inputs.text }}", "b": "{{ inputs.limit }}"}, activation)
+    assert len(resolved["a"]) == 12_000_000 and resolved["b"] == 10
