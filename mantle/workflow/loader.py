@@ -10,6 +10,8 @@ are used here; the node tree is turned into data by ``_Builder``, which:
   NaN or infinity;
 - turns every mapping key into its text (``1: x`` has the key ``"1"``);
 - records duplicate keys as rule-3 errors, keeping the first value;
+- refuses a scalar or key holding a UTF-16 surrogate (only an escape can write one, and no
+  database column can store it) as a rule-1 error;
 - refuses nesting deeper than ``MAX_DEPTH`` and more than ``MAX_NODES`` nodes after alias
   expansion, so alias bombs and deep nesting fail fast as rule-1 errors.
 """
@@ -38,6 +40,8 @@ MAX_NODES = 100_000
 
 _TAG = "tag:yaml.org,2002:"
 _NON_FINITE = re.compile(r"inf|nan", re.IGNORECASE)
+# Only an escape (\ud800, \U0000dfff) puts one in a scalar: the bytes are strict UTF-8.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _CORE_SCHEMA = (
     (_TAG + "null", re.compile(r"~|null|Null|NULL|")),
     (_TAG + "bool", re.compile(r"true|True|TRUE|false|False|FALSE")),
@@ -252,6 +256,10 @@ def _key_text(node) -> str:
 def _scalar_value(node: ScalarNode) -> Any:
     """Construct a scalar by its (resolved or explicit) tag."""
     tag, text = node.tag, node.value
+    if surrogate := _SURROGATE.search(text):
+        # No database, JSON document or HTTP body can carry one: apply would crash storing it.
+        raise _node_error(node, f"escape of a UTF-16 surrogate (U+{ord(surrogate.group()):04X}) "
+                                "is not a character")
     if tag == _TAG + "str":
         return text
     kind = tag[len(_TAG):] if tag.startswith(_TAG) else None

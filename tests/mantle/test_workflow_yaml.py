@@ -187,3 +187,19 @@ def _single_error(raw: bytes):
         load_workflow(raw)
     assert len(failure.value.errors) == 1, failure.value.errors
     return failure.value.errors[0]
+
+
+@pytest.mark.parametrize("text, column, code", [
+    ('description: "x\\ud800"\n', 14, "D800"),
+    ('description: "\\ud83d\\ude00"\n', 14, "D83D"),  # YAML escapes code points, not UTF-16
+    ('description: "\\U0000dfff"\n', 14, "DFFF"),
+    ('"k\\udc00": 1\n', 1, "DC00"),
+])
+def test_a_surrogate_escape_is_a_rule_1_error_instead_of_a_crash_in_apply(text, column, code):
+    """A double-quoted escape is the only way to write a lone surrogate; validate accepted it,
+    and apply (and a run's stored inputs or params) then failed with UnicodeEncodeError on
+    either database, a traceback."""
+    raw = ("name: demo\nsteps: [{name: a, action: core/log}]\n" + text).encode()
+    assert as_tuple(_single_error(raw)) == (
+        3, column, f"invalid YAML: escape of a UTF-16 surrogate (U+{code}) is not a character",
+        "document", 1)
