@@ -107,7 +107,9 @@ def _triggers(reader: FieldReader, data: dict) -> None:
         kind = reader.string(trigger, "type", path + ("type",))
         schedule = reader.string(trigger, "schedule", path + ("schedule",))
         hook_path = reader.string(trigger, "path", path + ("path",))
-        reader.string(trigger, "secret", path + ("secret",))
+        secret = reader.string(trigger, "secret", path + ("secret",))
+        if isinstance(secret, str) and "\x00" in secret:  # no PostgreSQL text column holds it
+            add(4, path + ("secret",), "secret must not contain a NUL character")
         # Replay protection of signed webhooks (docs/workflows.md): checked like a timeout.
         check_duration(reader, trigger, "max_age", path + ("max_age",), label="max_age")
         if kind is WRONG:

@@ -228,6 +228,22 @@ def test_rule_19_webhook_path_pattern(path):
         5, 5, "webhook path must match ^/hooks/[A-Za-z0-9._~/-]+$", "triggers[0].path", 19)
 
 
+def test_a_webhook_secret_holding_nul_is_refused_by_every_command_not_only_on_postgresql():
+    """The secret is stored in its trigger row's text column, which PostgreSQL refuses NUL
+    in: validate and plan accepted it, and apply died with psycopg's DataError traceback
+    (SQLite stored it)."""
+    text = """\
+        name: demo
+        steps: [{name: a, action: core/log}]
+        triggers:
+          - type: webhook
+            path: /hooks/a
+            secret: "s3\\0cret"
+        """
+    assert only_error(text) == (
+        6, 5, "secret must not contain a NUL character", "triggers[0].secret", 4)
+
+
 def test_rule_20_webhook_path_repeated_in_the_file_is_reported_at_the_repeat():
     text = """\
         name: demo
