@@ -10,11 +10,21 @@ from mantle.workflow.fields import WRONG, FieldReader
 from mantle.workflow.references import implicit_dependencies, param_templates
 from mantle.workflow.report import Path
 
-__all__ = ["StepChecker", "check_duration", "NAME_PATTERN", "HOOK_BLOCKS", "BACKOFFS"]
+__all__ = ["StepChecker", "check_duration", "too_long", "NAME_PATTERN", "HOOK_BLOCKS",
+           "BACKOFFS", "MAX_STORED_LENGTH"]
 
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9-]*")
+# The columns that hold workflow and step names, webhook paths and cron schedules.
+MAX_STORED_LENGTH = 255
 HOOK_BLOCKS = ("on_success", "on_failure", "on_finish")
 BACKOFFS = ("fixed", "exponential")
+
+
+def too_long(text: str, what: str) -> str | None:
+    """The error for text longer than its column (PostgreSQL refuses it; SQLite would not)."""
+    if len(text) <= MAX_STORED_LENGTH:
+        return None
+    return f"{what} must be at most {MAX_STORED_LENGTH} characters"
 
 
 def check_duration(reader: FieldReader, container: dict, key: str, path: Path,
@@ -71,6 +81,8 @@ class StepChecker:
     def _step_name(self, name: str, path: Path, seen: set[str]) -> None:
         if not NAME_PATTERN.fullmatch(name):
             self.add(22, path + ("name",), "step name must match ^[a-z][a-z0-9-]*$")
+        elif error := too_long(name, "step name"):
+            self.add(22, path + ("name",), error)
         if name in seen:
             self.add(23, path + ("name",), f'duplicate step name "{name}"')
         seen.add(name)
@@ -99,6 +111,8 @@ class StepChecker:
             return
         if not NAME_PATTERN.fullmatch(name):
             self.add(32, path + ("name",), "hook step name must match ^[a-z][a-z0-9-]*$")
+        elif error := too_long(name, "hook step name"):
+            self.add(32, path + ("name",), error)
         if name in first_block:
             self.add(33, path + ("name",), f'duplicate hook step name "{name}" '
                                            f"(also declared in hooks.{first_block[name]})")

@@ -13,7 +13,7 @@ from croniter import croniter
 from mantle.workflow.fields import WRONG, FieldReader
 from mantle.workflow.loader import LoadedDocument
 from mantle.workflow.report import Collector
-from mantle.workflow.steps import NAME_PATTERN, StepChecker, check_duration
+from mantle.workflow.steps import NAME_PATTERN, StepChecker, check_duration, too_long
 
 __all__ = ["validate_document", "valid_cron", "INPUT_NAME_PATTERN", "INPUT_TYPES",
            "WEBHOOK_PATH_PATTERN", "ON_LIMIT_VALUES"]
@@ -72,6 +72,8 @@ def _top_level(reader: FieldReader, data: dict) -> None:
             add(5, ("name",), "name is required")
         elif not NAME_PATTERN.fullmatch(name):
             add(6, ("name",), "name must match ^[a-z][a-z0-9-]*$")
+        elif error := too_long(name, "name"):
+            add(6, ("name",), error)
     reader.string(data, "description", ("description",))
     check_duration(reader, data, "timeout", ("timeout",))
     limit = reader.integer(data, "max_parallel_executions", ("max_parallel_executions",))
@@ -121,6 +123,8 @@ def _triggers(reader: FieldReader, data: dict) -> None:
         elif kind == "cron" and schedule is not WRONG:
             if not schedule:
                 add(16, path + ("schedule",), "schedule is required for cron triggers")
+            elif error := too_long(schedule, "cron schedule"):
+                add(17, path + ("schedule",), error)
             elif not valid_cron(schedule):
                 add(17, path + ("schedule",), f'invalid cron schedule "{schedule}"')
         elif kind == "webhook" and hook_path is not WRONG:
@@ -129,6 +133,8 @@ def _triggers(reader: FieldReader, data: dict) -> None:
                 continue
             if not WEBHOOK_PATH_PATTERN.fullmatch(hook_path):
                 add(19, path + ("path",), "webhook path must match ^/hooks/[A-Za-z0-9._~/-]+$")
+            elif error := too_long(hook_path, "webhook path"):
+                add(19, path + ("path",), error)
             if hook_path in webhook_paths:
                 add(20, path + ("path",), f'duplicate webhook path "{hook_path}"')
             webhook_paths.add(hook_path)

@@ -228,6 +228,32 @@ def test_rule_19_webhook_path_pattern(path):
         5, 5, "webhook path must match ^/hooks/[A-Za-z0-9._~/-]+$", "triggers[0].path", 19)
 
 
+def test_names_paths_and_schedules_longer_than_their_columns_fail_validation():
+    """Workflow and step names, webhook paths and cron schedules are stored in 255-character
+    columns: validate and plan accepted longer ones, and apply (or, for a step name, the run)
+    then died on PostgreSQL with "value too long for type character varying(255)"."""
+    long = "a" * 256
+    minutes, hours, days = (",".join(map(str, range(*span))) for span in ((60,), (24,), (1, 32)))
+    text = f"""\
+        name: {long}
+        steps: [{{name: {long}, action: core/log}}]
+        triggers:
+          - {{type: webhook, path: /hooks/{long}}}
+          - {{type: cron, schedule: "{minutes} {hours} {days} * *"}}
+        hooks:
+          on_finish: [{{name: {long}, action: core/log}}]
+        """
+    assert [(error.path, error.rule, error.message) for error in errors_of(text)] == [
+        ("name", 6, "name must be at most 255 characters"),
+        ("steps[0].name", 22, "step name must be at most 255 characters"),
+        ("triggers[0].path", 19, "webhook path must be at most 255 characters"),
+        ("triggers[1].schedule", 17, "cron schedule must be at most 255 characters"),
+        ("hooks.on_finish[0].name", 32, "hook step name must be at most 255 characters"),
+    ]
+    at_limit = "a" * 255
+    assert load_text(f"name: {at_limit}\nsteps: [{{name: {at_limit}, action: core/log}}]\n")
+
+
 def test_a_webhook_secret_holding_nul_is_refused_by_every_command_not_only_on_postgresql():
     """The secret is stored in its trigger row's text column, which PostgreSQL refuses NUL
     in: validate and plan accepted it, and apply died with psycopg's DataError traceback
