@@ -18,6 +18,7 @@ from typing import Any, Callable
 from celpy import celtypes
 from celpy.evaluation import CELEvalError
 
+from mantle.connectors.base import without_surrogates
 from mantle.expressions.values import (
     MAX_VALUE_SIZE,
     ExpressionError,
@@ -42,6 +43,7 @@ _RFC3339 = re.compile(
     r"(?:([Zz])|([+-])(\d{2}):(\d{2}))"
 )
 _DATE = re.compile(r"(\d{4})-(\d{2})-(\d{2})")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _DATE_TIME = re.compile(r"(\d{4})-(\d{2})-(\d{2}) (\d{2}):(\d{2}):(\d{2})")
 
 
@@ -216,9 +218,11 @@ def json_decode(text: Any) -> Any:
     if size > MAX_JSON_DECODE_BYTES:
         raise _Failure(f"input is {size} bytes, limit is {MAX_JSON_DECODE_BYTES}")
     try:
-        return to_cel(json.loads(text))
+        value = json.loads(text)
     except json.JSONDecodeError as error:
         raise _Failure(f"invalid JSON: {error}") from None
+    # "\ud83d" (a string cut inside an emoji): U+FFFD, as connectors decode JSON from outside.
+    return to_cel(without_surrogates(value) if _SURROGATE_ESCAPE.search(text) else value)
 
 
 def _utc(*fields: str) -> datetime.datetime:

@@ -6,6 +6,7 @@ import base64
 import datetime
 import json
 import math
+import re
 from typing import Any
 
 from celpy import celtypes
@@ -37,6 +38,9 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 # steps of replace(), flatten() or ``+``, or references to one value repeated, would otherwise
 # ask for gigabytes, in single calls that the evaluation's time limit cannot interrupt.
 MAX_VALUE_SIZE = 32 * 1024 * 1024
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def size_error() -> str:
@@ -177,7 +181,7 @@ def _plain(value: Any, budget: list[int]) -> Any:
             raise ExpressionError(f"result {float(value)} is not a finite number")
         return float(value)
     if isinstance(value, str):
-        return str(value)
+        return _text(value)
     if isinstance(value, dict):
         return {_key_text(k): _plain(v, budget) for k, v in value.items()}
     if isinstance(value, list):
@@ -193,11 +197,21 @@ def _plain(value: Any, budget: list[int]) -> Any:
     raise ExpressionError(f"result of type {type(value).__name__} has no JSON form")
 
 
+def _text(value: str) -> str:
+    """A string that UTF-8 (every column, JSON document and HTTP body) can carry: a lone
+    surrogate, from a CEL escape (``'\\ud800'``) or an undecodable environment variable
+    (Python's surrogateescape), is an expression error rather than a failed write."""
+    if not value.isascii() and (surrogate := _SURROGATE.search(value)):
+        raise ExpressionError(f"result holds a lone UTF-16 surrogate "
+                              f"(U+{ord(surrogate.group()):04X}), which is not a character")
+    return str(value)
+
+
 def _key_text(key: Any) -> str:
     """A map key as JSON text: CEL's key types are string, bool, int and uint; any other
     (celpy builds maps keyed by bytes, doubles or types too) is an expression error."""
     if isinstance(key, str):
-        return str(key)
+        return _text(key)
     if isinstance(key, bool | celtypes.BoolType):
         return "true" if key else "false"
     if isinstance(key, int):  # IntType and UintType are ints

@@ -248,11 +248,14 @@ def test_a_map_keyed_by_a_type_json_has_no_key_for_fails_the_step(engine):
     """SPEC 4.5: an expression whose result has no JSON form fails its step. celpy builds
     maps keyed by bytes, doubles or types; turning one into JSON raised ValueError or
     TypeError, not an expression error: the evaluation task died, the step stayed
-    ``pending`` and the execution ``running`` for ever."""
+    ``pending`` and the execution ``running`` for ever. A lone surrogate (a CEL escape) has
+    no UTF-8 form: the params could not be stored, and the execution ended ``internal error``
+    with its independent steps cancelled."""
     apply("""
         name: odd-maps
         steps:
           - {name: bytes-key, action: core/log, params: {message: "{{ {b'a': 1} }}"}}
+          - {name: lone, action: core/log, params: {message: '{{ "\\ud800" }}'}}
           - {name: type-key, action: core/log, params: {message: "{{ {type(1): 1} }}"}}
           - {name: fine, action: core/log, params: {message: "{{ {1: 2} }}"}}
     """)
@@ -263,6 +266,8 @@ def test_a_map_keyed_by_a_type_json_has_no_key_for_fails_the_step(engine):
                                           "JSON form"
     assert steps["type-key"]["error"] == "resolving params: map key of type type has no " \
                                          "JSON form"
+    assert steps["lone"]["error"] == "resolving params: result holds a lone UTF-16 " \
+                                     "surrogate (U+D800), which is not a character"
     assert steps["fine"]["status"] == "completed"
 
 

@@ -193,6 +193,24 @@ def test_json_decode_rejects_input_over_one_mebibyte():
     assert len(evaluate("jsonDecode(inputs.text)", {"inputs": {"text": big[:-3] + '"'}})) > 0
 
 
+def test_a_lone_surrogate_is_an_expression_error_or_u_fffd_from_json_decode():
+    """A CEL escape (``'\\ud800'``) or an environment variable with undecodable bytes put a
+    lone UTF-16 surrogate into a result that no database or HTTP body can carry: the step's
+    params could not be stored, and the whole execution ended ``internal error: 'utf-8'
+    codec can't encode ...``, its independent steps cancelled. It is now the step's
+    expression error; jsonDecode decodes a JSON escape of one to U+FFFD, as connectors do
+    with JSON from outside (docs/workflows.md)."""
+    fails(r"'a\ud800'", r"^result holds a lone UTF-16 surrogate \(U\+D800\), which is not a ")
+    fails(r"{'k\udfff': 1}", r"^result holds a lone UTF-16 surrogate \(U\+DFFF\)")
+    env = {"env": {"RAW": "caf\udce9"}}  # os.environ's surrogateescape of b"caf\xe9"
+    with pytest.raises(ExpressionError, match=r"surrogate \(U\+DCE9\)"):
+        evaluate("env.RAW", env)
+    assert evaluate("size(env.RAW)", env) == 4  # read and compared freely
+    assert run(r"""jsonDecode('["\\ud83d", {"\\udc00": "\\ud83d\\ude00"}]')""") == [
+        "\ufffd", {"\ufffd": "\U0001f600"}]
+    assert run(r"'\U0001F600'") == "\U0001f600"
+
+
 def test_parse_timestamp_rfc3339():
     assert run("parseTimestamp('2024-03-05T07:08:09Z')") == "2024-03-05T07:08:09Z"
     assert run("parseTimestamp('2024-03-05T07:08:09.250+02:00')") == "2024-03-05T07:08:09.25+02:00"
