@@ -32,6 +32,7 @@ _FINAL = ("completed", "failed", "cancelled")
 _STEP_ORDER = ("pending", "running", "completed", "failed", "skipped", "cancelled")
 _STEP_FINAL = ("completed", "failed", "skipped", "cancelled")
 _INT = re.compile(r"-?[0-9]+")
+_DOUBLE_DIGITS = len(str(int(sys.float_info.max)))  # 309
 # Plain decimal notation only: float() would also take "nan", "inf", "1_000" and spaces.
 _FLOAT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 # After the database shows a final status, how long the engine may take to settle the rows of
@@ -63,7 +64,11 @@ def parse_inputs(pairs: list[str], declared: dict) -> dict:
 def _typed(key: str, text: str, kind: str | None):
     if kind == "number":
         if _INT.fullmatch(text):
-            return int(text)
+            # Beyond a double (1 and 400 zeros) no expression can hold it and the API refuses
+            # it, as 1e400 is here; past 4300 digits int() itself refuses.
+            if len(text.lstrip("-0")) <= _DOUBLE_DIGITS and abs(int(text)) <= sys.float_info.max:
+                return int(text)
+            raise InvalidInput(f'input "{key}" must be a number')
         value = float(text) if _FLOAT.fullmatch(text) else math.nan
         if not math.isfinite(value):  # JSON has no NaN or infinity
             raise InvalidInput(f'input "{key}" must be a number')

@@ -171,6 +171,10 @@ def test_run_refuses_bad_workflows_and_inputs_without_creating_anything(cli):
         (["typed", "--input", "colour=red"], 'unknown input "colour"'),
         (["typed", "--input", "count=12abc"], 'input "count" must be a number'),
         (["typed", "--input", "count=nan"], 'input "count" must be a number'),
+        # Beyond a double, as 1e400 is, and as the API refuses it; past 4300 digits int()
+        # raised ValueError, a traceback.
+        (["typed", "--input", "count=1" + "0" * 400], 'input "count" must be a number'),
+        (["typed", "--input", "count=-1" + "0" * 5000], 'input "count" must be a number'),
         (["typed", "--input", "count=1", "--input", "flag=yes"],
          'input "flag" must be a boolean'),
     ]
