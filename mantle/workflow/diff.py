@@ -32,12 +32,24 @@ class Change:
         return f"  {self.kind} {self.path}: {render_leaf(value)}"
 
 
+# A key that could be read as more than one path element is written as ``["a.b"]``.
+_PLAIN_KEY = re.compile(r'[^.\[\]"]+')
+
+
+def _member(path: str, key: str) -> str:
+    if not _PLAIN_KEY.fullmatch(key):
+        return f"{path}[{json.dumps(key, ensure_ascii=False)}]"
+    return f"{path}.{key}" if path else key
+
+
 def leaves(value: Any, path: str = "") -> dict[str, Any]:
-    """Flatten to ``{path: leaf}`` in document order; lists by index, empty containers are leaves."""
+    """Flatten to ``{path: leaf}`` in document order; lists by index, empty containers are
+    leaves. Keys holding ``.``, ``[``, ``]`` or ``"`` (or empty) are quoted (``params["a.b"]``)
+    so that no two leaves share a path."""
     out: dict[str, Any] = {}
     if isinstance(value, dict) and value:
         for key, item in value.items():
-            out.update(leaves(item, f"{path}.{key}" if path else str(key)))
+            out.update(leaves(item, _member(path, str(key))))
     elif isinstance(value, list) and value:
         for index, item in enumerate(value):
             out.update(leaves(item, f"{path}[{index}]"))

@@ -30,3 +30,14 @@ def test_non_string_values_render_as_compact_json_and_types_matter():
 def test_identical_documents_have_no_changes():
     doc = {"name": "x", "steps": [{"name": "a", "params": {"body": {"t": None}}}]}
     assert diff_definitions(doc, doc) == []
+
+
+def test_a_key_holding_a_dot_or_bracket_is_quoted_so_moving_it_is_a_change():
+    """A key ``"a.b"`` and a key ``a`` holding ``b`` both had the path ``params.a.b``: plan
+    said only formatting differed while apply stored a different definition."""
+    old = {"params": {"a.b": 1, "x[0]": 2, '"q': 3}}
+    new = {"params": {"a": {"b": 1}, "x": [2], '"q': 3}}
+    assert list(leaves(old)) == ['params["a.b"]', 'params["x[0]"]', 'params["\\"q"]']
+    lines = [c.render() for c in diff_definitions(old, new)]
+    assert lines == ["  + params.a.b: 1", "  + params.x[0]: 2",
+                     '  - params["a.b"]: 1', '  - params["x[0]"]: 2']
