@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Iterable
 
 from mantle.errors import ValidationFailed
@@ -13,6 +14,14 @@ Path = tuple  # of str (mapping keys) and int (list indexes)
 
 #: The path shown for errors about the file as a whole (rules 1 and 2).
 DOCUMENT = "document"
+
+# Characters that would break an error's line (or, like a carriage return, hide part of it).
+_LINE_BREAKING = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _one_line(text: str) -> str:
+    """``text`` with each control or line-separator character escaped (``\\n``, ``\\x1b``)."""
+    return _LINE_BREAKING.sub(lambda match: ascii(match.group())[1:-1], text)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -26,8 +35,10 @@ class ValidationError:
     rule: int
 
     def format(self, filename: str) -> str:
-        """The SPEC 2.7 line; ``filename`` should already be the base name."""
-        return f"{filename}:{self.line}:{self.column}: error: {self.message} ({self.path})"
+        """The SPEC 2.7 line, always one: values and keys quoted in it may hold line breaks,
+        which are escaped. ``filename`` should already be the base name."""
+        return (f"{_one_line(filename)}:{self.line}:{self.column}: error: "
+                f"{_one_line(self.message)} ({_one_line(self.path)})")
 
     def sort_key(self) -> tuple[int, int, int]:
         return (self.line, self.column, self.rule)

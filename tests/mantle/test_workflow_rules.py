@@ -610,3 +610,20 @@ def test_all_errors_are_reported_not_just_the_first():
           - {action: core/log}
         """
     assert sorted(error.rule for error in errors_of(text)) == [10, 11, 21, 24]
+
+
+def test_each_error_stays_on_one_line_whatever_the_file_holds():
+    """SPEC 2.7: one line per error. A value, name or key with a line break (or a carriage
+    return, which hid the start of the line on a terminal) was printed as is."""
+    text = """\
+        name: demo
+        on_limit: "x\\ny"
+        steps: [{name: a, action: core/log, depends_on: ["b\\rc"]}]
+        inputs: {"bad\\u2028name": {}, "t\\tab": {}}
+        """
+    assert [error.format("f.yaml") for error in errors_of(text)] == [
+        'f.yaml:2:1: error: on_limit must be one of: queue, reject (got "x\\ny") (on_limit)',
+        'f.yaml:3:37: error: references undefined step "b\\rc" (steps[0].depends_on)',
+        "f.yaml:4:10: error: input name must match ^[a-z][a-z0-9_]*$ (inputs.bad\\u2028name)",
+        "f.yaml:4:31: error: input name must match ^[a-z][a-z0-9_]*$ (inputs.t\\tab)",
+    ]
