@@ -155,6 +155,9 @@ class _LongEvaluations:
 
 _long_evaluations = _LongEvaluations()
 _SIZED = (str, bytes, list)
+# All the strings, bytes and lists the operators and functions of one evaluation may return,
+# in characters, bytes or items (memory for eight evaluations at once stays in the gigabytes).
+MAX_BUILT_SIZE = 2 * MAX_VALUE_SIZE
 
 
 class _Evaluator(Evaluator):
@@ -165,13 +168,29 @@ class _Evaluator(Evaluator):
     """
 
     def __init__(self, ast: lark.Tree, activation: Activation, deadline: float,
-                 long: list[bool] | None = None):
+                 long: list[bool] | None = None, built: list[int] | None = None):
         super().__init__(ast, activation)
         self._deadline = deadline
         self.long = long if long is not None else [False]  # shared with sub-evaluators
+        self.built = built if built is not None else [0]  # so is this (see _bounded)
 
     def sub_evaluator(self, ast: lark.Tree) -> Evaluator:
-        return _Evaluator(ast, self.activation, self._deadline, self.long)
+        return _Evaluator(ast, self.activation, self._deadline, self.long, self.built)
+
+    def _bounded(self, result: Any) -> Any:
+        """``result`` of an operator or function, unless it, or all that this evaluation has
+        built so far, is over its limit. Copying is fast enough that the time limit alone
+        let ``a + a`` double into gigabytes, and a macro make a hundred copies of a large
+        input; a function that can multiply its input (replace, flatten) checks before."""
+        if isinstance(result, _SIZED):
+            size = len(result)
+            self.built[0] += size
+            if size > MAX_VALUE_SIZE:
+                return CELEvalError(size_error())
+            if self.built[0] > MAX_BUILT_SIZE:
+                return CELEvalError(f"one evaluation built more than {MAX_BUILT_SIZE} "
+                                    "characters or items in all")
+        return result
 
     def visit(self, tree: lark.Tree) -> Any:
         # A Python exception, not a CELEvalError: CEL absorbs errors (true || error is true),
@@ -191,12 +210,9 @@ class _Evaluator(Evaluator):
         return super().visit(tree)
 
     def addition(self, tree: lark.Tree) -> Any:
-        # ``a + a`` doubles, and a few steps of it would otherwise build gigabytes within the
-        # time limit; every other operation that can grow a value is a function that checks.
         result = super().addition(tree)
-        if isinstance(result, _SIZED) and len(result) > MAX_VALUE_SIZE:
-            return CELEvalError(size_error(), tree=tree)
-        return result
+        # One child: no "+" or "-", the operand passes through (a variable's value, say).
+        return self._bounded(result) if len(tree.children) == 2 else result
 
     def primary(self, tree: lark.Tree) -> Any:
         child = tree.children[0]
@@ -229,8 +245,9 @@ class _Evaluator(Evaluator):
             for argument in arguments:
                 if isinstance(argument, CELEvalError):
                     return argument
-            return CALL_OVERRIDES[name](*arguments)
-        return reword_call_error(super().function_eval(name_token, arguments), name, arguments)
+            return self._bounded(CALL_OVERRIDES[name](*arguments))
+        result = super().function_eval(name_token, arguments)
+        return self._bounded(reword_call_error(result, name, arguments))
 
     def method_eval(
         self, object: Any, method_ident: lark.Token, exprlist: Iterable[Any] | None = None
@@ -240,7 +257,8 @@ class _Evaluator(Evaluator):
             return CELEvalError(f"undeclared method {name!r}", token=method_ident)
         arguments = list(exprlist or []) if not isinstance(exprlist, CELEvalError) else exprlist
         result = super().method_eval(object, method_ident, arguments)
-        return reword_call_error(result, name, [object, *arguments] if isinstance(arguments, list) else [])
+        called = [object, *arguments] if isinstance(arguments, list) else []
+        return self._bounded(reword_call_error(result, name, called))
 
     def member_dot(self, tree: lark.Tree) -> Any:
         """``e.f``: visits ``e`` once and words the failure itself (celpy's embeds reprs)."""

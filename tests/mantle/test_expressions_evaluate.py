@@ -289,6 +289,21 @@ def test_a_string_or_list_that_grows_past_the_size_limit_fails_at_once(activatio
     assert evaluate("size(inputs.text + 'y')", activation) == 20_000_001  # under it: fine
 
 
+def test_the_values_one_evaluation_builds_are_bounded_in_all(activation):
+    """Each new string under the limit, but a macro building many of them: 100 copies of a
+    20 MB input were 2 GB within the 1 s limit (850 MB on a loaded machine)."""
+    activation["inputs"]["text"] = "x" * 10_000_000
+    activation["inputs"]["xs"] = list(range(100))
+    for build in ("inputs.text + 'a'", "inputs.text.replace('x', 'y')", "inputs.text.trim()"):
+        started = time.monotonic()
+        with pytest.raises(ExpressionError, match=r"^one evaluation built more than 67108864 "
+                                                  r"characters or items in all$"):
+            evaluate(f"inputs.xs.map(x, {build}).size()", activation)
+        assert time.monotonic() - started < MAX_EVALUATION_SECONDS
+    assert evaluate("inputs.xs.map(x, inputs.text).size()", activation) == 100  # no copies
+    assert evaluate("[1, 2, 3].map(x, inputs.text + 'a')[2].size()", activation) == 10_000_001
+
+
 def test_a_result_of_shared_values_past_the_size_limit_fails_instead_of_expanding(activation):
     """``[s, s, ...]`` holds ten references to one string; nested, a few dozen steps name 10^8
     copies, which jsonEncode, toString or a template's result would have written out."""
