@@ -12,7 +12,7 @@ import hashlib
 from peewee import IntegrityError
 
 from mantle.db import audit, lock_for_update, upsert, write_transaction
-from mantle.db.fields import utcnow
+from mantle.db.fields import MAX_INTEGER, utcnow
 from mantle.db.models import Workflow as WorkflowRow
 from mantle.db.models import WorkflowDefinition, WorkflowTrigger
 from mantle.errors import (AlreadyAtVersion, NothingToRollBack, VersionNotFound,
@@ -109,8 +109,11 @@ def apply_definition(raw: bytes, workflow: Workflow, actor: str = "cli") -> Appl
     return ApplyResult(workflow.name, version, True)
 
 
-def rollback(name: str, to_version: int | None = None, actor: str = "cli") -> tuple[int, int]:
-    """Point ``name`` at an existing version and re-register its triggers; (from, to)."""
+def rollback(name: str, to_version: int | str | None = None,
+             actor: str = "cli") -> tuple[int, int]:
+    """Point ``name`` at an existing version and re-register its triggers; (from, to).
+
+    ``to_version`` may be the digits of a number beyond any version (not found)."""
     with write_transaction():
         triggers = _locked_triggers(name)
         row = WorkflowRow.get_or_none(WorkflowRow.name == name)
@@ -121,8 +124,10 @@ def rollback(name: str, to_version: int | None = None, actor: str = "cli") -> tu
             if current <= 1:
                 raise NothingToRollBack(name)
             to_version = current - 1
-        target = WorkflowDefinition.get_or_none(WorkflowDefinition.workflow_name == name,
-                                                WorkflowDefinition.version == to_version)
+        # Beyond the column no version exists (and SQLite cannot even be asked: OverflowError).
+        target = WorkflowDefinition.get_or_none(
+            WorkflowDefinition.workflow_name == name, WorkflowDefinition.version == to_version
+        ) if isinstance(to_version, int) and to_version <= MAX_INTEGER else None
         if target is None:
             raise VersionNotFound(name, to_version)
         if to_version == current:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from mantle import definitions
 from mantle.cli.context import Context, read_workflow_file
+from mantle.db.fields import MAX_INTEGER
 from mantle.errors import InvalidInput, ValidationFailed
 from mantle.workflow import Workflow, load_workflow
 
@@ -74,12 +76,14 @@ def apply(args, context: Context) -> int:
 
 
 def rollback(args, context: Context) -> int:
-    target = None
+    target: int | str | None = None
     if args.to_version is not None:
-        text = args.to_version.strip()
-        if not text.isdigit() or int(text) < 1:
+        digits = args.to_version.strip().lstrip("0")
+        # ASCII digits only (str.isdigit() takes "²", which int() refuses); a number longer
+        # than any version can be goes on as its text, which int() may refuse to read.
+        if not re.fullmatch(r"[0-9]+", digits):
             raise InvalidInput(f'invalid --to-version value "{args.to_version}"')
-        target = int(text)
+        target = int(digits) if len(digits) <= len(str(MAX_INTEGER)) else digits
     context.database()
     old, new = definitions.rollback(args.workflow, target)
     print(f"Rolled back {args.workflow} from version {old} to version {new}")

@@ -224,6 +224,15 @@ def test_rollback_moves_the_current_version_pointer(cli):
         'Error: invalid --to-version value "x"\n')
     assert cli("rollback", "daily-report", "--to-version", "-1").stderr == (
         'Error: invalid --to-version value "-1"\n')
+    # Unicode digits passed isdigit() and then int() raised ValueError; past the version
+    # column (SQLite: OverflowError) or 4300 digits (int()) likewise: tracebacks.
+    huge = "1" + "0" * 5000
+    for value, error in (("²", 'invalid --to-version value "²"'),
+                         ("99999999999999999999",
+                          'workflow "daily-report" version 99999999999999999999 not found'),
+                         (huge, f'workflow "daily-report" version {huge} not found')):
+        assert cli("rollback", "daily-report", "--to-version", value).stderr == (
+            f"Error: {error}\n")
     forward = cli("rollback", "daily-report", "--to-version", "2")
     assert forward.stdout == "Rolled back daily-report from version 1 to version 2\n"
     # A new apply after a rollback is max+1, never a reuse of a number.
