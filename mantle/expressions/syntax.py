@@ -107,10 +107,12 @@ def _references(expr: str) -> Iterator[_Ref]:
             i = n if end < 0 else end
         elif char.isspace():
             i += 1
-        elif char.isdigit():
+        # ASCII only, as _NUMBER and _IDENT are: "²" and "é" are digit and letter to Python
+        # but start nothing in CEL (the parser refuses them).
+        elif char.isascii() and char.isdigit():
             i = _NUMBER.match(expr, i).end()
             previous = "0"
-        elif char.isalpha() or char == "_":
+        elif char.isascii() and (char.isalpha() or char == "_"):
             word_end = _IDENT.match(expr, i).end()
             word = expr[i:word_end]
             if word in _STRING_PREFIXES and word_end < n and expr[word_end] in "'\"":

@@ -417,6 +417,25 @@ def test_rule_31_invalid_template_reports_the_expression_and_nested_param_path()
     assert message.startswith('invalid CEL expression "inputs.x +": ')
 
 
+def test_rules_30_and_31_a_letter_or_digit_outside_ascii_is_a_syntax_error_not_a_crash():
+    """The scan for step references took any Unicode letter or digit (``é``, ``²``) for the
+    start of an identifier or number, whose ASCII pattern then did not match: validate died
+    with AttributeError ('NoneType' object has no attribute 'end')."""
+    text = """\
+        name: demo
+        steps:
+          - name: a
+            action: core/log
+            if: "café == 1"
+            params: {message: "{{ 1 == ² }}", ok: "{{ 'café ²' }}"}
+        """
+    assert [(error.path, error.rule, error.message) for error in errors_of(text)] == [
+        ("steps[0].if", 30, "invalid CEL expression: unexpected character 'é' at column 4"),
+        ("steps[0].params.message", 31,
+         "invalid CEL expression \"1 == ²\": unexpected character '²' at column 6"),
+    ]
+
+
 def test_rule_32_hook_step_name_missing_or_bad():
     text = """\
         name: demo
