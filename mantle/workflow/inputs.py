@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 from typing import Any, Mapping
 
 from mantle.errors import InvalidInput
@@ -12,7 +13,10 @@ __all__ = ["check_inputs"]
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    # Within a double: no expression can hold more (nor JSON NaN or infinity), and the API
+    # refuses such numbers while parsing; a workflow/run step's literal inputs are not parsed.
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and abs(value) <= sys.float_info.max)
 
 
 _CHECKS = {

@@ -179,6 +179,10 @@ def test_check_inputs_rejects_an_unknown_name():
     ("limit", "10", "number"),
     ("limit", True, "number"),
     ("limit", None, "number"),
+    # Beyond a double (the API refuses it as JSON; a workflow/run step's literal inputs passed
+    # it to the child, where every expression reading it failed) or not finite.
+    pytest.param("limit", 10**400, "number", id="limit-beyond-a-double"),
+    pytest.param("limit", float("inf"), "number", id="limit-inf"),
     ("verbose", "true", "boolean"),
     ("verbose", 1, "boolean"),
 ])
