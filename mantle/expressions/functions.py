@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import math
 import re
 from typing import Any, Callable
 
@@ -153,7 +154,10 @@ def parse_float(value: Any) -> Any:
     text = _string(value)
     if not _FLOAT_TEXT.fullmatch(text):
         raise _Failure(f"invalid number {text!r}")
-    return celtypes.DoubleType(float(text))
+    number = float(text)
+    if not math.isfinite(number):  # "1e400": beyond a double, as parseInt checks int64
+        raise _Failure(f"number {text!r} out of range")
+    return celtypes.DoubleType(number)
 
 
 @_cel_function("toString")

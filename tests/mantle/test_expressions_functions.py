@@ -119,6 +119,14 @@ def test_parse_float_of_bad_text_is_an_error():
     fails("parseFloat('nan')", "invalid number")
 
 
+def test_parse_float_beyond_a_double_is_an_error_like_parse_int_beyond_int64():
+    """'1e400' parsed to infinity: ``parseFloat('1e400') > 1.0`` was true in an ``if``, and a
+    template failed only later with "result inf is not a finite number"."""
+    fails("parseFloat('1e400') > 1.0", r"^parseFloat: number '1e400' out of range$")
+    fails("parseFloat('-9') < parseFloat('-1e309')", r"out of range")
+    assert run("parseFloat('1e-400')") == 0.0  # underflow is a number
+
+
 def test_to_string_leaves_strings_and_renders_compact_json():
     assert run("toString('x')") == "x"
     assert run("toString(42)") == "42"
