@@ -200,14 +200,16 @@ if [ -e {marker} ]; then echo '{{"ok": true}}'; else touch {marker}; echo nope >
     assert step["output"] == {"ok": True}
 
 
-def test_an_expression_over_a_number_beyond_a_double_fails_the_step(engine, http_target):
-    """SPEC 4.5/13.1.12: a step whose expressions cannot be evaluated fails, and the
-    execution ends. A JSON response holding an integer beyond a double (1 and 400 zeros)
+def test_a_response_holding_a_number_beyond_a_double_has_no_json_and_the_steps_after_run(
+        engine, http_target):
+    """SPEC 4.5/13.1.12: a JSON response holding an integer beyond a double (1 and 400 zeros)
     became the step's output; converting it for the next step's expressions raised
     OverflowError, not an expression error: the evaluation task died, the step stayed
-    pending and the execution ``running`` for ever."""
-    http_target.route("/huge", body='{"n": 1' + "0" * 400 + "}",
-                      content_type="application/json")
+    pending and the execution ``running`` for ever. Such text is not taken as JSON now
+    (docs/workflows.md), so no output holds the number (the conversion's own error is
+    tested in test_expressions_evaluate.py)."""
+    body = '{"n": 1' + "0" * 400 + "}"
+    http_target.route("/huge", body=body, content_type="application/json")
     apply(f"""
         name: huge
         steps:
@@ -215,16 +217,14 @@ def test_an_expression_over_a_number_beyond_a_double_fails_the_step(engine, http
           - {{name: show, action: core/log, depends_on: [fetch],
               params: {{message: "{{{{ steps.fetch.output.status }}}}"}}}}
           - {{name: check, action: core/log, depends_on: [fetch],
-              if: "steps.fetch.output.status == 200", params: {{message: x}}}}
+              if: "!has(steps.fetch.output.json)", params: {{message: x}}}}
     """)
     detail = run(engine, "huge", timeout=20)
     steps = steps_of(detail)
-    assert detail["status"] == "failed", detail
-    assert steps["fetch"]["status"] == "completed"
-    assert steps["show"]["error"] == (
-        "resolving params: a variable's value holds a number beyond a double")
-    assert steps["check"]["error"] == (
-        "evaluating if condition: a variable's value holds a number beyond a double")
+    assert detail["status"] == "completed", detail
+    assert steps["fetch"]["output"]["body"] == body
+    assert "json" not in steps["fetch"]["output"]
+    assert steps["check"]["status"] == "completed"
 
 
 def test_expression_errors_fail_the_step_without_retry(engine):

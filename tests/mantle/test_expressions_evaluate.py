@@ -165,6 +165,15 @@ def test_integers_beyond_int64_become_doubles():
     assert evaluate("inputs.big > 1.0", {"inputs": {"big": 2**70}}) is True
 
 
+def test_a_variable_holding_an_integer_beyond_a_double_is_an_expression_error():
+    """Converting it raised OverflowError, which killed the evaluation task (the step stayed
+    pending for ever); no source gives such a value now, but a stored output may hold one."""
+    for expr in ("inputs.n > 1", "inputs.other"):
+        with pytest.raises(ExpressionError, match="^a variable's value holds a number beyond "
+                                                  "a double$"):
+            evaluate(expr, {"inputs": {"n": 10**400, "other": 1}})
+
+
 def test_unreferenced_steps_are_not_converted(activation):
     activation["steps"]["odd"] = {"output": object()}
     assert evaluate("steps.check.status", activation) == "skipped"
