@@ -178,14 +178,19 @@ def test_each_answered_round_and_each_tool_that_ran_is_checkpointed(fake):
         (2, ["assistant", "tool", "assistant"]),
         (2, ["assistant", "tool", "assistant", "tool"]),
         (2, ["assistant", "tool", "assistant", "tool", "tool"]),
+        (3, ["assistant", "tool", "assistant", "tool", "tool", "assistant"]),  # the final
     ]
-    assert recorder.checkpoints[-1]["usage"] == {"prompt_tokens": 30, "completion_tokens": 3,
-                                                 "total_tokens": 33}
+    assert recorder.checkpoints[-1]["usage"] == {"prompt_tokens": 60, "completion_tokens": 6,
+                                                 "total_tokens": 66}
+    assert recorder.checkpoints[-1]["final"] == {"finish_reason": "stop", "model": "fake-model"}
+    assert "final" not in recorder.checkpoints[-2]
 
 
-@pytest.mark.parametrize("crash_after", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("crash_after", [1, 2, 3, 4, 5, 6])
 def test_resume_from_any_checkpoint_never_repeats_a_finished_model_or_tool_call(
         fake, crash_after):
+    """SPEC 13.6: a model call or tool call that finished is never repeated, the final
+    answer's included (checkpoint 6: a crash before the step output was stored)."""
     three_rounds(fake)
     first_run = Recorder()
     invoke("ai/completion", ask(fake, tools=[LOG_TOOL]), recorder=first_run)
@@ -206,7 +211,6 @@ def test_resume_from_any_checkpoint_never_repeats_a_finished_model_or_tool_call(
                                "total_tokens": 66}
 
 
-
 def test_an_id_made_up_for_a_call_never_repeats_one_the_server_sent(fake):
     # The second call has no id; the one made up for it must not be the first call's, or its
     # result would count as given: a resume after the first call would never run it.
@@ -222,6 +226,7 @@ def test_an_id_made_up_for_a_call_never_repeats_one_the_server_sent(fake):
     invoke("ai/completion", ask(fake, tools=[LOG_TOOL]), recorder=resumed,
            progress=first_run.checkpoints[1])  # after the first call's action ran
     assert [params for _, params in resumed.tool_calls] == [{"message": "default"}]
+
 
 def test_a_checkpoint_that_refuses_stops_the_attempt(fake):
     fake.script(tool_calls(("note", {}, "c1")), text("never asked"))

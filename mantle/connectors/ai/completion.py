@@ -10,8 +10,9 @@ asks for the final answer. ``rounds`` counts model calls, that last one included
 Durability: the progress passed to ``Invocation.checkpoint`` is the whole conversation so far
 plus ``rounds`` and ``usage``. A resumed attempt (``Invocation.progress`` set after a crash)
 continues from it: answered model calls and tool calls that ran are never repeated; only the
-call in flight at the crash is made again (at-least-once, SPEC 4.11). The final answer is not
-checkpointed separately: it becomes the step output, which the engine checkpoints.
+call in flight at the crash is made again (at-least-once, SPEC 4.11). The final answer is
+checkpointed too (the last message, with ``final``): a crash before its step output was
+stored resumes to that output, not to a second model call.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class _State:
     messages: list[dict]
     rounds: int = 0
     usage: dict = field(default_factory=zero_usage)
+    # Once answered: the final answer's finish_reason and model (the answer is the last message).
+    final: dict | None = None
 
     @classmethod
     def start(cls, params: CompletionParams) -> _State:
@@ -61,11 +64,18 @@ class _State:
         if (not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages)
                 or isinstance(rounds, bool) or not isinstance(rounds, int)):
             return None
-        return cls(messages, rounds, read_usage(progress.get("usage")))
+        final = progress.get("final")
+        if final is not None and not (isinstance(final, dict) and messages
+                                      and messages[-1].get("role") == "assistant"):
+            return None
+        return cls(messages, rounds, read_usage(progress.get("usage")), final)
 
     def progress(self) -> dict:
-        return {"version": PROGRESS_VERSION, "rounds": self.rounds, "usage": self.usage,
-                "messages": self.messages}
+        progress = {"version": PROGRESS_VERSION, "rounds": self.rounds, "usage": self.usage,
+                    "messages": self.messages}
+        if self.final is not None:
+            progress["final"] = self.final
+        return progress
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +86,17 @@ class _Answer:
     model: str | None
     usage: dict
     tool_calls: list[dict]  # normalised: id, type, function {name, arguments (text)}
+
+    @classmethod
+    def checkpointed(cls, state: _State) -> _Answer:
+        """The final answer a checkpoint holds (its usage is in the state's already)."""
+        message, final = state.messages[-1], state.final
+        text, calls = message.get("content"), message.get("tool_calls")
+        finish, model = final.get("finish_reason"), final.get("model")
+        return cls(message, text if isinstance(text, str) else "",
+                   finish if isinstance(finish, str) else None,
+                   model if isinstance(model, str) else None, zero_usage(),
+                   calls if isinstance(calls, list) else [])
 
 
 def completion(inv: Invocation) -> dict:
@@ -95,6 +116,8 @@ def completion(inv: Invocation) -> dict:
 
 def _loop(inv: Invocation, params: CompletionParams, client: Client, state: _State) -> dict:
     while True:
+        if state.final is not None:  # answered before a crash: never asked again
+            return _output(params, _Answer.checkpointed(state), state)
         _run_tools(inv, params, state)
         offer_tools = bool(params.tools) and state.rounds < params.max_tool_rounds
         messages = state.messages
@@ -105,11 +128,12 @@ def _loop(inv: Invocation, params: CompletionParams, client: Client, state: _Sta
         state.rounds += 1
         state.usage = add_usage(state.usage, answer.usage)
         client.count_tokens(answer.usage)
-        if offer_tools and answer.tool_calls:
-            state.messages.append(answer.message)
-            _checkpoint(inv, state)
-            continue
-        return _output(params, answer, state)
+        state.messages.append(answer.message)
+        if not (offer_tools and answer.tool_calls):
+            state.final = {"finish_reason": answer.finish_reason, "model": answer.model}
+        _checkpoint(inv, state)
+        if state.final is not None:
+            return _output(params, answer, state)
 
 
 def _run_tools(inv: Invocation, params: CompletionParams, state: _State) -> None:
