@@ -86,8 +86,9 @@ def test_tool_loop_runs_real_http_tools_once_each_and_checkpoints_every_round(
         ("tool", "b1")]
     assert json.loads(last[2]["content"])["json"] == {"temp": 21}
     row = StepExecution.get(StepExecution.step_name == "ask")
-    assert row.progress["rounds"] == 2  # the last finished round, kept with the attempt
-    assert [m["role"] for m in row.progress["messages"]][-1] == "tool"
+    # the last checkpoint, kept with the attempt: the final answer (SPEC 13.6, docs/ai.md)
+    assert row.progress["rounds"] == 3 and row.progress["final"]["finish_reason"] == "stop"
+    assert [m["role"] for m in row.progress["messages"]][-2:] == ["tool", "assistant"]
 
 
 def test_engine_metrics_count_ai_tokens_and_requests(engine, fake, http_target):
