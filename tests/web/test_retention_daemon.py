@@ -81,6 +81,7 @@ def _deleted_metric(daemon: Daemon) -> dict[str, float]:
             for sample in family.samples if sample.name == "mantle_retention_deleted_total"}
 
 
+@pytest.mark.alone
 @pytest.mark.timeout(600)
 def test_the_daemon_sweeps_a_backlog_in_batches_without_slowing_running_executions(
         migrated_db_url, tmp_path):
