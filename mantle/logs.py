@@ -13,6 +13,8 @@ import threading
 import time
 from typing import TextIO
 
+from mantle.text import LONE_SURROGATE
+
 __all__ = ["JsonFormatter", "BackgroundStreamHandler", "setup_logging", "LEVELS"]
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
@@ -36,12 +38,11 @@ _PIPE_BUF = getattr(select, "PIPE_BUF", 512)  # the largest write a pipe keeps w
 # refers to itself.
 _encode_chunks = json.encoder.c_make_encoder(
     None, str, json.encoder.encode_basestring, None, ":", ",", False, False, True)
+
+
 # A lone surrogate (text decoded with ``surrogateescape``: an environment variable or a file
 # name that is not UTF-8) is kept by that encoder, but no UTF-8 stream can write it; as its
 # JSON escape the line stays valid JSON and keeps the value.
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
 def _escape_surrogate(match: re.Match) -> str:
     return f"\\u{ord(match.group()):04x}"
 
@@ -81,8 +82,8 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info and "error" not in line:
             line["error"] = self.formatException(record.exc_info)
         text = "".join(_encode_chunks(line, 0))
-        if not text.isascii() and _SURROGATE.search(text):  # isascii: O(1), the usual case
-            text = _SURROGATE.sub(_escape_surrogate, text)
+        if not text.isascii() and LONE_SURROGATE.search(text):  # isascii: O(1), the usual case
+            text = LONE_SURROGATE.sub(_escape_surrogate, text)
         return text
 
 

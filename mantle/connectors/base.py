@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from mantle.errors import MantleError
+from mantle.text import LONE_SURROGATE
 
 __all__ = [
     "CancelToken",
@@ -162,7 +163,6 @@ def as_text(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
 # A JSON escape of a UTF-16 surrogate: the only way a lone one gets into decoded text.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
@@ -196,7 +196,7 @@ def without_surrogates(value: Any) -> Any:
     U+FFFD, as invalid UTF-8 is. JSON's ``"\\ud800"`` (a string cut inside an emoji) decodes
     to one, and no database, JSON document or HTTP body can carry it."""
     if isinstance(value, str):
-        return _SURROGATE.sub("\ufffd", value)
+        return LONE_SURROGATE.sub("\ufffd", value)
     if isinstance(value, dict):
         return {without_surrogates(key): without_surrogates(item)
                 for key, item in value.items()}

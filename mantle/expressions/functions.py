@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import functools
-import json
 import math
 import re
 from typing import Any, Callable
@@ -19,7 +18,7 @@ from typing import Any, Callable
 from celpy import celtypes
 from celpy.evaluation import CELEvalError
 
-from mantle.connectors.base import without_surrogates
+from mantle.connectors.base import parse_json
 from mantle.expressions.values import (
     MAX_VALUE_SIZE,
     ExpressionError,
@@ -44,7 +43,6 @@ _RFC3339 = re.compile(
     r"(?:([Zz])|([+-])(\d{2}):(\d{2}))"
 )
 _DATE = re.compile(r"(\d{4})-(\d{2})-(\d{2})")
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _DATE_TIME = re.compile(r"(\d{4})-(\d{2})-(\d{2}) (\d{2}):(\d{2}):(\d{2})")
 
 
@@ -221,12 +219,11 @@ def json_decode(text: Any) -> Any:
     size = len(text.encode("utf-8"))
     if size > MAX_JSON_DECODE_BYTES:
         raise _Failure(f"input is {size} bytes, limit is {MAX_JSON_DECODE_BYTES}")
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
+    try:  # as connectors decode JSON from outside: "\ud83d" (cut inside an emoji) is U+FFFD
+        value = parse_json(text)
+    except ValueError as error:  # not JSON, NaN, or a number beyond a double
         raise _Failure(f"invalid JSON: {error}") from None
-    # "\ud83d" (a string cut inside an emoji): U+FFFD, as connectors decode JSON from outside.
-    return to_cel(without_surrogates(value) if _SURROGATE_ESCAPE.search(text) else value)
+    return to_cel(value)
 
 
 def _utc(*fields: str) -> datetime.datetime:

@@ -6,12 +6,12 @@ import base64
 import datetime
 import json
 import math
-import re
 from typing import Any
 
 from celpy import celtypes
 
 from mantle.errors import MantleError
+from mantle.text import LONE_SURROGATE
 
 __all__ = [
     "ExpressionError",
@@ -39,8 +39,6 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 # ask for gigabytes, in single calls that the evaluation's time limit cannot interrupt.
 MAX_VALUE_SIZE = 32 * 1024 * 1024
 
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def size_error() -> str:
@@ -201,7 +199,7 @@ def _text(value: str) -> str:
     """A string that UTF-8 (every column, JSON document and HTTP body) can carry: a lone
     surrogate, from a CEL escape (``'\\ud800'``) or an undecodable environment variable
     (Python's surrogateescape), is an expression error rather than a failed write."""
-    if not value.isascii() and (surrogate := _SURROGATE.search(value)):
+    if not value.isascii() and (surrogate := LONE_SURROGATE.search(value)):
         raise ExpressionError(f"result holds a lone UTF-16 surrogate "
                               f"(U+{ord(surrogate.group()):04X}), which is not a character")
     return str(value)

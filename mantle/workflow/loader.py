@@ -31,6 +31,7 @@ from yaml.reader import Reader
 from yaml.resolver import BaseResolver
 from yaml.scanner import Scanner
 
+from mantle.text import LONE_SURROGATE
 from mantle.workflow.report import DOCUMENT, Path, ValidationError, format_path
 
 __all__ = ["LoadedDocument", "DocumentError", "load_document", "MAX_DEPTH", "MAX_NODES"]
@@ -40,8 +41,6 @@ MAX_NODES = 100_000
 
 _TAG = "tag:yaml.org,2002:"
 _NON_FINITE = re.compile(r"inf|nan", re.IGNORECASE)
-# Only an escape (\ud800, \U0000dfff) puts one in a scalar: the bytes are strict UTF-8.
-_SURROGATE = re.compile("[\ud800-\udfff]")
 _CORE_SCHEMA = (
     (_TAG + "null", re.compile(r"~|null|Null|NULL|")),
     (_TAG + "bool", re.compile(r"true|True|TRUE|false|False|FALSE")),
@@ -256,8 +255,9 @@ def _key_text(node) -> str:
 def _scalar_value(node: ScalarNode) -> Any:
     """Construct a scalar by its (resolved or explicit) tag."""
     tag, text = node.tag, node.value
-    if surrogate := _SURROGATE.search(text):
-        # No database, JSON document or HTTP body can carry one: apply would crash storing it.
+    if surrogate := LONE_SURROGATE.search(text):
+        # Only an escape (\ud800, \U0000dfff) writes one, as the bytes are strict UTF-8; no
+        # database, JSON document or HTTP body can carry it: apply would crash storing it.
         raise _node_error(node, f"escape of a UTF-16 surrogate (U+{ord(surrogate.group()):04X}) "
                                 "is not a character")
     if tag == _TAG + "str":

@@ -194,6 +194,15 @@ def test_json_decode_of_bad_text_is_an_error():
     fails("jsonDecode('{')", "^jsonDecode: invalid JSON")
 
 
+def test_json_decode_refuses_what_json_from_outside_may_not_hold():
+    """jsonDecode reads text as connectors read JSON from outside (docs/workflows.md): NaN,
+    Infinity and numbers beyond a double are not JSON. Python's decoder took them, and the
+    error came later and named a result (``result nan is not a finite number``)."""
+    fails("jsonDecode('NaN')", "^jsonDecode: invalid JSON: NaN is not JSON$")
+    fails("jsonDecode('[1, -Infinity]')", "^jsonDecode: invalid JSON: -Infinity is not JSON$")
+    fails("jsonDecode('{\"a\": 1e400}')", "^jsonDecode: invalid JSON: 1e400 is out of range$")
+
+
 def test_json_decode_rejects_input_over_one_mebibyte():
     big = '"' + "x" * 1_048_576 + '"'
     with pytest.raises(ExpressionError, match="limit is 1048576"):
