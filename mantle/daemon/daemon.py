@@ -58,10 +58,10 @@ class Signals:
         self.count = 0
         self.hurry = False
         self.arrived = threading.Event()
-        self._second_hurries = True
+        self._hurry_signal: int | None = None  # the one installed, if any
 
     def install(self, signals=(signal.SIGTERM, signal.SIGINT), hurry=None) -> Signals:
-        self._second_hurries = hurry is None
+        self._hurry_signal = hurry
         for sig in signals:
             signal.signal(sig, self._handle)
         if hurry is not None:
@@ -70,7 +70,7 @@ class Signals:
 
     def _handle(self, *_args) -> None:
         self.count += 1
-        if self.count > 1 and self._second_hurries:
+        if self.count > 1 and self._hurry_signal is None:
             self.hurry = True
         self.arrived.set()
 
@@ -154,6 +154,8 @@ class Daemon:
         from web.app import ApiRuntime, create_app
         from web.settings import ApiSettings
 
+        # The CLI wraps every command in database_failure too, but a ``serve --workers``
+        # worker must say it here: the arbiter's fork catches MantleError before that wrap.
         with database_failure():
             migrations.migrate(self._database)
         log.info("migrations complete")
