@@ -13,7 +13,6 @@ All are interrupted the same way: the Execution actor sets the attempt's ``Cance
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ import pykka
 from actors import messages as m
 from actors.context import EngineContext, tell
 from mantle.connectors import ConnectorError, ConnectorInterrupted, Invocation, run_action
+from mantle.connectors.base import MAX_OUTPUT_BYTES, json_size, output_too_large
 from mantle.connectors.core import sleep_output, sleep_seconds
 from mantle.db.fields import utcnow
 from mantle.metrics import Metrics
@@ -32,7 +32,6 @@ __all__ = ["is_instant", "is_sleep", "run_inline", "run_on_pool", "sleep_seconds
 
 log = logging.getLogger(__name__)
 
-MAX_OUTPUT_BYTES = 1024 * 1024
 _INSTANT = frozenset({"core/log", "core/fail"})
 
 
@@ -56,11 +55,10 @@ def finished(inv: Invocation, hook: bool, action: Callable[[Invocation], dict],
     try:
         output = action(inv)
         ok = True
-        size = len(json.dumps(output, separators=(",", ":"), ensure_ascii=False)
-                   .encode("utf-8"))
+        size = json_size(output)
         if size > MAX_OUTPUT_BYTES:
             ok, output = False, None
-            error = f"step output exceeds {MAX_OUTPUT_BYTES} byte limit ({size} bytes)"
+            error = output_too_large(size)
     except ConnectorInterrupted:
         interrupted = True
     except ConnectorError as exc:

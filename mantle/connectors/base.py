@@ -26,7 +26,10 @@ __all__ = [
     "ConnectorError",
     "ConnectorInterrupted",
     "TICK",
+    "MAX_OUTPUT_BYTES",
     "as_text",
+    "json_size",
+    "output_too_large",
     "parse_json",
     "without_surrogates",
     "params_of",
@@ -154,6 +157,21 @@ class ConnectorInterrupted(MantleError):
 
     def __init__(self, message: str = "interrupted"):
         super().__init__(message)
+
+
+MAX_OUTPUT_BYTES = 1024 * 1024  # a step output, as compact JSON in UTF-8 (SPEC 5)
+
+
+def json_size(value: Any) -> int:
+    """The bytes of ``value`` as compact JSON in UTF-8: how a step output is measured."""
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+
+
+def output_too_large(size: int, more: bool = False) -> str:
+    """SPEC 5's error for an output over MAX_OUTPUT_BYTES; ``more``: ``size`` bytes were
+    read when the action stopped, and the whole output would have been larger."""
+    return (f"step output exceeds {MAX_OUTPUT_BYTES} byte limit "
+            f"({'more than ' if more else ''}{size} bytes)")
 
 
 def as_text(value: Any) -> str:

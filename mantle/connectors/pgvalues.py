@@ -1,8 +1,8 @@
 """SQL text and values for ``postgres/query`` (SPEC 13.5).
 
-``placeholders`` turns PostgreSQL's own ``$1, $2...`` into psycopg's ``%s`` (psycopg reads
-every ``%`` of a query that has parameters, so the others are doubled), skipping the places
-where ``$1`` is not a parameter: string literals, quoted identifiers, dollar-quoted bodies,
+``placeholders`` numbers each use of a ``$n`` parameter on its own, in order (``$2 + $1 +
+$2`` is sent as ``$1 + $2 + $3`` with three values, so each use gets the type its place asks
+for, as a driver's ``%s`` would), skipping the places where ``$1`` is not a parameter: string literals, quoted identifiers, dollar-quoted bodies,
 comments and identifiers such as ``a$1``. ``to_json`` maps result values to JSON the way the
 SPEC says: numbers beyond a double's exact range and decimals as strings, timestamps RFC 3339,
 bytea base64.
@@ -29,8 +29,8 @@ _IDENT_CHAR = re.compile(r"[A-Za-z0-9_$\x80-\uffff]")
 
 
 def placeholders(sql: str) -> tuple[str, list[int]]:
-    """``(psycopg text, parameter numbers in order of use)``; the numbers are 1-based and
-    may repeat. With no parameter the text is returned unchanged (no ``%`` doubled)."""
+    """``(text with each use numbered in order, the user's parameter numbers in order of
+    use)``; the numbers are 1-based and may repeat."""
     out: list[str] = []
     used: list[int] = []
     i, n = 0, len(sql)
@@ -44,15 +44,12 @@ def placeholders(sql: str) -> tuple[str, list[int]]:
         match = _PARAM.match(sql, i) if char == "$" else None
         if match and not (i and _IDENT_CHAR.match(sql[i - 1])):
             used.append(int(match.group(1)))
-            out.append("\x00")  # a marker: becomes %s once the % are doubled
+            out.append(f"${len(used)}")
             i = match.end()
             continue
         out.append(char)
         i += 1
-    if not used:
-        return sql, []
-    text = "".join(out).replace("%", "%%").replace("\x00", "%s")
-    return text, used
+    return "".join(out), used
 
 
 def _skip(sql: str, i: int) -> int:

@@ -4,6 +4,11 @@ The connection URL comes from the step's credential (``postgres``: ``url``; ``ge
 ``key``). Each attempt opens its own connection (autocommit: a statement commits on its own)
 and closes it at the end.
 
+Results are read one row at a time (libpq's single-row mode, on the connection's libpq
+handle: a psycopg cursor holds a whole result in memory before its first row is read), so a
+result larger than a step output may be is stopped, on the server too, as it crosses that
+limit rather than read whole (``SELECT *`` from a large table).
+
 Threads: the statement runs on a helper thread while the step's thread waits on it and on
 ``inv.cancel``, so a cancel (execution cancelled, step timeout, shutdown) is answered at once,
 even while connecting. The step's thread then asks the server to cancel the statement
@@ -13,6 +18,7 @@ helper closes the connection as soon as the statement ends.
 
 from __future__ import annotations
 
+import select
 import threading
 import time
 from typing import Any
@@ -20,11 +26,14 @@ from typing import Any
 import psycopg
 import psycopg.adapt
 import psycopg.conninfo
+import psycopg.errors
 import psycopg.pq
+from psycopg.pq import ExecStatus
 from psycopg.types.json import Jsonb
 
-from mantle.connectors.base import (ConnectorError, ConnectorInterrupted, Invocation,
-                                    params_of, wait_for)
+from mantle.connectors.base import (MAX_OUTPUT_BYTES, ConnectorError, ConnectorInterrupted,
+                                    Invocation, json_size, output_too_large, params_of,
+                                    wait_for)
 from mantle.connectors.credentials import Credential, redact
 from mantle.connectors.pgvalues import placeholders, to_json
 from mantle.db.connect import url_passwords
@@ -184,16 +193,7 @@ class _Job:
             self._conn = conn
             if self._cancelled:
                 raise ConnectorError("postgres/query: cancelled")
-        with conn.cursor() as cursor:
-            cursor.execute(self.sql, self.values)
-            while cursor.nextset():  # several statements (no args): the last one answers
-                pass
-            if cursor.description is None:
-                return {"rows_affected": max(cursor.rowcount, 0)}
-            names = [column.name for column in cursor.description]
-            rows = [{name: to_json(value) for name, value in zip(names, row)}
-                    for row in cursor.fetchall()]
-            return {"rows": rows, "row_count": len(rows)}
+        return _Results(conn).read(self.sql, self.values)
 
     def cancel(self) -> bool:
         """Runs on the step's thread: stop the statement on the server, if one runs. False
@@ -208,6 +208,78 @@ class _Job:
         except (psycopg.Error, OSError):
             pass  # the statement ended meanwhile, or the server is gone: nothing runs
         return True
+
+
+class _Results:
+    """One query text sent on ``conn``'s libpq handle, its results read a row at a time."""
+
+    def __init__(self, conn: psycopg.Connection):
+        self._conn = conn
+        self._pgconn = conn.pgconn  # non-blocking: psycopg sets it so
+        self._encoding = conn.info.encoding
+        self._tx = psycopg.adapt.Transformer(conn)  # conn's adapters: _ADAPTERS
+
+    def read(self, sql: str, values: list | None) -> dict:
+        """The output of the last statement of ``sql``: ``{"rows", "row_count"}`` or
+        ``{"rows_affected"}``. Raises psycopg.Error for the server's error, ConnectorError
+        when the rows grow past the step output limit (the statement is cancelled)."""
+        self._send(sql, values)
+        answer: dict = {"rows_affected": 0}  # a text of comments only runs nothing
+        rows: list[dict] = []
+        names: list[str] | None = None  # those of the result being read
+        size = 0
+        while (result := self._next()) is not None:
+            status = result.status
+            if status == ExecStatus.SINGLE_TUPLE:
+                self._tx.set_pgresult(result, set_loaders=names is None)
+                if names is None:
+                    names = [result.fname(i).decode(self._encoding)
+                             for i in range(result.nfields)]
+                row = dict(zip(names, map(to_json, self._tx.load_row(0, tuple))))
+                size += json_size(row) + 1
+                if size > MAX_OUTPUT_BYTES:
+                    self._conn.cancel_safe(timeout=_CANCEL_GRACE)
+                    raise ConnectorError(output_too_large(size, more=True))
+                rows.append(row)
+            elif status == ExecStatus.TUPLES_OK:  # a statement's rows ended (or it had none)
+                answer = {"rows": rows, "row_count": len(rows)}
+                rows, names, size = [], None, 0
+            elif status == ExecStatus.COMMAND_OK:
+                answer = {"rows_affected": result.command_tuples or 0}
+            elif status == ExecStatus.EMPTY_QUERY:
+                answer = {"rows_affected": 0}
+            elif status == ExecStatus.FATAL_ERROR:
+                raise psycopg.errors.error_from_result(result, encoding=self._encoding)
+            else:  # COPY FROM STDIN / TO STDOUT: the connection is closed after this
+                raise ConnectorError("postgres/query: COPY from or to the client is not "
+                                     "supported", retryable=False)
+        return answer
+
+    def _send(self, sql: str, values: list | None) -> None:
+        query = sql.encode(self._encoding)
+        if values is None:  # the simple protocol: several statements may follow each other
+            self._pgconn.send_query(query)
+        else:
+            params = self._tx.dump_sequence(values, [psycopg.adapt.PyFormat.AUTO] * len(values))
+            self._pgconn.send_query_params(query, params, param_types=self._tx.types,
+                                           param_formats=self._tx.formats)
+        self._pgconn.set_single_row_mode()
+        while self._pgconn.flush():
+            if self._wait(select.POLLIN | select.POLLOUT) & select.POLLIN:
+                self._pgconn.consume_input()
+
+    def _next(self) -> psycopg.pq.abc.PGresult | None:
+        """The next result (a row, in single-row mode); None once the text has run."""
+        while self._pgconn.is_busy():
+            self._wait(select.POLLIN)
+            self._pgconn.consume_input()
+        return self._pgconn.get_result()
+
+    def _wait(self, events: int) -> int:
+        poller = select.poll()  # not select(): the daemon's descriptors may pass 1024
+        poller.register(self._pgconn.socket, events)
+        ready = poller.poll()
+        return ready[0][1] if ready else 0
 
 
 def _connect_options(url: str) -> dict:

@@ -22,20 +22,23 @@ from tests.helpers.waiting import wait_until
 # --- $n placeholders (no database) ---
 
 @pytest.mark.parametrize("sql, expected, used", [
-    ("SELECT $1, $2", "SELECT %s, %s", [1, 2]),
-    ("SELECT $2 + $1 + $2", "SELECT %s + %s + %s", [2, 1, 2]),
-    ("SELECT 'cost: $1 50%' || $1", "SELECT 'cost: $1 50%%' || %s", [1]),
-    ('SELECT "col$1", $1', 'SELECT "col$1", %s', [1]),
-    ("SELECT a$1, $1", "SELECT a$1, %s", [1]),
-    ("SELECT $$ body $1 $$, $tag$ $2 $tag$, $1", "SELECT $$ body $1 $$, $tag$ $2 $tag$, %s",
-     [1]),
-    ("SELECT 1 -- $1\n, $1 /* $2 /* nested $3 */ */", "SELECT 1 -- $1\n, %s /* $2 /* "
-     "nested $3 */ */", [1]),
-    ("SELECT E'it\\'s $1', $1", "SELECT E'it\\'s $1', %s", [1]),
-    ("SELECT 'a''$1', $1 % 2", "SELECT 'a''$1', %s %% 2", [1]),
+    ("SELECT $1, $2", "SELECT $1, $2", [1, 2]),
+    ("SELECT $2 + $1 + $2", "SELECT $1 + $2 + $3", [2, 1, 2]),
+    ("SELECT $3::int, $3::text", "SELECT $1::int, $2::text", [3, 3]),
+    ("SELECT 'cost: $2 50%' || $2", "SELECT 'cost: $2 50%' || $1", [2]),
+    ('SELECT "col$2", $2', 'SELECT "col$2", $1', [2]),
+    ("SELECT a$2, $2", "SELECT a$2, $1", [2]),
+    ("SELECT $$ body $2 $$, $tag$ $3 $tag$, $2", "SELECT $$ body $2 $$, $tag$ $3 $tag$, $1",
+     [2]),
+    ("SELECT 1 -- $2\n, $2 /* $3 /* nested $4 */ */", "SELECT 1 -- $2\n, $1 /* $3 /* "
+     "nested $4 */ */", [2]),
+    ("SELECT E'it\\'s $2', $2", "SELECT E'it\\'s $2', $1", [2]),
+    ("SELECT 'a''$2', $2 % 2", "SELECT 'a''$2', $1 % 2", [2]),
 ])
-def test_dollar_placeholders_become_psycopg_ones_outside_literals_and_comments(sql, expected,
-                                                                                used):
+def test_dollar_placeholders_are_numbered_by_use_outside_literals_and_comments(sql, expected,
+                                                                               used):
+    """Each use of a parameter is sent as a parameter of its own, numbered in order, so that
+    each takes the type its place asks for (``$3::int, $3::text``)."""
     assert placeholders(sql) == (expected, used)
 
 
@@ -290,6 +293,9 @@ def test_text_args_are_cast_by_the_server_and_lists_are_arrays(target):
     assert query(url, "SELECT $1::date + 1 AS next, 3 = ANY($2) AS found, $3::jsonb ->> 'k' AS k",
                  ["2026-02-28", [1, 3], {"k": "v"}]) == \
         {"rows": [{"next": "2026-03-01", "found": True, "k": "v"}], "row_count": 1}
+    # Each use of a parameter is sent on its own, so each use takes the type of its place.
+    assert query(url, "SELECT $1::int + 1 AS n, $1::text || '!' AS t", ["41"]) == \
+        {"rows": [{"n": 42, "t": "41!"}], "row_count": 1}
 
 
 @pytest.mark.postgres
@@ -298,3 +304,33 @@ def test_several_statements_without_args_answer_with_the_last_one(target):
     assert query(url, "CREATE TABLE t (n int); INSERT INTO t VALUES (1), (2); "
                       "SELECT count(*) AS n FROM t") == {"rows": [{"n": 2}], "row_count": 1}
     assert conn.execute("SELECT count(*) FROM t").fetchone() == (2,)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("args", [None, [1000]])
+def test_rows_past_the_output_limit_stop_the_statement_instead_of_being_read_whole(
+        target, args):
+    """A statement whose rows pass the step output limit (1 MiB) fails as they cross it,
+    and the statement is stopped on the server: a psycopg cursor read the whole result into
+    memory first, so ``SELECT *`` from a large table could take the daemon's memory (this
+    one would be a terabyte) and, resumed after the crash, take it again."""
+    url, conn = target
+    sql = ("SELECT repeat('x', 1000) AS filler, 'limit-marker' AS marker, "
+           "generate_series(1, 1000000000) AS n")  # a set function here yields as it goes
+    if args is not None:
+        sql = sql.replace("1000)", "$1)")
+    error = failure(url, sql, args)
+    assert error.message.startswith("step output exceeds 1048576 byte limit (more than ")
+    assert error.retryable  # as a step output over the limit is
+    wait_until(lambda: not _backends(conn, "limit-marker"), timeout=5,
+               message="the statement still runs on the server")
+
+
+@pytest.mark.postgres
+def test_copy_from_or_to_the_client_is_a_clear_error(target):
+    url, conn = target
+    conn.execute("CREATE TABLE t (n int)")
+    for sql in ("COPY t TO STDOUT", "COPY t FROM STDIN"):
+        error = failure(url, sql)
+        assert (error.message, error.retryable) == (
+            "postgres/query: COPY from or to the client is not supported", False)
