@@ -89,6 +89,23 @@ def test_failed_tool_result_is_its_step_error(fake):
         "content": '{"error":"http/request: GET http://x/w returned 500"}'}]
 
 
+def test_a_tool_output_over_the_step_output_limit_is_a_failed_tool(fake):
+    """A tool runs as its action, so an output over a step's 1 MiB limit fails it as it
+    would fail the step (SPEC 13.6: a failed tool's result is its step error). It was sent
+    whole: again in every later round, and stored in every checkpoint of the conversation."""
+    fake.script(tool_calls(("weather", {"city": "Oslo"}, "c1")), text("too much"))
+    big = {"status": 200, "body": "x" * 1_048_576}
+    recorder = Recorder({"http/request": big})
+    output = invoke("ai/completion", ask(fake, tools=[WEATHER_TOOL]), recorder=recorder)
+    assert output["text"] == "too much"
+    size = len(json.dumps(big, separators=(",", ":")))
+    assert tool_messages(fake.requests()[1]) == [{
+        "role": "tool", "tool_call_id": "c1",
+        "content": json.dumps({"error": f"step output exceeds 1048576 byte limit ({size} "
+                                        "bytes)"}, separators=(",", ":"))}]
+    assert max(len(json.dumps(saved)) for saved in recorder.checkpoints) < 10_000
+
+
 def test_calls_beyond_the_per_round_limit_are_not_run(fake):
     fake.script(tool_calls(("note", {"message": "1"}, "c1"), ("note", {"message": "2"}, "c2"),
                            ("note", {"message": "3"}, "c3")), text("done"))

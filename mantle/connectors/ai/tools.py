@@ -15,7 +15,8 @@ import json
 from typing import Any, Callable
 
 from mantle.connectors.ai.params import CompletionParams
-from mantle.connectors.base import ConnectorError, ConnectorInterrupted, Invocation, parse_json
+from mantle.connectors.base import (MAX_OUTPUT_BYTES, ConnectorError, ConnectorInterrupted,
+                                    Invocation, json_size, output_too_large, parse_json)
 
 __all__ = ["LIMIT_EXCEEDED", "tool_message", "unanswered_calls", "answer_call"]
 
@@ -63,15 +64,19 @@ def answer_call(inv: Invocation, params: CompletionParams, round_number: int, in
     if problem is not None:
         return {"error": problem}, False
     try:
-        return _runner(inv)(tool.action, {**tool.params, **arguments},
-                            credential=tool.credential,
-                            call_id=f"{round_number}.{index}"), True
+        output = _runner(inv)(tool.action, {**tool.params, **arguments},
+                              credential=tool.credential, call_id=f"{round_number}.{index}")
     except ConnectorInterrupted:
         raise
     except ConnectorError as exc:
         if inv.cancel.is_set():  # the action failed because the step is being stopped
             raise ConnectorInterrupted() from None
         return {"error": exc.message}, True
+    # As a step's output is held to the limit: every result is sent to the model again in
+    # each later round, and stored in each checkpoint of the conversation.
+    if (size := json_size(output)) > MAX_OUTPUT_BYTES:
+        return {"error": output_too_large(size)}, True
+    return output, True
 
 
 def _arguments(raw: Any) -> tuple[dict, str | None]:
