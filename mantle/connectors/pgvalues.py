@@ -2,10 +2,10 @@
 
 ``placeholders`` numbers each use of a ``$n`` parameter on its own, in order (``$2 + $1 +
 $2`` is sent as ``$1 + $2 + $3`` with three values, so each use gets the type its place asks
-for, as a driver's ``%s`` would), skipping the places where ``$1`` is not a parameter: string literals, quoted identifiers, dollar-quoted bodies,
-comments and identifiers such as ``a$1``. ``to_json`` maps result values to JSON the way the
-SPEC says: numbers beyond a double's exact range and decimals as strings, timestamps RFC 3339,
-bytea base64.
+for, as a driver's ``%s`` would), skipping the places where ``$1`` is not a parameter: string
+literals, quoted identifiers, dollar-quoted bodies, comments and identifiers such as ``a$1``.
+``to_json`` maps result values to JSON the way the SPEC says: numbers beyond a double's exact
+range and decimals as strings, timestamps RFC 3339, bytea base64.
 """
 
 from __future__ import annotations
