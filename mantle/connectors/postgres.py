@@ -203,11 +203,16 @@ class _Job:
             conn = self._conn
         if conn is None:
             return False
-        try:
-            conn.cancel_safe(timeout=_CANCEL_GRACE)
-        except (psycopg.Error, OSError):
-            pass  # the statement ended meanwhile, or the server is gone: nothing runs
+        _stop(conn)
         return True
+
+
+def _stop(conn: psycopg.Connection) -> None:
+    """Ask the server to cancel what ``conn`` runs (PostgreSQL's cancel request)."""
+    try:
+        conn.cancel_safe(timeout=_CANCEL_GRACE)
+    except (psycopg.Error, OSError):
+        pass  # the statement ended meanwhile, or the server is gone: nothing runs
 
 
 class _Results:
@@ -238,7 +243,7 @@ class _Results:
                 row = dict(zip(names, map(to_json, self._tx.load_row(0, tuple))))
                 size += json_size(row) + 1
                 if size > MAX_OUTPUT_BYTES:
-                    self._conn.cancel_safe(timeout=_CANCEL_GRACE)
+                    _stop(self._conn)
                     raise ConnectorError(output_too_large(size, more=True))
                 rows.append(row)
             elif status == ExecStatus.TUPLES_OK:  # a statement's rows ended (or it had none)
