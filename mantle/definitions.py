@@ -164,8 +164,10 @@ def _sync_triggers(name: str, version: int, workflow: Workflow,
 
     Rows already matching are left alone, so a cron trigger keeps its last firing time and an
     unchanged apply writes nothing. A cron trigger with a new schedule starts from the last
-    firing of the workflow's cron triggers: a minute already fired is not fired again
-    because its schedule was edited inside the minute's window (SPEC 8).
+    firing of the workflow's cron triggers (also of rows a version without cron removed:
+    ``workflows.cron_fired_at``): a minute already fired is not fired again because its
+    schedule was edited, or its trigger removed and restored, inside the minute's window
+    (SPEC 8).
     """
     wanted = [(t.type, t.schedule, t.path, t.secret) for t in workflow.triggers]
     have = [(r.type, r.schedule, r.path, r.secret) for r in rows]
@@ -177,7 +179,9 @@ def _sync_triggers(name: str, version: int, workflow: Workflow,
         if owner is not None:
             raise WebhookPathTaken(path, owner)
     fired = {(r.type, r.schedule): r.last_fired_at for r in rows if r.type == "cron"}
-    last = max((when for when in fired.values() if when is not None), default=None)
+    # The workflow's own record also counts when a version without cron deleted the rows.
+    last = max((when for when in (*fired.values(), _cron_fired_at(name)) if when is not None),
+               default=None)
     WorkflowTrigger.delete().where(WorkflowTrigger.workflow_name == name).execute()
     now = utcnow()
     for kind, schedule, path, secret in wanted:
@@ -194,6 +198,13 @@ def _sync_triggers(name: str, version: int, workflow: Workflow,
             if owner is None:
                 raise
             raise WebhookPathTaken(path, owner) from None
+
+
+def _cron_fired_at(name: str):
+    """The last minute a cron trigger of ``name`` fired (its row is locked:
+    ``_locked_triggers``)."""
+    return (WorkflowRow.select(WorkflowRow.cron_fired_at).where(WorkflowRow.name == name)
+            .scalar())
 
 
 def _path_owner(path: str, name: str) -> str | None:

@@ -34,6 +34,9 @@ class Workflow(BaseModel):
     current_version = peewee.IntegerField()
     created_at = UtcDateTimeField()
     updated_at = UtcDateTimeField()
+    # The last minute any cron trigger of the workflow fired: it outlives the trigger rows, so
+    # a trigger removed and brought back does not fire that minute again (SPEC 8).
+    cron_fired_at = UtcDateTimeField(null=True)
 
     class Meta:
         table_name = "workflows"

@@ -137,14 +137,21 @@ class Scheduler:
     def _claim(row: WorkflowTrigger, minute: dt.datetime) -> bool:
         """Compare-and-set ``last_fired_at`` to ``minute``: True for the one caller that did.
 
-        The workflow's row is locked first, as an ``apply`` and a limit check lock it
-        (``mantle.definitions._locked_triggers``): taken in one order, the locks of a
-        firing, a run and an apply of the workflow never deadlock."""
+        The workflow's ``cron_fired_at`` moves with it. The workflow's row is locked first, as
+        an ``apply`` and a limit check lock it (``mantle.definitions._locked_triggers``):
+        taken in one order, the locks of a firing, a run and an apply of the workflow never
+        deadlock."""
         lock_for_update(Workflow, Workflow.name == row.workflow_name)
-        return bool(WorkflowTrigger.update(last_fired_at=minute).where(
-            (WorkflowTrigger.id == row.id)
-            & (WorkflowTrigger.last_fired_at.is_null()
-               | (WorkflowTrigger.last_fired_at < minute))).execute())
+        if not WorkflowTrigger.update(last_fired_at=minute).where(
+                (WorkflowTrigger.id == row.id)
+                & (WorkflowTrigger.last_fired_at.is_null()
+                   | (WorkflowTrigger.last_fired_at < minute))).execute():
+            return False
+        # The workflow's last firing, which outlives its trigger rows (``_sync_triggers``).
+        Workflow.update(cron_fired_at=minute).where(
+            (Workflow.name == row.workflow_name)
+            & (Workflow.cron_fired_at.is_null() | (Workflow.cron_fired_at < minute))).execute()
+        return True
 
     def _fire(self, row: WorkflowTrigger, minute: dt.datetime) -> str | None:
         """Start the execution of ``minute`` unless another caller did; its id or None."""

@@ -19,6 +19,7 @@ from mantle.services import scheduler as scheduler_module
 from mantle.services.scheduler import Scheduler
 from mantle import db as mantle_db
 from mantle.db.connect import connect, is_postgres
+from mantle.definitions import rollback
 from mantle.db.models import AuditEvent, WorkflowExecution, WorkflowTrigger
 from tests.helpers import Background
 from tests.helpers.database import lock_waiters
@@ -131,6 +132,24 @@ def test_a_schedule_changed_after_its_minute_fired_does_not_fire_that_minute_aga
     apply_yaml(EVERY_FIVE.replace("*/5 * * * *", "* * * * *"))
     assert scheduler.tick(AT + dt.timedelta(seconds=11)) == []
     assert len(scheduler.tick(AT + dt.timedelta(minutes=1, seconds=1))) == 1
+    assert len(_executions()) == 2
+
+
+def test_a_cron_trigger_removed_and_restored_inside_its_window_does_not_fire_again(
+        engine, db):
+    """SPEC 8: one execution per scheduled minute. An apply that drops the workflow's cron
+    trigger just after its minute fired, then a rollback that brings it back while the
+    minute's 30 s last, register a new trigger row: it starts from the workflow's last cron
+    firing, not from none, so the minute is not fired a second time."""
+    apply_yaml(EVERY_FIVE)
+    scheduler = Scheduler(engine, db)
+    assert len(scheduler.tick(AT + dt.timedelta(seconds=1))) == 1
+    apply_yaml(EVERY_FIVE.replace("triggers:\n      - {type: cron, schedule: \"*/5 * * * *\"}",
+                                  "triggers: []"))
+    assert WorkflowTrigger.select().count() == 0
+    rollback("every-five")
+    assert scheduler.tick(AT + dt.timedelta(seconds=11)) == []
+    assert len(scheduler.tick(AT + dt.timedelta(minutes=5, seconds=1))) == 1
     assert len(_executions()) == 2
 
 
