@@ -27,6 +27,7 @@ from actors import messages as m
 from actors.context import tell
 from mantle import store
 from mantle.connectors import ConnectorError, ConnectorInterrupted, Invocation
+from mantle.connectors.base import MAX_OUTPUT_BYTES, json_size, output_too_large
 from mantle.errors import LeaseLost, MantleError
 from mantle.states import StepStatus as S
 from mantle.store import CHILD_KEY_PREFIX, Parent
@@ -81,16 +82,23 @@ class _ToActor:
         tell(self._ref, m.ChildCreated(self._step, self._hook, self._attempt, exc_info[1]))
 
 
-def child_outcome(detail: dict) -> tuple[bool, dict, str | None]:
-    """(ok, output, error) of a ``workflow/run`` whose child ended as ``detail`` (13.3)."""
+def child_outcome(detail: dict) -> tuple[bool, dict | None, str | None]:
+    """(ok, output, error) of a ``workflow/run`` whose child ended as ``detail`` (13.3).
+
+    The output holds every step output of the child, each within the step output limit but
+    not all together: over the limit, the attempt fails as any step's would (4.5), or keeps
+    the child's error without the output when the child did not complete."""
     output = {"execution_id": detail["execution_id"], "status": detail["status"],
               "steps": detail["steps"]}
-    if detail["status"] == "completed":
-        return True, output, None
-    error = f"child execution {detail['execution_id']} {detail['status']}"
-    if detail.get("error"):
-        error += f": {detail['error']}"
-    return False, output, error
+    ok = detail["status"] == "completed"
+    error = None
+    if not ok:
+        error = f"child execution {detail['execution_id']} {detail['status']}"
+        if detail.get("error"):
+            error += f": {detail['error']}"
+    if (size := json_size(output)) > MAX_OUTPUT_BYTES:
+        return False, None, error or output_too_large(size)
+    return ok, output, error
 
 
 class _Waiter:

@@ -89,6 +89,31 @@ def test_a_failed_child_fails_the_parent_step_with_the_childs_error(engine):
                                'step "boom" failed: it broke')
 
 
+def test_a_childs_outputs_over_the_step_output_limit_fail_the_parent_step(engine):
+    # Each of the child's steps is under 1 MiB; the parent step's output holds them both.
+    apply("""
+        name: echo-twice
+        inputs: {text: {type: string}}
+        steps:
+          - {name: one, action: core/log, params: {message: "{{ inputs.text }}"}}
+          - {name: two, action: core/log, params: {message: "{{ inputs.text }}"}}
+    """)
+    apply("""
+        name: parent
+        inputs: {text: {type: string}}
+        steps:
+          - {name: child, action: workflow/run,
+             params: {workflow: echo-twice, inputs: {text: "{{ inputs.text }}"}}}
+    """)
+    detail = run(engine, "parent", {"text": "x" * 600_000})
+    [child] = _children(detail["id"])
+    assert child.status == "completed"
+    step = steps_of(detail)["child"]
+    assert step["error"].startswith("step output exceeds 1048576 byte limit ("), step["error"]
+    assert (step["status"], step["output"], step["attempt"]) == ("failed", None, 1)
+    assert detail["status"] == "failed"
+
+
 def test_unknown_child_workflow_or_bad_inputs_fail_the_step_without_retry(engine):
     apply(KID)
     apply("""
