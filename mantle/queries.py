@@ -18,6 +18,7 @@ from mantle.db import database_proxy, is_sqlite, unwrap
 from mantle.db.fields import storable, utcnow
 from mantle.db.models import StepExecution, WorkflowExecution
 from mantle.errors import ExecutionNotFound, InvalidInput, MantleError
+from mantle.store.executions import child_hook_block
 from mantle.store.versions import model_of
 from mantle.timefmt import rfc3339
 from mantle.workflow import Workflow
@@ -188,19 +189,26 @@ def execution_detail(execution_id: str, raw: bool = False) -> dict:
     rows = _step_rows(execution_id)
     detail["steps"] = _steps(model, rows, row.status, raw)
     detail["hooks"] = _hooks(rows, raw)
-    detail["children"] = _children(execution_id)
+    detail["children"] = _children(execution_id, raw)
     return detail
 
 
-def _children(execution_id: str) -> list[dict]:
-    """The sub-workflow executions this one started (SPEC 13.3), oldest first."""
-    return [{"id": child.id, "workflow": child.workflow_name, "status": child.status,
-             "parent_step": child.parent_step}
-            for child in WorkflowExecution.select(
-                WorkflowExecution.id, WorkflowExecution.workflow_name,
-                WorkflowExecution.status, WorkflowExecution.parent_step)
+def _children(execution_id: str, raw: bool) -> list[dict]:
+    """The sub-workflow executions this one started (SPEC 13.3), oldest first; for the CLI
+    (``raw``) also the hook block whose step started each (``parent_block``, None for a
+    main step), as ``parent_step`` alone cannot tell a hook from a main step of its name."""
+    children = []
+    for child in (WorkflowExecution.select(
+            WorkflowExecution.id, WorkflowExecution.workflow_name, WorkflowExecution.status,
+            WorkflowExecution.parent_step, WorkflowExecution.idempotency_key)
             .where(WorkflowExecution.parent_execution_id == execution_id)
-            .order_by(WorkflowExecution.started_at, WorkflowExecution.id)]
+            .order_by(WorkflowExecution.started_at, WorkflowExecution.id)):
+        entry = {"id": child.id, "workflow": child.workflow_name, "status": child.status,
+                 "parent_step": child.parent_step}
+        if raw:
+            entry["parent_block"] = child_hook_block(execution_id, child.idempotency_key)
+        children.append(entry)
+    return children
 
 
 def _step_rows(execution_id: str, name: str | None = None) -> list[StepExecution]:

@@ -345,8 +345,10 @@ def logs(args, context: Context) -> int:
         if detail["hooks"]:
             print()
             print("Hooks:")
+            children = _children_by_step(detail)
             for hook in detail["hooks"]:
                 _print_step(hook, f"{hook['block']}/{hook['name']}")
+                _print_children(children.get((hook["block"], hook["name"]), ()), "", 1)
         return 0
     status, since, limit = _list_filters(args)
     context.database()
@@ -413,16 +415,26 @@ def _step_timing(step: dict) -> str:
 def _print_steps(detail: dict, indent: str, depth: int = 1) -> None:
     """A detail's main steps, each followed by the sub-workflow executions it started
     (SPEC 13.3), indented four more with their own steps, down to the deepest."""
-    children: dict[str, list[dict]] = {}
-    for child in detail.get("children", ()):
-        children.setdefault(child["parent_step"], []).append(child)
+    children = _children_by_step(detail)
     for step in detail["steps"]:
         _print_step(step, step["name"], indent)
-        for child in children.get(step["name"], ()):
-            print(f"{indent}    {child['workflow']} {child['id']}: {child['status']}")
-            if depth < 100:  # a tree deeper than engine.max_workflow_depth allows: cut short
-                _print_steps(queries.execution_detail(child["id"], raw=True), indent + "    ",
-                             depth + 1)
+        _print_children(children.get((None, step["name"]), ()), indent, depth)
+
+
+def _children_by_step(detail: dict) -> dict[tuple[str | None, str], list[dict]]:
+    """A raw detail's children by the (hook block or None, step) that started them."""
+    children: dict[tuple[str | None, str], list[dict]] = {}
+    for child in detail.get("children", ()):
+        children.setdefault((child["parent_block"], child["parent_step"]), []).append(child)
+    return children
+
+
+def _print_children(children, indent: str, depth: int) -> None:
+    for child in children:
+        print(f"{indent}    {child['workflow']} {child['id']}: {child['status']}")
+        if depth < 100:  # a tree deeper than engine.max_workflow_depth allows: cut short
+            _print_steps(queries.execution_detail(child["id"], raw=True), indent + "    ",
+                         depth + 1)
 
 
 def _print_step(step: dict, label: str, indent: str = "") -> None:

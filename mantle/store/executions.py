@@ -30,7 +30,7 @@ __all__ = ["Created", "Parent", "Cancelled", "create_execution", "finish_executi
            "fail_execution", "Failed", "cancel_execution", "cancel_children", "promote_queued",
            "workflow_of", "queued_workflows", "execution_snapshot", "execution_row",
            "copy_steps", "mark_hooks_started", "final_results", "Snapshot", "Promotion",
-           "MANUAL_TRIGGER", "CHILD_KEY_PREFIX"]
+           "MANUAL_TRIGGER", "CHILD_KEY_PREFIX", "child_hook_block"]
 
 _ACTIVE = (ExecutionStatus.PENDING.value, ExecutionStatus.RUNNING.value)
 MANUAL_TRIGGER = {"type": "manual", "payload": None}
@@ -40,6 +40,18 @@ CHILD_KEY_PREFIX = "mantle-child:"
 _COLUMNS = ("id", "workflow_name", "version", "status", "inputs", "trigger", "error",
             "started_at", "completed_at", "owner", "epoch", "running_since", "hooks_since",
             "retry_of", "parent_execution_id", "parent_step", "depth")
+
+
+def child_hook_block(parent_id: str, key: str | None) -> str | None:
+    """The hook block (``on_failure``...) whose step created the child of ``parent_id`` with
+    idempotency key ``key``; None for a main step's child. A hook's key names its block
+    where a main step's has its attempt (``...<parent>:<digest>:<block>:<attempt>``,
+    ``actors.children.child_key``)."""
+    prefix = f"{CHILD_KEY_PREFIX}{parent_id}:"
+    if not key or not key.startswith(prefix):
+        return None
+    parts = key[len(prefix):].split(":")
+    return parts[1] if len(parts) > 2 and not parts[1].isdigit() else None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

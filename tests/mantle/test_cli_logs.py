@@ -363,3 +363,31 @@ def test_logs_shows_sub_workflow_children_indented_under_their_parent_step(cli, 
     listed = json.loads(cli("logs", "-o", "json").stdout)["executions"]
     assert {(row["id"], row["parent_execution_id"], row["parent_step"]) for row in listed} == {
         (top, None, None), (kid.id, top, "outer"), (grandkid.id, kid.id, "inner")}
+
+
+def test_logs_shows_a_hooks_child_under_that_hook_not_under_a_main_step_of_its_name(
+        cli, engine):
+    """SPEC 13.3: a hook's child is shown under the hook that started it, also when a main
+    step has the hook's name (a child's ``parent_step`` names the step, not its block)."""
+    apply("""
+        name: kid
+        steps: [{name: leaf, action: core/log, params: {message: leaf}}]
+    """)
+    apply("""
+        name: top
+        steps: [{name: report, action: core/log, params: {message: main}}]
+        hooks:
+          on_finish: [{name: report, action: workflow/run, params: {workflow: kid}}]
+    """)
+    top = run_to_end(engine, "top")
+    kid = WorkflowExecution.get(WorkflowExecution.parent_execution_id == top)
+    set_times(top, 0, 1020, report=(0, 10), hook_report=(10, 1000))
+    set_times(kid.id, 20, 990, leaf=(20, 25))
+    result = cli("logs", top)
+    assert result.stdout.split("Steps:\n", 1)[1] == (
+        "  report               completed (10ms)\n"
+        "\n"
+        "Hooks:\n"
+        "  on_finish/report     completed (990ms)\n"
+        f"    kid {kid.id}: completed\n"
+        "      leaf                 completed (5ms)\n")
