@@ -28,7 +28,7 @@ from actors.context import tell
 from mantle import store
 from mantle.connectors import ConnectorError, ConnectorInterrupted, Invocation
 from mantle.connectors.base import MAX_OUTPUT_BYTES, json_size, output_too_large
-from mantle.errors import LeaseLost, MantleError
+from mantle.errors import LeaseLost, LimitReached, MantleError
 from mantle.states import StepStatus as S
 from mantle.store import CHILD_KEY_PREFIX, Parent
 from mantle.workflow import Step
@@ -236,10 +236,12 @@ class Children:
             self._on_LeaseLost(m.LeaseLost())
             return
         if isinstance(message.result, BaseException):
-            error = message.result.message if isinstance(message.result, MantleError) \
-                else str(message.result)
-            self._child_failed(run, f"{_ACTION}: {error}",
-                               retryable=not isinstance(message.result, MantleError))
+            refused = isinstance(message.result, MantleError)
+            error = message.result.message if refused else str(message.result)
+            # A refusal (unknown workflow, bad inputs) is final, but not the workflow's
+            # limit (4.9 ``reject``): a later attempt may find the slot free.
+            self._child_failed(run, f"{_ACTION}: {error}", retryable=not refused or
+                               isinstance(message.result, LimitReached))
             return
         run.child = message.result.execution_id
         self._sup.tell(m.AwaitChild(run.child, self.actor_ref, run.spec.name, run.attempt,

@@ -534,6 +534,28 @@ def test_children_count_against_their_own_workflows_limit(engine):
     assert most == 1
 
 
+def test_a_child_refused_by_its_workflows_limit_is_retried_as_the_step_allows(engine):
+    # A refusal at the limit is transient, unlike an unknown workflow or bad inputs: the
+    # step's next attempt creates the child once the slot is free.
+    apply("""
+        name: only-one
+        max_parallel_executions: 1
+        on_limit: reject
+        steps: [{name: nap, action: core/sleep, params: {duration: 300ms}}]
+    """)
+    apply("""
+        name: parent
+        steps: [{name: child, action: workflow/run, params: {workflow: only-one},
+                 retry: {max_attempts: 2}}]
+    """)
+    holder = engine.run("only-one").execution_id
+    detail = run(engine, "parent")
+    step = steps_of(detail)["child"]
+    assert (detail["status"], step["attempt"]) == ("completed", 2), detail
+    [child] = _children(detail["id"])
+    assert child.status == "completed" and _status(holder) == "completed"
+
+
 def test_the_greet_twice_example_runs_hello_world_twice_as_children(engine):
     from pathlib import Path
 
