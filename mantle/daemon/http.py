@@ -20,11 +20,13 @@ from waitress.task import ErrorTask, ThreadedTaskDispatcher
 
 from mantle.config import parse_address
 from mantle.errors import MantleError
+from web.errors import TOO_LARGE
 
 __all__ = ["HttpServer", "ListenError", "format_address", "listen", "MAX_BODY_BYTES"]
 
-# waitress answers bodies over this itself (text, not JSON), so it is well above the API's
-# 1 MiB limit, which the app enforces with a JSON 413; it only bounds what waitress buffers.
+# waitress refuses bodies of this size or more itself (``_JsonErrorTask`` answers the API's
+# 413), so it is well above the API's 1 MiB limit, which the app enforces; it only bounds what
+# waitress buffers.
 MAX_BODY_BYTES = 16 * 1024 * 1024
 # Probes are answered from memory, on threads of their own (``_Dispatcher``).
 PROBE_PATHS = frozenset({"/healthz", "/readyz"})
@@ -86,12 +88,18 @@ def _bind(address: str, reuse_port: bool = False) -> socket.socket:
 class _JsonErrorTask(ErrorTask):
     """waitress's own answer to a request it could not read (malformed, headers too large),
     in the form of every other mantle error: ``{"error": "<reason>: <detail>"}``
-    (docs/api.md), where waitress writes plain text."""
+    (docs/api.md), where waitress writes plain text. A body of ``MAX_BODY_BYTES`` or more,
+    which waitress refuses before the app sees it, is any body over 1 MiB to a client: the
+    API's own 413 (SPEC 7.1)."""
 
     def execute(self):
         error = self.request.error
-        message = "internal server error" if error.code >= 500 else \
-            f"{error.reason.lower()}: {error.body}"
+        if error.code == 413:
+            message = TOO_LARGE
+        elif error.code >= 500:
+            message = "internal server error"
+        else:
+            message = f"{error.reason.lower()}: {error.body}"
         body = json.dumps({"error": message}).encode()
         self.status = f"{error.code} {error.reason}"
         self.response_headers.append(("Content-Type", "application/json"))

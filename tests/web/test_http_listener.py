@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 from waitress import wasyncore
 
-from mantle.daemon.http import HttpServer
+from mantle.daemon.http import MAX_BODY_BYTES, HttpServer
 from tests.helpers.waiting import wait_until
 
 _HOLD = 0.3  # how long the test's request keeps a write "in progress"
@@ -157,6 +157,40 @@ def test_a_request_sent_before_the_listener_closes_counts_as_in_flight_until_ans
         hold.let_go()
         if client is not None:
             client.close()
+        server.stop()
+
+
+def test_a_body_too_large_for_waitress_is_the_apis_own_413():
+    """A body over 1 MiB is 413 ``request body too large (limit 1048576 bytes)`` (SPEC 7.1),
+    whatever its size. From 16 MiB on (``MAX_BODY_BYTES``: declared, or sent chunked) waitress
+    refuses it before the app sees it, and answered its own words instead: ``request entity
+    too large: exceeds max_body of 16777216``."""
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+        return [b"ok"]
+
+    server = HttpServer(app, "127.0.0.1:0", threads=2)
+    host, port = server.bind().rsplit(":", 1)
+    chunk = MAX_BODY_BYTES // 4
+    chunked = (b"%x\r\n" % chunk + b" " * chunk + b"\r\n") * 4 + b"1\r\n \r\n0\r\n\r\n"
+    requests = [
+        b"POST /api/v1/run/x HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+        % MAX_BODY_BYTES,
+        b"POST /hooks/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked,
+    ]
+    try:
+        for request in requests:
+            with socket.create_connection((host, int(port)), timeout=10) as sock:
+                sock.sendall(request)
+                answer = b""
+                while part := sock.recv(65536):
+                    answer += part
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.split(b" ")[1] == b"413", (request[:60], answer[:200])
+            assert b"\r\nContent-Type: application/json\r\n" in head, head
+            assert json.loads(body) == {
+                "error": "request body too large (limit 1048576 bytes)"}, body
+    finally:
         server.stop()
 
 
