@@ -96,7 +96,7 @@ class _JsonErrorTask(ErrorTask):
         error = self.request.error
         if error.code == 413:
             message = TOO_LARGE
-        elif error.code >= 500:
+        elif error.code == 500:  # a fault of the app's (waitress's body may be a traceback)
             message = "internal server error"
         else:
             message = f"{error.reason.lower()}: {error.body}"
