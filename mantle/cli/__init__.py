@@ -77,5 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     except MantleError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C outside a run's wait (``logs -f``): no traceback
+        return 130
     finally:
         context.close()

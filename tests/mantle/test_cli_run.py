@@ -239,6 +239,25 @@ def test_cancel_of_an_unknown_execution_is_an_error(cli):
             (1, "", f'Error: execution "{ident}" not found\n')
 
 
+def test_ctrl_c_stops_logs_follow_with_exit_130_and_no_traceback(cli):
+    apply("""
+        name: watched
+        steps:
+          - {name: hello, action: core/log, params: {message: hi}}
+          - {name: nap, action: core/sleep, depends_on: [hello], params: {duration: 60s}}
+    """)
+    runner = cli.start("run", "watched")
+    execution_id = running_step("watched", "nap", runner)
+    follower = cli.start("logs", "-f", execution_id)
+    # Its first line says it is following (the steps that finished are printed first).
+    assert follower.stdout.readline() == "  hello: completed\n"
+    follower.send_signal(signal.SIGINT)
+    result = finish(follower)
+    assert (result.returncode, result.stderr) == (130, "")
+    runner.send_signal(signal.SIGINT)
+    assert finish(runner).returncode == 130
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_while_waiting_cancels_prints_the_summary_and_exits_130(cli, signum):
     apply(SLEEPY)
