@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import math
 import re
 import signal
@@ -30,7 +29,6 @@ __all__ = ["run", "cancel", "logs", "status", "retry", "parse_inputs", "drive",
 _STATUSES = ("pending", "running", "completed", "failed", "cancelled")
 _FINAL = ("completed", "failed", "cancelled")
 _STEP_ORDER = ("pending", "running", "completed", "failed", "skipped", "cancelled")
-_STEP_FINAL = ("completed", "failed", "skipped", "cancelled")
 _INT = re.compile(r"-?[0-9]+")
 _DOUBLE_DIGITS = len(str(int(sys.float_info.max)))  # 309
 # Plain decimal notation only: float() would also take "nan", "inf", "1_000" and spaces.
@@ -302,24 +300,19 @@ def print_followed(step: dict, printed: set[str]) -> None:
 
 
 def _follow(args, context: Context) -> int:
-    """``logs -f <id>`` on the database: poll the detail, print steps as they finish (main
-    steps in completion order, then hooks), and the final line once the execution ends."""
+    """``logs -f <id>`` on the database: poll the detail and print the lines ``mantle run``
+    prints (``LiveLines``: main steps in completion order, never-started ones before the
+    hooks, then hooks), and the final line once the execution ends."""
     config = context.config
     if args.server or config.server:
         return remote.follow(args, config)
     context.database()
-    printed: set[str] = set()
+    live = LiveLines()
     settled = _settled_status(args.execution_id)
     while True:
         detail = queries.execution_detail(args.execution_id, raw=True)
         final = detail["status"] in _FINAL and settled() is not None
-        done = [step for step in detail["steps"] if step["status"] in _STEP_FINAL
-                and (final or step["completed_at"] is not None)]
-        done.sort(key=lambda step: step["completed_at"] or dt.datetime.max)
-        hooks = [hook for hook in detail["hooks"] if hook["status"] in _STEP_FINAL]
-        for step in done + hooks:
-            print_followed({"step": step["name"], "status": step["status"],
-                            "block": step.get("block")}, printed)
+        _print_lines(live.new_lines(detail, last=final))
         if final:
             print(f"Execution {detail['id']}: {detail['status']}")
             return _exit_for(detail)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-__all__ = ["LiveLines", "FINAL_STEP_STATUSES"]
+__all__ = ["LiveLines", "FINAL_STEP_STATUSES", "finish_key"]
 
 FINAL_STEP_STATUSES = frozenset({"completed", "failed", "skipped", "cancelled"})
 
@@ -26,7 +26,7 @@ def _finished(step: dict) -> bool:
     return step["status"] in FINAL_STEP_STATUSES and step["completed_at"] is not None
 
 
-def _finish_key(step: dict):
+def finish_key(step: dict):
     """Order of finishing: ``completed_at`` (datetime or RFC 3339 text), unknown last."""
     when = step.get("completed_at")
     if isinstance(when, str):
@@ -51,14 +51,14 @@ class LiveLines:
                  if step["name"] not in self._printed_steps
                  and (last or _finished(step)
                       or decided and step["status"] in FINAL_STEP_STATUSES)]
-        for step in sorted(fresh, key=_finish_key):  # stable: ties keep detail order
+        for step in sorted(fresh, key=finish_key):  # stable: ties keep detail order
             self._printed_steps.add(step["name"])
             lines.append(f"  {step['name']}: {step['status']}")
         if len(self._printed_steps) < len(detail["steps"]):
             return lines
         hooks = [hook for hook in detail["hooks"]
                  if hook["name"] not in self._printed_hooks and (last or _finished(hook))]
-        for hook in sorted(hooks, key=_finish_key):
+        for hook in sorted(hooks, key=finish_key):
             self._printed_hooks.add(hook["name"])
             lines.append(f"  {hook['name']} (hook): {hook['status']}")
         return lines

@@ -234,6 +234,7 @@ def follow(args, config: Config) -> int:
     execution = urllib.parse.quote(args.execution_id, safe="")
     printed: set[str] = set()
     last_id = None
+    hooks_seen = False
     connected = time.monotonic()
     while True:
         try:
@@ -241,6 +242,11 @@ def follow(args, config: Config) -> int:
                                                 last_id):
                 last_id, connected = event_id or last_id, time.monotonic()
                 if kind == "step.finished":
+                    if data.get("block") is not None and not hooks_seen:
+                        # Hooks run once every main step is final; the stream has no event
+                        # for one that never started: its line comes first, as in ``run``.
+                        hooks_seen = True
+                        _main_steps(client, execution, printed)
                     print_followed(data, printed)
                 elif kind == "execution.finished":
                     detail = _check(*client.request("GET", f"/api/v1/executions/{execution}"))
@@ -250,6 +256,16 @@ def follow(args, config: Config) -> int:
             if last_id is None or time.monotonic() - connected > _RECONNECT_FOR:
                 raise
         time.sleep(1.0)
+
+
+def _main_steps(client: ApiClient, execution: str, printed: set[str]) -> None:
+    """The lines of main steps not printed yet, once hooks have started (all are final)."""
+    from mantle.cli.executions import print_followed
+    from mantle.cli.progress import finish_key
+
+    detail = _check(*client.request("GET", f"/api/v1/executions/{execution}"))
+    for step in sorted(detail["steps"], key=finish_key):
+        print_followed({"step": step["name"], "status": step["status"]}, printed)
 
 
 def _ended(detail: dict, printed: set[str]) -> dict:

@@ -51,6 +51,16 @@ RETRIED = """
         retry: {{max_attempts: 2}}
         params: {{url: "{url}"}}
 """
+GATED = """
+    name: gated
+    steps:
+      - {{name: boom, action: core/fail, params: {{message: no}}}}
+      - {{name: after, action: core/log, depends_on: [boom], params: {{message: x}}}}
+    hooks:
+      on_failure:
+        - {{name: first-hook, action: core/log, params: {{message: h}}}}
+        - {{name: gate, action: http/request, params: {{url: "{url}"}}}}
+"""
 OTHER = """
     name: other
     steps: [{name: only, action: core/log, params: {message: x}}]
@@ -63,6 +73,8 @@ def workflows(http_target, db):
     http_target.route("/down", status=503)
     apply_yaml(HELD.format(url=http_target.url("/hold")))
     apply_yaml(RETRIED.format(url=http_target.url("/down")))
+    http_target.route("/gate", hold=True, body='{"ok": true}')
+    apply_yaml(GATED.format(url=http_target.url("/gate")))
     apply_yaml(OTHER)
     return http_target
 
@@ -304,6 +316,17 @@ def test_mantle_logs_follow_prints_steps_as_they_finish_and_exits_at_the_end(
         assert code == 1
         assert lines == ["  call: failed", f"Execution {failed}: failed"]
         assert stderr.startswith('Error: step "call" failed: http/request: GET ')
+        # Followed during its hooks: a step that never started (cancelled after the failure)
+        # is printed with the main steps, before the hooks, as ``mantle run`` prints it.
+        gated = engine.run("gated", {}).execution_id
+        workflows.wait_for_hits("/gate", 1, timeout=10)
+        follower = _Lines(_mantle(tmp_path, migrated_db_url, "logs", "-f", gated, *extra))
+        follower.wait_for("  first-hook (hook): completed")
+        workflows.release("/gate")
+        code, lines, stderr = follower.finish()
+        assert (code, stderr) == (1, 'Error: step "boom" failed: no\n')
+        assert lines == ["  boom: failed", "  after: cancelled", "  first-hook (hook): completed",
+                         "  gate (hook): completed", f"Execution {gated}: failed"]
     finally:
         if daemon:
             daemon.stop()
