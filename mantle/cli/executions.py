@@ -375,7 +375,8 @@ def _list_filters(args) -> tuple[str | None, float | None, int]:
                            "duration such as 90s, 30m, 1h30m or 7d") from None
     limit = 20
     if args.limit is not None:
-        if not re.fullmatch(r"[0-9]+", args.limit) or not 1 <= int(args.limit) <= 1000:
+        # At most 7 digits, as the API and ``audit`` read it: int() refuses over 4300.
+        if not re.fullmatch(r"[0-9]{1,7}", args.limit) or not 1 <= int(args.limit) <= 1000:
             raise InvalidInput("--limit must be between 1 and 1000")
         limit = int(args.limit)
     return args.status, since, limit

@@ -316,6 +316,16 @@ def test_list_filter_errors(tmp_path):
             (1, "", f"Error: {message}\n"), args
 
 
+def test_a_limit_of_more_digits_than_int_reads_is_the_limit_error(tmp_path, capsys):
+    # Past 4300 digits int() refuses the text: that was a ValueError traceback.
+    from mantle.cli import main
+
+    url = f"sqlite:///{tmp_path / 'absent.db'}"
+    assert main(["logs", "--limit", "1" * 5000, "--database-url", url]) == 1
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == ("", "Error: --limit must be between 1 and 1000\n")
+
+
 def test_a_since_reaching_before_year_one_filters_nothing(cli):
     row = insert_execution("alpha", "completed", utcnow().replace(microsecond=0), None)
     for since in ("999999999d", "1" + "0" * 400 + "d"):
