@@ -127,7 +127,9 @@ class Config:
 
 
 def _whole_number(name: str, text: str, low: int, high: int) -> int:
-    if not str(text).isdigit() or not low <= int(text) <= high:
+    # ASCII digits, a few: str.isdigit() also takes "²", which int() refuses, as it refuses
+    # more than 4300 digits (both were a ValueError traceback)
+    if not re.fullmatch(r"[0-9]{1,9}", str(text)) or not low <= int(text) <= high:
         raise ConfigError(f'invalid {name} "{text}": must be a whole number from {low} to '
                           f"{high}")
     return int(text)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from mantle.cli.context import Context
@@ -15,7 +16,7 @@ DEFAULT_THREADS = 8
 
 def threads_argument(text: str) -> int:
     """argparse type of ``--threads``: HTTP worker threads, 1 to 256."""
-    if not text.isdigit() or not 1 <= int(text) <= 256:
+    if not re.fullmatch(r"[0-9]{1,9}", text) or not 1 <= int(text) <= 256:
         raise argparse.ArgumentTypeError(f'invalid thread count "{text}": must be 1 to 256')
     return int(text)
 

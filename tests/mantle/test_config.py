@@ -129,6 +129,10 @@ def test_workers_lease_ttl_and_depth_come_from_flag_environment_or_file(tmp_path
 @pytest.mark.parametrize("setting, value, message", [
     ("workers", "0", 'invalid workers "0": must be a whole number from 1 to 64'),
     ("workers", "many", 'invalid workers "many": must be a whole number from 1 to 64'),
+    # digits to str.isdigit() that int() refuses, and more digits than int() reads
+    ("workers", "\u00b2", 'invalid workers "\u00b2": must be a whole number from 1 to 64'),
+    ("max_workflow_depth", "1" * 5000, f'invalid max workflow depth "{"1" * 5000}": must be '
+                                       "a whole number from 1 to 1000"),
     ("lease_ttl", "1s", 'invalid lease ttl "1s": must be a duration of at least 3s, '
                         "such as 15s"),
     ("max_workflow_depth", "0", 'invalid max workflow depth "0": must be a whole number '
@@ -141,3 +145,15 @@ def test_bad_workers_lease_ttl_or_depth_is_a_config_error(tmp_path, setting, val
     with pytest.raises(ConfigError) as caught:
         getattr(config, prop)
     assert str(caught.value) == message
+
+
+def test_serve_threads_take_ascii_digits_only():
+    import argparse
+
+    from mantle.cli.serve import threads_argument
+
+    assert threads_argument("16") == 16
+    for text in ("\u00b2", "1" * 5000, "0", "257"):
+        with pytest.raises(argparse.ArgumentTypeError) as caught:
+            threads_argument(text)
+        assert str(caught.value) == f'invalid thread count "{text}": must be 1 to 256'
