@@ -398,6 +398,11 @@ def test_api_settings_come_from_mantle_yaml_too(tmp_path):
 @pytest.mark.parametrize("env,message", [
     ({"MANTLE_API_AUTH_AUDIT_INTERVAL": "3000000h"},
      'invalid api.auth_audit_interval "3000000h": must be a positive duration'),
+    # digits to str.isdigit() that int() refused with a ValueError (a traceback from serve)
+    ({"MANTLE_API_MAX_EVENT_STREAMS": "\u00b2"},
+     'invalid api.max_event_streams "\u00b2": must be an integer from 0 to 10000'),
+    ({"MANTLE_API_MAX_EVENT_STREAMS": "1" * 5000},
+     f'invalid api.max_event_streams "{"1" * 5000}": must be an integer from 0 to 10000'),
 ])
 def test_api_settings_the_api_could_not_run_with_are_refused(tmp_path, env, message):
     """Values that passed the checks, then failed at run time: an interval longer than a
