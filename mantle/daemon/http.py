@@ -20,7 +20,6 @@ from waitress.task import ErrorTask, ThreadedTaskDispatcher
 
 from mantle.config import parse_address
 from mantle.errors import MantleError
-from web.errors import TOO_LARGE
 
 __all__ = ["HttpServer", "ListenError", "format_address", "listen", "MAX_BODY_BYTES"]
 
@@ -93,6 +92,8 @@ class _JsonErrorTask(ErrorTask):
     API's own 413 (SPEC 7.1)."""
 
     def execute(self):
+        from web.errors import TOO_LARGE  # the API's words; core imports web only lazily
+
         error = self.request.error
         if error.code == 413:
             message = TOO_LARGE
