@@ -14,6 +14,7 @@ import yaml
 
 from mantle.durations import parse_duration
 from mantle.errors import ConfigError
+from mantle.text import whole_number
 
 __all__ = ["Config", "load_config", "parse_address", "LOG_LEVELS", "DEFAULTS"]
 
@@ -127,12 +128,11 @@ class Config:
 
 
 def _whole_number(name: str, text: str, low: int, high: int) -> int:
-    # ASCII digits, a few: str.isdigit() also takes "²", which int() refuses, as it refuses
-    # more than 4300 digits (both were a ValueError traceback)
-    if not re.fullmatch(r"[0-9]{1,9}", str(text)) or not low <= int(text) <= high:
+    value = whole_number(str(text), low, high)
+    if value is None:
         raise ConfigError(f'invalid {name} "{text}": must be a whole number from {low} to '
                           f"{high}")
-    return int(text)
+    return value
 
 
 def parse_address(address: str) -> tuple[str, int]:

@@ -7,11 +7,11 @@ before it touches the database.
 from __future__ import annotations
 
 import dataclasses
-import re
 import threading
 
 from mantle.durations import parse_duration
 from mantle.errors import ConfigError
+from mantle.text import whole_number
 
 __all__ = ["ApiSettings", "DROPPED_HEADERS"]
 
@@ -50,7 +50,7 @@ class ApiSettings:
             raise ConfigError(f'invalid api.rate_burst "{config.api_rate_burst}": must be at '
                               "least 1 when api.rate_limit is set")
         streams = config.api_max_event_streams.strip()
-        if not re.fullmatch(r"[0-9]{1,9}", streams) or not 0 <= int(streams) <= 10000:
+        if whole_number(streams, 0, 10000) is None:
             raise ConfigError(f'invalid api.max_event_streams "{streams}": must be an integer '
                               "from 0 to 10000")
         try:

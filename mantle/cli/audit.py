@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
-import re
 
 from mantle.cli.context import Context
 from mantle.durations import since_filter
 from mantle.errors import InvalidInput
+from mantle.text import whole_number
 from mantle.cli.output import print_json, wants_json
 from mantle.timefmt import rfc3339, rfc3339_seconds
 
@@ -27,9 +27,10 @@ def _since(text: str | None) -> float | None:
 def _limit(text: str | None) -> int:
     if text is None:
         return DEFAULT_LIMIT
-    if not re.fullmatch(r"[0-9]{1,7}", text) or not 1 <= int(text) <= 1000:
+    limit = whole_number(text, 1, 1000, digits=7)
+    if limit is None:
         raise InvalidInput("--limit must be between 1 and 1000")
-    return int(text)
+    return limit
 
 
 def audit(args, context: Context) -> int:

@@ -21,6 +21,7 @@ from mantle.cli.progress import LiveLines
 from mantle.connectors.ai import usage_line
 from mantle.durations import format_seconds, since_filter
 from mantle.errors import (ExecutionNotFound, InvalidInput, MantleError, WorkflowNotFound)
+from mantle.text import whole_number
 from mantle.timefmt import rfc3339_seconds, table_time
 
 __all__ = ["run", "cancel", "logs", "status", "retry", "parse_inputs", "drive",
@@ -375,10 +376,9 @@ def _list_filters(args) -> tuple[str | None, float | None, int]:
                            "duration such as 90s, 30m, 1h30m or 7d") from None
     limit = 20
     if args.limit is not None:
-        # At most 7 digits, as the API and ``audit`` read it: int() refuses over 4300.
-        if not re.fullmatch(r"[0-9]{1,7}", args.limit) or not 1 <= int(args.limit) <= 1000:
+        limit = whole_number(args.limit, 1, 1000, digits=7)  # as the API and audit read it
+        if limit is None:
             raise InvalidInput("--limit must be between 1 and 1000")
-        limit = int(args.limit)
     return args.status, since, limit
 
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 
 from mantle.cli.context import Context
 from mantle.logs import setup_logging
+from mantle.text import whole_number
 
 __all__ = ["serve", "threads_argument", "DEFAULT_THREADS"]
 
@@ -16,9 +16,10 @@ DEFAULT_THREADS = 8
 
 def threads_argument(text: str) -> int:
     """argparse type of ``--threads``: HTTP worker threads, 1 to 256."""
-    if not re.fullmatch(r"[0-9]{1,9}", text) or not 1 <= int(text) <= 256:
+    threads = whole_number(text, 1, 256)
+    if threads is None:
         raise argparse.ArgumentTypeError(f'invalid thread count "{text}": must be 1 to 256')
-    return int(text)
+    return threads
 
 
 def serve(args, context: Context) -> int:

@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-import re
 
 import falcon
 
 from mantle import queries
 from mantle.durations import since_filter
+from mantle.text import whole_number
 from web.errors import ApiError
 from web.parsing import query_params
 
@@ -28,11 +28,11 @@ def list_filters(params: dict[str, str]) -> dict:
     except ValueError:
         raise ApiError(400, "invalid since parameter: must be a positive duration such as "
                             "90s, 30m, 1h30m or 7d") from None
-    limit = params.get("limit", "20")
-    if not re.fullmatch(r"[0-9]{1,7}", limit) or not 1 <= int(limit) <= 1000:
+    limit = whole_number(params.get("limit", "20"), 1, 1000, digits=7)
+    if limit is None:
         raise ApiError(400, "invalid limit parameter: must be an integer from 1 to 1000")
     return {"workflow": params.get("workflow"), "status": status, "since": since,
-            "limit": int(limit)}
+            "limit": limit}
 
 
 class ExecutionCollection:
