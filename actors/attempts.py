@@ -436,15 +436,12 @@ class Attempts:
             self._acquire(run)
 
     def _not_started(self, run: StepRun) -> None:
-        """A step that was about to start when the execution stopped starting steps."""
-        if self._phase == "cancelled":
-            self._transition(run, S.CANCELLED)
-        elif self._timed_out and not run.hook and run.status == S.RUNNING:
-            self._transition(run, S.FAILED, error=self._workflow_timeout_error())
-        elif self._timed_out and not run.hook:
-            self._transition(run, S.CANCELLED, attempt=0)
-        else:  # shutting down: what is stored stays for the next owner
-            self._maybe_leave()
+        """A step that was about to start when the execution stopped starting steps.
+
+        What that means depends on why it stopped (cancel, workflow or hooks timeout,
+        shutdown), which only the execution knows: ``ExecutionActor`` decides.
+        """
+        raise NotImplementedError
 
     # --- the one transition function ---
 
