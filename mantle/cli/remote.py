@@ -104,8 +104,9 @@ def run(args, config: Config) -> int:
 
 
 def _follow(client: ApiClient, execution_id: str, live: LiveLines | None) -> tuple[dict, bool]:
-    """Poll the detail until the execution is final, printing live step lines (13.1.2); the
-    first SIGINT/SIGTERM cancels it. The final detail, and whether a signal came."""
+    """Poll the detail until the execution is final and its step rows have settled, printing
+    live step lines (13.1.2) when ``live`` is given; the first SIGINT/SIGTERM cancels it. The
+    final detail, and whether a signal came."""
     from mantle.cli.executions import _Signals
 
     interrupted = False
@@ -113,7 +114,7 @@ def _follow(client: ApiClient, execution_id: str, live: LiveLines | None) -> tup
     with _Signals() as signals:
         while True:
             detail = _check(*client.request("GET", f"/api/v1/executions/{execution_id}"))
-            if detail["status"] in ("completed", "failed", "cancelled"):
+            if detail["status"] in _FINAL:
                 final_since = final_since or time.monotonic()
             # A cancel is committed before the running steps are interrupted: give their rows
             # a moment to settle, so the lines show how each step ended.
@@ -132,23 +133,6 @@ def _follow(client: ApiClient, execution_id: str, live: LiveLines | None) -> tup
 def _busy(detail: dict) -> bool:
     return any(step["status"] in ("pending", "running")
                for step in detail["steps"] + detail.get("hooks", []))
-
-
-def _wait(client: ApiClient, execution_id: str) -> tuple[dict, bool]:
-    """Poll the detail until the execution is final; the first SIGINT/SIGTERM cancels it.
-    (final detail, whether a signal arrived)."""
-    from mantle.cli.executions import _Signals
-
-    interrupted = False
-    with _Signals() as signals:
-        while True:
-            detail = _check(*client.request("GET", f"/api/v1/executions/{execution_id}"))
-            if detail["status"] in _FINAL:
-                return detail, interrupted
-            if signals.caught.is_set() and not interrupted:
-                interrupted = True
-                client.request("POST", f"/api/v1/cancel/{execution_id}")
-            time.sleep(0.2)
 
 
 def cancel(args, config: Config) -> int:
@@ -187,7 +171,7 @@ def retry(args, config: Config) -> int:
     accepted = _check(status, payload)
     print(f'Retrying execution {args.execution_id} from step "{accepted["from_step"]}"...',
           flush=True)
-    detail, interrupted = _wait(client, accepted["execution_id"])
+    detail, interrupted = _follow(client, accepted["execution_id"], None)
     print(f"Execution {accepted['execution_id']}: {detail['status']}")
     for line in step_lines(set(accepted.get("reused", ())), _seconds)(detail):
         print(line)

@@ -6,6 +6,9 @@ PostgreSQL. A local HTTP server plays the flaky service whose hit counts show wh
 from __future__ import annotations
 
 import re
+import signal
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -13,7 +16,7 @@ import pytest
 from mantle import apikeys
 from mantle.db.models import AuditEvent, StepExecution
 from tests.web.served import served
-from tests.web.support import Daemon, apply_yaml, cli
+from tests.web.support import REPO, Daemon, apply_yaml, cli
 
 FLAKY = """
     name: flaky
@@ -142,5 +145,21 @@ def test_mantle_retry_with_server_uses_the_rest_endpoint(flaky, tmp_path, db, mi
         assert (result.returncode, result.stderr) == (
             1, 'Error: step "nope" not found in workflow "flaky"\n')
         daemon.post(f"/api/v1/cancel/{running}", {})
+
+        # A signal cancels the retry through the server, exits 130, and the summary waits
+        # for the rows to settle as ``run --server`` does: no step is left "running".
+        flaky.route("/service", hold=True)
+        retry = subprocess.Popen(
+            [sys.executable, "-m", "mantle", "retry", original, "--server", daemon.url],
+            cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        flaky.wait_for_hits("/service", 3, timeout=15)
+        retry.send_signal(signal.SIGTERM)
+        stdout, stderr = retry.communicate(timeout=30)
+        assert (retry.returncode, stderr) == (130, ""), stderr
+        lines = stdout.splitlines()
+        assert re.fullmatch(r"Execution [0-9a-f-]{36}: cancelled", lines[1]), stdout
+        assert re.fullmatch(r"  call: cancelled \((\d+ms|\d+\.\ds)\)", lines[4]), stdout
+        assert lines[5:] == ["  report: cancelled"], stdout
     finally:
         daemon.stop()
