@@ -73,7 +73,7 @@ def _summary(row: WorkflowExecution, raw: bool) -> dict:
 def list_executions(workflow: str | None = None, status: str | None = None,
                     since: float | None = None, limit: int = 20, raw: bool = False) -> list:
     """Newest first; ``since`` in seconds before now."""
-    return _page(workflow, status, since, limit, raw, None)
+    return [row for row, _ in _page(workflow, status, since, limit, raw, None)]
 
 
 def list_page(workflow: str | None = None, status: str | None = None,
@@ -88,17 +88,12 @@ def list_page(workflow: str | None = None, status: str | None = None,
     after = None if cursor is None else _decode_cursor(cursor)
     rows = _page(workflow, status, since, limit + 1, False, after)
     if len(rows) <= limit:
-        return rows, None
+        return [row for row, _ in rows], None
     rows = rows[:limit]
-    last = rows[-1]["id"]
-    # The page shows milliseconds; the position needs the stored microseconds.
-    row = (WorkflowExecution.select(WorkflowExecution.started_at)
-           .where(WorkflowExecution.id == last).first())
-    if row is not None:
-        started = row.started_at
-    else:  # deleted meanwhile (retention): its shown time is the best left
-        started = dt.datetime.fromisoformat(rows[-1]["started_at"].rstrip("Z"))
-    return rows, _encode_cursor(started, last)
+    # The page shows milliseconds; the position is the stored microseconds, read with the page
+    # (a second read could find the row deleted by retention meanwhile).
+    last, started = rows[-1]
+    return [row for row, _ in rows], _encode_cursor(started, last["id"])
 
 
 def _encode_cursor(started: dt.datetime, execution_id: str) -> str:
@@ -121,7 +116,9 @@ def _decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
     return started, execution_id
 
 
-def _page(workflow, status, since, limit: int, raw: bool, after) -> list[dict]:
+def _page(workflow, status, since, limit: int, raw: bool,
+          after) -> list[tuple[dict, dt.datetime]]:
+    """The page's summaries, each with its stored ``started_at`` (a cursor's position)."""
     if workflow is not None and not storable(workflow):
         return []  # no workflow has that name
     query = WorkflowExecution.select(
@@ -144,10 +141,10 @@ def _page(workflow, status, since, limit: int, raw: bool, after) -> list[dict]:
     database = unwrap(database_proxy)
     if is_sqlite(database) and not raw:
         return _sqlite_page(database, query)
-    return [_summary(row, raw) for row in query]
+    return [(_summary(row, raw), row.started_at) for row in query]
 
 
-def _sqlite_page(database, query) -> list[dict]:
+def _sqlite_page(database, query) -> list[tuple[dict, dt.datetime]]:
     """The page as one row of JSON built by SQLite.
 
     The sqlite3 module lets go of the GIL for every row it steps through and must queue to get
@@ -164,9 +161,10 @@ def _sqlite_page(database, query) -> list[dict]:
     # An aggregate's input order is not promised on this SQLite version: sort again, on the
     # stored microseconds as the query did.
     found.sort(key=lambda row: (row[4], row[0]), reverse=True)
-    return [{"id": i, "workflow": w, "version": v, "status": st,
-             "started_at": _stored_time(started), "completed_at": _stored_time(completed),
-             "parent_execution_id": parent, "parent_step": parent_step}
+    return [({"id": i, "workflow": w, "version": v, "status": st,
+              "started_at": _stored_time(started), "completed_at": _stored_time(completed),
+              "parent_execution_id": parent, "parent_step": parent_step},
+             dt.datetime.fromisoformat(started))
             for i, w, v, st, started, completed, parent, parent_step in found]
 
 

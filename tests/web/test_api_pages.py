@@ -100,6 +100,18 @@ def test_pages_never_repeat_or_skip_an_execution_under_concurrent_inserts(api):
     assert [rows[i] for i in seen] == sorted((rows[i] for i in seen), reverse=True)
 
 
+def test_a_cursor_keeps_the_microseconds_of_a_page_whose_last_row_is_then_deleted(api):
+    # Three executions in one millisecond (the page shows .412): the cursor is the stored
+    # .412345, read with the page, so deleting that row (retention) skips nothing after it.
+    ids = [_insert(T0 + dt.timedelta(microseconds=micro)) for micro in (412100, 412200, 412345)]
+    first = api.get("/api/v1/executions?limit=1").json
+    assert [row["id"] for row in first["executions"]] == [ids[2]]
+    assert first["next_cursor"] == f"20260318T090000.412345Z_{ids[2]}"
+    WorkflowExecution.delete().where(WorkflowExecution.id == ids[2]).execute()
+    rest = api.get(f"/api/v1/executions?limit=5&cursor={first['next_cursor']}").json
+    assert [row["id"] for row in rest["executions"]] == [ids[1], ids[0]]
+
+
 def test_a_bad_cursor_is_400_invalid_cursor(api):
     _insert(T0)
     some = str(uuid.uuid4())
