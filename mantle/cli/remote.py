@@ -9,11 +9,15 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from typing import TYPE_CHECKING
 
 from mantle.cli.output import print_json, wants_json
 from mantle.cli.progress import LiveLines
 from mantle.config import Config
 from mantle.errors import MantleError
+
+if TYPE_CHECKING:
+    from mantle.cli.executions import _Signals
 
 __all__ = ["run", "cancel", "retry", "follow", "ApiClient", "ServerUnreachable"]
 
@@ -71,7 +75,7 @@ def _check(status: int, payload: dict) -> dict:
 
 
 def run(args, config: Config) -> int:
-    from mantle.cli.executions import _typed
+    from mantle.cli.executions import _Signals, _typed
 
     client = _client(args, config)
     name = urllib.parse.quote(args.workflow, safe="")
@@ -89,12 +93,15 @@ def run(args, config: Config) -> int:
             raise MantleError(f'unknown input "{key}"')
         kind = (declared[key] or {}).get("type") if isinstance(declared[key], dict) else None
         inputs[key] = _typed(key, text, kind)
-    accepted = _check(*client.request("POST", f"/api/v1/run/{name}", {"inputs": inputs}))
-    execution_id = accepted["execution_id"]
     as_json = wants_json(args)
-    if not as_json:
-        print(f"Running {accepted['workflow']} (version {accepted['version']})...", flush=True)
-    detail, interrupted = _follow(client, execution_id, None if as_json else LiveLines())
+    with _Signals() as signals:  # from before the POST: an early Ctrl-C cancels what it creates
+        accepted = _check(*client.request("POST", f"/api/v1/run/{name}", {"inputs": inputs}))
+        execution_id = accepted["execution_id"]
+        if not as_json:
+            print(f"Running {accepted['workflow']} (version {accepted['version']})...",
+                  flush=True)
+        detail, interrupted = _follow(client, execution_id, None if as_json else LiveLines(),
+                                      signals)
     if as_json:
         print_json(detail)
     else:
@@ -103,31 +110,29 @@ def run(args, config: Config) -> int:
     return 130 if interrupted else _exit_for(detail)
 
 
-def _follow(client: ApiClient, execution_id: str, live: LiveLines | None) -> tuple[dict, bool]:
+def _follow(client: ApiClient, execution_id: str, live: LiveLines | None,
+            signals: _Signals) -> tuple[dict, bool]:
     """Poll the detail until the execution is final and its step rows have settled, printing
-    live step lines (13.1.2) when ``live`` is given; the first SIGINT/SIGTERM cancels it. The
-    final detail, and whether a signal came."""
-    from mantle.cli.executions import _Signals
-
+    live step lines (13.1.2) when ``live`` is given; the first SIGINT/SIGTERM (since
+    ``signals`` was entered) cancels it. The final detail, and whether a signal came."""
     interrupted = False
     final_since = None
-    with _Signals() as signals:
-        while True:
-            detail = _check(*client.request("GET", f"/api/v1/executions/{execution_id}"))
-            if detail["status"] in _FINAL:
-                final_since = final_since or time.monotonic()
-            # A cancel is committed before the running steps are interrupted: give their rows
-            # a moment to settle, so the lines show how each step ended.
-            settled = final_since is not None and (
-                not _busy(detail) or time.monotonic() - final_since > _SETTLE_GRACE)
-            for line in live.new_lines(detail, last=settled) if live else ():
-                print(line, flush=True)
-            if settled:
-                return detail, interrupted
-            if signals.caught.is_set() and not interrupted:
-                interrupted = True
-                client.request("POST", f"/api/v1/cancel/{execution_id}")
-            time.sleep(0.2)
+    while True:
+        detail = _check(*client.request("GET", f"/api/v1/executions/{execution_id}"))
+        if detail["status"] in _FINAL:
+            final_since = final_since or time.monotonic()
+        # A cancel is committed before the running steps are interrupted: give their rows
+        # a moment to settle, so the lines show how each step ended.
+        settled = final_since is not None and (
+            not _busy(detail) or time.monotonic() - final_since > _SETTLE_GRACE)
+        for line in live.new_lines(detail, last=settled) if live else ():
+            print(line, flush=True)
+        if settled:
+            return detail, interrupted
+        if signals.caught.is_set() and not interrupted:
+            interrupted = True
+            client.request("POST", f"/api/v1/cancel/{execution_id}")
+        time.sleep(0.2)
 
 
 def _busy(detail: dict) -> bool:
@@ -158,20 +163,21 @@ def _seconds(step: dict) -> float | None:
 
 def retry(args, config: Config) -> int:
     """``mantle retry --server``: ``POST /api/v1/retry/{execution}``, then wait as ``run``."""
-    from mantle.cli.executions import _exit_for
+    from mantle.cli.executions import _exit_for, _Signals
     from mantle.cli.retry import step_lines
     from mantle.retries import NotFailed
 
     client = _client(args, config)
     execution = urllib.parse.quote(args.execution_id, safe="")
     body = {} if args.from_step is None else {"from_step": args.from_step}
-    status, payload = client.request("POST", f"/api/v1/retry/{execution}", body)
-    if status == 409 and "status" in payload:  # the CLI words every status alike (6.2)
-        raise NotFailed(args.execution_id, payload["status"])
-    accepted = _check(status, payload)
-    print(f'Retrying execution {args.execution_id} from step "{accepted["from_step"]}"...',
-          flush=True)
-    detail, interrupted = _follow(client, accepted["execution_id"], None)
+    with _Signals() as signals:  # from before the POST, as ``run``
+        status, payload = client.request("POST", f"/api/v1/retry/{execution}", body)
+        if status == 409 and "status" in payload:  # the CLI words every status alike (6.2)
+            raise NotFailed(args.execution_id, payload["status"])
+        accepted = _check(status, payload)
+        print(f'Retrying execution {args.execution_id} from step "{accepted["from_step"]}"...',
+              flush=True)
+        detail, interrupted = _follow(client, accepted["execution_id"], None, signals)
     print(f"Execution {accepted['execution_id']}: {detail['status']}")
     for line in step_lines(set(accepted.get("reused", ())), _seconds)(detail):
         print(line)

@@ -5,9 +5,13 @@ printing the API's detail document (13.1.7)."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
+
+import psycopg
+import pytest
 
 from tests.helpers.database import bound_database
 from tests.web.support import REPO, Daemon, apply_yaml, wait_until
@@ -54,5 +58,45 @@ def test_run_with_server_prints_live_lines_and_json(migrated_db_url, tmp_path, h
             assert document == daemon.get(f"/api/v1/executions/{document['id']}").json
             assert document["status"] == "completed"
             assert [hook["name"] for hook in document["hooks"]] == ["cheer"]
+        finally:
+            assert daemon.stop() == 0, daemon.output()
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_a_signal_while_the_run_is_being_accepted_cancels_what_it_created(
+        migrated_db_url, tmp_path):
+    # The test holds the workflow row that a limited workflow's POST locks, so the CLI is
+    # inside its POST (seen as a backend waiting on a lock) when the signal comes: the
+    # execution the server then accepts is cancelled, as an early Ctrl-C in-process is.
+    with bound_database(migrated_db_url):
+        apply_yaml("""
+            name: napping
+            max_parallel_executions: 1
+            steps: [{name: nap, action: core/sleep, params: {duration: 60s}}]
+        """)
+        daemon = Daemon(tmp_path, migrated_db_url).start()
+        try:
+            with psycopg.connect(migrated_db_url, autocommit=True) as watcher, \
+                    psycopg.connect(migrated_db_url) as holder:
+                holder.execute("SELECT 1 FROM workflows WHERE name = 'napping' FOR UPDATE")
+                env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": str(tmp_path)}
+                runner = subprocess.Popen(
+                    [sys.executable, "-m", "mantle", "run", "napping", "--server", daemon.url],
+                    cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    text=True)
+                wait_until(lambda: watcher.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND datname = current_database()"
+                ).fetchone()[0] > 0, message="the POST never waited on the workflow row")
+                runner.send_signal(signal.SIGINT)
+                holder.commit()
+                stdout, stderr = runner.communicate(timeout=30)
+            assert (runner.returncode, stderr) == (130, ""), stderr
+            lines = stdout.splitlines()
+            assert lines[0] == "Running napping (version 1)..."
+            execution_id = lines[-1].split()[1].rstrip(":")
+            assert lines[-1] == f"Execution {execution_id}: cancelled", stdout
+            assert daemon.get(f"/api/v1/executions/{execution_id}").json["status"] == \
+                "cancelled"
         finally:
             assert daemon.stop() == 0, daemon.output()
