@@ -204,20 +204,21 @@ class Attempts:
     # --- slots ---
 
     def _acquire(self, run: StepRun) -> None:
-        """Take a ``max_parallel`` slot for this attempt (2.3, 13.1.10), then start it."""
-        if run.spec.max_parallel <= 0 or run.hook:
+        """Take a ``max_parallel`` slot for this attempt (2.3, 13.1.10; a hook step's too,
+        2.4), then start it."""
+        if run.spec.max_parallel <= 0:
             self._start_attempt(run)
             return
         run.stage = "slot"
         run.slot = self._next_slot_token()
         self._sup.tell(m.AcquireStepSlot(self._id, self._wf.name, run.spec.name, run.slot,
-                                         run.spec.max_parallel))
+                                         run.spec.max_parallel, run.hook))
 
     def _on_StepSlotGranted(self, message: m.StepSlotGranted) -> None:
-        run = self._steps.get(message.step)
+        run = self._run_of(message.step, message.hook)
         if run is None or run.stage != "slot" or run.slot != message.token:
             self._sup.tell(m.ReleaseStepSlot(self._id, self._wf.name, message.step,
-                                             message.token))
+                                             message.token, message.hook))
             return
         run.stage = None
         if not self._may_start(run):
@@ -228,7 +229,8 @@ class Attempts:
 
     def _release_slot(self, run: StepRun) -> None:
         if run.slot is not None:
-            self._sup.tell(m.ReleaseStepSlot(self._id, self._wf.name, run.spec.name, run.slot))
+            self._sup.tell(m.ReleaseStepSlot(self._id, self._wf.name, run.spec.name, run.slot,
+                                             run.hook))
             run.slot = None
 
     # --- an attempt ---

@@ -139,6 +139,7 @@ class HookPhase:
                                                  run.status == S.RUNNING):
             run.cancel_timers()
             run.stage = None
+            self._release_slot(run)
             self._transition(run, S.FAILED, error=self._hooks_timeout_error())
 
     def _hooks_timeout_error(self) -> str:

@@ -184,13 +184,15 @@ class ExecutionEnded:
 
 @dataclass(frozen=True, slots=True)
 class AcquireStepSlot:
-    """Ask for one of a step's ``max_parallel`` slots for one attempt (``token``)."""
+    """Ask for one of a step's ``max_parallel`` slots for one attempt (``token``); a hook
+    step's (``hook``) are its own, apart from those of a main step of the same name."""
 
     execution_id: str
     workflow: str
     step: str
     token: int
     limit: int
+    hook: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +201,7 @@ class ReleaseStepSlot:
     workflow: str
     step: str
     token: int
+    hook: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +259,7 @@ class LeaseLost:
 class StepSlotGranted:
     step: str
     token: int
+    hook: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -127,7 +127,7 @@ def submit_run(ctx: EngineContext, supervisor: pykka.ActorRef, msg: m.RunRequest
 
 
 class _Slot:
-    """The ``max_parallel`` slots of one (workflow, step) in this process: who holds one
+    """The ``max_parallel`` slots of one (workflow, step, hook) in this process: who holds one
     (execution, attempt token) and who waits, in order."""
 
     __slots__ = ("holders", "waiting")
@@ -155,7 +155,7 @@ class Supervisor(pykka.ThreadingActor):
         self._heard: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._epochs: dict[str, int] = {}
         self._cancelling: set[str] = set()
-        self._slots: dict[tuple[str, str], _Slot] = {}
+        self._slots: dict[tuple[str, str, bool], _Slot] = {}  # (workflow, step, hook)
         self._awaiting: dict[str, list[tuple[pykka.ActorRef, str, bool, int]]] = {}
         self._shutdown = False
         self._reconcile_every = RECONCILE_LEASES * ctx.node.ttl
@@ -531,15 +531,15 @@ class Supervisor(pykka.ThreadingActor):
     # --- step slots (max_parallel, 2.3, 13.1.10) ---
 
     def _on_AcquireStepSlot(self, msg: m.AcquireStepSlot) -> None:
-        slot = self._slots.setdefault((msg.workflow, msg.step), _Slot())
+        slot = self._slots.setdefault((msg.workflow, msg.step, msg.hook), _Slot())
         if len(slot.holders) < msg.limit and not slot.waiting:
             slot.holders.add((msg.execution_id, msg.token))
-            self._grant(msg.execution_id, msg.step, msg.token)
+            self._grant(msg.execution_id, msg.step, msg.token, msg.hook)
         else:
             slot.waiting.append((msg.execution_id, msg.token, msg.limit))
 
     def _on_ReleaseStepSlot(self, msg: m.ReleaseStepSlot) -> None:
-        key = (msg.workflow, msg.step)
+        key = (msg.workflow, msg.step, msg.hook)
         slot = self._slots.get(key)
         if slot is None:
             return
@@ -550,19 +550,19 @@ class Supervisor(pykka.ThreadingActor):
         else:
             slot.waiting = collections.deque(w for w in slot.waiting if w[:2] != holder)
 
-    def _grant_waiting(self, key: tuple[str, str], slot: _Slot) -> None:
+    def _grant_waiting(self, key: tuple[str, str, bool], slot: _Slot) -> None:
         while slot.waiting and len(slot.holders) < slot.waiting[0][2]:
             execution_id, token, _ = slot.waiting.popleft()
             if execution_id in self._live and execution_id not in self._cancelling:
                 slot.holders.add((execution_id, token))
-                self._grant(execution_id, key[1], token)
+                self._grant(execution_id, key[1], token, key[2])
         if not slot.holders and not slot.waiting:
             del self._slots[key]
 
-    def _grant(self, execution_id: str, step: str, token: int) -> None:
+    def _grant(self, execution_id: str, step: str, token: int, hook: bool) -> None:
         actor = self._live.get(execution_id)
         if actor is not None:
-            tell(actor, m.StepSlotGranted(step, token))
+            tell(actor, m.StepSlotGranted(step, token, hook))
 
     # --- shutdown and probes ---
 

@@ -619,6 +619,29 @@ def test_step_max_parallel_limits_attempts_across_executions(engine, http_target
         assert end <= start
 
 
+def test_hook_step_max_parallel_limits_its_attempts_across_executions(engine, http_target):
+    """SPEC 2.4: hook steps take the step fields except ``depends_on``, ``max_parallel``
+    (2.3) among them, and it is validated for them (docs/workflows.md); the engine ignored
+    it for hooks, so an ``on_finish`` hook with ``max_parallel: 1`` (a lock release, a
+    rate-limited notification) ran in every execution at once."""
+    http_target.route("/notify", delay=0.2, json={"ok": True})
+    apply(f"""
+        name: throttled-hook
+        steps: [{{name: work, action: core/log, params: {{message: hi}}}}]
+        hooks:
+          on_finish:
+            - {{name: notify, action: http/request, max_parallel: 1,
+               params: {{url: "{http_target.url('/notify')}"}}}}
+    """)
+    ids = [engine.run("throttled-hook").execution_id for _ in range(3)]
+    details = [finish(engine, i) for i in ids]
+    spans = sorted((hook["started_at"], hook["completed_at"])
+                   for d in details for hook in d["hooks"])
+    assert len(spans) == 3
+    for (_, end), (start, _) in zip(spans, spans[1:]):
+        assert end <= start, f"hook attempts overlapped: {spans}"
+
+
 def test_version_is_pinned_at_creation(engine):
     apply("""
         name: pinned
