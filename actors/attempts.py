@@ -276,7 +276,7 @@ class Attempts:
                                          "attempt": run.attempt})
         invocation = self._invocation(run)
         if spec.timeout_seconds:
-            run.timers.append(self._after(spec.timeout_seconds, m.StepTimedOut(
+            run.timers.append(self._after(self._timeout_left(run), m.StepTimedOut(
                 spec.name, run.hook, run.attempt)))
         if is_instant(spec.action):
             self._on_AttemptFinished(run_inline(invocation, run.hook, self._ctx.metrics))
@@ -310,6 +310,20 @@ class Attempts:
             left = (run.wait_until - self._ctx.node.db_now()).total_seconds()
         run.timers.append(self._after(max(0.0, left), m.SleepEnded(
             run.spec.name, run.hook, run.attempt)))
+
+    def _timeout_left(self, run: StepRun) -> float:
+        """What is left of the attempt's step ``timeout`` as it is launched: all of it, but
+        for a ``core/sleep`` that goes on with its stored wait after a restart (13.1.11):
+        that is the same attempt, timed from when its wait began, not from the resume. A
+        sleep shorter than its timeout ends first however late it is resumed."""
+        timeout = run.spec.timeout_seconds
+        if run.wait_kind != "sleep" or run.wait_until is None:
+            return timeout
+        seconds = self._sleep_length(run)
+        if seconds is None or seconds < timeout:
+            return timeout
+        began = run.wait_until - _seconds(seconds)
+        return max(0.0, timeout - (self._ctx.node.db_now() - began).total_seconds())
 
     def _sleep_length(self, run: StepRun) -> float | None:
         try:

@@ -623,6 +623,61 @@ def test_a_hook_running_at_a_restart_is_not_started_again_after_the_hooks_timeou
     assert (_started_lines(caplog, execution_id), http_target.hits("/notify")) == ([], 1)
 
 
+def test_the_step_timeout_of_a_sleep_resumed_after_a_restart_counts_from_its_start(
+        db, tmp_path):
+    """SPEC 4.7 (a step ``timeout`` bounds each attempt), 13.1.11 (a ``core/sleep`` goes on
+    with what was left of it after a crash, it does not start again).
+
+    A 1.5 s sleep with a 1 s timeout fails ``step timed out``. The engine restarts half a
+    second into it: the resumed sleep is the same attempt, so its timeout still falls due
+    1 s after the sleep began. It used to count the whole second again from the resume,
+    after the sleep's end, and the step completed."""
+    apply("""
+        name: napper
+        steps:
+          - {name: nap, action: core/sleep, timeout: 1s, params: {duration: 1500ms}}
+    """)
+    first = _engine(db, tmp_path)
+    execution_id = first.run("napper").execution_id
+    wait_until(lambda: [r[:3] for r in _rows(execution_id)] == [("nap", 1, "running")])
+    began = StepExecution.get(StepExecution.execution_id == execution_id).started_at
+    wait_until(lambda: _past(began, 0.6), timeout=5)
+    second = _restart(first, db, tmp_path)
+    try:
+        detail = _final(execution_id)
+    finally:
+        second.shutdown(timeout=1)
+    assert (detail["status"], _rows(execution_id)) == (
+        "failed", [("nap", 1, "failed", "step timed out after 1s")])
+
+
+def test_a_sleep_that_ended_while_nobody_ran_it_completes_though_its_timeout_passed_too(
+        db, tmp_path):
+    """SPEC 4.7, 13.1.11: a 1 s sleep with a 1.5 s timeout completes; the engine stops
+    during it and the next owner resumes it only after both its end and its timeout's due
+    time have passed. Its end came first, so it completes, as it would have without the
+    restart: the timeout is due later than the sleep's end, never before it."""
+    apply("""
+        name: short-nap
+        steps:
+          - {name: nap, action: core/sleep, timeout: 1500ms, params: {duration: 1s}}
+    """)
+    first = _engine(db, tmp_path)
+    execution_id = first.run("short-nap").execution_id
+    wait_until(lambda: [r[:3] for r in _rows(execution_id)] == [("nap", 1, "running")])
+    first.shutdown(timeout=0)
+    began = StepExecution.get(StepExecution.execution_id == execution_id).started_at
+    wait_until(lambda: _past(began, 1.6), timeout=5)
+    assert _rows(execution_id) == [("nap", 1, "running", None)]
+    second = _engine(db, tmp_path, takeover=True)
+    try:
+        detail = _final(execution_id)
+    finally:
+        second.shutdown(timeout=1)
+    assert (detail["status"], _rows(execution_id)) == ("completed", [("nap", 1, "completed",
+                                                                       None)])
+
+
 FLAKY = """
     name: flaky
     steps:
