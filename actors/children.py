@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import datetime as dt
 import hashlib
 import threading
 import time
@@ -244,8 +245,22 @@ class Children:
                                isinstance(message.result, LimitReached))
             return
         run.child = message.result.execution_id
+        if message.result.existing and run.spec.timeout_seconds:
+            self._time_resumed_child(run, message.result)
         self._sup.tell(m.AwaitChild(run.child, self.actor_ref, run.spec.name, run.attempt,
                                     run.hook))
+
+    def _time_resumed_child(self, run: StepRun, child) -> None:
+        """Resumed after a restart, the attempt goes on awaiting the child it created: its
+        step timeout is due ``timeout`` after that child's creation, not after the resume,
+        unless the child ended before then (its outcome stands)."""
+        due = child.started_at + dt.timedelta(seconds=run.spec.timeout_seconds)
+        if child.completed_at is not None and child.completed_at <= due:
+            return
+        run.cancel_timers()
+        run.timers.append(self._after(
+            max(0.0, (due - self._ctx.node.db_now()).total_seconds()),
+            m.StepTimedOut(run.spec.name, run.hook, run.attempt)))
 
     def _on_ChildFinished(self, message: m.ChildFinished) -> None:
         run = self._run_of(message.step, message.hook)

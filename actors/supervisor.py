@@ -59,12 +59,14 @@ HEARD_CANCELS = 10_000
 class RunResult:
     """What a run command answers: the execution and whether it already existed."""
 
-    __slots__ = ("execution_id", "workflow", "version", "existing", "queued")
+    __slots__ = ("execution_id", "workflow", "version", "started_at", "completed_at",
+                 "existing", "queued")
 
     def __init__(self, execution: dict, existing: bool, queued: bool):
         self.execution_id = execution["id"]
         self.workflow = execution["workflow"]
         self.version = execution["version"]
+        self.started_at, self.completed_at = execution["started_at"], execution["completed_at"]
         self.existing = existing
         self.queued = queued
 

@@ -396,6 +396,72 @@ def test_a_hooks_timeout_that_passed_while_nobody_ran_the_parent_cancels_the_hoo
         new.shutdown(timeout=1)
 
 
+def test_the_step_timeout_of_a_parent_resumed_while_its_child_runs_counts_from_before(
+        db, tmp_path):
+    """SPEC 4.7 (a step ``timeout`` bounds each attempt), 13.3 (a step timeout of the
+    parent cancels the child; on resume the existing child is awaited, not created again).
+
+    The parent's step (``timeout: 1s``) awaits a 1.6 s child; both are taken over after
+    1.1 s. The resumed attempt is the one that created the child, so its timeout is due
+    at once: the step fails and the child is cancelled. It used to get a whole second
+    again from the resume, and the step completed with the child."""
+    apply("""
+        name: kid-nap
+        steps: [{name: nap, action: core/sleep, params: {duration: 1600ms}}]
+    """)
+    apply("""
+        name: parent
+        steps: [{name: child, action: workflow/run, timeout: 1s, params: {workflow: kid-nap}}]
+    """)
+    parent, child, new = _restart_while_the_child_runs(db, tmp_path, "parent",
+                                                       "running_since", 1.1)
+    try:
+        wait_until(lambda: _status(parent) != "running", timeout=10)
+        wait_until(lambda: _status(child) != "running", timeout=5)
+        step = StepExecution.get(StepExecution.execution_id == parent)
+        outcome = (_status(parent), step.attempt, step.status, step.error, _status(child))
+    finally:
+        new.shutdown(timeout=1)
+    assert outcome == ("failed", 1, "failed", "step timed out after 1s", "cancelled")
+
+
+def test_a_child_that_ended_before_the_step_timeout_completes_its_resumed_parent(
+        db, tmp_path):
+    """SPEC 4.7, 13.3: a step timeout is due ``timeout`` after the child's creation also
+    for a resumed parent, but a child that ended before then keeps its outcome. Here the
+    child (taken over by another node, say) completed 0.2 s after its creation, and the
+    parent's 1 s timeout passed while nobody ran the parent: its step completes."""
+    apply(SLEEPY_KID)
+    apply("""
+        name: parent
+        steps: [{name: child, action: workflow/run, timeout: 1s,
+                 params: {workflow: sleepy-kid}}]
+    """)
+    old = _engine(db, tmp_path)
+    try:
+        parent = old.run("parent").execution_id
+        [row] = wait_until(lambda: _children(parent))
+        wait_until(lambda: _status(row.id) == "running")
+    finally:
+        old.shutdown(timeout=0.2)
+    child, ended = row.id, row.started_at + dt.timedelta(seconds=0.2)
+    with transaction(db):
+        WorkflowExecution.update(status="completed", completed_at=ended).where(
+            WorkflowExecution.id == child).execute()
+        StepExecution.update(status="completed", completed_at=ended, output={}).where(
+            StepExecution.execution_id == child).execute()
+    wait_until(lambda: store.database_now() > row.started_at + dt.timedelta(seconds=1.2),
+               timeout=5)
+    new = _engine(db, tmp_path, takeover=True)
+    try:
+        wait_until(lambda: _status(parent) != "running", timeout=10)
+        step = StepExecution.get(StepExecution.execution_id == parent)
+        outcome = (_status(parent), step.status, step.error, step.output["execution_id"])
+    finally:
+        new.shutdown(timeout=1)
+    assert outcome == ("completed", "completed", None, child)
+
+
 def test_a_parent_its_next_owner_cannot_load_ends_failed_and_cancels_its_child(db, tmp_path):
     """SPEC 13.3 and 13.1.12: a parent that its next owner cannot load (its version
     unreadable, written by another release) ends ``failed`` with an internal error; no step
