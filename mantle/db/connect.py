@@ -18,7 +18,7 @@ from typing import Any
 import peewee
 import psycopg
 import psycopg.conninfo
-from playhouse.pool import PooledPostgresqlDatabase
+from playhouse.pool import MaxConnectionsExceeded, PooledPostgresqlDatabase
 
 from mantle.errors import ConfigError, DatabaseUnavailable
 
@@ -50,8 +50,10 @@ _PG_CONNECTION_SETTINGS = {
 
 # The one definition of "the database is unreachable or busy, not: this query is wrong".
 # Such errors are waited out (journal retries, 503 answers); any other error is a bug or a
-# value the database refuses, and is reported as such.
-OUTAGE_ERRORS = (peewee.OperationalError, peewee.InterfaceError, DatabaseUnavailable)
+# value the database refuses, and is reported as such. No connection of the process's pool
+# freeing within PG_POOL_WAIT_S (every one busy) is the database being busy.
+OUTAGE_ERRORS = (peewee.OperationalError, peewee.InterfaceError, DatabaseUnavailable,
+                 MaxConnectionsExceeded)
 
 
 def is_outage(exc: BaseException) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
+import sys
 import threading
 import time
 
@@ -206,6 +207,37 @@ def test_a_final_status_whose_commit_answer_was_lost_is_reported_as_written(
     mantle_db.bind(db)  # bound_database unbound the models
     assert written is True
     assert WorkflowExecution.get_by_id(execution_id).status == "completed"
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_writes_wait_out_a_connection_pool_with_none_free_as_an_outage(
+        migrated_db_url, monkeypatch):
+    """A process holds at most ``PG_POOL_SIZE`` connections, and a thread waits
+    ``PG_POOL_WAIT_S`` for a free one (docs/configuration.md). Finding none in that time
+    (all held by statements waiting on a lock or a dying server) means the database is
+    busy, not that the write is wrong: the journal waits it out as an outage (SPEC 4.11)
+    and writes once one frees. It used to fail the operation (``MaxConnectionsExceeded``,
+    a ValueError), so the execution it checkpointed ended ``failed`` with ``internal
+    error``, as did a step whose credential its evaluation thread could not read."""
+    connect_module = sys.modules["mantle.db.connect"]
+    monkeypatch.setattr(connect_module, "PG_POOL_SIZE", 1)
+    monkeypatch.setattr(connect_module, "PG_POOL_WAIT_S", 0.1)
+    database = mantle_db.connect(migrated_db_url)  # this thread holds the only connection
+    journal = Journal(database)
+    journal.start()
+    try:
+        outcome: list = []
+        finished = threading.Event()
+        _submit_recording(journal, lambda: database.execute_sql("SELECT 1").fetchone()[0],
+                          outcome, finished)
+        wait_until(lambda: outcome or not journal.healthy, timeout=5)
+        assert (outcome, journal.healthy) == ([], False)
+        mantle_db.release_connection(database)
+        assert finished.wait(10)
+        assert outcome == [1]
+    finally:
+        journal.stop()
+        mantle_db.close_all(database)
 
 
 def _executions(count: int) -> list[str]:
