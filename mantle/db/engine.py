@@ -157,8 +157,12 @@ def migration_lock(database: peewee.Database) -> None:
     """Serialise migration runs across processes; call first inside the transaction.
 
     PostgreSQL: a transaction-level advisory lock. SQLite: the IMMEDIATE transaction is the lock.
+    A migration is no engine statement: the connection's ``statement_timeout`` (SPEC 13.7) is
+    lifted for its transaction, so it waits for another runner's turn and builds an index on
+    a large table as long as that takes.
     """
     if is_postgres(database):
+        database.execute_sql("SET LOCAL statement_timeout = 0")
         database.execute_sql("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_KEY,))
 
 

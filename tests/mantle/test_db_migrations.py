@@ -5,16 +5,22 @@ from __future__ import annotations
 import ast
 import datetime as dt
 import inspect
+import sys
 import threading
+import time
 
 import peewee
+import pytest
 
 from mantle import db
 from mantle.db import is_postgres, migrations
+from mantle.db.engine import migration_lock
 from mantle.db.fields import utcnow
 from mantle.db.migrations import m001_initial_schema
 from mantle.db.models import ALL_MODELS
 from tests.helpers import Background
+from tests.helpers.database import lock_waiters
+from tests.helpers.waiting import wait_until
 
 TABLES = {"workflows", "workflow_definitions", "workflow_triggers", "workflow_executions",
           "step_executions", "audit_events", "api_keys", "nodes", "credentials",
@@ -127,6 +133,32 @@ def test_two_runners_migrating_at_once_apply_each_migration_once(db_url):
         assert migrations.is_at_head(check)
     finally:
         check.close()
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_a_migration_waits_for_another_runner_longer_than_the_statement_timeout(
+        db_url, monkeypatch):
+    """SPEC 13.7 bounds the engine's statements with ``statement_timeout`` (30 s); a
+    migration run is not one: it waits its turn behind another runner (a daemon starting
+    while ``mantle migrate`` builds an index on a large table) and then takes as long as
+    its own statements take. It used to be cancelled at the timeout, so ``mantle serve``
+    or ``mantle migrate`` failed. Here the timeout is 200 ms and the other runner holds
+    the migration lock three times as long."""
+    monkeypatch.setattr(sys.modules["mantle.db.connect"], "PG_STATEMENT_TIMEOUT_MS", 200)
+    holder, runner, observer = db.connect(db_url), db.connect(db_url), db.connect(db_url)
+    try:
+        with holder.atomic():
+            migration_lock(holder)
+            job = Background(lambda: migrations.migrate(runner))
+            wait_until(lambda: lock_waiters(observer) == 1 or not job.running)
+            deadline = time.monotonic() + 0.6
+            wait_until(lambda: not job.running or time.monotonic() > deadline)
+            assert job.running, job.error
+        assert job.join(30).error is None
+        assert job.result == [m.name for m in migrations.MIGRATIONS]
+    finally:
+        for database in (holder, runner, observer):
+            db.close_all(database)
 
 
 def _model_indexes(model) -> set[tuple[tuple[str, ...], bool]]:
