@@ -16,7 +16,8 @@ from collections.abc import Iterable
 
 import peewee
 
-from mantle.db.connect import database_proxy, is_postgres, is_sqlite, unwrap
+from mantle.db.connect import (SQLITE_BUSY_TIMEOUT_MS, database_proxy, is_postgres, is_sqlite,
+                               unwrap)
 
 __all__ = ["transaction", "write_transaction", "lock_for_update", "claim_rows", "upsert",
            "sqlite_file", "migration_lock", "now_sql", "later_sql", "share_lock_sql",
@@ -58,10 +59,15 @@ class _WriterTurn:
     ``flock`` is woken by the kernel the moment the holder lets go. One descriptor per thread
     (locks belong to open files), held re-entrantly for nested transactions. Writers that do
     not take it (other programs) are still excluded by SQLite's own lock.
+
+    A holder that never lets go (a process stopped by SIGSTOP or Ctrl-Z inside a write) is
+    waited for ``wait_s`` seconds, SQLite's own busy timeout, and then the write fails as a
+    locked database does (an outage: the journal waits it out, the API answers 503).
     """
 
     _by_path: dict[str, _WriterTurn] = {}
     _lock = threading.Lock()
+    wait_s = SQLITE_BUSY_TIMEOUT_MS / 1000
 
     def __init__(self, path: str):
         self._path = path
@@ -85,7 +91,14 @@ class _WriterTurn:
             fd = getattr(local, "fd", None)
             if fd is None:
                 fd = local.fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not _TurnWait(fd).wait(self.wait_s):
+                    local.fd = None  # the waiting thread closes it once it gets the lock
+                    raise peewee.OperationalError(
+                        f"database is locked (another mantle writer has held it for "
+                        f"{self.wait_s:g} s)") from None
         local.depth = depth + 1
 
     def __exit__(self, *exc):
@@ -93,6 +106,36 @@ class _WriterTurn:
         local.depth -= 1
         if local.depth == 0:
             fcntl.flock(local.fd, fcntl.LOCK_UN)
+
+
+class _TurnWait:
+    """A blocking ``flock`` of ``fd`` taken on a thread of its own, as ``flock`` has no
+    timeout: the caller that stops waiting leaves the descriptor to that thread, which lets
+    go of the lock (closing it) the moment it gets it. While a holder never lets go, each
+    writing thread leaves one such thread behind per ``wait_s``."""
+
+    def __init__(self, fd: int):
+        self._fd = fd
+        self._changed = threading.Condition()
+        self._state = "waiting"  # then "taken" (the caller holds the lock) or "abandoned"
+        threading.Thread(target=self._take, name="mantle-writer-turn", daemon=True).start()
+
+    def _take(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        with self._changed:
+            if self._state == "waiting":
+                self._state = "taken"
+                self._changed.notify_all()
+                return
+        os.close(self._fd)
+
+    def wait(self, timeout: float) -> bool:
+        """Whether the caller now holds the lock (False: it gave up after ``timeout``)."""
+        with self._changed:
+            if self._changed.wait_for(lambda: self._state == "taken", timeout):
+                return True
+            self._state = "abandoned"
+            return False
 
 
 @contextlib.contextmanager

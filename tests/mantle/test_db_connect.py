@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
+import sys
 import threading
 
 import peewee
@@ -12,6 +15,7 @@ from mantle import db
 from mantle.db.connect import PG_POOL_SIZE, SQLITE_BUSY_TIMEOUT_MS
 from mantle.errors import ConfigError, DatabaseUnavailable
 from tests.helpers import Background
+from tests.web.support import REPO
 
 
 def _closed_port() -> int:
@@ -243,6 +247,50 @@ def test_sqlite_writer_waits_for_a_held_lock_instead_of_failing(tmp_path):
     assert held.join(10).error is None and held.result is False
     assert waited.join(10).error is None, waited.error
     assert waited.result == [("holder",), ("waiter",)]
+
+
+_HOLDER = """
+import sys, time
+from mantle import db
+database = db.connect(sys.argv[1])
+with db.transaction(database):
+    database.execute_sql("INSERT INTO counter (writer) VALUES ('holder')")
+    print("holding", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_sqlite_writer_gives_up_on_a_writer_that_never_lets_go(tmp_path, monkeypatch):
+    """Another mantle process stopped inside a write (SIGSTOP, Ctrl-Z) keeps its turn: a
+    writer here fails as a locked database after the busy timeout (an outage, waited out by
+    the journal), instead of waiting for ever, and writes once the holder is gone."""
+    monkeypatch.setattr(db.engine._WriterTurn, "wait_s", 0.3)
+    url = f"sqlite:///{tmp_path}/stopped.db"
+    _counter_table(url)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, url], cwd=tmp_path,
+                              env={"PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                              text=True)
+    database = db.connect(url)
+
+    def write():
+        with db.transaction(database):
+            database.execute_sql("INSERT INTO counter (writer) VALUES ('here')")
+
+    try:
+        assert holder.stdout.readline() == "holding\n"
+        holder.send_signal(signal.SIGSTOP)
+        refused = Background(write).join(5)
+        assert isinstance(refused.error, peewee.OperationalError), refused.error
+        assert "database is locked" in str(refused.error)
+        holder.kill()
+        holder.wait(10)
+        assert Background(write).join(5).error is None
+        rows = database.execute_sql("SELECT writer FROM counter").fetchall()
+        assert rows == [("here",)]
+    finally:
+        holder.kill()
+        holder.wait(10)
+        database.close()
 
 
 def test_connections_are_per_thread(blank_db):
