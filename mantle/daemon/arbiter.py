@@ -15,9 +15,10 @@ is safe; it waits on one self-pipe for signals and on one pipe per worker for it
   has spoken lately, and kills a worker silent for ``SILENT_AFTER`` seconds, also one whose
   startup has not ended that long after its fork (it is then restarted like any dead worker).
 
-A worker that dies is restarted (at most once a second per slot); its executions are taken
-over by its siblings at once (same host, process gone). One that exits (not killed) before
-the first ``READY=1`` without having said ready failed the server's start: the parent stops
+A worker that dies is restarted (at most once a second per slot), and a fork that fails
+(the service's task limit or memory reached) is tried again as often; its executions are
+taken over by its siblings at once (same host, process gone). One that exits (not killed)
+before the first ``READY=1`` without having said ready failed the server's start: the parent stops
 the others and exits 1, as one process whose start fails does (SPEC 10.2). A worker whose
 parent dies shuts down as on SIGTERM. SIGTERM or SIGINT: ``STOPPING=1``, the parent closes
 its copies of the sockets (so the port refuses connections once each worker has closed its
@@ -251,15 +252,25 @@ class Arbiter:
     # --- a worker ---
 
     def _spawn(self, slot: int, sockets: list[socket.socket]) -> None:
-        read_fd, write_fd = os.pipe()
+        """Fork the worker of ``slot``; one that cannot be forked now (the service's task
+        limit or memory, for a moment) is tried again like a worker that died."""
         parent = os.getpid()
+        pid = None
+        read_fd = write_fd = -1
         # A signal reaching the child before it drops the parent's handlers would run the
         # parent's handler there and be lost (the worker would serve on until killed): the
         # signals wait, blocked, until the child's own dispositions are in place.
         signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
-        pid = None
         try:
+            read_fd, write_fd = os.pipe()
             pid = os.fork()
+        except OSError as exc:
+            log.error("worker could not be started", extra={"slot": slot, "error": str(exc)})
+            for fd in (read_fd, write_fd):
+                if fd >= 0:
+                    os.close(fd)
+            self._restart_at[slot] = time.monotonic() + _RESTART_EVERY
+            return
         finally:
             if pid != 0:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)

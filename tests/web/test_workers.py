@@ -365,3 +365,25 @@ def test_a_worker_whose_startup_hangs_is_killed_like_a_silent_one():
         for process in (hung, starting):
             process.kill()
             process.wait()
+
+
+def test_a_worker_that_cannot_be_forked_is_tried_again_instead_of_ending_the_server(
+        monkeypatch, caplog):
+    """A restart whose fork failed (EAGAIN: the service's TasksMax or the user's process
+    limit reached for a moment, or ENOMEM) raised out of the parent's loop: the parent died
+    with a traceback and took the whole server down (its other workers shut down without
+    it). The slot is tried again a second later, as for a worker that died."""
+    arbiter = Arbiter(None, None, workers=2, threads=1, shutdown_timeout=1.0)
+    opened = len(os.listdir("/proc/self/fd"))
+
+    def fork():
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "fork", fork)
+    arbiter._restart_at = {1: 0.0}
+    before = time.monotonic()
+    arbiter._reap([])
+    assert arbiter._workers == {}
+    assert arbiter._restart_at[1] >= before + 1.0  # tried again, not in a tight loop
+    assert len(os.listdir("/proc/self/fd")) == opened  # the worker's pipe was closed
+    assert "worker could not be started" in caplog.text
