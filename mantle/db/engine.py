@@ -57,8 +57,10 @@ class _WriterTurn:
     ms before it looks again; with several processes writing one file (``serve --workers``,
     a CLI next to a daemon) those sleeps, not the writes, decided the throughput. A blocked
     ``flock`` is woken by the kernel the moment the holder lets go. One descriptor per thread
-    (locks belong to open files), held re-entrantly for nested transactions. Writers that do
-    not take it (other programs) are still excluded by SQLite's own lock.
+    and process (locks belong to open files: the thread that forks a ``serve --workers``
+    worker goes on in it with its descriptor, which the parent and every sibling share),
+    held re-entrantly for nested transactions. Writers that do not take it (other programs)
+    are still excluded by SQLite's own lock.
 
     A holder that never lets go (a process stopped by SIGSTOP or Ctrl-Z inside a write) is
     waited for ``wait_s`` seconds, SQLite's own busy timeout, and then the write fails as a
@@ -89,8 +91,12 @@ class _WriterTurn:
         depth = getattr(local, "depth", 0)
         if depth == 0:
             fd = getattr(local, "fd", None)
+            if fd is not None and local.pid != os.getpid():  # inherited across a fork
+                os.close(fd)
+                fd = None
             if fd is None:
                 fd = local.fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+                local.pid = os.getpid()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -4,6 +4,7 @@ parent that restarts them, relays SIGTERM, and speaks to systemd once for all.""
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import sqlite3
@@ -387,3 +388,36 @@ def test_a_worker_that_cannot_be_forked_is_tried_again_instead_of_ending_the_ser
     assert arbiter._restart_at[1] >= before + 1.0  # tried again, not in a tight loop
     assert len(os.listdir("/proc/self/fd")) == opened  # the worker's pipe was closed
     assert "worker could not be started" in caplog.text
+
+
+def test_workers_take_sqlite_writer_turns_on_lock_files_of_their_own(tmp_path):
+    """The parent migrates before it forks, which opens its main thread's ``-writer`` lock
+    file (``_WriterTurn``); each worker's main thread inherited that open file, and a flock
+    belongs to the open file, not the process: every worker's startup writes (its node row)
+    and the parent "held" the turn at once, and one releasing it released it for all."""
+    from mantle.db import connect
+    from mantle.db.engine import _WriterTurn
+
+    turn = _WriterTurn.of(connect(f"sqlite:///{tmp_path / 'turns.db'}"))
+    with turn:  # as the parent's migrations
+        pass
+    go_read, go_write = os.pipe()
+    got_read, got_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a worker: its first write transaction, once the parent holds the turn
+        try:
+            os.read(go_read, 1)
+            with turn:
+                os.write(got_write, b"x")
+        finally:
+            os._exit(0)
+    try:
+        with turn:
+            os.write(go_write, b"x")
+            taken_alongside = select.select([got_read], [], [], 0.5)[0]
+        assert select.select([got_read], [], [], 5)[0], "the worker never got its turn"
+    finally:
+        os.waitpid(pid, 0)
+        for fd in (go_read, go_write, got_read, got_write):
+            os.close(fd)
+    assert not taken_alongside, "the worker took the writer turn the parent held"
