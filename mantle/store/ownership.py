@@ -261,10 +261,13 @@ def renew_node(node_id: str, ttl: float) -> tuple[dt.datetime, bool]:
 
 
 def expire_node(node_id: str) -> None:
-    """End a node's lease now (clean shutdown): its executions may be taken over at once."""
+    """End a node's lease (clean shutdown, or its process gone): its executions may be taken
+    over at once, also by a claim later in the same transaction, whose clock may read the
+    same instant (PostgreSQL's is the transaction's start): so it ended a millisecond ago."""
     sql = Statements.of_bound()
     p = sql.db.param
-    sql.run(f"UPDATE nodes SET lease_expires_at = {sql.now} WHERE id = {p}", (node_id,))
+    sql.run(f"UPDATE nodes SET lease_expires_at = {sql.later} WHERE id = {p}",
+            (-0.001, node_id))
 
 
 def node_channels(node_ids: Iterable[str]) -> dict[str, tuple[str, str | None]]:

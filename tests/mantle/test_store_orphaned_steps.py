@@ -5,11 +5,14 @@ case, a real owner killed before a cancel, is in ``tests/faults/test_final_state
 from __future__ import annotations
 
 import datetime as dt
+import os
+import subprocess
 
 from mantle import store
 from mantle.db import transaction
 from mantle.db.fields import utcnow
 from mantle.db.models import Node, StepExecution
+from mantle.services.nodes import pid_alive
 from tests.helpers.waiting import apply_yaml
 
 TWO = """
@@ -33,8 +36,7 @@ def _execution(owner: str, status: str, step_statuses: dict[str, str]) -> str:
 
 
 def _lapse(node: str) -> None:
-    """End a node's lease a minute ago (``expire_node`` ends it now, which a claim in the same
-    millisecond would not yet see as past)."""
+    """End a node's lease a minute ago (as a lease that ran out, long past any floor)."""
     Node.update(lease_expires_at=utcnow() - dt.timedelta(minutes=1)).where(
         Node.id == node).execute()
 
@@ -85,3 +87,27 @@ def test_a_node_never_takes_over_its_own_executions_when_its_lease_ran_out(db):
         assert store.claim_expired("paused") == []
     with transaction():
         assert store.claim_expired("other") == [(mine, 2)]
+
+
+def test_a_dead_neighbours_executions_are_claimed_in_the_round_that_ends_its_lease(db):
+    """The takeover round (one transaction) ends the lease of a node of this host whose
+    process is gone, then claims expired leases' executions. Ended "now", the lease was not
+    yet past for the claim: on PostgreSQL ``now()`` is the transaction's start, so a dead
+    ``serve --workers`` worker's executions always waited for the next round (2 s), and its
+    cancelled executions' open steps too."""
+    apply_yaml(TWO)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    with transaction():
+        store.register_node("dead", "host", dead.pid, "worker", "key", None, 60)
+        store.register_node("me", "host", os.getpid(), "worker", "key", None, 60)
+    running = _execution("dead", "running", {"a": "running"})
+    cancelled = _execution("dead", "cancelled", {"a": "running"})
+
+    with transaction():
+        assert store.expire_dead_neighbours("me", "key", pid_alive) == 1
+        closed = store.close_orphaned_steps()
+        claimed = store.claim_expired("me")
+
+    assert claimed == [(running, 2)]
+    assert closed == [(cancelled, "two", [("a", False)])]
