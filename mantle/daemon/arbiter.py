@@ -13,7 +13,11 @@ is safe; it waits on one self-pipe for signals and on one pipe per worker for it
 - ``W`` (alive, every second or twice per watchdog period if that is shorter, while the
   worker's engine answers): the parent sends systemd ``WATCHDOG=1`` only while every worker
   has spoken lately, and kills a worker silent for ``SILENT_AFTER`` seconds, also one whose
-  startup has not ended that long after its fork (it is then restarted like any dead worker).
+  startup has not ended that long after its fork (it is then restarted like any dead worker);
+- ``S`` (stopping): a worker that shuts down while the parent does not (its own SIGTERM, from
+  an operator) is replaced within a second; it drains beside its successor, which serves its slot's
+  socket meanwhile (else that socket's share of new connections would wait, unaccepted, for
+  the whole grace period).
 
 A worker that dies is restarted (at most once a second per slot), and a fork that fails
 (the service's task limit or memory reached) is tried again as often; its executions are
@@ -54,6 +58,9 @@ log = logging.getLogger("mantle.server")
 SILENT_AFTER = 30.0
 STOP_MARGIN = 10.0
 _RESTART_EVERY = 1.0
+# How long after a worker said it stops on its own its successor starts: systemd's stop sends
+# SIGTERM to every process of the unit at once, and the parent's own stops it meanwhile.
+_SUCCESSOR_AFTER = 0.5
 _HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)  # by the parent
 
 
@@ -64,6 +71,7 @@ class _Worker:
     pipe: int  # read end of the worker's message pipe
     ready: bool = False
     heard_at: float = field(default_factory=time.monotonic)
+    retiring: bool = False  # stopping on its own; a successor has its slot
 
 
 class _PipeNotifier:
@@ -82,8 +90,9 @@ class _PipeNotifier:
         return os.getppid() != self._parent
 
     def notify(self, message: str) -> bool:
+        code = {"READY=1": b"R", "STOPPING=1": b"S"}.get(message, b"W")
         try:
-            os.write(self._fd, b"R" if message == "READY=1" else b"W")
+            os.write(self._fd, code)
             return True
         except OSError:  # the parent is gone; the worker will be stopped soon
             return False
@@ -173,12 +182,21 @@ class Arbiter:
         if b"R" in data and not worker.ready:
             worker.ready = True
             # A worker that was still starting when the signal came says ready, then stops.
+            serving = self._serving()
             if not self._announced_ready and self._stopping_since is None and \
-                    len(self._workers) == self._count and all(
-                        w.ready for w in self._workers.values()):
+                    len(serving) == self._count and all(w.ready for w in serving):
                 self._announced_ready = True
                 log.info("workers ready", extra={"workers": self._count})
                 self._notifier.notify("READY=1")
+        if b"S" in data and not worker.retiring and self._stopping_since is None:
+            worker.retiring = True
+            log.info("worker stopping; starting its successor",
+                     extra={"pid": worker.pid, "slot": worker.slot})
+            self._restart_at[worker.slot] = time.monotonic() + _SUCCESSOR_AFTER
+
+    def _serving(self) -> list[_Worker]:
+        """The workers that hold their slots (not those draining beside a successor)."""
+        return [w for w in self._workers.values() if not w.retiring]
 
     def _handle_signals(self, sockets: list[socket.socket]) -> None:
         while self._signals:
@@ -217,7 +235,7 @@ class Arbiter:
             if worker is None:
                 continue
             os.close(worker.pipe)
-            if self._stopping_since is None:
+            if self._stopping_since is None and not worker.retiring:
                 log.error("worker exited", extra={"pid": pid, "status": _status(status),
                                                   "slot": worker.slot})
                 if worker.ready or self._announced_ready or not os.WIFEXITED(status):
@@ -246,8 +264,9 @@ class Arbiter:
                 worker.heard_at = now  # once; the reap restarts it
 
     def _all_alive(self, now: float, within: float) -> bool:
-        return len(self._workers) == self._count and all(
-            w.ready and now - w.heard_at <= within for w in self._workers.values())
+        serving = self._serving()
+        return len(serving) == self._count and all(
+            w.ready and now - w.heard_at <= within for w in serving)
 
     # --- a worker ---
 

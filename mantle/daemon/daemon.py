@@ -214,6 +214,8 @@ class Daemon:
         if self._watchdog is not None:
             self._watchdog.shutting_down()
         self._notifier.notify("STOPPING=1")
+        if self._heartbeat is not None:  # the parent starts a successor if it goes on
+            self._heartbeat.notify("STOPPING=1")
         self._readiness.mark_stopping()
         self._engine.stop_starting(deadline)
         self._scheduler.stop()

@@ -15,7 +15,7 @@ from collections import Counter
 from mantle.daemon.arbiter import SILENT_AFTER, Arbiter, _Worker
 from mantle.db.fields import utcnow
 from mantle.db.models import Node, StepExecution, WorkflowExecution
-from tests.web.support import Daemon, apply_yaml, cli, wait_until
+from tests.web.support import Daemon, apply_yaml, call, cli, wait_until
 
 
 # Answers the mask of signals it ignores (/proc/PID/status SigIgn, hexadecimal).
@@ -173,6 +173,29 @@ def test_sigterm_to_the_parent_stops_every_worker_gracefully(tmp_path, sqlite_ur
     assert WorkflowExecution.get_by_id(execution_id).status == "completed"  # it had time
     assert daemon.messages().count("server stopped") == 3  # two workers and the parent
     assert all(_zombie(pid) for pid in workers)
+
+
+def test_a_worker_stopped_on_its_own_is_replaced_at_once_and_its_slot_stays_served(
+        tmp_path, sqlite_url):
+    """A SIGTERM to one worker (an operator recycling it) let it drain for up to its
+    shutdown timeout while the socket of its slot, which the parent keeps for the worker's
+    successor, went on taking its share of new connections: nobody accepted them, not even
+    ``/healthz``, until the worker had exited and its successor had started. A worker that
+    begins to stop on its own now tells the parent, which starts the successor at once."""
+    daemon, workers, execution_id = _two_workers_running(tmp_path, sqlite_url, "60s", "20s")
+    owner = Node.get_by_id(WorkflowExecution.get_by_id(execution_id).owner).pid
+    os.kill(owner, signal.SIGTERM)
+    wait_until(lambda: daemon.messages().count("server listening") == 4, timeout=5,
+               message="no successor while the stopped worker drains")  # parent + 3 workers
+    assert len(_children(daemon.process.pid)) == 3 and owner in _children(daemon.process.pid)
+    for _ in range(12):  # new connections, spread by the kernel over both slots
+        assert call(daemon.url, "GET", "/healthz", timeout=2).status == 200
+    assert WorkflowExecution.get_by_id(execution_id).status == "running"  # still draining
+    daemon.send(signal.SIGTERM)
+    wait_until(lambda: daemon.messages().count("shutting down") == 4)
+    daemon.send(signal.SIGTERM)  # the second: every worker skips the rest of its grace
+    assert daemon.wait(30) == 0
+    assert "worker exited" not in daemon.messages()  # replaced, not dead
 
 
 def test_after_sigterm_new_connections_are_refused_while_the_workers_drain(tmp_path,
