@@ -30,9 +30,9 @@ from mantle.db import is_outage, is_postgres, transaction
 from mantle.db.connect import (backend_identity, commit_outcome, journal_check_refused,
                                transaction_conflict)
 from mantle.errors import GateClosed, JournalStopped
-from mantle.store import (batch_scope, check_with_writes, forget_current_versions,
+from mantle.store import (STARTING, batch_scope, check_with_writes, forget_current_versions,
                           known_current_versions, refused_fences)
-from mantle.store.statements import Pending, settle
+from mantle.store.statements import Pending, Statements, settle
 
 __all__ = ["Journal", "JournalStopped", "SATURATED_BACKLOG"]
 
@@ -78,6 +78,16 @@ class _Closed(Exception):
     def __init__(self, entries: list[_Entry]):
         super().__init__("operations no longer wanted")
         self.entries = entries
+
+
+class _StartsStopped(Exception):
+    """``STARTING`` fences that held when the batch was checked and no longer do once its
+    operations ran (one of them cancelled the execution): ``refused``, fence -> error. The
+    batch is written again with them refused."""
+
+    def __init__(self, refused: dict):
+        super().__init__("an operation of the batch stopped an execution it starts")
+        self.refused = refused
 
 
 class _Uncertain(Exception):
@@ -304,8 +314,11 @@ class Journal:
         up during that wait then share this transaction instead of each process paying a turn
         of the lock for a few of them (each of ``serve --workers 2`` spent 45 % of its time
         waiting for its turn, while the second core was not fully used; bench/README.md)."""
+        stopped: dict = {}
         try:
             return self._transaction(batch, top_up, checks_later=self._postgres)
+        except _StartsStopped as exc:
+            stopped = exc.refused
         except (_Closed, _Uncertain):
             raise
         except Exception as exc:
@@ -316,12 +329,18 @@ class Journal:
         # A fence or a version the batch went by no longer holds, or an operation failed
         # before its fence was checked (on what a new owner wrote, say): again, checks first,
         # so that the operations of executions lost to another node are not run at all.
-        return self._transaction(batch, top_up=False, checks_later=False)
+        while True:
+            try:
+                return self._transaction(batch, top_up=False, checks_later=False,
+                                         stopped=stopped)
+            except _StartsStopped as exc:
+                stopped = {**stopped, **exc.refused}
 
-    def _transaction(self, batch: list[_Entry], top_up: bool, checks_later: bool
-                     ) -> list[Any]:
+    def _transaction(self, batch: list[_Entry], top_up: bool, checks_later: bool,
+                     stopped: dict | None = None) -> list[Any]:
         """``_commit``; ``checks_later``: the fences and versions are checked with the
-        writes (PostgreSQL, when the versions the batch's runs need were read before)."""
+        writes (PostgreSQL, when the versions the batch's runs need were read before);
+        ``stopped``: fences refused by an earlier try of the batch (``_StartsStopped``)."""
         self._commit_started = time.monotonic()
         results = backend = None
         try:
@@ -331,19 +350,23 @@ class Journal:
                         batch.extend(self._take(_MAX_BATCH - len(batch)))
                 fences = {entry.fence for entry in batch if entry.fence is not None}
                 reads = {entry.reads for entry in batch if entry.reads is not None}
+                starts = {fence for fence in fences if fence[2:] == (STARTING,)}
+                later = False
                 if self._postgres:
                     self._seq += 1
                     backend = backend_identity(self._db)
                     versions = known_current_versions(reads) if checks_later else None
                     if versions is not None:
                         check_with_writes(self._db, self._mark, self._seq, fences, versions)
-                        fences = reads = ()
+                        fences, reads, later = (), (), True
                     else:
                         check_with_writes(self._db, self._mark, self._seq)
                 refused = refused_fences(fences, reads) if fences or reads else {}
+                refused.update(stopped or {})
                 results = [_Refused(refused[entry.fence]) if entry.fence in refused
                            else entry.op()
                            for entry in batch]
+                self._check_starts_again(starts - refused.keys(), later)
                 closed = [entry for entry in batch if entry.gate is not None
                           and entry.fence not in refused and not entry.gate()]
                 if closed:
@@ -360,6 +383,24 @@ class Journal:
             raise
         finally:
             self._commit_started = None
+
+    def _check_starts_again(self, starts: set[tuple], later: bool) -> None:
+        """Check the ``STARTING`` fences ``starts`` again once the batch's operations ran:
+        one of them (a cancel) may have stopped an execution that a later one starts, after
+        the batch's check, and that start must not commit with it (SPEC 4.6).
+
+        ``later`` (PostgreSQL, checks with the writes): ``mantle_journal_check`` goes once
+        more with the writes and COMMIT when an operation that had to see the batch's
+        writes sent the first one early. Else here, raising ``_StartsStopped``."""
+        if not starts:
+            return
+        if later:
+            if Statements.of(self._db).batch.check is None:
+                check_with_writes(self._db, self._mark, self._seq, starts)
+            return
+        late = refused_fences(starts)
+        if late:
+            raise _StartsStopped(late)
 
     def _write_one_by_one(self, batch: list[_Entry]) -> None:
         for entry in batch:

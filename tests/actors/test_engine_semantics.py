@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import socket
 import threading
 import time
@@ -527,6 +528,55 @@ def test_no_step_starts_after_a_cancel_its_owner_has_not_heard_of_yet(engine, db
     assert http_target.hits("/second") == 0
     assert steps["second"] == "cancelled"
     assert steps["first"] in ("completed", "cancelled")
+    assert WorkflowExecution.get_by_id(execution_id).status == "cancelled"
+
+
+def _queued(engine: Engine) -> list[str]:
+    """What waits in the journal: ``cancel`` for a cancel, ``start`` for the write that starts
+    an attempt, ``other``."""
+    return ["start" if entry.fence and entry.fence[2:] == (store.STARTING,) else
+            "cancel" if "_on_CancelExecution" in entry.op.__qualname__ else "other"
+            for entry in list(engine.journal._queue)]
+
+
+def test_no_retry_starts_in_the_transaction_that_cancels_its_execution(engine, http_target,
+                                                                       caplog):
+    """SPEC 4.6: after a cancel commits, nothing new starts. This node's cancel and the
+    write that starts the next attempt of its execution (its back-off over) were queued
+    together and written in one journal transaction; the batch's fences were checked
+    before its cancel ran, so the retry's ``running`` row was written with the cancel and
+    the retry called its target after the cancel had committed."""
+    caplog.set_level(logging.INFO, logger="mantle.engine")
+    http_target.route("/flaky", fail_first=1)
+    apply(f"""
+        name: cancelled-in-its-retry
+        steps:
+          - {{name: call, action: http/request, retry: {{max_attempts: 2, backoff: fixed}},
+             params: {{url: "{http_target.url('/flaky')}"}}}}
+    """)
+    execution_id = engine.run("cancelled-in-its-retry").execution_id
+    wait_until(lambda: StepExecution.select().where(
+        StepExecution.execution_id == execution_id, StepExecution.attempt == 2).exists(),
+        message="attempt 1 did not fail into its back-off")
+    release, held = threading.Event(), threading.Event()
+    engine.journal.submit(lambda: (held.set(), release.wait(10)))
+    try:
+        assert held.wait(10)
+        threading.Thread(target=engine.cancel, args=(execution_id,), daemon=True).start()
+        wait_until(lambda: "cancel" in _queued(engine), message="the cancel was not queued")
+        wait_until(lambda: "start" in _queued(engine), timeout=5,
+                   message="the retry's start was not queued behind the cancel")
+        assert _queued(engine).index("cancel") < _queued(engine).index("start")
+    finally:
+        release.set()
+    wait_until(lambda: engine.live_count() == 0, message="the owner did not stop")
+    rows = [(row.attempt, row.status) for row in StepExecution.select().where(
+        StepExecution.execution_id == execution_id).order_by(StepExecution.attempt)]
+    started = [record.attempt for record in caplog.records
+               if record.getMessage() == "step started"
+               and getattr(record, "execution_id", None) == execution_id]
+    assert (http_target.hits("/flaky"), started, rows) == (1, [1], [(1, "failed"),
+                                                                   (2, "cancelled")])
     assert WorkflowExecution.get_by_id(execution_id).status == "cancelled"
 
 

@@ -16,7 +16,7 @@ from mantle import db as mantle_db
 from mantle import store
 from mantle.db import transaction
 from mantle.db.models import WorkflowExecution
-from mantle.errors import GateClosed, JournalStopped, LeaseLost
+from mantle.errors import ExecutionStopped, GateClosed, JournalStopped, LeaseLost
 from mantle.services.journal import Journal
 from tests.helpers.database import bound_database
 from tests.helpers.pgproxy import CommitCutter, LateCommit
@@ -547,3 +547,27 @@ def test_an_operation_of_a_lost_execution_is_not_run_even_where_it_would_fail(db
                            fence=(execution_id, 1))
     assert outcomes[kept] == "written"
     assert isinstance(outcomes[lost], LeaseLost), repr(outcomes[lost])
+
+
+def test_an_attempt_is_not_started_by_the_batch_that_cancels_its_execution_first(db):
+    """SPEC 4.6, nothing starts after a cancel: a node's cancel (the Supervisor's operation)
+    and the write of an attempt's ``running`` row for the same execution, queued behind it,
+    can share one journal transaction. Checked once for the whole batch before its
+    operations ran, the attempt's ``STARTING`` fence found the execution still ``running``,
+    so the row was written in the transaction that cancelled it, and the attempt started
+    after the cancel had committed. It is refused with ``ExecutionStopped``, and the cancel
+    is written."""
+    [execution_id] = _executions(1)
+    outcomes = {}
+
+    def record(name):
+        return (lambda value: outcomes.__setitem__(name, value),) * 2
+
+    with _one_batch(db) as (journal, _):
+        journal.submit(lambda: store.cancel_execution(execution_id, "api"), *record("cancel"))
+        journal.submit(lambda: store.write_step(execution_id, "a", 1, "running"),
+                       *record("start"), fence=(execution_id, 1, store.STARTING))
+    assert outcomes["cancel"].previous == "running"
+    assert isinstance(outcomes["start"], ExecutionStopped), repr(outcomes["start"])
+    assert WorkflowExecution.get_by_id(execution_id).status == "cancelled"
+    assert db.execute_sql("SELECT count(*) FROM step_executions").fetchone() == (0,)
