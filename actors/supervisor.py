@@ -416,8 +416,9 @@ class Supervisor(pykka.ThreadingActor):
 
             def claim():
                 store.expire_dead_neighbours(node.id, node.host_key, pid_alive)
-                return store.close_orphaned_steps(), node.claim(
-                    lambda floor: store.claim_expired(node.id, expired_since=floor))
+                return node.claim(lambda floor: (
+                    store.close_orphaned_steps(node.id, expired_since=floor),
+                    store.claim_expired(node.id, expired_since=floor))) or ([], [])
 
             def claimed(result):
                 closed, taken = result

@@ -138,7 +138,8 @@ def claim_expired(node: str, limit: int = 100, expired_since: dt.datetime | None
         "RETURNING id, epoch", (node, node, *params, node, limit))]
 
 
-def close_orphaned_steps(limit: int = _CHUNK) -> list[tuple[str, str, list[tuple[str, bool]]]]:
+def close_orphaned_steps(node: str, expired_since: dt.datetime | None = None,
+                         limit: int = _CHUNK) -> list[tuple[str, str, list[tuple[str, bool]]]]:
     """End ``cancelled`` the steps still pending or running in cancelled executions whose
     owner's lease has expired; returns, per execution, (id, workflow, the (step, is_hook)
     rows closed).
@@ -148,9 +149,15 @@ def close_orphaned_steps(limit: int = _CHUNK) -> list[tuple[str, str, list[tuple
     never does, and nothing takes a final execution over. A live owner past its lease may
     still write the attempt afterwards: fenced by its epoch, which this leaves alone, that
     write lands, which is what it would have been anyway (a result racing a cancel may be
-    stored ``completed``). Found through migration 006's index of active step rows."""
+    stored ``completed``). Found through migration 006's index of active step rows.
+
+    As ``claim_expired`` takes work over (``node``, ``expired_since``): never from ``node``
+    itself, whose actors record their steps when it runs again, and only while ``node``'s
+    own lease holds."""
     sql = Statements.of_bound()
     p = sql.db.param
+    since = "" if expired_since is None else f"AND n.lease_expires_at >= {p} "
+    params = () if expired_since is None else (sql.stamp(expired_since),)
     # CROSS JOIN keeps SQLite's planner on the small index first (PostgreSQL plans it as
     # any join): by the status of executions it would go through every cancelled one.
     workflows = dict(sql.rows(
@@ -158,7 +165,9 @@ def close_orphaned_steps(limit: int = _CHUNK) -> list[tuple[str, str, list[tuple
         "CROSS JOIN workflow_executions e LEFT JOIN nodes n ON n.id = e.owner "
         "WHERE e.id = s.execution_id AND s.status IN ('pending', 'running') "
         "AND e.status = 'cancelled' "
-        f"AND (n.id IS NULL OR n.lease_expires_at < {sql.now}) LIMIT {p}", (limit,)))
+        f"AND (n.id IS NULL OR (n.lease_expires_at < {sql.now} AND n.id <> {p} {since})) "
+        f"AND EXISTS (SELECT 1 FROM nodes me WHERE me.id = {p} "
+        f"AND me.lease_expires_at >= {sql.now}) LIMIT {p}", (node, *params, node, limit)))
     closed = _close_steps(sql, list(workflows)) if workflows else {}
     return [(execution_id, workflow, closed.get(execution_id, []))
             for execution_id, workflow in workflows.items()]

@@ -58,7 +58,7 @@ def test_only_the_active_steps_of_cancelled_executions_whose_owner_is_gone_are_e
     running = _execution("dead", "running", {"a": "running"})  # claim_expired's, not ours
 
     with transaction():
-        closed = store.close_orphaned_steps()
+        closed = store.close_orphaned_steps("alive")
 
     # per execution its workflow and the rows closed, which the caller counts (9.1)
     assert sorted(closed) == sorted([(orphaned, "two", [("a", False)]),
@@ -68,7 +68,7 @@ def test_only_the_active_steps_of_cancelled_executions_whose_owner_is_gone_are_e
     assert _steps(owner_alive) == {"a": ("running", False)}  # its owner records it
     assert _steps(running) == {"a": ("running", False)}
     with transaction():
-        assert store.close_orphaned_steps() == []
+        assert store.close_orphaned_steps("alive") == []
 
 
 def test_a_node_never_takes_over_its_own_executions_when_its_lease_ran_out(db):
@@ -106,8 +106,33 @@ def test_a_dead_neighbours_executions_are_claimed_in_the_round_that_ends_its_lea
 
     with transaction():
         assert store.expire_dead_neighbours("me", "key", pid_alive) == 1
-        closed = store.close_orphaned_steps()
+        closed = store.close_orphaned_steps("me")
         claimed = store.claim_expired("me")
 
     assert claimed == [(running, 2)]
     assert closed == [(cancelled, "two", [("a", False)])]
+
+
+def test_a_node_never_closes_the_steps_of_its_own_cancelled_executions_nor_while_lapsed(db):
+    """The steps a cancel left to its owner are closed by another node only once the owner
+    is gone, as ``claim_expired`` takes work over: never by the owner itself, whose lease
+    ran out while it was paused (its actor records them when it runs again: it logged
+    ``execution finished`` twice and counted each step twice), and not by a node whose own
+    lease ran out (cut off with the others, it would close the steps of owners that had no
+    turn to renew yet)."""
+    apply_yaml(TWO)
+    with transaction():
+        for node in ("paused", "dead", "other"):
+            store.register_node(node, "host", 1, "serve", "key", None, 60)
+        _lapse("paused")
+        _lapse("dead")
+    own = _execution("paused", "cancelled", {"a": "running"})
+    orphaned = _execution("dead", "cancelled", {"a": "running"})
+
+    with transaction():
+        assert store.close_orphaned_steps("paused") == []
+    assert _steps(own) == _steps(orphaned) == {"a": ("running", False)}
+    with transaction():
+        closed = store.close_orphaned_steps("other")
+    assert sorted(closed) == sorted([(own, "two", [("a", False)]),
+                                     (orphaned, "two", [("a", False)])])
