@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 from mantle.db import is_outage, reset_connection, transaction
 from mantle.db.fields import utcnow
-from mantle.store import expire_node, register_node, renew_node
+from mantle.store import database_now, expire_node, register_node, renew_node
 
 __all__ = ["NodeLease", "host_key", "pid_alive", "DEFAULT_LEASE_TTL"]
 
@@ -82,8 +82,9 @@ class NodeLease:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mantle-lease", daemon=True)
         self._failing = False
+        self._unjudged = False  # a renewal committed whose lapse could not be judged
         self._steady_since: dt.datetime | None = None  # database time; see takeover_floor
-        # Held by a renewal from its first statement to its commit; see ``claim``.
+        # Held by a renewal from its first statement to its judgement; see ``claim``.
         self._renewing = threading.Lock()
 
     def start(self) -> NodeLease:
@@ -113,12 +114,13 @@ class NodeLease:
         """``take(takeover_floor())``, or [] while a renewal of this lease is under way.
 
         ``take`` runs a statement that reads this node's lease in the database; the floor
-        it is given must be of the same moment. A renewal that finds the lease lapsed sets
-        the floor and then commits the new lease: read in between, the floor is still the
-        old one while the statement already sees the renewed lease, and takes over work
-        of nodes that had no turn to renew yet. So a claim never runs alongside a renewal
-        (it is tried again at the next takeover round); it does not wait for one either,
-        as it may hold the database's write lock the renewal waits for (SQLite)."""
+        it is given must be of the same moment. A renewal commits the new lease and then
+        judges whether the old one had lapsed and sets the floor: read in between, the
+        floor is still the old one while the statement already sees the renewed lease, and
+        takes over work of nodes that had no turn to renew yet. So a claim never runs
+        alongside a renewal (it is tried again at the next takeover round); it does not
+        wait for one either, as it may hold the database's write lock the renewal waits
+        for (SQLite)."""
         if not self._renewing.acquire(blocking=False):
             return []
         try:
@@ -155,11 +157,19 @@ class NodeLease:
         delay = self.ttl / 3
         while not self._stop.wait(delay):
             try:
-                with self._renewing, transaction(self._db):
-                    now, lapsed = renew_node(self.id, self.ttl)
-                    if lapsed:  # expired or gone (pruned): make sure the row exists
-                        self._reregister()
-                    if lapsed or self._failing:  # before the commit lets a claim through
+                with self._renewing:  # until the floor is set: no claim meanwhile
+                    with transaction(self._db):
+                        before = renew_node(self.id, self.ttl)
+                        if before is None:  # gone (pruned): make sure the row exists
+                            self._reregister()
+                    # Judged by the database's time after the commit: until then other nodes
+                    # saw the lease as it was. A renewal committed but not judged (this read
+                    # failed) counts as lapsed at the next one.
+                    unjudged, self._unjudged = self._unjudged, True
+                    now = database_now()
+                    lapsed = unjudged or before is None or before < now
+                    self._unjudged = False
+                    if lapsed or self._failing:
                         self._steady_since = now
             except Exception as exc:
                 self._failed(exc)

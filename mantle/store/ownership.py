@@ -254,19 +254,20 @@ def register_node(node_id: str, hostname: str, pid: int, kind: str, host_key: st
     return database_now()
 
 
-def renew_node(node_id: str, ttl: float) -> tuple[dt.datetime, bool]:
-    """Extend this node's lease by ``ttl`` from the database's now; returns (database time,
-    whether the lease had already expired — or the row vanished — before this renewal).
+def renew_node(node_id: str, ttl: float) -> dt.datetime | None:
+    """Extend this node's lease by ``ttl`` from the database's now; returns the expiry the
+    lease had (None when the row vanished, pruned), read under a lock on PostgreSQL, so that
+    a change committed meanwhile (the lease ended by another node) is what it reads.
 
-    After such a gap other nodes may have taken executions over: the caller checks its
-    executions' epochs."""
+    Whether the lease lapsed is for the caller to judge once this has committed: until then
+    other nodes see the lease as it was, and may take executions over once it has run out,
+    however early in this transaction it was still valid."""
     sql = Statements.of_bound()
     p = sql.db.param
-    before = sql.rows(f"SELECT lease_expires_at < {sql.now} FROM nodes WHERE id = {p}",
-                      (node_id,))
+    lock = "" if sql.sqlite else " FOR UPDATE"
+    before = sql.rows(f"SELECT lease_expires_at FROM nodes WHERE id = {p}{lock}", (node_id,))
     sql.run(f"UPDATE nodes SET lease_expires_at = {sql.later} WHERE id = {p}", (ttl, node_id))
-    lapsed = not before or bool(before[0][0])
-    return database_now(), lapsed
+    return sql.datetime(before[0][0]) if before else None
 
 
 def expire_node(node_id: str) -> None:

@@ -23,6 +23,7 @@ from mantle import queries
 from mantle.db import transaction
 from mantle.db.models import Node, StepExecution, WorkflowDefinition, WorkflowExecution
 from mantle.metrics import Metrics
+from mantle.services.nodes import NodeLease
 from tests.actors.conftest import apply, finish, steps_of, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -822,6 +823,38 @@ def test_a_node_back_from_an_outage_longer_than_the_lease_takes_over_no_live_nod
         if other is not None:
             other.shutdown(timeout=1)
     assert (detail["status"], http_target.hits("/held")) == ("completed", 1)
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_a_renewal_that_commits_after_the_lease_ran_out_reports_the_lapse(db, migrated_db_url):
+    """SPEC 13.7 and docs/engine.md: a node whose lease ran out (paused, or cut off from the
+    database) checks its executions' epochs as soon as it renews again, and for a lease
+    period takes over only from leases that ran out well after that.
+
+    A renewal judged the lease by a read at the start of its transaction. One that then
+    waited (for a row lock, as here, or on a stalled connection) while the lease ran out and
+    other nodes could take its work over reported no lapse: no check, no takeover floor
+    (a likely cause of the outage test above failing now and then under load)."""
+    lapses: list[dt.datetime] = []
+    lease = NodeLease(db, "serve", ttl=0.9,  # renews every 0.3 s
+                      on_lapse=lambda: lapses.append(mantle_db.fields.utcnow()))
+    holder = mantle_db.connect(migrated_db_url)
+    lease.start()
+    try:
+        holder.execute_sql("BEGIN")  # the next renewal waits behind this lock
+        holder.execute_sql("SELECT id FROM nodes WHERE id = %s FOR SHARE", (lease.id,))
+        wait_until(lambda: db.execute_sql("SELECT count(*) FROM pg_stat_activity "
+                                          "WHERE wait_event_type = 'Lock'").fetchone()[0],
+                   message="the renewal did not wait for the lock")
+        lease._stop.set()  # the renewal under way is the last one
+        wait_until(lambda: Node.get_by_id(lease.id).lease_expires_at < store.database_now(),
+                   timeout=5, message="the lease did not run out")
+        holder.execute_sql("COMMIT")
+        lease._thread.join(5)
+    finally:
+        holder.close()
+        lease.stop()
+    assert len(lapses) == 1
 
 
 def test_a_workflow_timeout_that_only_cancelled_steps_still_fails_after_a_restart(
