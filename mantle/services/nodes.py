@@ -37,16 +37,17 @@ _RETRY_EVERY = 1.0  # after a failed renewal
 
 def host_key() -> str:
     """Names the kernel boot and pid namespace of this process: two processes with the same
-    key see each other's pids, so one may tell that the other is gone."""
+    key see each other's pids, so one may tell that the other is gone.
+
+    Where either cannot be read, the key is this call's own: containers of one host share
+    its boot, and one that took another's pid for a process of its own namespace would end
+    the lease of a live node. Such a process tells no neighbour gone (leases still run out)."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as handle:
             boot = handle.read().strip()
-    except OSError:
-        boot = socket.gethostname()
-    try:
         namespace = os.readlink("/proc/self/ns/pid")
     except OSError:
-        namespace = ""
+        return uuid.uuid4().hex
     return hashlib.sha256(f"{boot}|{namespace}".encode()).hexdigest()[:32]
 
 

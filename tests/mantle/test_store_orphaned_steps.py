@@ -12,7 +12,7 @@ from mantle import store
 from mantle.db import transaction
 from mantle.db.fields import utcnow
 from mantle.db.models import Node, StepExecution
-from mantle.services.nodes import pid_alive
+from mantle.services.nodes import host_key, pid_alive
 from tests.helpers.waiting import apply_yaml
 
 TWO = """
@@ -136,3 +136,17 @@ def test_a_node_never_closes_the_steps_of_its_own_cancelled_executions_nor_while
         closed = store.close_orphaned_steps("other")
     assert sorted(closed) == sorted([(own, "two", [("a", False)]),
                                      (orphaned, "two", [("a", False)])])
+
+
+def test_a_process_that_cannot_read_its_pid_namespace_tells_no_neighbour_gone(monkeypatch):
+    """Processes with one host key judge each other's pids. Containers of one host share
+    its boot id; one that cannot read its pid namespace (a sandbox hiding /proc/self/ns)
+    used the boot id alone, so it could take another container's live node for a dead
+    process of its own and end its lease. It now gets a key of its own."""
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", path)
+
+    readable = host_key()
+    assert readable == host_key()  # stable where the namespace can be read
+    monkeypatch.setattr(os, "readlink", unreadable)
+    assert len({readable, host_key(), host_key()}) == 3
