@@ -27,16 +27,18 @@ __all__ = ["transaction", "write_transaction", "lock_for_update", "claim_rows", 
 _MIGRATION_LOCK_KEY = 0x6D616E746C65  # "mantle"
 
 
-def transaction(database=None):
+def transaction(database=None, patient: bool = False):
     """A write transaction on ``database`` (default: the bound one); nested calls savepoint.
 
     On SQLite it begins with BEGIN IMMEDIATE, so it waits for another writer instead of
     failing half-way when it upgrades from reading to writing; and mantle's writers of one
-    file first take turns on an OS file lock (``_WriterTurn``).
+    file first take turns on an OS file lock (``_WriterTurn``), waited for at most the busy
+    timeout, or as long as it takes when ``patient`` (a migration run, which waits behind
+    another runner's as on PostgreSQL).
     """
     database = unwrap(database if database is not None else database_proxy)
     if is_sqlite(database):
-        return _sqlite_transaction(database)
+        return _sqlite_transaction(database, patient)
     return database.atomic()
 
 
@@ -86,7 +88,9 @@ class _WriterTurn:
                 turn = cls._by_path[path] = cls(path + "-writer")
             return turn
 
-    def __enter__(self):
+    def take(self, wait_s: float | None) -> None:
+        """Take the turn (again, when nested), waiting at most ``wait_s`` seconds (None: as
+        long as it takes)."""
         local = self._local
         depth = getattr(local, "depth", 0)
         if depth == 0:
@@ -98,16 +102,16 @@ class _WriterTurn:
                 fd = local.fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
                 local.pid = os.getpid()
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait_s is None else fcntl.LOCK_NB))
             except BlockingIOError:
-                if not _TurnWait(fd).wait(self.wait_s):
+                if not _TurnWait(fd).wait(wait_s):
                     local.fd = None  # the waiting thread closes it once it gets the lock
                     raise peewee.OperationalError(
                         f"database is locked (another mantle writer has held it for "
-                        f"{self.wait_s:g} s)") from None
+                        f"{wait_s:g} s)") from None
         local.depth = depth + 1
 
-    def __exit__(self, *exc):
+    def release(self) -> None:
         local = self._local
         local.depth -= 1
         if local.depth == 0:
@@ -145,14 +149,18 @@ class _TurnWait:
 
 
 @contextlib.contextmanager
-def _sqlite_transaction(database):
+def _sqlite_transaction(database, patient: bool):
     turn = _WriterTurn.of(database)
     if turn is None:
         with database.atomic("IMMEDIATE"):
             yield
         return
-    with turn, database.atomic("IMMEDIATE"):
-        yield
+    turn.take(None if patient else turn.wait_s)
+    try:
+        with database.atomic("IMMEDIATE"):
+            yield
+    finally:
+        turn.release()
 
 
 def write_transaction():
@@ -205,7 +213,8 @@ def upsert(model: type[peewee.Model], values: dict, conflict: Iterable[peewee.Fi
 def migration_lock(database: peewee.Database) -> None:
     """Serialise migration runs across processes; call first inside the transaction.
 
-    PostgreSQL: a transaction-level advisory lock. SQLite: the IMMEDIATE transaction is the lock.
+    PostgreSQL: a transaction-level advisory lock. SQLite: the IMMEDIATE transaction is the lock
+    (begun with ``transaction(database, patient=True)``, which waits for the writer turn).
     A migration is no engine statement: the connection's ``statement_timeout`` (SPEC 13.7) is
     lifted for its transaction, so it waits for another runner's turn and builds an index on
     a large table as long as that takes.

@@ -161,6 +161,29 @@ def test_a_migration_waits_for_another_runner_longer_than_the_statement_timeout(
             db.close_all(database)
 
 
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_migration_waits_for_another_runners_writer_turn_beyond_the_busy_timeout(
+        db_url, monkeypatch):
+    """On SQLite a migration run's turn is the writer turn (``<file>-writer``), which other
+    writers wait for at most the busy timeout (then: a locked database, an outage). A
+    migration waits as long as another runner's takes, as on PostgreSQL: ``mantle serve``
+    starting while ``mantle migrate`` builds an index must not fail. Here the writers' wait
+    is 200 ms and the other runner holds its turn three times as long."""
+    monkeypatch.setattr(db.engine._WriterTurn, "wait_s", 0.2)
+    holder, runner = db.connect(db_url), db.connect(db_url)
+    try:
+        with db.transaction(holder):
+            job = Background(lambda: migrations.migrate(runner))
+            deadline = time.monotonic() + 0.6
+            wait_until(lambda: not job.running or time.monotonic() > deadline)
+            assert job.running, job.error
+        assert job.join(30).error is None
+        assert job.result == [m.name for m in migrations.MIGRATIONS]
+    finally:
+        for database in (holder, runner):
+            db.close_all(database)
+
+
 def _model_indexes(model) -> set[tuple[tuple[str, ...], bool]]:
     found = set()
     for index in model._meta.fields_to_index():

@@ -95,7 +95,7 @@ def migrate(database) -> list[str]:
         return []
     done = []
     for migration in MIGRATIONS:
-        with transaction(database):
+        with transaction(database, patient=True):
             migration_lock(database)
             records = _records(database)
             records.create_table(safe=True)
@@ -111,7 +111,7 @@ def migrate_down(database) -> str | None:
     """Revert the newest applied migration; its name, or None when none is applied."""
     database = unwrap(database)
     known = {migration.name: migration for migration in MIGRATIONS}
-    with transaction(database):
+    with transaction(database, patient=True):
         migration_lock(database)
         names = sorted(applied(database))
         if not names:
