@@ -94,18 +94,16 @@ class _WriterTurn:
         local = self._local
         depth = getattr(local, "depth", 0)
         if depth == 0:
-            fd = getattr(local, "fd", None)
-            if fd is not None and local.pid != os.getpid():  # inherited across a fork
-                os.close(fd)
-                fd = None
-            if fd is None:
-                fd = local.fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
-                local.pid = os.getpid()
+            file = getattr(local, "file", None)
+            if file is None or file.pid != os.getpid():  # none yet, or inherited by a fork
+                if file is not None:
+                    file.close()
+                file = local.file = _LockFile(self._path)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait_s is None else fcntl.LOCK_NB))
+                fcntl.flock(file.fd, fcntl.LOCK_EX | (0 if wait_s is None else fcntl.LOCK_NB))
             except BlockingIOError:
-                if not _TurnWait(fd).wait(wait_s):
-                    local.fd = None  # the waiting thread closes it once it gets the lock
+                if not _TurnWait(file.fd).wait(wait_s):
+                    file.fd, local.file = None, None  # the waiting thread closes it
                     raise peewee.OperationalError(
                         f"database is locked (another mantle writer has held it for "
                         f"{wait_s:g} s)") from None
@@ -115,7 +113,34 @@ class _WriterTurn:
         local = self._local
         local.depth -= 1
         if local.depth == 0:
-            fcntl.flock(local.fd, fcntl.LOCK_UN)
+            fcntl.flock(local.file.fd, fcntl.LOCK_UN)
+
+    def __enter__(self) -> _WriterTurn:
+        self.take(self.wait_s)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class _LockFile:
+    """One thread's descriptor of a writer-turn lock file, closed once that thread has ended
+    (its thread-local state goes with it), so threads that write and end leak none."""
+
+    __slots__ = ("fd", "pid")
+
+    def __init__(self, path: str):
+        self.fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.pid = os.getpid()
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __del__(self):
+        if self.pid == os.getpid():  # a fork's copy is closed by ``take`` in the child
+            self.close()
 
 
 class _TurnWait:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import os
 import signal
 import socket
 import subprocess
@@ -290,6 +292,31 @@ def test_a_sqlite_writer_gives_up_on_a_writer_that_never_lets_go(tmp_path, monke
     finally:
         holder.kill()
         holder.wait(10)
+        database.close()
+
+
+def test_threads_that_wrote_and_ended_leave_no_descriptor_open(tmp_path):
+    """Each writing thread holds a descriptor of the ``<file>-writer`` lock file (a flock
+    belongs to an open file); one that ends must not leave it open (a daemon's short-lived
+    threads would run the process out of descriptors)."""
+    url = f"sqlite:///{tmp_path}/threads.db"
+    _counter_table(url)
+    database = db.connect(url)
+
+    def write():
+        with db.transaction(database):
+            database.execute_sql("INSERT INTO counter (writer) VALUES ('thread')")
+        database.close()
+
+    try:
+        assert Background(write).join().error is None  # the process's own first opens
+        gc.collect()
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(5):
+            assert Background(write).join().error is None
+        gc.collect()
+        assert len(os.listdir("/proc/self/fd")) == before
+    finally:
         database.close()
 
 
