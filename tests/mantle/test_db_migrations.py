@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import datetime as dt
 import inspect
 import sys
@@ -146,19 +147,31 @@ def test_a_migration_waits_for_another_runner_longer_than_the_statement_timeout(
     the migration lock three times as long."""
     monkeypatch.setattr(sys.modules["mantle.db.connect"], "PG_STATEMENT_TIMEOUT_MS", 200)
     holder, runner, observer = db.connect(db_url), db.connect(db_url), db.connect(db_url)
-    try:
+    @contextlib.contextmanager
+    def migration_locked():
         with holder.atomic():
             migration_lock(holder)
-            job = Background(lambda: migrations.migrate(runner))
-            wait_until(lambda: lock_waiters(observer) == 1 or not job.running)
-            deadline = time.monotonic() + 0.6
-            wait_until(lambda: not job.running or time.monotonic() > deadline)
-            assert job.running, job.error
-        assert job.join(30).error is None
-        assert job.result == [m.name for m in migrations.MIGRATIONS]
+            yield
+
+    try:
+        _waits_behind(migration_locked, runner, lambda: lock_waiters(observer) == 1)
     finally:
         for database in (holder, runner, observer):
             db.close_all(database)
+
+
+def _waits_behind(hold, runner, waiting=lambda: True) -> None:
+    """While ``hold()`` (another runner's turn) is held, ``runner``'s migration is still
+    waiting 0.6 s after ``waiting()`` (three times the limit each test sets); once it is let
+    go, every migration is applied."""
+    with hold():
+        job = Background(lambda: migrations.migrate(runner))
+        wait_until(lambda: waiting() or not job.running)
+        deadline = time.monotonic() + 0.6
+        wait_until(lambda: not job.running or time.monotonic() > deadline)
+        assert job.running, job.error
+    assert job.join(30).error is None
+    assert job.result == [m.name for m in migrations.MIGRATIONS]
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
@@ -172,13 +185,7 @@ def test_a_migration_waits_for_another_runners_writer_turn_beyond_the_busy_timeo
     monkeypatch.setattr(db.engine._WriterTurn, "wait_s", 0.2)
     holder, runner = db.connect(db_url), db.connect(db_url)
     try:
-        with db.transaction(holder):
-            job = Background(lambda: migrations.migrate(runner))
-            deadline = time.monotonic() + 0.6
-            wait_until(lambda: not job.running or time.monotonic() > deadline)
-            assert job.running, job.error
-        assert job.join(30).error is None
-        assert job.result == [m.name for m in migrations.MIGRATIONS]
+        _waits_behind(lambda: db.transaction(holder), runner)
     finally:
         for database in (holder, runner):
             db.close_all(database)
