@@ -17,7 +17,10 @@ is safe; it waits on one self-pipe for signals and on one pipe per worker for it
 - ``S`` (stopping): a worker that shuts down while the parent does not (its own SIGTERM, from
   an operator) is replaced within a second; it drains beside its successor, which serves its slot's
   socket meanwhile (else that socket's share of new connections would wait, unaccepted, for
-  the whole grace period).
+  the whole grace period);
+- ``F`` and a line (failed to start: the ``Error: ...`` line ``mantle serve`` would print),
+  a worker's last word: the parent prints the first such line once, when it gives up the
+  start (each worker writing its own, the lines of several interleaved on stderr).
 
 A worker that dies is restarted (at most once a second per slot), and a fork that fails
 (the service's task limit or memory reached) is tried again as often; its executions are
@@ -72,6 +75,7 @@ class _Worker:
     ready: bool = False
     heard_at: float = field(default_factory=time.monotonic)
     retiring: bool = False  # stopping on its own; a successor has its slot
+    failure: bytes | None = None  # what followed ``F``: its start's error line
 
 
 class _PipeNotifier:
@@ -179,6 +183,12 @@ class Arbiter:
 
     def _heard(self, worker: _Worker, data: bytes) -> None:
         worker.heard_at = time.monotonic()
+        if worker.failure is not None:  # the rest of its error line
+            worker.failure += data
+            return
+        data, failed, line = data.partition(b"F")
+        if failed:
+            worker.failure = line
         if b"R" in data and not worker.ready:
             worker.ready = True
             # A worker that was still starting when the signal came says ready, then stops.
@@ -234,6 +244,7 @@ class Arbiter:
             worker = self._workers.pop(pid, None)
             if worker is None:
                 continue
+            self._drain(worker)
             os.close(worker.pipe)
             if self._stopping_since is None and not worker.retiring:
                 log.error("worker exited", extra={"pid": pid, "status": _status(status),
@@ -242,6 +253,8 @@ class Arbiter:
                     self._restart_at[worker.slot] = time.monotonic() + _RESTART_EVERY
                 else:  # its start failed, so the server's did (SPEC 10.2): exit 1
                     self._code = 1
+                    if worker.failure:
+                        sys.stderr.write(worker.failure.decode(errors="replace"))
                     self._stop(sockets)
         if self._stopping_since is None:
             now = time.monotonic()
@@ -249,6 +262,16 @@ class Arbiter:
                 if now >= when:
                     del self._restart_at[slot]
                     self._spawn(slot, sockets)
+
+    def _drain(self, worker: _Worker) -> None:
+        """Read what an exited worker wrote last (its error line may not have been read).
+        Without waiting: a plugin it started could still hold the pipe open."""
+        os.set_blocking(worker.pipe, False)
+        try:
+            while data := os.read(worker.pipe, 4096):
+                self._heard(worker, data)
+        except BlockingIOError:
+            pass
 
     def _kill_silent(self, now: float) -> None:
         """Kill a worker silent for SILENT_AFTER: a ready one whose engine stopped answering,
@@ -311,8 +334,11 @@ class Arbiter:
                     other.close()  # only the parent keeps every slot's socket
             heartbeat = _PipeNotifier(write_fd, parent, self._alive_every)
             code = self._work(sockets[slot], heartbeat, sweeps=slot == 0)
-        except MantleError as exc:  # a startup failure, said as ``mantle serve`` says it
-            print(f"Error: {exc}", file=sys.stderr)
+        except MantleError as exc:  # a startup failure: the parent says it as ``serve`` does
+            try:
+                os.write(write_fd, f"FError: {exc}\n".encode())
+            except OSError:  # the parent is gone
+                pass
         except BaseException:  # never let a worker return into the parent's loop
             logging.getLogger("mantle.server").exception("worker failed")
         finally:
