@@ -26,7 +26,7 @@ from actors.step import (is_instant, is_sleep, run_inline, run_on_pool, sleep_ou
 from mantle import store
 from mantle.connectors import CancelToken, ConnectorError, ConnectorInterrupted, Invocation
 from mantle.credentials import resolve as resolve_credential
-from mantle.db import OUTAGE_ERRORS, database_proxy, reset_connection
+from mantle.db import OUTAGE_ERRORS, database_proxy, release_connection, reset_connection
 from mantle.expressions import ActivationCache, ExpressionError, evaluate_condition
 from mantle.expressions import resolve_params
 from mantle.states import STEP_TRANSITIONS, check_transition
@@ -628,8 +628,10 @@ class Attempts:
             return run_action(Invocation(action, params, token, credential=resolved, **base))
 
         def tool_credential(name: str):
-            """Read on this thread's own connection, which a server that dropped it left
-            broken: reset, it is read once more on a fresh one before the call fails."""
+            """Read on a pooled connection, given back at once: the attempt runs on for
+            minutes (the model's turns, the tools), and step threads are many more than the
+            pool's places. A connection the server dropped fails the read: reset, it is read
+            once more on a fresh one before the call fails."""
             for last in (False, True):
                 try:
                     return resolve_credential(name, ctx.secrets)
@@ -638,6 +640,8 @@ class Attempts:
                     if last:
                         raise ConnectorError(f'credential "{name}" cannot be read: '
                                              "database unavailable") from None
+                finally:
+                    release_connection(database_proxy)
             raise AssertionError("unreachable")
 
         return run_tool

@@ -18,13 +18,13 @@ from typing import Any
 import peewee
 import psycopg
 import psycopg.conninfo
-from playhouse.pool import MaxConnectionsExceeded, PooledPostgresqlDatabase
+from playhouse.pool import MaxConnectionsExceeded, PooledDatabase, PooledPostgresqlDatabase
 
 from mantle.errors import ConfigError, DatabaseUnavailable
 
 __all__ = ["database_proxy", "connect", "bind", "unwrap", "is_sqlite", "is_postgres",
            "OUTAGE_ERRORS", "is_outage", "close_all", "release_connection", "reset_connection",
-           "SQLITE_BUSY_TIMEOUT_MS", "PG_CONNECT_TIMEOUT_S", "PG_STATEMENT_TIMEOUT_MS",
+           "reserve_connection", "SQLITE_BUSY_TIMEOUT_MS", "PG_CONNECT_TIMEOUT_S", "PG_STATEMENT_TIMEOUT_MS",
            "backend_identity", "backend_ended", "commit_outcome", "journal_check_refused",
            "transaction_conflict", "url_passwords", "database_failure"]
 
@@ -77,6 +77,16 @@ def close_all(database) -> None:
         database.close_all()
     elif not database.is_closed():
         database.close()
+
+
+def reserve_connection(database) -> None:
+    """Give the calling thread connections of its own, beside the PostgreSQL pool's
+    ``PG_POOL_SIZE`` (``_PostgresDatabase.reserve``): for the lease renewal, which no burst
+    of other work may keep waiting for a place in the pool past the lease. SQLite: nothing
+    to do (each thread has its own connection)."""
+    database = unwrap(database)
+    if isinstance(database, _PostgresDatabase):
+        database.reserve()
 
 
 def reset_connection(database) -> None:
@@ -231,7 +241,9 @@ class _PostgresDatabase(PooledPostgresqlDatabase):
     every attempt); the long-lived threads (journal, lease, retention) keep theirs. So a
     process holds at most ``PG_POOL_SIZE`` connections however many threads it runs, and
     ``serve --workers N`` needs ``N x PG_POOL_SIZE`` of the server's ``max_connections``,
-    not one per thread. A thread that finds the pool empty waits up to ``PG_POOL_WAIT_S``.
+    not one per thread. A thread that finds the pool empty waits up to ``PG_POOL_WAIT_S``;
+    the lease renewal's thread never does: its connection is its own, beside the pool's
+    (``reserve``), so ``N x (PG_POOL_SIZE + 1)`` in all.
     A checkout does not probe the connection with a round trip; one the server dropped
     fails its first statement, which the outage handling resets (``reset_connection``).
 
@@ -242,6 +254,37 @@ class _PostgresDatabase(PooledPostgresqlDatabase):
     with the BEGIN (``execute_together``), and a transaction that ran nothing sends nothing.
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._reserved: dict[int, Any] = {}  # key -> connection of a reserved thread
+
+    def reserve(self) -> None:
+        """The calling thread's connections are opened beside the pool (not counted in
+        ``max_connections``, never waiting for a place) and closed when it lets go of them."""
+        self._state.reserved = True
+
+    def _connect(self):
+        if not getattr(self._state, "reserved", False):
+            return super()._connect()
+        conn = super(PooledDatabase, self)._connect()  # a new one, as the pool opens them
+        with self._pool_lock:
+            self._reserved[self.conn_key(conn)] = conn
+        return conn
+
+    def _close(self, conn, close_conn=False):
+        with self._pool_lock:
+            reserved = self._reserved.pop(self.conn_key(conn), None)
+        if reserved is None:
+            return super()._close(conn, close_conn)
+        self._close_raw(conn)
+
+    def close_all(self):
+        super().close_all()
+        with self._pool_lock:
+            reserved, self._reserved = self._reserved, {}
+        for conn in reserved.values():
+            self._close_raw(conn)
+
     def discard(self) -> None:
         """Close the calling thread's connection for good (broken, or stuck in a transaction
         an outage interrupted) and free its place in the pool."""
@@ -251,6 +294,7 @@ class _PostgresDatabase(PooledPostgresqlDatabase):
         if conn is not None:
             with self._pool_lock:
                 self._in_use.pop(self.conn_key(conn), None)
+                self._reserved.pop(self.conn_key(conn), None)
                 self._pool_available.notify()
             self._close_raw(conn)
 

@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from mantle.db import is_outage, reset_connection, transaction
+from mantle.db import is_outage, reserve_connection, reset_connection, transaction
 from mantle.db.fields import utcnow
 from mantle.store import database_now, expire_node, register_node, renew_node
 
@@ -155,6 +155,7 @@ class NodeLease:
         self._measured(now)
 
     def _run(self) -> None:
+        reserve_connection(self._db)  # never behind other work for a place in the pool
         delay = self.ttl / 3
         while not self._stop.wait(delay):
             try:

@@ -453,3 +453,33 @@ def test_a_tools_credential_is_read_again_on_a_fresh_connection_after_one_was_dr
     results = [m["content"] for m in fake.requests()[2].json["messages"] if m["role"] == "tool"]
     assert len(results) == 2 and all('"status":200' in result for result in results), results
     assert len(http_target.requests("/weather")) == 2
+
+
+def test_an_ai_attempt_holds_no_pooled_connection_after_reading_a_tools_credential(
+        db, tmp_path, fake, http_target, tool_secrets):
+    """The step thread read a tool's credential on a pooled connection and kept it until the
+    attempt ended, through every later model turn (minutes): step threads are many more than
+    the pool's places (mantle.db.connect.PG_POOL_SIZE), so two dozen such attempts held the
+    whole pool, and the API, the journal back from an outage and the step preparations
+    waited for a place (30 s, then failed as an outage)."""
+    if not is_postgres(db):
+        pytest.skip("PostgreSQL: SQLite connections belong to their thread, not to a pool")
+    engine = Engine(db, metrics=Metrics(), plugins_dir=str(tmp_path), env={},
+                    secrets=tool_secrets).start()
+    try:
+        http_target.route("/weather", echo=True)
+        fake.script(tool_calls(("weather", {"city": "x"}, "w1")), text("done", hold=True))
+        apply(_with_tool_credential(fake, http_target))
+        result = engine.run("agent", None)
+        fake.wait_for_requests(2, held=True)  # the tool has run: the model's next turn
+        checked_out = [pooled.connection.info.backend_pid
+                       for pooled in list(db._in_use.values())]
+        last_statements = [query for query, in db.execute_sql(
+            "SELECT query FROM pg_stat_activity WHERE pid = ANY(%s) "
+            "AND pid <> pg_backend_pid()", (checked_out,))]
+        fake.release()
+        assert finish(engine, result.execution_id)["status"] == "completed"
+    finally:
+        engine.shutdown(timeout=2)
+    assert last_statements and not [q for q in last_statements if "credentials" in q], \
+        last_statements

@@ -21,6 +21,7 @@ from mantle import store
 from mantle import db as mantle_db
 from mantle import queries
 from mantle.db import transaction
+from mantle.db.connect import PG_POOL_SIZE
 from mantle.db.models import Node, StepExecution, WorkflowDefinition, WorkflowExecution
 from mantle.metrics import Metrics
 from mantle.services.nodes import NodeLease
@@ -855,6 +856,50 @@ def test_a_renewal_that_commits_after_the_lease_ran_out_reports_the_lapse(db, mi
         holder.close()
         lease.stop()
     assert len(lapses) == 1
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_a_lease_renews_while_other_threads_hold_every_pooled_connection(db):
+    """SPEC 13.7: a renewal path that other work cannot starve. The lease thread took its
+    connection from the process's pool like every thread; once the server had dropped it
+    (a restart, a failover, an idle timeout), the next renewal waited for a place in the
+    pool behind the API's requests, the step preparations and the AI steps, up to 30 s with
+    every place held: far past the lease, so other nodes took the node's executions over
+    while it was running them."""
+    lease = NodeLease(db, "serve", ttl=0.9)  # renews every 0.3 s, after a failure every 1 s
+    release = threading.Event()
+    holders: list[threading.Thread] = []
+    held_pids: list[int] = []
+
+    def hold() -> None:
+        held_pids.append(db.execute_sql("SELECT pg_backend_pid()").fetchone()[0])
+        release.wait(30)
+        db.close()
+
+    lease.start()
+    try:
+        # read on the test thread's own connection, taken before the pool is full
+        wait_until(lambda: _expiry(lease) > store.database_now(), message="no lease taken")
+        for _ in range(PG_POOL_SIZE - len(db._in_use)):
+            holders.append(threading.Thread(target=hold, daemon=True))
+            holders[-1].start()
+        wait_until(lambda: len(held_pids) == len(holders), message="the pool was not filled")
+        dropped_at = store.database_now()
+        db.execute_sql(  # every other connection of this database: the lease thread's
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = "
+            "current_database() AND pid <> pg_backend_pid() AND NOT (pid = ANY(%s))",
+            (held_pids,))
+        wait_until(lambda: _expiry(lease) > dropped_at + dt.timedelta(seconds=1.5), timeout=5,
+                   message="the lease was not renewed with the pool full")
+    finally:
+        release.set()
+        for holder in holders:
+            holder.join(5)
+        lease.stop()
+
+
+def _expiry(lease: NodeLease) -> dt.datetime:
+    return Node.get_by_id(lease.id).lease_expires_at
 
 
 def test_a_workflow_timeout_that_only_cancelled_steps_still_fails_after_a_restart(
