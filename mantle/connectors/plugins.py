@@ -277,5 +277,13 @@ def _failure(code: int, stderr: bytes) -> str:
     if text:
         return text
     if code < 0:
-        return f"killed by signal {signal.Signals(-code).name}"
+        return f"killed by signal {_signal_name(-code)}"
     return f"exit status {code}"
+
+
+def _signal_name(number: int) -> str:
+    """``SIGKILL``; the number for those Python has no name for (real-time signals)."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)

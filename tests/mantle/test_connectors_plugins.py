@@ -175,6 +175,14 @@ def test_plugin_killed_by_a_signal_names_it(plugins_dir):
     assert fails(plugins_dir, "sig/x").message == 'plugin "sig" failed: killed by signal SIGKILL'
 
 
+def test_plugin_killed_by_a_signal_python_has_no_name_for_names_its_number(plugins_dir):
+    # Real-time signals between SIGRTMIN and SIGRTMAX have no signal.Signals member: naming
+    # one raised ValueError, and the step failed with "sig/x: internal error: 40 is not a
+    # valid Signals" and a "connector crashed" traceback in the log.
+    install(plugins_dir, "sig", "#!/bin/sh\nkill -40 $$\n")
+    assert fails(plugins_dir, "sig/x").message == 'plugin "sig" failed: killed by signal 40'
+
+
 def test_failing_plugin_keeps_its_json_object_as_partial_output(plugins_dir):
     install(plugins_dir, "part", "#!/bin/sh\necho '{\"done\": 2}'\necho oops >&2\nexit 1\n")
     error = fails(plugins_dir, "part/x")
