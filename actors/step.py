@@ -46,7 +46,9 @@ def is_sleep(action: str) -> bool:
 
 def finished(inv: Invocation, hook: bool, action: Callable[[Invocation], dict],
              metrics: Metrics, since: tuple | None = None) -> m.AttemptFinished:
-    """Run ``action`` for the attempt and describe the outcome (output size checked).
+    """Run ``action`` for the attempt and describe the outcome (output size checked: over
+    the limit, a success fails with SPEC 4.5's error, a failure keeps its error and drops its
+    partial output).
 
     ``since`` is (started_at, monotonic clock) when the attempt began before this call.
     """
@@ -64,6 +66,8 @@ def finished(inv: Invocation, hook: bool, action: Callable[[Invocation], dict],
     except ConnectorError as exc:
         error, output, retryable = exc.message, exc.output, exc.retryable
         interrupted = inv.cancel.is_set()
+        if output is not None and json_size(output) > MAX_OUTPUT_BYTES:
+            output = None  # a partial output is held to the limit too; the error stands
     except Exception as exc:  # a connector bug must fail the step, not the engine
         log.exception("connector crashed", extra=inv.log_context())
         error = f"{inv.action}: internal error: {exc}"

@@ -746,6 +746,21 @@ def test_oversized_output_fails_the_step(engine, http_target):
     assert step["error"].startswith("step output exceeds 1048576 byte limit (")
 
 
+def test_a_failed_steps_partial_output_over_the_limit_is_not_stored(engine, http_target, db):
+    # A 500 with a 2 MiB page kept the whole response (body and all) as the failed step's
+    # output, past the 1 MiB every stored output is held to; the step keeps its own error,
+    # without the output, as workflow/run does for a child that did not complete.
+    http_target.route("/down", status=500, body=b"x" * (2 * 1024 * 1024))
+    apply(f"""
+        name: big-failure
+        steps: [{{name: s, action: http/request, params: {{url: "{http_target.url('/down')}"}}}}]
+    """)
+    step = steps_of(run(engine, "big-failure"))["s"]
+    assert step["error"] == f"http/request: GET {http_target.url('/down')} returned 500"
+    assert step["output"] is None
+    assert StepExecution.get(StepExecution.step_name == "s").output is None
+
+
 def test_cel_variables_expose_inputs_env_trigger_and_execution(engine):
     apply("""
         name: vars
