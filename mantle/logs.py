@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import itertools
 import json
 import logging
@@ -38,6 +39,10 @@ _PIPE_BUF = getattr(select, "PIPE_BUF", 512)  # the largest write a pipe keeps w
 # refers to itself.
 _encode_chunks = json.encoder.c_make_encoder(
     None, str, json.encoder.encode_basestring, None, ":", ",", False, False, True)
+# The same with every non-ASCII character escaped: for a stream that is not UTF-8 (stdout under
+# a latin-1 or ASCII locale), which could not write some characters and would refuse the line.
+_encode_ascii_chunks = json.encoder.c_make_encoder(
+    None, str, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, True)
 
 
 # A lone surrogate (text decoded with ``surrogateescape``: an environment variable or a file
@@ -54,9 +59,11 @@ class JsonFormatter(logging.Formatter):
     the second-resolution part of the timestamp is formatted once per second.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, ascii_only: bool = False) -> None:
+        """``ascii_only``: escape every non-ASCII character (a stream that is not UTF-8)."""
         super().__init__()
         self._cached = (-1, "")  # (second, its text), replaced as one value: thread-safe
+        self._encode = _encode_ascii_chunks if ascii_only else _encode_chunks
 
     def _stamp(self, record: logging.LogRecord) -> str:
         # Rounded to the microsecond first, as datetime.fromtimestamp does: 0.412 is stored as
@@ -81,7 +88,7 @@ class JsonFormatter(logging.Formatter):
                 line[key] = value
         if record.exc_info and "error" not in line:
             line["error"] = self.formatException(record.exc_info)
-        text = "".join(_encode_chunks(line, 0))
+        text = "".join(self._encode(line, 0))
         if not text.isascii() and LONE_SURROGATE.search(text):  # isascii: O(1), the usual case
             text = LONE_SURROGATE.sub(_escape_surrogate, text)
         return text
@@ -199,7 +206,7 @@ def setup_logging(level: str, stream: TextIO | None = None,
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     stream = stream or sys.stderr
     handler = BackgroundStreamHandler(stream) if background else logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(JsonFormatter(ascii_only=not _writes_utf8(stream)))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -212,3 +219,14 @@ def setup_logging(level: str, stream: TextIO | None = None,
     for noisy in ("peewee", "pykka"):
         logging.getLogger(noisy).setLevel(logging.INFO)
     return handler
+
+
+def _writes_utf8(stream: TextIO) -> bool:
+    """Whether ``stream`` encodes text as UTF-8 (a stream without an encoding keeps text)."""
+    encoding = getattr(stream, "encoding", None)
+    if not encoding:
+        return True
+    try:
+        return codecs.lookup(encoding).name == "utf-8"
+    except LookupError:
+        return False

@@ -172,3 +172,26 @@ def test_a_lone_surrogate_is_escaped_and_costs_no_line():
     assert [json.loads(line)["msg"] for line in lines] == ["before", "caf\udce9", "after"]
     assert json.loads(lines[1])["workflow"] == "w\ud800"
     assert "\\udce9" in lines[1]
+
+
+@pytest.mark.parametrize("encoding", ["latin-1", "ascii"])
+def test_a_stream_that_is_not_utf8_gets_every_line_as_ascii_json(encoding):
+    """``mantle serve`` under a non-UTF-8 locale (stdout latin-1 or ASCII, strict): a line
+    with a character the stream cannot encode (a core/log message "done ✓") made the
+    daemon's writer drop the whole batch it was in, other executions' lines with it. Such a
+    stream gets JSON with every non-ASCII character escaped, which it can always write."""
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding=encoding, errors="strict")
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        handler = setup_logging("info", stream, background=True)
+        for text in ("before", "done \u2713 caf\u00e9 \U0001f600", "after"):
+            handler.handle(_record(1773824400.412, text, workflow="w"))
+        handler.close()
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    lines = raw.getvalue().decode("ascii").splitlines()
+    assert [json.loads(line)["msg"] for line in lines] == [
+        "before", "done \u2713 caf\u00e9 \U0001f600", "after"]
