@@ -7,6 +7,7 @@ from pathlib import Path
 
 from mantle.cli.context import Context
 from mantle.cli.output import print_json, wants_json
+from mantle.connectors.plugins import PLUGIN_NAME
 from mantle.errors import CannotRead, InvalidInput, MantleError
 
 __all__ = ["plugins", "PluginNotFound", "RESERVED"]
@@ -58,6 +59,9 @@ def _install(args, directory: Path) -> int:
         raise CannotRead(args.path, exc.strerror or str(exc)) from exc
     if source.name in RESERVED:
         raise InvalidInput(f'plugin name "{source.name}" is reserved')
+    if not PLUGIN_NAME.fullmatch(source.name):  # no action could ever run it
+        raise InvalidInput(f'invalid plugin name "{source.name}": must match '
+                           f"^{PLUGIN_NAME.pattern}$")
     target = directory / source.name
     staging = directory / f".{source.name}.installing"
     try:

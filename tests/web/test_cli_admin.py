@@ -145,3 +145,19 @@ def test_plugins_install_list_and_remove(mantle, tmp_path):
     assert not installed.exists()
     assert mantle("plugins", "remove", "notify") == \
         (1, "", 'Error: plugin "notify" not found\n')
+
+
+@pytest.mark.parametrize("name, error", [
+    ("slack.py", 'invalid plugin name "slack.py": must match ^[a-z0-9][a-z0-9_-]*$'),
+    ("Notify", 'invalid plugin name "Notify": must match ^[a-z0-9][a-z0-9_-]*$'),
+    ("http", 'plugin name "http" is reserved'),
+])
+def test_plugins_install_refuses_a_name_no_action_could_run(mantle, tmp_path, name, error):
+    """An action ``<plugin>/<action>`` only runs a file whose name matches the plugin name
+    rule: ``install ./slack.py`` said "Installed" and ``list`` showed it, yet every
+    ``slack.py/send`` (or ``slack/send``) step failed with ``unknown action``."""
+    source = tmp_path / "src" / name
+    source.parent.mkdir()
+    source.write_text("#!/bin/sh\necho '{}'\n")
+    assert mantle("plugins", "install", str(source)) == (1, "", f"Error: {error}\n")
+    assert mantle("plugins", "list") == (0, "(no plugins installed)\n", "")
