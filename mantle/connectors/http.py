@@ -286,7 +286,7 @@ class _Exchange:
         origin = _origin(req.url)
         for _ in range(MAX_REDIRECTS + 1):
             response = self._send(req)
-            location = response.getheader("Location")
+            location = _header_text(response.getheader("Location"))
             if response.status not in _REDIRECTS or not location:
                 return self._read(response)
             req = _redirected(req, response.status, urljoin(req.url, location), origin)
@@ -378,6 +378,17 @@ def _redirected(req: _Request, status: int, url: str, origin: tuple) -> _Request
     return replace(req, method=method, url=url, headers=headers, body=body)
 
 
+def _header_text(value: str | None) -> str | None:
+    """A header value as the server meant it: http.client reads header bytes as Latin-1, but
+    a server sending non-ASCII (a Location to ``/café``) sends UTF-8, as browsers read it."""
+    if value is None or value.isascii():
+        return value
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:  # not UTF-8: Latin-1 it is
+        return value
+
+
 def _target(parts: SplitResult) -> str:
     target = quote(parts.path or "/", safe="/%!$&'()*+,;=:@-._~")
     if parts.query:
@@ -388,7 +399,7 @@ def _target(parts: SplitResult) -> str:
 def _output(response: http.client.HTTPResponse, data: bytes) -> dict:
     headers: dict[str, str | list[str]] = {}
     for name, value in response.getheaders():
-        key = name.lower()
+        key, value = name.lower(), _header_text(value)
         if key not in headers:
             headers[key] = value
         elif isinstance(headers[key], list):

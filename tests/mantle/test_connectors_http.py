@@ -193,6 +193,16 @@ def test_repeated_response_header_is_a_list_of_strings(http_target):
     assert output["headers"]["set-cookie"] == ["a=1", "b=2"]
 
 
+def test_response_header_values_in_utf8_read_as_utf8_and_latin1_as_latin1(http_target):
+    # The target writes header text as Latin-1: "\u00c3\u00a9" goes out as the UTF-8 of é.
+    http_target.route("/h", body="ok", headers=[
+        ("Content-Disposition", 'attachment; filename="caf\u00c3\u00a9.pdf"'),
+        ("X-Latin", "caf\u00e9")])
+    headers = call({"url": http_target.url("/h")})["headers"]
+    assert headers["content-disposition"] == 'attachment; filename="caf\u00e9.pdf"'
+    assert headers["x-latin"] == "caf\u00e9"
+
+
 def test_json_key_is_present_whenever_body_parses_whatever_the_content_type(http_target):
     http_target.route("/t", body="[1, 2]", content_type="text/plain")
     output = call({"url": http_target.url("/t")})
@@ -329,6 +339,17 @@ def test_redirect_is_followed(http_target):
     http_target.route("/new", json={"here": 1})
     output = call({"url": http_target.url("/old")})
     assert output["status"] == 200 and output["json"] == {"here": 1}
+
+
+def test_a_redirect_to_a_location_in_raw_utf8_goes_to_that_path(http_target):
+    # Servers send non-ASCII Locations as raw UTF-8 (curl and browsers follow them so);
+    # http.client reads header bytes as Latin-1, and "/café" was requested as
+    # "/caf%C3%83%C2%A9". The target's send_header writes this text as Latin-1: bytes c3 a9.
+    http_target.route("/old", status=302, redirect_to="/caf\u00c3\u00a9?q=\u00c3\u00a9")
+    http_target.route("/caf%C3%A9", body="here")
+    output = call({"url": http_target.url("/old")})
+    assert output["status"] == 200 and output["body"] == "here"
+    assert http_target.requests("/caf%C3%A9")[0].target == "/caf%C3%A9?q=%C3%A9"
 
 
 @pytest.mark.parametrize("status", [301, 302, 303])
