@@ -409,7 +409,9 @@ def _output(response: http.client.HTTPResponse, data: bytes) -> dict:
     text = data.decode("utf-8", "replace")
     output: dict[str, Any] = {"status": response.status, "headers": headers, "body": text}
     try:
-        output["json"] = parse_json(text)
+        # A leading byte order mark is not part of the JSON text (RFC 8259 lets parsers
+        # ignore it); ``body`` keeps it.
+        output["json"] = parse_json(text[1:] if text.startswith("\ufeff") else text)
     except (ValueError, RecursionError):
         pass
     return output

@@ -209,7 +209,16 @@ def test_json_key_is_present_whenever_body_parses_whatever_the_content_type(http
     assert output["body"] == "[1, 2]" and output["json"] == [1, 2]
 
 
-@pytest.mark.parametrize("body", ["hello", "", "{broken", "NaN"])
+def test_json_after_a_byte_order_mark_is_decoded_and_the_body_kept_as_sent(http_target):
+    # Some servers (.NET, files saved by Windows editors) start JSON with a UTF-8 BOM, which
+    # RFC 8259 lets a parser ignore; json.loads refused it and "json" was missing.
+    http_target.route("/bom", body=b'\xef\xbb\xbf{"count": 42}',
+                      content_type="application/json")
+    output = call({"url": http_target.url("/bom")})
+    assert output["json"] == {"count": 42} and output["body"] == '\ufeff{"count": 42}'
+
+
+@pytest.mark.parametrize("body", ["hello", "", "{broken", "NaN", "\ufeff", "\ufeff\ufeff1"])
 def test_json_key_is_absent_when_body_is_not_json(http_target, body):
     http_target.route("/t", body=body, content_type="application/json")
     output = call({"url": http_target.url("/t")})
