@@ -36,7 +36,7 @@ from mantle.connectors.base import (MAX_OUTPUT_BYTES, ConnectorError, ConnectorI
                                     wait_for)
 from mantle.connectors.credentials import Credential, redact
 from mantle.connectors.pgvalues import placeholders, to_json
-from mantle.db.connect import url_passwords
+from mantle.db.connect import PG_KEEPALIVES, url_passwords
 
 __all__ = ["query", "CONNECT_TIMEOUT", "APPLICATION_NAME"]
 
@@ -295,6 +295,8 @@ def _connect_options(url: str) -> dict:
                              ) from None
     options.setdefault("connect_timeout", CONNECT_TIMEOUT)
     options.setdefault("application_name", APPLICATION_NAME)
+    for key, value in PG_KEEPALIVES.items():  # a statement on a vanished server fails
+        options.setdefault(key, value)
     options["autocommit"] = True
     return options
 

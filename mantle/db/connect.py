@@ -42,10 +42,15 @@ PG_POOL_STALE_S = 600
 # mantle_journal_check's refusal (migration 009's REFUSED_SQLSTATE), and its finding a row
 # locked (lock_not_available).
 _JOURNAL_CHECK_REFUSED = ("MJ001", "55P03")
-_PG_CONNECTION_SETTINGS = {
-    "application_name": "mantle",  # pg_stat_activity tells mantle's connections apart
+# A server that vanished (a host down, a network cut) is noticed within seconds, not when the
+# system's TCP gives up (hours); a live server, however busy, answers keepalives at once.
+PG_KEEPALIVES = {
     "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
     "tcp_user_timeout": 10_000,
+}
+_PG_CONNECTION_SETTINGS = {
+    "application_name": "mantle",  # pg_stat_activity tells mantle's connections apart
+    **PG_KEEPALIVES,
 }
 
 # The one definition of "the database is unreachable or busy, not: this query is wrong".

@@ -463,7 +463,7 @@ def test_an_ai_attempt_holds_no_pooled_connection_after_reading_a_tools_credenti
     whole pool, and the API, the journal back from an outage and the step preparations
     waited for a place (30 s, then failed as an outage)."""
     if not is_postgres(db):
-        pytest.skip("PostgreSQL: SQLite connections belong to their thread, not to a pool")
+        pytest.skip("PostgreSQL: only its connections come from a pool")
     engine = Engine(db, metrics=Metrics(), plugins_dir=str(tmp_path), env={},
                     secrets=tool_secrets).start()
     try:

@@ -13,7 +13,7 @@ import pytest
 from mantle.connectors import ConnectorError, ConnectorInterrupted, Invocation, run_action
 from mantle.connectors.credentials import Credential
 from mantle.connectors.pgvalues import placeholders
-from mantle.connectors.postgres import APPLICATION_NAME
+from mantle.connectors.postgres import APPLICATION_NAME, _connect_options
 from tests.helpers import cancelled_once_accepted
 from tests.helpers.pgproxy import QueryDelayer
 from tests.helpers.waiting import wait_until
@@ -208,6 +208,20 @@ def test_a_url_libpq_cannot_parse_is_refused_without_showing_its_password(url, s
     error = failure(url, "SELECT 1")
     assert error.message.startswith("postgres/query: invalid connection URL: ")
     assert shown in error.message and "hunter2" not in error.message
+
+
+@pytest.mark.postgres
+def test_the_attempts_connection_has_keepalives_unless_the_url_sets_them(target):
+    """A statement whose server vanished (a host down, a network cut) held its step, without
+    a step timeout, until the system's TCP gave up (hours): the attempt's connection had
+    none of the keepalives and ``tcp_user_timeout`` of mantle's own connections."""
+    url, _ = target
+    for own_url, idle in ((url, "5"), (f"{url}?keepalives_idle=60", "60")):
+        options = _connect_options(own_url)
+        with psycopg.connect(**options) as conn:
+            settings = conn.info.get_parameters()
+        assert (settings.get("keepalives"), settings.get("keepalives_idle"),
+                settings.get("tcp_user_timeout")) == ("1", idle, "10000"), settings
 
 
 def _backends(conn, marker: str) -> list[tuple]:
