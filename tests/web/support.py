@@ -96,6 +96,7 @@ class Daemon:
         self._changed = threading.Condition()
         self._stderr: list[str] = []
         self._eof = False
+        self._readers: list[threading.Thread] = []
 
     # --- lifecycle ---
 
@@ -105,8 +106,10 @@ class Daemon:
         self.process = subprocess.Popen(argv, cwd=self.cwd, env=_env(self.cwd, self.env),
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         text=True)
-        threading.Thread(target=self._read_stdout, daemon=True).start()
-        threading.Thread(target=self._read_stderr, daemon=True).start()
+        self._readers = [threading.Thread(target=self._read_stdout, daemon=True),
+                         threading.Thread(target=self._read_stderr, daemon=True)]
+        for reader in self._readers:
+            reader.start()
         if ready:
             listening = self.wait_for_log("server listening", timeout=timeout)
             self.port = int(listening["address"].rsplit(":", 1)[1])
@@ -118,12 +121,20 @@ class Daemon:
         self.process.send_signal(sig)
 
     def wait(self, timeout: float = 30.0) -> int:
+        """The exit code, once the process ended and its last lines were read: its exit
+        does not wait for our reader threads, so ``messages()`` and ``stderr`` could still
+        miss what it wrote last ("server stopped"). Workers that outlive a killed parent
+        keep the pipes open: those lines are not waited for past a few seconds."""
         try:
-            return self.process.wait(timeout)
+            code = self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
             raise AssertionError(f"daemon did not exit in {timeout}s: {self.output()}")
+        deadline = time.monotonic() + 5.0
+        for reader in self._readers:
+            reader.join(max(0.0, deadline - time.monotonic()))
+        return code
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM and wait for the exit code (no-op when it already ended)."""
