@@ -401,20 +401,22 @@ def test_the_step_timeout_of_a_parent_resumed_while_its_child_runs_counts_from_b
     """SPEC 4.7 (a step ``timeout`` bounds each attempt), 13.3 (a step timeout of the
     parent cancels the child; on resume the existing child is awaited, not created again).
 
-    The parent's step (``timeout: 1s``) awaits a 1.6 s child; both are taken over after
-    1.1 s. The resumed attempt is the one that created the child, so its timeout is due
-    at once: the step fails and the child is cancelled. It used to get a whole second
-    again from the resume, and the step completed with the child."""
+    The parent's step (``timeout: 2s``) awaits a 3.1 s child; both are taken over after
+    2.1 s. The resumed attempt is the one that created the child, so its timeout is due
+    at once: the step fails and the child is cancelled. It used to get two whole seconds
+    again from the resume, and the step completed with the child. The takeover has to come
+    before the child's end (a second to spare: with half a second, a slow start of the new
+    node under load let the child complete first)."""
     apply("""
         name: kid-nap
-        steps: [{name: nap, action: core/sleep, params: {duration: 1600ms}}]
+        steps: [{name: nap, action: core/sleep, params: {duration: 3100ms}}]
     """)
     apply("""
         name: parent
-        steps: [{name: child, action: workflow/run, timeout: 1s, params: {workflow: kid-nap}}]
+        steps: [{name: child, action: workflow/run, timeout: 2s, params: {workflow: kid-nap}}]
     """)
     parent, child, new = _restart_while_the_child_runs(db, tmp_path, "parent",
-                                                       "running_since", 1.1)
+                                                       "running_since", 2.1)
     try:
         wait_until(lambda: _status(parent) != "running", timeout=10)
         wait_until(lambda: _status(child) != "running", timeout=5)
@@ -422,7 +424,7 @@ def test_the_step_timeout_of_a_parent_resumed_while_its_child_runs_counts_from_b
         outcome = (_status(parent), step.attempt, step.status, step.error, _status(child))
     finally:
         new.shutdown(timeout=1)
-    assert outcome == ("failed", 1, "failed", "step timed out after 1s", "cancelled")
+    assert outcome == ("failed", 1, "failed", "step timed out after 2s", "cancelled")
 
 
 def test_a_child_that_ended_before_the_step_timeout_completes_its_resumed_parent(
