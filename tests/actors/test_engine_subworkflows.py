@@ -602,14 +602,19 @@ def test_children_count_against_their_own_workflows_limit(engine):
     assert most == 1
 
 
-def test_a_child_refused_by_its_workflows_limit_is_retried_as_the_step_allows(engine):
+def test_a_child_refused_by_its_workflows_limit_is_retried_as_the_step_allows(engine,
+                                                                            http_target):
     # A refusal at the limit is transient, unlike an unknown workflow or bad inputs: the
-    # step's next attempt creates the child once the slot is free.
-    apply("""
+    # step's next attempt creates the child once the slot is free. The slot is held until
+    # the first attempt was refused (a 300 ms sleep held it: a parent slower to start than
+    # that on a loaded machine got the slot at its first attempt).
+    http_target.route("/hold", hold=True)
+    apply(f"""
         name: only-one
         max_parallel_executions: 1
         on_limit: reject
-        steps: [{name: nap, action: core/sleep, params: {duration: 300ms}}]
+        steps: [{{name: call, action: http/request,
+                 params: {{url: "{http_target.url('/hold')}"}}}}]
     """)
     apply("""
         name: parent
@@ -617,7 +622,13 @@ def test_a_child_refused_by_its_workflows_limit_is_retried_as_the_step_allows(en
                  retry: {max_attempts: 2}}]
     """)
     holder = engine.run("only-one").execution_id
-    detail = run(engine, "parent")
+    http_target.wait_for_hits("/hold", 1, timeout=10)
+    parent = engine.run("parent").execution_id
+    wait_until(lambda: StepExecution.select().where(
+        StepExecution.execution_id == parent, StepExecution.attempt == 1,
+        StepExecution.status == "failed").exists(), message="the first attempt was not refused")
+    http_target.release("/hold")  # the retry comes 1 s after the refusal
+    detail = finish(engine, parent)
     step = steps_of(detail)["child"]
     assert (detail["status"], step["attempt"]) == ("completed", 2), detail
     [child] = _children(detail["id"])
