@@ -413,23 +413,27 @@ def _fragile_queued(owner: str, started_at: dt.datetime) -> str:
     return execution_id
 
 
-def test_a_queued_execution_of_an_unreadable_version_ends_failed_and_every_queue_goes_on(db):
+def test_a_queued_execution_of_an_unreadable_version_ends_failed_and_every_queue_goes_on(
+        db, http_target):
     """SPEC 4.9, 13.1.10 and 13.1.12: one node's promotion is one journal operation over
     every workflow with a queue. A queue head whose version this code cannot read used to
     make it raise, every tick, for ever: no queue of any workflow moved on that node, and
     the unreadable execution never ended. It ends ``failed`` with ``internal error:
     <reason>`` and every queue, its own included, goes on."""
     fragile = _fragile_queued("gone-node", utcnow() - dt.timedelta(minutes=1))
-    apply("""
+    http_target.route("/gate", hold=True)  # the first holds the slot until the second queued
+    apply(f"""
         name: steady
         max_parallel_executions: 1
-        steps: [{name: nap, action: core/sleep, params: {duration: 200ms}}]
+        steps: [{{name: call, action: http/request,
+                 params: {{url: "{http_target.url('/gate')}"}}}}]
     """)
     engine = Engine(db, metrics=Metrics(), resume_orphans=True).start()
     try:
         first = engine.run("steady").execution_id
         second = engine.run("steady")
         assert second.queued
+        http_target.release("/gate")
         assert finish(engine, first)["status"] == "completed"
         assert finish(engine, second.execution_id, timeout=10)["status"] == "completed"
         wait_until(lambda: _status(fragile) == "failed", timeout=10,

@@ -598,18 +598,23 @@ def test_reject_limit_refuses_a_second_running_execution(engine):
     engine.cancel(first.execution_id)
 
 
-def test_queue_limit_starts_waiting_executions_in_order(engine):
-    apply("""
+def test_queue_limit_starts_waiting_executions_in_order(engine, http_target):
+    # The first holds the slot until the others were seen queued (a 200 ms sleep held it:
+    # on a loaded machine it could end before the third run).
+    http_target.route("/gate", hold=True)
+    apply(f"""
         name: queued
         max_parallel_executions: 1
-        steps: [{name: nap, action: core/sleep, params: {duration: 200ms}}]
+        steps: [{{name: call, action: http/request,
+                 params: {{url: "{http_target.url('/gate')}"}}}}]
     """)
     ids = [engine.run("queued").execution_id for _ in range(3)]
     statuses = [WorkflowExecution.get_by_id(i).status for i in ids]
-    assert statuses.count("pending") >= 2
+    assert statuses == ["running", "pending", "pending"]
+    http_target.release("/gate")
     details = [finish(engine, i) for i in ids]
     assert all(d["status"] == "completed" for d in details)
-    starts = [steps_of(d)["nap"]["started_at"] for d in details]
+    starts = [steps_of(d)["call"]["started_at"] for d in details]
     assert starts == sorted(starts)
     promoted = AuditEvent.select().where(AuditEvent.action == "execution.promoted").count()
     assert promoted == 2
