@@ -28,7 +28,7 @@ REPORT = """
     steps:
       - name: fetch-metrics
         action: core/sleep
-        params: {duration: 300ms}
+        params: {duration: 1s}
       - name: announce
         action: core/log
         if: "steps.fetch-metrics.status == 'completed'"
@@ -116,6 +116,8 @@ def test_run_answers_202_before_it_runs_then_the_detail_shows_every_step(daemon)
     assert body == {"execution_id": body["execution_id"], "workflow": "daily-report",
                     "version": 1}
     assert uuid.UUID(body["execution_id"]).version == 4
+    # read while fetch-metrics sleeps (with 300 ms, a slow answer on a loaded machine could
+    # come after it and announce had started)
     early = daemon.get(f"/api/v1/executions/{body['execution_id']}").json
     assert early["status"] == "running"
     assert early["steps"][-1]["name"] == "announce" and early["steps"][-1]["attempt"] == 0
@@ -125,7 +127,7 @@ def test_run_answers_202_before_it_runs_then_the_detail_shows_every_step(daemon)
     assert [(s["name"], s["status"], s["attempt"]) for s in detail["steps"]] == \
         [("fetch-metrics", "completed", 1), ("announce", "completed", 1)]
     assert detail["steps"][1]["output"] == {"message": "10 events on 2026-03-17"}
-    assert detail["steps"][0]["output"]["duration_ms"] >= 300
+    assert detail["steps"][0]["output"]["duration_ms"] >= 1000
     listed = daemon.get("/api/v1/executions?workflow=daily-report&limit=1").json
     assert listed["executions"][0] == {k: detail[k] for k in (
         "id", "workflow", "version", "status", "started_at", "completed_at",
