@@ -208,7 +208,7 @@ def test_a_node_whose_write_is_refused_logs_no_step_retrying(db, tmp_path, http_
 
 @pytest.mark.parametrize("backend", ["postgres"], indirect=True)
 def test_a_shutdown_while_the_final_status_is_written_after_the_hooks_still_reports_it(
-        engine, db, migrated_db_url, caplog):
+        engine, db, migrated_db_url, http_target, caplog):
     """SPEC 9.1, 9.2: an execution that ends is counted and logged (`execution finished`);
     10.3: a shutdown lets running work end.
 
@@ -218,11 +218,15 @@ def test_a_shutdown_while_the_final_status_is_written_after_the_hooks_still_repo
     resume a final execution. Here the write waits on a share lock another session holds on
     the execution's row (the hook's own write passes it)."""
     caplog.set_level(logging.INFO)
-    apply("""
+    # The hook runs until the lock is held (a 500 ms sleep could end first on a loaded
+    # machine: the final status was then written before the lock, and never waited).
+    http_target.route("/note", hold=True)
+    apply(f"""
         name: closing
-        steps: [{name: main, action: core/log, params: {message: m}}]
+        steps: [{{name: main, action: core/log, params: {{message: m}}}}]
         hooks:
-          on_success: [{name: note, action: core/sleep, params: {duration: 500ms}}]
+          on_success: [{{name: note, action: http/request,
+                         params: {{url: "{http_target.url('/note')}"}}}}]
     """)
     holder = psycopg.connect(migrated_db_url)
     watcher = psycopg.connect(migrated_db_url, autocommit=True)
@@ -233,6 +237,7 @@ def test_a_shutdown_while_the_final_status_is_written_after_the_hooks_still_repo
             StepExecution.status == "running").exists(), message="the hook did not start")
         holder.execute("SELECT 1 FROM workflow_executions WHERE id = %s FOR SHARE",
                        (execution_id,))
+        http_target.release("/note")
         wait_until(lambda: watcher.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
             "AND query LIKE %s", ("%UPDATE workflow_executions%",)).fetchone()[0] > 0,
