@@ -163,16 +163,18 @@ def test_shutdown_lets_short_steps_finish_and_checkpoint(db):
     from actors.engine import Engine
     from mantle.metrics import Metrics
 
+    # The shutdown has to come while the nap runs: with 300 ms, a look delayed that long (a
+    # loaded machine) found the execution over.
     apply("""
         name: short
         steps:
-          - {name: nap, action: core/sleep, params: {duration: 300ms}}
+          - {name: nap, action: core/sleep, params: {duration: 1s}}
           - {name: next, action: core/log, depends_on: [nap], params: {message: x}}
     """)
     engine = Engine(db, metrics=Metrics()).start()
     result = engine.run("short")
     wait_until(lambda: StepExecution.select().where(
-        StepExecution.execution_id == result.execution_id,
+        StepExecution.execution_id == result.execution_id, StepExecution.step_name == "nap",
         StepExecution.status == "running").exists())
     engine.shutdown(timeout=5)
     rows = {r.step_name: r.status for r in StepExecution.select().where(
