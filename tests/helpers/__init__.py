@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
 from typing import Any, Callable
 
-__all__ = ["Background", "cancelled_once_accepted"]
+__all__ = ["Background", "cancelled_once_accepted", "refusing_port"]
+
+
+@contextlib.contextmanager
+def refusing_port():
+    """A local port that refuses connections while the block runs: bound, never listening,
+    so no other test's server can take it meanwhile (a port only probed free and closed
+    could be taken by any server that binds port 0, as test targets and clusters do)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
 
 
 class Background:

@@ -9,7 +9,6 @@ tests/actors/test_engine_ai.py.
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 
@@ -18,7 +17,7 @@ import pytest
 from mantle.connectors import ConnectorError, ConnectorInterrupted, Invocation, run_action
 from mantle.connectors.ai.client import retry_delay
 from mantle.connectors.credentials import Credential
-from tests.helpers import Background
+from tests.helpers import Background, refusing_port
 from tests.helpers.fake_openai import FakeOpenAI, error, text
 
 WEATHER_TOOL = {"name": "weather", "description": "Weather in a city",
@@ -296,11 +295,9 @@ def test_malformed_200_is_an_invalid_response_and_not_retried(fake, body, reason
 
 
 def test_unreachable_server_fails_with_method_url_and_reason():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    base = f"http://127.0.0.1:{port}/v1"
-    exc = fails("ai/completion", {"model": "m1", "prompt": "x", "base_url": base})
+    with refusing_port() as port:
+        base = f"http://127.0.0.1:{port}/v1"
+        exc = fails("ai/completion", {"model": "m1", "prompt": "x", "base_url": base})
     assert exc.message == f"ai/completion: POST {base}/chat/completions: connection refused"
 
 

@@ -15,6 +15,7 @@ from mantle.connectors import ConnectorError, ConnectorInterrupted
 from mantle.connectors.ai.completion import FINAL_ANSWER_PROMPT
 from mantle.connectors.credentials import Credential
 from mantle.metrics import Metrics
+from tests.helpers import refusing_port
 from tests.helpers.fake_openai import error, text, tool_calls
 from tests.helpers.fixtures import http_target  # noqa: F401
 from tests.mantle.test_connectors_ai import (WEATHER_TOOL, Recorder, ask, fails, fake,  # noqa: F401
@@ -291,13 +292,9 @@ def test_metrics_count_tokens_requests_and_durations_under_the_requested_model(f
 
 def test_network_failures_are_counted_with_status_error():
     metrics = Metrics()
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        base = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-    with pytest.raises(ConnectorError):
-        invoke("ai/completion", {"model": "m1", "prompt": "x", "base_url": base},
-               metrics=metrics)
+    with refusing_port() as port, pytest.raises(ConnectorError):
+        invoke("ai/completion", {"model": "m1", "prompt": "x",
+                                 "base_url": f"http://127.0.0.1:{port}/v1"}, metrics=metrics)
     assert metrics.registry.get_sample_value(
         "mantle_ai_requests_total", {"model": "m1", "status": "error"}) == 1
 

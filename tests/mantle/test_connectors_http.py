@@ -14,7 +14,7 @@ import pytest
 
 from mantle.connectors.credentials import Credential
 from mantle.connectors import ConnectorError, ConnectorInterrupted, Invocation, run_action
-from tests.helpers import Background, cancelled_once_accepted
+from tests.helpers import Background, cancelled_once_accepted, refusing_port
 from tests.helpers.fixtures import http_target  # noqa: F401
 from tests.helpers.http_target import HttpTarget
 from tests.helpers.waiting import wait_until
@@ -31,12 +31,6 @@ def fails(params, credential=None) -> ConnectorError:
     with pytest.raises(ConnectorError) as caught:
         call(params, credential)
     return caught.value
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --- request --------------------------------------------------------------------------------
@@ -260,8 +254,9 @@ def test_status_below_400_succeeds(http_target):
 
 
 def test_network_error_names_method_url_and_reason():
-    url = f"http://127.0.0.1:{free_port()}/x"
-    error = fails({"url": url, "method": "post"})
+    with refusing_port() as port:
+        url = f"http://127.0.0.1:{port}/x"
+        error = fails({"url": url, "method": "post"})
     assert error.message == f"http/request: POST {url}: connection refused"
     assert error.retryable
 

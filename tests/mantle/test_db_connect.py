@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,14 +15,8 @@ import pytest
 from mantle import db
 from mantle.db.connect import PG_POOL_SIZE, SQLITE_BUSY_TIMEOUT_MS
 from mantle.errors import ConfigError, DatabaseUnavailable
-from tests.helpers import Background
+from tests.helpers import Background, refusing_port
 from tests.web.support import REPO
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]  # nothing listens once the socket is closed
 
 
 def test_connect_opens_and_answers_on_both_engines(db_url):
@@ -108,8 +101,7 @@ def test_a_file_that_is_not_a_database_is_unavailable(tmp_path):
 
 
 def test_unreachable_postgres_port_is_unavailable_with_the_driver_reason():
-    port = _closed_port()
-    with pytest.raises(DatabaseUnavailable) as caught:
+    with refusing_port() as port, pytest.raises(DatabaseUnavailable) as caught:
         db.connect(f"postgresql://mantle:s3cret@127.0.0.1:{port}/mantle")
     detail = caught.value.detail
     assert f"port {port} failed" in detail and "Connection refused" in detail
