@@ -314,8 +314,9 @@ def test_postgres_stopped_under_running_executions_pauses_them_and_all_complete(
         run.outage(begin, cluster.resume, PG_SECONDS, _pg_checks(run.ids[0]))
         details = run.finish()
         _verify(run, details, capsys)
+        # the daemon's log lines are written by a thread of their own: wait for it
+        daemon.wait_for_log("database available again")
         assert daemon.messages().count("database unavailable") == 1
-        assert "database available again" in daemon.messages()
         _run_after_recovery(daemon)
     finally:
         assert daemon.stop() == 0, daemon.output()
