@@ -307,6 +307,9 @@ def test_a_process_with_its_predecessors_hostname_and_pid_resumes_its_executions
     assert {WorkflowExecution.get_by_id(i).owner for i in ids} != {predecessor}
 
 
+# Up to a minute waiting for the first boundary, 35 s into the last, and three nodes to start
+# and stop: about 100 s at the worst second of the minute in CI, near the default 120 s.
+@pytest.mark.timeout(CRON_MINUTES * 60 + 180)
 def test_cron_fires_once_per_minute_across_three_nodes(bound, backend, tmp_path):
     """``MANTLE_CRON_MINUTES`` minute boundaries (1 in CI, 3 at full size)."""
     apply_yaml("""
