@@ -16,5 +16,6 @@ from mantle.db.engine import (claim_rows, lock_for_update, transaction, upsert,
 __all__ = [
     "database_proxy", "connect", "bind", "unwrap", "is_sqlite", "is_postgres",
     "OUTAGE_ERRORS", "is_outage", "close_all", "release_connection", "reserve_connection",
-    "reset_connection", "transaction", "write_transaction", "lock_for_update", "claim_rows", "upsert",
+    "reset_connection", "transaction", "write_transaction", "lock_for_update", "claim_rows",
+    "upsert",
 ]

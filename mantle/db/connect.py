@@ -24,7 +24,8 @@ from mantle.errors import ConfigError, DatabaseUnavailable
 
 __all__ = ["database_proxy", "connect", "bind", "unwrap", "is_sqlite", "is_postgres",
            "OUTAGE_ERRORS", "is_outage", "close_all", "release_connection", "reset_connection",
-           "reserve_connection", "SQLITE_BUSY_TIMEOUT_MS", "PG_CONNECT_TIMEOUT_S", "PG_STATEMENT_TIMEOUT_MS",
+           "reserve_connection", "SQLITE_BUSY_TIMEOUT_MS", "PG_CONNECT_TIMEOUT_S",
+           "PG_STATEMENT_TIMEOUT_MS", "PG_KEEPALIVES",
            "backend_identity", "backend_ended", "commit_outcome", "journal_check_refused",
            "transaction_conflict", "url_passwords", "database_failure"]
 
